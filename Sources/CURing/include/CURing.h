@@ -1,0 +1,117 @@
+// CURing: the thin C layer IGRIS needs over Debian's liburing 2.3.
+//
+// Swift calls liburing's static-inline io_uring_prep_* helpers directly. This header holds
+// only what Swift cannot reach or what liburing 2.3 lacks: flag macros built from enums,
+// CQE batch iteration, provided-buffer-ring helpers, and SQE fields newer than the headers.
+#ifndef IGRIS_CURING_H
+#define IGRIS_CURING_H
+
+// Only liburing and what the helpers below need; Swift gets the rest of libc from Glibc.
+#include <liburing.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <stddef.h>
+
+/// One completion as IGRIS consumes it: the three fields of a CQE, copied out so the
+/// CQ slot can be handed back to the kernel before the completion is processed.
+typedef struct igris_completion {
+    uint64_t user_data;
+    int32_t res;
+    uint32_t flags;
+} igris_completion;
+
+/// Copies up to `max` ready CQEs into `out` and advances the CQ head past them (one
+/// store-release for the whole batch). Returns how many were copied.
+static inline unsigned igris_uring_take_completions(struct io_uring *ring, igris_completion *out, unsigned max) {
+    unsigned head;
+    unsigned n = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(ring, head, cqe) {
+        if (n == max) break;
+        out[n].user_data = cqe->user_data;
+        out[n].res = cqe->res;
+        out[n].flags = cqe->flags;
+        n++;
+    }
+    if (n) io_uring_cq_advance(ring, n);
+    return n;
+}
+
+/// Completions the kernel could not post because the CQ was full (IORING_FEAT_NODROP
+/// keeps them and flushes them later); IGRIS counts this so an undersized CQ shows.
+static inline unsigned igris_uring_cq_overflow(const struct io_uring *ring) {
+    return ring->cq.koverflow ? IO_URING_READ_ONCE(*ring->cq.koverflow) : 0;
+}
+
+static inline int igris_uring_sq_cq_overflow_flag(const struct io_uring *ring) {
+    return (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0;
+}
+
+static inline void igris_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data) { sqe->user_data = data; }
+
+/// recv that picks its buffer from provided-buffer group `group`.
+static inline void igris_sqe_select_buffer(struct io_uring_sqe *sqe, uint16_t group) {
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = group;
+}
+
+/// Makes the next SQE run after this one even if this one fails (cancel -> close).
+static inline void igris_sqe_hardlink(struct io_uring_sqe *sqe) { sqe->flags |= IOSQE_IO_HARDLINK; }
+
+static inline uint32_t igris_cqe_flag_buffer(void) { return IORING_CQE_F_BUFFER; }
+static inline uint32_t igris_cqe_flag_more(void) { return IORING_CQE_F_MORE; }
+static inline uint32_t igris_cqe_buffer_shift(void) { return IORING_CQE_BUFFER_SHIFT; }
+
+/// Provided buffer ring (liburing 2.3 has no io_uring_setup_buf_ring): the caller mmaps a
+/// page-aligned region of `entries` * sizeof(struct io_uring_buf) and registers it here.
+static inline int igris_uring_register_buf_ring(struct io_uring *ring, void *ring_memory, unsigned entries, uint16_t group) {
+    struct io_uring_buf_reg reg = {0};
+    reg.ring_addr = (uint64_t)(uintptr_t)ring_memory;
+    reg.ring_entries = entries;
+    reg.bgid = group;
+    io_uring_buf_ring_init((struct io_uring_buf_ring *)ring_memory);
+    return io_uring_register_buf_ring(ring, &reg, 0);
+}
+
+static inline size_t igris_buf_ring_entry_size(void) { return sizeof(struct io_uring_buf); }
+
+/// Hands one buffer back to the kernel; visible to it at once.
+static inline void igris_buf_ring_recycle(void *ring_memory, unsigned entries, void *addr, unsigned len, uint16_t bid) {
+    struct io_uring_buf_ring *br = (struct io_uring_buf_ring *)ring_memory;
+    io_uring_buf_ring_add(br, addr, len, bid, io_uring_buf_ring_mask(entries), 0);
+    io_uring_buf_ring_advance(br, 1);
+}
+
+/// Adds `count` buffers at once (start-up), then one tail update.
+static inline void igris_buf_ring_add_all(void *ring_memory, unsigned entries, char *base, unsigned buffer_size, unsigned count) {
+    struct io_uring_buf_ring *br = (struct io_uring_buf_ring *)ring_memory;
+    for (unsigned i = 0; i < count; i++) {
+        io_uring_buf_ring_add(br, base + (size_t)i * buffer_size, buffer_size, (uint16_t)i, io_uring_buf_ring_mask(entries), (int)i);
+    }
+    io_uring_buf_ring_advance(br, (int)count);
+}
+
+/// errno as an lvalue-free read, for the Swift syscall wrappers.
+static inline int igris_errno(void) { return errno; }
+
+/// accept4 without a peer address (Swift can't pass NULL for glibc's transparent union).
+static inline int igris_accept4(int fd, int flags) { return accept4(fd, NULL, NULL, flags); }
+
+/// open(2) for reading (the variadic form is not callable from Swift).
+static inline int igris_open_read(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }
+
+/// uname(2)'s release string, e.g. "6.18.44" (in shim.c: <sys/utsname.h> clashes with Glibc's module).
+int igris_kernel_release(char *out, size_t size);
+
+/// Names the calling thread (pthread_setname_np needs _GNU_SOURCE, set in shim.c).
+void igris_set_thread_name(const char *name);
+
+/// Raw io_uring_setup(2), for probing without touching liburing state.
+static inline int igris_sys_io_uring_setup(unsigned entries, struct io_uring_params *p) {
+    return (int)syscall(__NR_io_uring_setup, entries, p);
+}
+
+#endif

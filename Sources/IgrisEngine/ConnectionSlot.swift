@@ -1,0 +1,117 @@
+import Glibc
+/// One direction of a bridge: bytes read from one socket and written to the other.
+///
+/// At most one recv and one send are in flight, and at most two buffers are held: the one
+/// being sent and one received while it was sent (`queued`). Nothing else is ever buffered,
+/// so a slow reader stalls its writer instead of growing memory.
+struct Direction {
+    static let noBuffer: UInt16 = .max
+
+    var recvArmed = false
+    var sendArmed = false
+    /// The read side reached EOF.
+    var readEOF = false
+    /// shutdown(SHUT_WR) queued on the write side.
+    var shutdownQueued = false
+    /// shutdown(SHUT_WR) completed: this direction is finished.
+    var finished = false
+    /// Waiting in the worker's ENOBUFS queue for a buffer.
+    var waitingForBuffer = false
+    var sendBuffer: UInt16 = noBuffer
+    var sendOffset: UInt32 = 0
+    var sendRemaining: UInt32 = 0
+    var queuedBuffer: UInt16 = noBuffer
+    var queuedLength: UInt32 = 0
+    var bytes: UInt64 = 0
+}
+
+enum SlotState: UInt8 {
+    case free
+    case connecting
+    case bridging
+    /// Both sockets are being closed; the slot is reused when nothing is in flight.
+    case closing
+}
+
+/// A connection's whole user-space state: fixed size, preallocated, indexed by slot number.
+/// An idle bridge holds just this (≈ 150 bytes) and its two sockets.
+struct ConnectionSlot {
+    var generation: UInt32 = 0
+    var state: SlotState = .free
+    var listener: UInt16 = 0
+    /// Operations submitted and not yet completed (final completions only).
+    var inflight: UInt16 = 0
+    var client: Int32 = -1
+    var upstream: Int32 = -1
+    /// [0]: client → upstream, [1]: upstream → client.
+    var toUpstream = Direction()
+    var toClient = Direction()
+    var aborted = false
+    var timerBucket: Int32 = -1
+    var timerNext: Int32 = -1
+    var timerPrevious: Int32 = -1
+    var timerDeadline: UInt64 = 0
+    /// Last time bytes moved (ns, loop clock), for the idle timeout.
+    var lastActivity: UInt64 = 0
+    var openedAt: UInt64 = 0
+    /// Free-list / ENOBUFS-queue link.
+    var nextFree: Int32 = -1
+    var nextWaiter: Int32 = -1
+}
+
+/// The preallocated slot array of one worker. Slots are handed out from a free list and,
+/// before that, from a high-water mark, so pages of the table that were never used are never
+/// touched (they stay non-resident: the table costs memory only for connections it had).
+final class ConnectionTable {
+    let capacity: Int
+    private let slots: UnsafeMutablePointer<ConnectionSlot>
+    private var highWater: Int32 = 0
+    private var freeHead: Int32 = -1
+    private(set) var active = 0
+
+    init(capacity: Int) {
+        self.capacity = capacity
+        slots = .allocate(capacity: capacity)
+    }
+
+    deinit {
+        slots.deinitialize(count: Int(highWater))
+        slots.deallocate()
+    }
+
+    @inline(__always)
+    func pointer(_ index: Int32) -> UnsafeMutablePointer<ConnectionSlot> { slots + Int(index) }
+
+    /// A free slot in state `.connecting` with a new generation, or nil when full.
+    func allocate() -> Int32? {
+        let index: Int32
+        if freeHead >= 0 {
+            index = freeHead
+            freeHead = slots[Int(index)].nextFree
+            let generation = slots[Int(index)].generation
+            slots[Int(index)] = ConnectionSlot()
+            slots[Int(index)].generation = generation
+        } else if Int(highWater) < capacity {
+            index = highWater
+            highWater += 1
+            (slots + Int(index)).initialize(to: ConnectionSlot())
+        } else {
+            return nil
+        }
+        active += 1
+        return index
+    }
+
+    /// Returns a slot; its generation moves on so late completions for it are recognised.
+    func release(_ index: Int32) {
+        let p = slots + Int(index)
+        p.pointee.generation = (p.pointee.generation &+ 1) & 0xFF_FFFF
+        p.pointee.state = .free
+        p.pointee.nextFree = freeHead
+        freeHead = index
+        active -= 1
+    }
+
+    /// Every slot ever handed out (for drain: abort what's left).
+    var used: Int32 { highWater }
+}

@@ -1,0 +1,278 @@
+import Glibc
+import CURing
+
+/// The epoll backend: emulates completions with edge-triggered readiness and
+/// non-blocking syscalls, so the worker runs the same state machine on both backends.
+///
+/// Every fd is registered once (IN|OUT|RDHUP, edge-triggered) when its first operation is
+/// queued; what epoll last said about it is kept per fd (`readable`, `writable`), so a recv
+/// or send queued while the fd is known ready runs at once, and one queued while it is not
+/// waits for the next edge. Results are queued as completions and handed out by the next
+/// `drainCompletions`, never from inside the call that queued the operation.
+public final class EpollBackend: IOBackend {
+    public static let kind = BackendKind.epoll
+    public static let wantsNonBlockingSockets = true
+
+    public let buffers: BufferPool
+    public let completionOverflows: UInt64 = 0
+
+    /// What one fd is waiting for. Indexed by fd number; grows (rarely) with the highest fd.
+    private struct FDState {
+        var registered = false
+        var readable = false
+        var writable = false
+        var acceptToken: UInt64 = 0
+        var recvToken: UInt64 = 0
+        var sendToken: UInt64 = 0
+        var connectToken: UInt64 = 0
+        var pollToken: UInt64 = 0
+        var sendBuffer: UInt16 = 0
+        var sendOffset: Int32 = 0
+        var sendLength: Int32 = 0
+        var inRetryList = false
+    }
+
+    private let epfd: Int32
+    private var fds: [FDState]
+    private var ready: [Completion]
+    private var delivering: [Completion]
+    private var retry: [Int32]       // listeners with more connections than one turn accepts
+    private let events: UnsafeMutablePointer<epoll_event>
+    private let eventCapacity: Int32 = 256
+    private let acceptsPerTurn = 64
+
+    public init(configuration: BackendConfiguration) throws(SyscallError) {
+        let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        if fd < 0 { throw SyscallError("epoll_create1", errno: igris_errno()) }
+        epfd = fd
+        do {
+            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount)
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+        fds = Array(repeating: FDState(), count: 1024)
+        ready = []
+        ready.reserveCapacity(1024)
+        delivering = []
+        delivering.reserveCapacity(1024)
+        retry = []
+        events = .allocate(capacity: Int(eventCapacity))
+    }
+
+    deinit {
+        Syscall.close(epfd)
+        events.deallocate()
+    }
+
+    @inline(__always)
+    private func state(_ fd: Int32) -> Int {
+        let i = Int(fd)
+        if i >= fds.count {
+            fds.append(contentsOf: repeatElement(FDState(), count: max(i + 1 - fds.count, fds.count)))
+        }
+        if !fds[i].registered {
+            var ev = epoll_event()
+            ev.events = EPOLLIN.rawValue | EPOLLOUT.rawValue | EPOLLRDHUP.rawValue | EPOLLET.rawValue
+            ev.data.u64 = UInt64(UInt32(bitPattern: fd))
+            if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) == 0 {
+                fds[i].registered = true
+            } else {
+                // Not pollable (closed under us): let the operation fail on its own syscall.
+                fds[i].readable = true
+                fds[i].writable = true
+            }
+        }
+        return i
+    }
+
+    @inline(__always)
+    private func complete(_ token: UInt64, _ result: Int32, buffer: UInt16? = nil, more: Bool = false) {
+        ready.append(Completion(token: OperationToken(raw: token), result: result, bufferID: buffer, more: more))
+    }
+
+    public func accept(listener fd: Int32, token: OperationToken) {
+        let i = state(fd)
+        fds[i].acceptToken = token.raw
+        // A re-armed listener may already hold connections whose edge was consumed.
+        runAccepts(fd)
+    }
+
+    private func runAccepts(_ fd: Int32) {
+        let i = Int(fd)
+        var accepted = 0
+        while fds[i].acceptToken != 0 {
+            if accepted == acceptsPerTurn {
+                if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
+                return
+            }
+            let c = igris_accept4(fd, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
+            if c >= 0 {
+                accepted += 1
+                complete(fds[i].acceptToken, c, more: true)
+                continue
+            }
+            let e = igris_errno()
+            if e == EINTR || e == ECONNABORTED { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { fds[i].readable = false; return }
+            // Like io_uring's multishot accept, an error ends the multishot.
+            let token = fds[i].acceptToken
+            fds[i].acceptToken = 0
+            complete(token, -e)
+            return
+        }
+    }
+
+    public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
+        let i = state(fd)
+        do {
+            if try Syscall.connect(fd, address, length) {
+                complete(token.raw, 0)
+            } else {
+                fds[i].connectToken = token.raw
+            }
+        } catch {
+            complete(token.raw, -error.errno)
+        }
+    }
+
+    public func recv(fd: Int32, token: OperationToken) {
+        let i = state(fd)
+        fds[i].recvToken = token.raw
+        if fds[i].readable { runRecv(i) }
+    }
+
+    private func runRecv(_ i: Int) {
+        let token = fds[i].recvToken
+        guard let id = buffers.take() else {
+            fds[i].recvToken = 0
+            complete(token, -ENOBUFS)
+            return
+        }
+        let n = Syscall.recv(Int32(i), buffers.pointer(id), buffers.size)
+        if n > 0 {
+            fds[i].recvToken = 0
+            buffers.markLent()
+            complete(token, Int32(n), buffer: id)
+            return
+        }
+        buffers.putBack(id)
+        if n == -Int(EAGAIN) { fds[i].readable = false; return }
+        fds[i].recvToken = 0
+        complete(token, Int32(n))   // 0 (EOF) or -errno
+    }
+
+    public func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
+        let i = state(fd)
+        fds[i].sendToken = token.raw
+        fds[i].sendBuffer = buffer
+        fds[i].sendOffset = Int32(offset)
+        fds[i].sendLength = Int32(length)
+        if fds[i].writable { runSend(i) }
+    }
+
+    private func runSend(_ i: Int) {
+        let p = buffers.pointer(fds[i].sendBuffer) + Int(fds[i].sendOffset)
+        let n = Syscall.send(Int32(i), p, Int(fds[i].sendLength))
+        if n == -Int(EAGAIN) { fds[i].writable = false; return }
+        let token = fds[i].sendToken
+        fds[i].sendToken = 0
+        complete(token, Int32(n))
+    }
+
+    public func shutdownWrite(fd: Int32, token: OperationToken) {
+        complete(token.raw, Syscall.shutdown(fd, Int32(SHUT_WR)))
+    }
+
+    public func cancelAndClose(fd: Int32, token: OperationToken) {
+        let i = Int(fd)
+        if i < fds.count {
+            let s = fds[i]
+            for t in [s.acceptToken, s.recvToken, s.sendToken, s.connectToken, s.pollToken] where t != 0 {
+                complete(t, -ECANCELED)
+            }
+            fds[i] = FDState()
+            if let r = retry.firstIndex(of: fd) { retry.remove(at: r) }
+        }
+        // close() removes the fd from the epoll set (IGRIS never dups sockets).
+        Syscall.close(fd)
+        complete(token.raw, 0)
+    }
+
+    public func pollReadable(fd: Int32, token: OperationToken) {
+        let i = state(fd)
+        if fds[i].readable {
+            fds[i].readable = false
+            complete(token.raw, Int32(POLLIN))
+        } else {
+            fds[i].pollToken = token.raw
+        }
+    }
+
+    @inline(__always)
+    public func releaseBuffer(_ id: UInt16) {
+        buffers.putBack(id)
+        buffers.markReturned()
+    }
+
+    public func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {
+        var timeoutMs: Int32
+        if !ready.isEmpty || !retry.isEmpty {
+            timeoutMs = 0
+        } else if let ns = timeoutNanoseconds {
+            // Round up so a timer due in 0.3 ms doesn't become a busy 0 ms wait.
+            timeoutMs = Int32(min((ns + 999_999) / 1_000_000, UInt64(Int32.max)))
+        } else {
+            timeoutMs = -1
+        }
+        let n = epoll_wait(epfd, events, eventCapacity, timeoutMs)
+        if n < 0 {
+            let e = igris_errno()
+            if e == EINTR { return }
+            throw SyscallError("epoll_wait", errno: e)
+        }
+        for k in 0..<Int(n) {
+            let ev = events[k]
+            let i = Int(ev.data.u64)
+            guard i < fds.count, fds[i].registered else { continue }
+            let bits = ev.events
+            if bits & (EPOLLIN.rawValue | EPOLLRDHUP.rawValue | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+                fds[i].readable = true
+                if fds[i].acceptToken != 0 { runAccepts(Int32(i)) }
+                if fds[i].recvToken != 0 { runRecv(i) }
+                if fds[i].pollToken != 0 {
+                    let t = fds[i].pollToken
+                    fds[i].pollToken = 0
+                    fds[i].readable = false
+                    complete(t, Int32(POLLIN))
+                }
+            }
+            if bits & (EPOLLOUT.rawValue | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 {
+                fds[i].writable = true
+                if fds[i].connectToken != 0 {
+                    let t = fds[i].connectToken
+                    fds[i].connectToken = 0
+                    complete(t, -Syscall.socketError(Int32(i)))
+                }
+                if fds[i].sendToken != 0 { runSend(i) }
+            }
+        }
+        if !retry.isEmpty {
+            let listeners = retry
+            retry.removeAll(keepingCapacity: true)
+            for fd in listeners {
+                fds[Int(fd)].inRetryList = false
+                runAccepts(fd)
+            }
+        }
+    }
+
+    public func drainCompletions(_ body: (Completion) -> Void) {
+        // Completions queued by operations that `body` issues go to the next turn.
+        // One batch per turn, so a flow whose syscalls keep succeeding at once cannot starve
+        // timers or other fds.
+        swap(&ready, &delivering)
+        for c in delivering { body(c) }
+        delivering.removeAll(keepingCapacity: true)
+    }
+}

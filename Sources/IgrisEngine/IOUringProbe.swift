@@ -1,0 +1,81 @@
+import Glibc
+import CURing
+
+/// Can this process use io_uring the way IGRIS does? Answers with a reason either way, for
+/// `--backend auto` and for `igris probe`.
+public enum IOUringProbe {
+    public struct Result: Sendable {
+        public var usable: Bool
+        public var reason: String
+    }
+
+    /// Opcodes the engine submits.
+    static let requiredOpcodes: [(UInt32, String)] = [
+        (UInt32(IORING_OP_ACCEPT.rawValue), "ACCEPT"),
+        (UInt32(IORING_OP_CONNECT.rawValue), "CONNECT"),
+        (UInt32(IORING_OP_RECV.rawValue), "RECV"),
+        (UInt32(IORING_OP_SEND.rawValue), "SEND"),
+        (UInt32(IORING_OP_SHUTDOWN.rawValue), "SHUTDOWN"),
+        (UInt32(IORING_OP_CLOSE.rawValue), "CLOSE"),
+        (UInt32(IORING_OP_ASYNC_CANCEL.rawValue), "ASYNC_CANCEL"),
+        (UInt32(IORING_OP_POLL_ADD.rawValue), "POLL_ADD"),
+    ]
+
+    /// `kernel.io_uring_disabled` (6.6+): 0 allowed, 1 only for io_uring_group, 2 disabled.
+    static func disabledSysctl() -> Int? {
+        let fd = igris_open_read("/proc/sys/kernel/io_uring_disabled")
+        guard fd >= 0 else { return nil }
+        defer { Syscall.close(fd) }
+        var byte: UInt8 = 0
+        guard read(fd, &byte, 1) == 1, byte >= 48, byte <= 57 else { return nil }
+        return Int(byte - 48)
+    }
+
+    public static func kernelRelease() -> String {
+        var buffer = [CChar](repeating: 0, count: 128)
+        guard igris_kernel_release(&buffer, buffer.count) == 0 else { return "unknown" }
+        return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+    }
+
+    public static func run() -> Result {
+        let sysctl = disabledSysctl()
+        if sysctl == 2 {
+            return Result(usable: false, reason: "kernel.io_uring_disabled=2 disables io_uring on this host")
+        }
+        let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
+        ring.initialize(to: io_uring())
+        defer { ring.deallocate() }
+        let rc = io_uring_queue_init(8, ring, 0)
+        if rc != 0 {
+            switch -rc {
+            case ENOSYS:
+                return Result(usable: false, reason: "io_uring_setup: ENOSYS (kernel built without io_uring)")
+            case EPERM:
+                let why = sysctl == 1 ? "kernel.io_uring_disabled=1 and this process is not in io_uring_group"
+                    : "blocked by a seccomp profile (Docker ≥ 25 and containerd 2 block it by default)"
+                return Result(usable: false, reason: "io_uring_setup: EPERM, \(why)")
+            default:
+                return Result(usable: false, reason: "io_uring_setup: \(Errno.describe(-rc))")
+            }
+        }
+        defer { io_uring_queue_exit(ring) }
+        guard let probe = io_uring_get_probe_ring(ring) else {
+            return Result(usable: false, reason: "IORING_REGISTER_PROBE unsupported (kernel < 5.6)")
+        }
+        defer { io_uring_free_probe(probe) }
+        for (op, name) in requiredOpcodes where io_uring_opcode_supported(probe, Int32(op)) == 0 {
+            return Result(usable: false, reason: "opcode IORING_OP_\(name) unsupported by this kernel")
+        }
+        // Provided buffer rings (5.19) come with multishot accept (5.19): probe the former.
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        guard let mem = mmap(nil, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), mem != UnsafeMutableRawPointer(bitPattern: -1) else {
+            return Result(usable: false, reason: "mmap failed while probing")
+        }
+        defer { munmap(mem, page) }
+        let reg = igris_uring_register_buf_ring(ring, mem, 1, 7)
+        if reg != 0 {
+            return Result(usable: false, reason: "provided buffer rings unsupported (\(Errno.describe(-reg)); needs Linux 5.19)")
+        }
+        return Result(usable: true, reason: "io_uring available on Linux \(kernelRelease()) with every opcode IGRIS uses")
+    }
+}

@@ -1,0 +1,228 @@
+import Glibc
+import CURing
+import Dispatch
+import Logging
+import Synchronization
+
+/// `--backend`: which backend to run, or `auto` to probe.
+public enum BackendChoice: String, Sendable, CaseIterable {
+    case auto
+    case ioUring = "io_uring"
+    case epoll
+}
+
+/// One `--listen` / `--upstream` pair.
+public struct ForwardRule: Sendable {
+    public var listen: SocketAddress
+    public var upstream: SocketAddress
+
+    public init(listen: SocketAddress, upstream: SocketAddress) {
+        self.listen = listen
+        self.upstream = upstream
+    }
+}
+
+public struct ServerConfiguration: Sendable {
+    public var forwards: [ForwardRule]
+    public var workers: Int
+    public var backend: BackendChoice
+    public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
+    public var idleTimeoutNanoseconds: UInt64? = nil
+    public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
+    public var maxConnections: Int = 65536
+    public var buffers = BackendConfiguration()
+    public var listenBacklog: Int32 = 4096
+
+    public init(forwards: [ForwardRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
+        self.forwards = forwards
+        self.workers = workers
+        self.backend = backend
+    }
+}
+
+/// A start-up failure, with the one line an operator sees.
+public enum ServerError: Error, CustomStringConvertible, Sendable {
+    case listen(String, SyscallError)
+    case backendUnavailable(BackendKind, String)
+    case worker(Int, SyscallError)
+
+    public var description: String {
+        switch self {
+        case .listen(let address, let error):
+            return "cannot listen on \(address): \(Errno.describe(error.errno)) (\(error.operation))"
+        case .backendUnavailable(let kind, let reason):
+            return "backend \(kind) unavailable: \(reason)"
+        case .worker(let index, let error):
+            return "worker \(index) failed: \(error)"
+        }
+    }
+}
+
+/// The running gateway: listening sockets bound up front (so errors surface before any
+/// thread starts), one worker thread per `workers`, and the drain/stop protocol.
+public final class Server: Sendable {
+    public let configuration: ServerConfiguration
+    public let backend: BackendKind
+    public let backendReason: String
+    /// Where each forward actually listens (port 0 resolved).
+    public let listenAddresses: [SocketAddress]
+    public let statistics: [WorkerStatistics]
+    public let budget: ConnectionBudget
+    private let controls: [WorkerControl]
+    /// listenFDs[worker][forward]
+    private let listenFDs: [[Int32]]
+    private let threads = Mutex<[pthread_t]>([])
+    private let logger: Logger
+
+    public init(configuration: ServerConfiguration, logger: Logger = Logger(label: "igris")) throws(ServerError) {
+        self.configuration = configuration
+        self.logger = logger
+        let (kind, reason) = try Self.selectBackend(configuration.backend)
+        backend = kind
+        backendReason = reason
+
+        var fds = Array(repeating: [Int32](), count: configuration.workers)
+        var addresses: [SocketAddress] = []
+        do {
+            for rule in configuration.forwards {
+                var address = rule.listen
+                for w in 0..<configuration.workers {
+                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog,
+                                                   nonBlocking: kind == .epoll, text: rule.listen.description)
+                    if w == 0 {
+                        // Port 0: the other workers join whatever port the kernel picked.
+                        address = (try? Syscall.localAddress(fd)) ?? address
+                        addresses.append(address)
+                    }
+                    fds[w].append(fd)
+                }
+            }
+        } catch {
+            for list in fds { for fd in list { Syscall.close(fd) } }
+            throw error
+        }
+        listenFDs = fds
+        listenAddresses = addresses
+        statistics = (0..<configuration.workers).map { _ in WorkerStatistics() }
+        budget = ConnectionBudget(limit: configuration.maxConnections)
+        var controls: [WorkerControl] = []
+        do {
+            for _ in 0..<configuration.workers { controls.append(try WorkerControl()) }
+        } catch {
+            for list in fds { for fd in list { Syscall.close(fd) } }
+            throw .worker(controls.count, error)
+        }
+        self.controls = controls
+    }
+
+    static func selectBackend(_ choice: BackendChoice) throws(ServerError) -> (BackendKind, String) {
+        switch choice {
+        case .epoll:
+            return (.epoll, "requested with --backend epoll")
+        case .ioUring:
+            let probe = IOUringProbe.run()
+            guard probe.usable else { throw .backendUnavailable(.ioUring, probe.reason) }
+            return (.ioUring, probe.reason)
+        case .auto:
+            let probe = IOUringProbe.run()
+            return probe.usable ? (.ioUring, probe.reason) : (.epoll, "io_uring unusable: \(probe.reason)")
+        }
+    }
+
+    private static func makeListener(_ address: SocketAddress, backlog: Int32, nonBlocking: Bool, text: String) throws(ServerError) -> Int32 {
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (nonBlocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let fd: Int32
+        do { fd = try Syscall.socket(family: address.family, type: type) } catch { throw .listen(text, error) }
+        do {
+            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
+            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
+            if address.family == AF_INET6 {
+                // [::]:P and 0.0.0.0:P are separate listeners, as in nginx and HAProxy.
+                try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
+            }
+            try Syscall.bind(fd, address)
+            try Syscall.listen(fd, backlog: backlog)
+        } catch {
+            Syscall.close(fd)
+            throw .listen(text, error)
+        }
+        return fd
+    }
+
+    /// Starts the workers; returns once each has built its backend (or throws the first
+    /// worker's failure after stopping the others).
+    public func start() throws(ServerError) {
+        let failures = Mutex<[ServerError]>([])
+        let ready = DispatchSemaphore(value: 0)
+        let slotsPerWorker = configuration.maxConnections
+        for w in 0..<configuration.workers {
+            let workerConfiguration = WorkerConfiguration(
+                index: w,
+                listeners: zip(listenFDs[w], configuration.forwards).map { fd, rule in
+                    WorkerListener(fd: fd, name: rule.listen.description, upstream: rule.upstream)
+                },
+                backend: configuration.buffers,
+                connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
+                idleTimeoutNanoseconds: configuration.idleTimeoutNanoseconds,
+                drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
+                slotCapacity: slotsPerWorker)
+            let kind = backend
+            let control = controls[w]
+            let stats = statistics[w]
+            let budget = budget
+            var log = logger
+            log[metadataKey: "worker"] = "\(w)"
+            let workerLogger = log
+            let thread = WorkerThread.spawn(name: "igris-w\(w)") {
+                do throws(SyscallError) {
+                    switch kind {
+                    case .ioUring:
+                        let backend = try URingBackend(configuration: workerConfiguration.backend)
+                        if w == 0 { workerLogger.debug("io_uring ring set up", metadata: ["flags": "\(backend.setupDescription)"]) }
+                        let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
+                                            statistics: stats, budget: budget, logger: workerLogger)
+                        ready.signal()
+                        try worker.run()
+                    case .epoll:
+                        let backend = try EpollBackend(configuration: workerConfiguration.backend)
+                        let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
+                                            statistics: stats, budget: budget, logger: workerLogger)
+                        ready.signal()
+                        try worker.run()
+                    }
+                } catch {
+                    failures.withLock { $0.append(.worker(w, error)) }
+                    workerLogger.error("worker stopped", metadata: ["error": "\(error)"])
+                    ready.signal()
+                }
+            }
+            threads.withLock { $0.append(thread) }
+        }
+        for _ in 0..<configuration.workers { ready.wait() }
+        if let first = failures.withLock({ $0.first }) {
+            abort()
+            wait()
+            throw first
+        }
+    }
+
+    /// SIGTERM: stop accepting, close listeners, let bridges drain to the deadline.
+    public func beginDrain() { for c in controls { c.requestDrain() } }
+
+    /// Second signal: abort every bridge now.
+    public func abort() { for c in controls { c.requestAbort() } }
+
+    /// Joins the worker threads (they exit once drained).
+    public func wait() {
+        let list = threads.withLock { t -> [pthread_t] in
+            let copy = t
+            t.removeAll()
+            return copy
+        }
+        for t in list { pthread_join(t, nil) }
+    }
+
+    public func total(_ counter: WorkerStatistics.Counter) -> Int64 {
+        statistics.reduce(0) { $0 + $1.load(counter) }
+    }
+}

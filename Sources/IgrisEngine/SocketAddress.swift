@@ -1,0 +1,120 @@
+import Glibc
+import CURing
+
+/// An IPv4 or IPv6 socket address in a `sockaddr_storage`, plus the text it was parsed from.
+public struct SocketAddress: Sendable, CustomStringConvertible, Equatable {
+    public var storage: sockaddr_storage
+    public var length: socklen_t
+
+    public init(storage: sockaddr_storage, length: socklen_t) {
+        self.storage = storage
+        self.length = length
+    }
+
+    public var family: Int32 { Int32(storage.ss_family) }
+
+    public var port: UInt16 {
+        withSockAddr { sa, _ in
+            if Int32(sa.pointee.sa_family) == AF_INET6 {
+                return sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+            }
+            return sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+        }
+    }
+
+    public func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws(SyscallError) -> R) throws(SyscallError) -> R {
+        var copy = storage
+        return try withUnsafePointer(to: &copy) { p throws(SyscallError) -> R in
+            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp throws(SyscallError) -> R in try body(sp, length) }
+        }
+    }
+
+    public func withSockAddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        var copy = storage
+        return withUnsafePointer(to: &copy) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) }
+        }
+    }
+
+    /// Numeric host and port: `127.0.0.1:80`, `[::1]:80`.
+    public var description: String {
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var serv = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        let rc = withSockAddr { sa, len in
+            getnameinfo(sa, len, &host, socklen_t(host.count), &serv, socklen_t(serv.count), NI_NUMERICHOST | NI_NUMERICSERV)
+        }
+        if rc != 0 { return "<address family \(family)>" }
+        let h = host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        let s = serv.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return family == AF_INET6 ? "[\(h)]:\(s)" : "\(h):\(s)"
+    }
+
+    public static func == (a: SocketAddress, b: SocketAddress) -> Bool {
+        a.length == b.length && withUnsafeBytes(of: a.storage) { pa in
+            withUnsafeBytes(of: b.storage) { pb in
+                pa.prefix(Int(a.length)).elementsEqual(pb.prefix(Int(b.length)))
+            }
+        }
+    }
+}
+
+/// Why a `HOST:PORT` could not become an address; `description` is the operator's one line.
+public enum AddressError: Error, CustomStringConvertible, Sendable, Equatable {
+    case malformed(String, reason: String)
+    case unresolvable(String, reason: String)
+
+    public var description: String {
+        switch self {
+        case .malformed(let text, let reason): return "malformed address '\(text)': \(reason)"
+        case .unresolvable(let text, let reason): return "cannot resolve '\(text)': \(reason)"
+        }
+    }
+}
+
+extension SocketAddress {
+    /// Splits `HOST:PORT` / `[V6]:PORT` into host and port, validating the port.
+    public static func split(_ text: String) throws(AddressError) -> (host: String, port: UInt16) {
+        let host: Substring
+        let portText: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else {
+                throw .malformed(text, reason: "missing ']' after IPv6 address")
+            }
+            host = text[text.index(after: text.startIndex)..<close]
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { throw .malformed(text, reason: "expected [IPV6]:PORT") }
+            portText = rest.dropFirst()
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { throw .malformed(text, reason: "expected HOST:PORT") }
+            host = text[..<colon]
+            portText = text[text.index(after: colon)...]
+            if host.contains(":") { throw .malformed(text, reason: "IPv6 addresses need brackets: [ADDR]:PORT") }
+        }
+        if host.isEmpty { throw .malformed(text, reason: "empty host") }
+        guard !portText.isEmpty, portText.allSatisfy({ $0.isASCII && $0.isNumber }), let port = UInt16(portText) else {
+            throw .malformed(text, reason: "port must be a number from 0 to 65535")
+        }
+        return (String(host), port)
+    }
+
+    /// Parses and resolves `HOST:PORT` (getaddrinfo; the first result wins, as for a single
+    /// upstream). `passive` for listen addresses. Blocking: call at start-up, never on a worker.
+    public static func resolve(_ text: String, passive: Bool = false) throws(AddressError) -> SocketAddress {
+        let (host, port) = try split(text)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &result)
+        guard rc == 0, let first = result else {
+            let reason = rc == EAI_SYSTEM ? Errno.describe(igris_errno()) : String(cString: gai_strerror(rc))
+            throw .unresolvable(text, reason: reason)
+        }
+        defer { freeaddrinfo(result) }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { dst in
+            dst.copyMemory(from: UnsafeRawBufferPointer(start: first.pointee.ai_addr, count: Int(first.pointee.ai_addrlen)))
+        }
+        return SocketAddress(storage: storage, length: first.pointee.ai_addrlen)
+    }
+}

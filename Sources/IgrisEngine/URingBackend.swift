@@ -1,0 +1,207 @@
+import Glibc
+import CURing
+
+/// The io_uring backend: one ring per worker, created on the worker's own thread.
+///
+/// - Setup flags: `SINGLE_ISSUER|DEFER_TASKRUN` (6.1+) when accepted, else `COOP_TASKRUN`
+///   (5.19+), else none; the CQ is sized at 8× the SQ so multishot accept bursts fit, and
+///   the kernel's overflow counter is watched (with `IORING_FEAT_NODROP` nothing is lost,
+///   but an overflow means the CQ is too small, so it is counted).
+/// - recv selects from a provided buffer ring (group 0) holding every pool buffer; a send
+///   goes out of the same buffer; the buffer returns to the ring when the send completes.
+/// - Each loop turn is one `io_uring_enter` that both submits and waits.
+public final class URingBackend: IOBackend {
+    public static let kind = BackendKind.ioUring
+    public static let wantsNonBlockingSockets = false
+
+    public let buffers: BufferPool
+    /// Set-up flags the kernel accepted, for the start-up log.
+    public let setupDescription: String
+
+    private let ring: UnsafeMutablePointer<io_uring>
+    private let bufferRing: UnsafeMutableRawPointer
+    private let bufferRingBytes: Int
+    private let bufferGroup: UInt16 = 0
+    private let batch: UnsafeMutablePointer<igris_completion>
+    private let batchCapacity: UInt32 = 512
+    private var droppedSeen: UInt32 = 0
+    public private(set) var completionOverflows: UInt64 = 0
+
+    public init(configuration: BackendConfiguration) throws(SyscallError) {
+        ring = .allocate(capacity: 1)
+        ring.initialize(to: io_uring())
+        var description = ""
+        var rc: Int32 = -EINVAL
+        let base = UInt32(IORING_SETUP_CQSIZE) | UInt32(IORING_SETUP_SUBMIT_ALL)
+        let attempts: [(UInt32, String)] = [
+            (UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN), "SINGLE_ISSUER|DEFER_TASKRUN"),
+            (UInt32(IORING_SETUP_COOP_TASKRUN), "COOP_TASKRUN"),
+            (0, "no task-run flags"),
+        ]
+        for (flags, name) in attempts {
+            var params = io_uring_params()
+            params.flags = base | flags
+            params.cq_entries = configuration.ringEntries * 8
+            rc = io_uring_queue_init_params(configuration.ringEntries, ring, &params)
+            if rc == 0 { description = name; break }
+            if rc != -EINVAL { break }  // EINVAL: flag unknown to this kernel, try fewer
+        }
+        if rc != 0 {
+            ring.deallocate()
+            throw SyscallError("io_uring_setup", errno: -rc)
+        }
+        setupDescription = description
+
+        do {
+            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount)
+        } catch {
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+            throw error
+        }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let bytes = (configuration.bufferCount * igris_buf_ring_entry_size() + page - 1) / page * page
+        guard let mem = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), mem != UnsafeMutableRawPointer(bitPattern: -1) else {
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+            throw SyscallError("mmap(buffer ring)", errno: igris_errno())
+        }
+        bufferRing = mem
+        bufferRingBytes = bytes
+        let reg = igris_uring_register_buf_ring(ring, mem, UInt32(configuration.bufferCount), bufferGroup)
+        if reg != 0 {
+            munmap(mem, bytes)
+            io_uring_queue_exit(ring)
+            ring.deallocate()
+            throw SyscallError("io_uring_register_buf_ring", errno: -reg)
+        }
+        igris_buf_ring_add_all(mem, UInt32(configuration.bufferCount), buffers.base.assumingMemoryBound(to: CChar.self),
+                               UInt32(configuration.bufferSize), UInt32(configuration.bufferCount))
+        batch = .allocate(capacity: Int(batchCapacity))
+    }
+
+    deinit {
+        io_uring_queue_exit(ring)
+        munmap(bufferRing, bufferRingBytes)
+        ring.deallocate()
+        batch.deallocate()
+    }
+
+    /// A free SQE; when the SQ is full, what is queued is submitted first.
+    @inline(__always)
+    private func nextSQE(_ needed: UInt32 = 1) -> UnsafeMutablePointer<io_uring_sqe> {
+        if io_uring_sq_space_left(ring) < needed {
+            _ = io_uring_submit(ring)
+        }
+        // Cannot fail: the SQ was just flushed and is at least `needed` entries long.
+        return io_uring_get_sqe(ring)!
+    }
+
+    public func accept(listener fd: Int32, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_connect(sqe, fd, address, length)
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func recv(fd: Int32, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_recv(sqe, fd, nil, 0, 0)
+        igris_sqe_select_buffer(sqe, bufferGroup)
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_send(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL))
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func shutdownWrite(fd: Int32, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_shutdown(sqe, fd, Int32(SHUT_WR))
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func cancelAndClose(fd: Int32, token: OperationToken) {
+        // A pending recv holds its own reference to the file, so close alone would leave it
+        // (and the socket) alive; cancel everything on the fd, then close, hard-linked so the
+        // close runs whether or not there was anything to cancel.
+        let cancel = nextSQE(2)
+        io_uring_prep_cancel_fd(cancel, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+        igris_sqe_hardlink(cancel)
+        igris_sqe_set_data64(cancel, OperationToken.ignored.raw)
+        let close = io_uring_get_sqe(ring)!
+        io_uring_prep_close(close, fd)
+        igris_sqe_set_data64(close, token.raw)
+    }
+
+    public func pollReadable(fd: Int32, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_poll_add(sqe, fd, UInt32(POLLIN))
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    @inline(__always)
+    public func releaseBuffer(_ id: UInt16) {
+        igris_buf_ring_recycle(bufferRing, UInt32(buffers.count), buffers.pointer(id), UInt32(buffers.size), id)
+        buffers.markReturned()
+    }
+
+    public func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {
+        let rc: Int32
+        switch timeoutNanoseconds {
+        case .some(0):
+            rc = io_uring_submit_and_get_events(ring)
+        case .none:
+            rc = io_uring_submit_and_wait(ring, 1)
+        case .some(let ns):
+            var ts = __kernel_timespec(tv_sec: Int64(ns / 1_000_000_000), tv_nsec: Int64(ns % 1_000_000_000))
+            var cqe: UnsafeMutablePointer<io_uring_cqe>?
+            rc = io_uring_submit_and_wait_timeout(ring, &cqe, 1, &ts, nil)
+        }
+        if rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY {
+            throw SyscallError("io_uring_enter", errno: -rc)
+        }
+    }
+
+    public func drainCompletions(_ body: (Completion) -> Void) {
+        let bufferFlag = igris_cqe_flag_buffer()
+        let moreFlag = igris_cqe_flag_more()
+        let shift = igris_cqe_buffer_shift()
+        while true {
+            let n = igris_uring_take_completions(ring, batch, batchCapacity)
+            for i in 0..<Int(n) {
+                let c = batch[i]
+                // 0: the cancel half of cancel+close; all ones: liburing's own timeout SQE.
+                if c.user_data == 0 || c.user_data == UInt64.max { continue }
+                var bufferID: UInt16? = nil
+                if c.flags & bufferFlag != 0 {
+                    bufferID = UInt16(truncatingIfNeeded: c.flags >> shift)
+                    buffers.markLent()
+                }
+                body(Completion(token: OperationToken(raw: c.user_data), result: c.res,
+                                bufferID: bufferID, more: c.flags & moreFlag != 0))
+            }
+            if n < batchCapacity { break }
+        }
+        // The kernel held completions back because the CQ was full (IORING_FEAT_NODROP keeps
+        // them): count the event, have them flushed into the CQ, and take them too.
+        if igris_uring_sq_cq_overflow_flag(ring) != 0 {
+            completionOverflows &+= 1
+            _ = io_uring_get_events(ring)
+            drainCompletions(body)
+            return
+        }
+        let dropped = igris_uring_cq_overflow(ring)
+        if dropped != droppedSeen {
+            completionOverflows &+= UInt64(dropped &- droppedSeen)
+            droppedSeen = dropped
+        }
+    }
+}

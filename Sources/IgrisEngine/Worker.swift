@@ -1,0 +1,501 @@
+import Glibc
+import CURing
+import Logging
+
+/// What a worker needs to know about one listen address: its own SO_REUSEPORT socket and
+/// where connections accepted on it go.
+public struct WorkerListener: Sendable {
+    public var fd: Int32
+    public var name: String
+    public var upstream: SocketAddress
+}
+
+/// Per-worker settings.
+public struct WorkerConfiguration: Sendable {
+    public var index: Int
+    public var listeners: [WorkerListener]
+    public var backend: BackendConfiguration
+    public var connectTimeoutNanoseconds: UInt64
+    public var idleTimeoutNanoseconds: UInt64?
+    public var drainTimeoutNanoseconds: UInt64
+    /// Slots in this worker's connection table.
+    public var slotCapacity: Int
+}
+
+/// One worker thread's event loop: its backend, connection table, timers and listeners.
+///
+/// Generic over the backend so every I/O call is statically dispatched; confined to the
+/// thread that created it (the io_uring ring is `SINGLE_ISSUER`), so nothing here is locked.
+final class Worker<Backend: IOBackend> {
+    private struct Listener {
+        var fd: Int32
+        var name: String
+        var upstream: UnsafeMutablePointer<sockaddr_storage>
+        var upstreamLength: socklen_t
+        var upstreamFamily: Int32
+        var upstreamName: String
+        var open = true
+        var acceptArmed = false
+        var pausedUntil: UInt64 = 0
+    }
+
+    static var acceptPauseNanoseconds: UInt64 { 100_000_000 }
+
+    let backend: Backend
+    let statistics: WorkerStatistics
+    private let control: WorkerControl
+    private let budget: ConnectionBudget
+    private let table: ConnectionTable
+    private var wheel: TimerWheel
+    private var listeners: [Listener]
+    private let configuration: WorkerConfiguration
+    private let logger: Logger
+    private var now: UInt64
+    private var draining = false
+    private var drainDeadline: UInt64 = .max
+    private var abortedAtDeadline = false
+    private var listenersOpen: Int
+    /// Slot directions waiting for a buffer after ENOBUFS: slot << 1 | direction, with the
+    /// generation, checked when popped (a waiter may have been closed meanwhile).
+    private var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
+    private var bufferWaitersHead = 0
+
+    private static var toUpstreamOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toUpstream)! }
+    private static var toClientOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toClient)! }
+
+    init(backend: Backend, configuration: WorkerConfiguration, control: WorkerControl,
+         statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger) {
+        self.backend = backend
+        self.configuration = configuration
+        self.control = control
+        self.statistics = statistics
+        self.budget = budget
+        self.logger = logger
+        table = ConnectionTable(capacity: configuration.slotCapacity)
+        now = Syscall.monotonicNanoseconds()
+        wheel = TimerWheel(now: now)
+        listeners = configuration.listeners.map { l in
+            let storage = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
+            storage.initialize(to: l.upstream.storage)
+            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: l.upstream.length,
+                            upstreamFamily: l.upstream.family, upstreamName: l.upstream.description)
+        }
+        listenersOpen = listeners.count
+        bufferWaiters.reserveCapacity(256)
+    }
+
+    deinit {
+        for l in listeners { l.upstream.deallocate() }
+    }
+
+    // MARK: - Loop
+
+    func run() throws(SyscallError) {
+        for i in listeners.indices { armAccept(i) }
+        backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
+        while true {
+            try backend.waitForCompletions(timeoutNanoseconds: nextTimeout())
+            now = Syscall.monotonicNanoseconds()
+            backend.drainCompletions { handle($0) }
+            wheel.expire(now: now, table: table) { timerFired($0) }
+            resumePausedListeners()
+            statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
+            statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
+            statistics.set(.completionOverflows, Int64(backend.completionOverflows))
+            if draining {
+                if now >= drainDeadline && !abortedAtDeadline { abortAllAtDeadline() }
+                if table.active == 0 && listenersOpen == 0 { break }
+            }
+        }
+    }
+
+    private func nextTimeout() -> UInt64? {
+        var timeout = wheel.nanosecondsUntilNextTimer(now: now)
+        for l in listeners where l.open && !l.acceptArmed && l.pausedUntil > 0 {
+            let t = l.pausedUntil > now ? l.pausedUntil - now : 0
+            timeout = min(timeout ?? t, t)
+        }
+        if draining && !abortedAtDeadline {
+            let t = drainDeadline > now ? drainDeadline - now : 0
+            timeout = min(timeout ?? t, t)
+        }
+        return timeout
+    }
+
+    @inline(__always)
+    private func handle(_ c: Completion) {
+        let t = c.token
+        switch t.kind {
+        case .accept:
+            onAccept(listener: Int(t.index), c)
+        case .wake:
+            onWake()
+        case .closeListener:
+            listenersOpen -= 1
+        case .none:
+            break
+        default:
+            onSlotCompletion(c)
+        }
+    }
+
+    // MARK: - Listeners
+
+    private func armAccept(_ i: Int) {
+        guard listeners[i].open, !draining else { return }
+        listeners[i].acceptArmed = true
+        listeners[i].pausedUntil = 0
+        backend.accept(listener: listeners[i].fd, token: OperationToken(index: UInt32(i), generation: 0, kind: .accept))
+    }
+
+    private func resumePausedListeners() {
+        for i in listeners.indices where listeners[i].open && !listeners[i].acceptArmed
+            && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
+            armAccept(i)
+        }
+    }
+
+    private func onAccept(listener i: Int, _ c: Completion) {
+        if !c.more { listeners[i].acceptArmed = false }
+        if c.result >= 0 {
+            startBridge(client: c.result, listener: i)
+            if !c.more { armAccept(i) }
+            return
+        }
+        let e = -c.result
+        if e == ECANCELED || !listeners[i].open { return }
+        if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
+            // Out of descriptors or memory: connections wait in the backlog while some close.
+            // Re-arm on a timer instead of spinning on the same error.
+            statistics.add(.acceptPauses)
+            logger.warning("accept paused for 100 ms", metadata: ["listener": "\(listeners[i].name)", "error": "\(Errno.describe(e))"])
+        } else {
+            statistics.add(.acceptErrors)
+            if e == ECONNABORTED || e == EINTR || e == EAGAIN {
+                if !c.more { armAccept(i) }
+                return
+            }
+            logger.warning("accept failed", metadata: ["listener": "\(listeners[i].name)", "error": "\(Errno.describe(e))"])
+        }
+        if !c.more { listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds }
+    }
+
+    private func startBridge(client: Int32, listener i: Int) {
+        if draining { Syscall.close(client); return }
+        guard budget.tryAcquire() else {
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        guard let s = table.allocate() else {
+            budget.release()
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        statistics.add(.acceptedTotal)
+        statistics.add(.activeConnections)
+        let l = listeners[i]
+        let p = table.pointer(s)
+        p.pointee.state = .connecting
+        p.pointee.listener = UInt16(i)
+        p.pointee.client = client
+        p.pointee.openedAt = now
+        p.pointee.lastActivity = now
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (Backend.wantsNonBlockingSockets ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let upstream: Int32
+        do {
+            upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
+        } catch {
+            statistics.add(.connectFailures)
+            logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "\(error)"])
+            closeSlot(s, abort: false)
+            return
+        }
+        p.pointee.upstream = upstream
+        // Forwarded bytes go out as they arrive; Nagle would only add latency here.
+        _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        _ = try? Syscall.setIntOption(upstream, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        p.pointee.inflight += 1
+        l.upstream.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            backend.connect(fd: upstream, address: $0, length: l.upstreamLength, token: token(s, .connect))
+        }
+        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+    }
+
+    // MARK: - Drain
+
+    private func onWake() {
+        Syscall.drainEventFD(control.wakeFD)
+        if control.isDrainRequested && !draining { beginDrain() }
+        if control.isAbortRequested { drainDeadline = now }
+        backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
+    }
+
+    private func beginDrain() {
+        draining = true
+        drainDeadline = now + configuration.drainTimeoutNanoseconds
+        for i in listeners.indices where listeners[i].open {
+            listeners[i].open = false
+            backend.cancelAndClose(fd: listeners[i].fd, token: OperationToken(index: UInt32(i), generation: 0, kind: .closeListener))
+        }
+    }
+
+    private func abortAllAtDeadline() {
+        abortedAtDeadline = true
+        var s: Int32 = 0
+        while s < table.used {
+            let state = table.pointer(s).pointee.state
+            if state == .connecting || state == .bridging {
+                statistics.add(.drainAborted)
+                closeSlot(s, abort: true)
+            }
+            s += 1
+        }
+    }
+
+    // MARK: - Slots
+
+    @inline(__always)
+    private func token(_ s: Int32, _ kind: OperationKind) -> OperationToken {
+        OperationToken(index: UInt32(s), generation: table.pointer(s).pointee.generation, kind: kind)
+    }
+
+    @inline(__always)
+    private func direction(_ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> UnsafeMutablePointer<Direction> {
+        UnsafeMutableRawPointer(p).advanced(by: d == 0 ? Self.toUpstreamOffset : Self.toClientOffset)
+            .assumingMemoryBound(to: Direction.self)
+    }
+
+    private func onSlotCompletion(_ c: Completion) {
+        let s = Int32(bitPattern: c.token.index)
+        guard Int(s) < table.capacity, s < table.used else { return }
+        let p = table.pointer(s)
+        guard p.pointee.generation == c.token.generation, p.pointee.state != .free else {
+            // Cannot happen while slots are held until nothing is in flight; never leak a buffer.
+            if let b = c.bufferID { backend.releaseBuffer(b) }
+            return
+        }
+        if !c.more { p.pointee.inflight -= 1 }
+        switch c.token.kind {
+        case .connect: onConnect(s, p, c.result)
+        case .recvClient: onRecv(s, p, 0, c)
+        case .recvUpstream: onRecv(s, p, 1, c)
+        case .sendUpstream: onSend(s, p, 0, c.result)
+        case .sendClient: onSend(s, p, 1, c.result)
+        case .shutdownUpstream: onShutdown(s, p, 0)
+        case .shutdownClient: onShutdown(s, p, 1)
+        default: break  // closeClient / closeUpstream: only the in-flight count matters
+        }
+        if p.pointee.state == .closing && p.pointee.inflight == 0 { finish(s) }
+    }
+
+    private func onConnect(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
+        guard p.pointee.state == .connecting else { return }
+        if result < 0 {
+            statistics.add(.connectFailures)
+            let l = listeners[Int(p.pointee.listener)]
+            logger.warning("upstream connect failed", metadata: [
+                "listener": "\(l.name)", "upstream": "\(l.upstreamName)", "error": "\(Errno.describe(-result))",
+            ])
+            closeSlot(s, abort: false)
+            return
+        }
+        wheel.cancel(s, table: table)
+        p.pointee.state = .bridging
+        p.pointee.lastActivity = now
+        if let idle = configuration.idleTimeoutNanoseconds {
+            wheel.schedule(s, deadline: now + idle, table: table)
+        }
+        armRecv(s, p, 0)
+        armRecv(s, p, 1)
+    }
+
+    private func timerFired(_ s: Int32) {
+        let p = table.pointer(s)
+        switch p.pointee.state {
+        case .connecting:
+            statistics.add(.connectTimeouts)
+            let l = listeners[Int(p.pointee.listener)]
+            logger.warning("upstream connect timed out", metadata: ["listener": "\(l.name)", "upstream": "\(l.upstreamName)"])
+            closeSlot(s, abort: false)
+        case .bridging:
+            guard let idle = configuration.idleTimeoutNanoseconds else { return }
+            if now &- p.pointee.lastActivity >= idle {
+                statistics.add(.idleTimeouts)
+                closeSlot(s, abort: false)
+            } else {
+                wheel.schedule(s, deadline: p.pointee.lastActivity + idle, table: table)
+            }
+        default:
+            break
+        }
+    }
+
+    @inline(__always)
+    private func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        direction(p, d).pointee.recvArmed = true
+        p.pointee.inflight += 1
+        backend.recv(fd: d == 0 ? p.pointee.client : p.pointee.upstream, token: token(s, d == 0 ? .recvClient : .recvUpstream))
+    }
+
+    @inline(__always)
+    private func armSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.sendArmed = true
+        p.pointee.inflight += 1
+        backend.send(fd: d == 0 ? p.pointee.upstream : p.pointee.client, buffer: dir.pointee.sendBuffer,
+                     offset: Int(dir.pointee.sendOffset), length: Int(dir.pointee.sendRemaining),
+                     token: token(s, d == 0 ? .sendUpstream : .sendClient))
+    }
+
+    private func onRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ c: Completion) {
+        let dir = direction(p, d)
+        dir.pointee.recvArmed = false
+        guard p.pointee.state == .bridging else {
+            if let b = c.bufferID { returnBuffer(b) }
+            return
+        }
+        if c.result > 0, let b = c.bufferID {
+            let n = UInt32(c.result)
+            dir.pointee.bytes &+= UInt64(n)
+            statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+            p.pointee.lastActivity = now
+            if dir.pointee.sendArmed {
+                dir.pointee.queuedBuffer = b
+                dir.pointee.queuedLength = n
+            } else {
+                dir.pointee.sendBuffer = b
+                dir.pointee.sendOffset = 0
+                dir.pointee.sendRemaining = n
+                armSend(s, p, d)
+                // One buffer in flight to the writer, one recv ahead of it.
+                armRecv(s, p, d)
+            }
+            return
+        }
+        if c.result == 0 {
+            dir.pointee.readEOF = true
+            if !dir.pointee.sendArmed { queueShutdown(s, p, d) }
+            return
+        }
+        let e = -c.result
+        if e == ENOBUFS {
+            statistics.add(.bufferExhaustions)
+            dir.pointee.waitingForBuffer = true
+            bufferWaiters.append((Int32(s) << 1 | Int32(d), p.pointee.generation))
+            return
+        }
+        closeSlot(s, abort: true)  // ECONNRESET, ETIMEDOUT, …: the peer is gone
+    }
+
+    private func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        let dir = direction(p, d)
+        dir.pointee.sendArmed = false
+        if p.pointee.state != .bridging || result <= 0 {
+            returnBuffer(dir.pointee.sendBuffer)
+            dir.pointee.sendBuffer = Direction.noBuffer
+            if p.pointee.state == .bridging { closeSlot(s, abort: true) }  // EPIPE, ECONNRESET
+            return
+        }
+        let n = UInt32(result)
+        if n < dir.pointee.sendRemaining {
+            dir.pointee.sendOffset += n
+            dir.pointee.sendRemaining -= n
+            armSend(s, p, d)
+            return
+        }
+        returnBuffer(dir.pointee.sendBuffer)
+        dir.pointee.sendBuffer = Direction.noBuffer
+        if dir.pointee.queuedBuffer != Direction.noBuffer {
+            dir.pointee.sendBuffer = dir.pointee.queuedBuffer
+            dir.pointee.sendOffset = 0
+            dir.pointee.sendRemaining = dir.pointee.queuedLength
+            dir.pointee.queuedBuffer = Direction.noBuffer
+            armSend(s, p, d)
+            if !dir.pointee.recvArmed && !dir.pointee.readEOF && !dir.pointee.waitingForBuffer { armRecv(s, p, d) }
+        } else if dir.pointee.readEOF {
+            queueShutdown(s, p, d)
+        }
+    }
+
+    private func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        guard !dir.pointee.shutdownQueued else { return }
+        dir.pointee.shutdownQueued = true
+        p.pointee.inflight += 1
+        if d == 0 {
+            backend.shutdownWrite(fd: p.pointee.upstream, token: token(s, .shutdownUpstream))
+        } else {
+            backend.shutdownWrite(fd: p.pointee.client, token: token(s, .shutdownClient))
+        }
+    }
+
+    private func onShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        direction(p, d).pointee.finished = true
+        guard p.pointee.state == .bridging else { return }
+        if p.pointee.toUpstream.finished && p.pointee.toClient.finished {
+            statistics.add(.closedGracefully)
+            closeSlot(s, abort: false)
+        }
+    }
+
+    /// A buffer goes back to the pool, and the oldest live ENOBUFS waiter gets to recv again.
+    @inline(__always)
+    private func returnBuffer(_ b: UInt16) {
+        guard b != Direction.noBuffer else { return }
+        backend.releaseBuffer(b)
+        while bufferWaitersHead < bufferWaiters.count {
+            let (entry, generation) = bufferWaiters[bufferWaitersHead]
+            bufferWaitersHead += 1
+            let ws = entry >> 1
+            let wd = Int(entry & 1)
+            let wp = table.pointer(ws)
+            let wdir = direction(wp, wd)
+            if wp.pointee.generation == generation && wp.pointee.state == .bridging && wdir.pointee.waitingForBuffer {
+                wdir.pointee.waitingForBuffer = false
+                armRecv(ws, wp, wd)
+                break
+            }
+        }
+        if bufferWaitersHead == bufferWaiters.count {
+            bufferWaiters.removeAll(keepingCapacity: true)
+            bufferWaitersHead = 0
+        }
+    }
+
+    /// Closes both sockets (RST when `abort`), cancelling what is pending on them; the slot
+    /// is reused once every operation on it has completed.
+    private func closeSlot(_ s: Int32, abort: Bool) {
+        let p = table.pointer(s)
+        guard p.pointee.state != .closing && p.pointee.state != .free else { return }
+        if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
+        if abort && p.pointee.state == .bridging { statistics.add(.closedAborted) }
+        p.pointee.state = .closing
+        p.pointee.aborted = abort
+        for d in 0..<2 {
+            let dir = direction(p, d)
+            dir.pointee.waitingForBuffer = false
+            returnBuffer(dir.pointee.queuedBuffer)
+            dir.pointee.queuedBuffer = Direction.noBuffer
+            // A buffer being sent goes back when its send completes (the kernel reads it).
+        }
+        if p.pointee.client >= 0 {
+            if abort { Syscall.setLingerZero(p.pointee.client) }
+            p.pointee.inflight += 1
+            backend.cancelAndClose(fd: p.pointee.client, token: token(s, .closeClient))
+        }
+        if p.pointee.upstream >= 0 {
+            if abort { Syscall.setLingerZero(p.pointee.upstream) }
+            p.pointee.inflight += 1
+            backend.cancelAndClose(fd: p.pointee.upstream, token: token(s, .closeUpstream))
+        }
+        if p.pointee.inflight == 0 { finish(s) }
+    }
+
+    private func finish(_ s: Int32) {
+        table.release(s)
+        budget.release()
+        statistics.add(.activeConnections, -1)
+    }
+}

@@ -1,0 +1,19 @@
+import ArgumentParser
+import Glibc
+import IgrisEngine
+
+struct Probe: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Report what this kernel offers IGRIS and which backend --backend auto would pick.")
+
+    func run() throws {
+        let out = FileDescriptorOutput.standardOutput
+        out.write("kernel: Linux \(IOUringProbe.kernelRelease())\n")
+        let probe = IOUringProbe.run()
+        out.write("io_uring: \(probe.usable ? "usable" : "unusable") (\(probe.reason))\n")
+        var limit = rlimit()
+        getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        out.write("RLIMIT_NOFILE: soft \(limit.rlim_cur), hard \(limit.rlim_max)\n")
+        out.write("--backend auto would use: \(probe.usable ? "io_uring" : "epoll")\n")
+    }
+}
