@@ -2,6 +2,7 @@
 // the rest is static inline in include/CURing.h so Swift inlines it.
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sys/socket.h>
 #include <sys/utsname.h>
 #include "CURing.h"
 
@@ -16,4 +17,8 @@ int igris_kernel_release(char *out, size_t size) {
 
 void igris_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), name);
+}
+
+int igris_accept4(int fd, int flags) {
+    return accept4(fd, NULL, NULL, flags);
 }

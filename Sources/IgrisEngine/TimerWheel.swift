@@ -24,7 +24,9 @@ struct TimerWheel {
 
     /// Links `slot` (whose `timerDeadline` is already set) into its bucket.
     mutating func schedule(_ slot: Int32, deadline: UInt64, table: ConnectionTable) {
-        var tick = deadline / tickNanoseconds
+        // Round up: the loop wakes at the start of the tick, which must not precede the
+        // deadline, or the timer would wait a whole revolution.
+        var tick = (deadline + tickNanoseconds - 1) / tickNanoseconds
         if tick <= currentTick { tick = currentTick + 1 }
         let b = Int(tick % UInt64(bucketCount))
         let p = table.pointer(slot)
@@ -67,8 +69,9 @@ struct TimerWheel {
         return at > now ? at - now : 0
     }
 
-    /// Unlinks every slot whose deadline is ≤ now and passes it to `fire`.
-    mutating func expire(now: UInt64, table: ConnectionTable, _ fire: (Int32) -> Void) {
+    /// Unlinks every slot whose deadline is ≤ now and appends it to `fired` (the caller
+    /// handles them afterwards, free to schedule again).
+    mutating func expire(now: UInt64, table: ConnectionTable, into fired: inout [Int32]) {
         let target = now / tickNanoseconds
         guard scheduled > 0 else { currentTick = target; return }
         // After a long sleep visit each bucket at most once.
@@ -80,7 +83,7 @@ struct TimerWheel {
                 let next = table.pointer(s).pointee.timerNext
                 if table.pointer(s).pointee.timerDeadline <= now {
                     cancel(s, table: table)
-                    fire(s)
+                    fired.append(s)
                 }
                 s = next
             }

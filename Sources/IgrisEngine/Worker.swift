@@ -59,6 +59,8 @@ final class Worker<Backend: IOBackend> {
     /// generation, checked when popped (a waiter may have been closed meanwhile).
     private var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
     private var bufferWaitersHead = 0
+    /// Slots whose timer fired this turn (kept to reuse its storage).
+    private var expired: [Int32] = []
 
     private static var toUpstreamOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toUpstream)! }
     private static var toClientOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toClient)! }
@@ -97,7 +99,11 @@ final class Worker<Backend: IOBackend> {
             try backend.waitForCompletions(timeoutNanoseconds: nextTimeout())
             now = Syscall.monotonicNanoseconds()
             backend.drainCompletions { handle($0) }
-            wheel.expire(now: now, table: table) { timerFired($0) }
+            wheel.expire(now: now, table: table, into: &expired)
+            if !expired.isEmpty {
+                for s in expired { timerFired(s) }
+                expired.removeAll(keepingCapacity: true)
+            }
             resumePausedListeners()
             statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
             statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))

@@ -7,6 +7,12 @@
 #define IGRIS_CURING_H
 
 // Only liburing and what the helpers below need; Swift gets the rest of libc from Glibc.
+// libc's own headers come first: liburing.h defines _XOPEN_SOURCE/_GNU_SOURCE before its
+// includes, which would give this module a different fd_set than every other C module.
+#include <sys/types.h>
+#include <sys/select.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <liburing.h>
 #include <errno.h>
 #include <unistd.h>
@@ -98,7 +104,8 @@ static inline void igris_buf_ring_add_all(void *ring_memory, unsigned entries, c
 static inline int igris_errno(void) { return errno; }
 
 /// accept4 without a peer address (Swift can't pass NULL for glibc's transparent union).
-static inline int igris_accept4(int fd, int flags) { return accept4(fd, NULL, NULL, flags); }
+/// (In shim.c: accept4 needs _GNU_SOURCE.)
+int igris_accept4(int fd, int flags);
 
 /// open(2) for reading (the variadic form is not callable from Swift).
 static inline int igris_open_read(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }

@@ -1,0 +1,121 @@
+import Glibc
+@testable import IgrisEngine
+import Testing
+
+@Suite struct SocketAddressTests {
+    @Test func parsesIPv4AndIPv6() throws {
+        #expect(try SocketAddress.resolve("127.0.0.1:8080").description == "127.0.0.1:8080")
+        #expect(try SocketAddress.resolve("[::1]:443").description == "[::1]:443")
+        #expect(try SocketAddress.resolve("[::1]:443").family == AF_INET6)
+        #expect(try SocketAddress.resolve("127.0.0.1:8080").port == 8080)
+    }
+
+    @Test func rejectsMalformed() {
+        for text in ["", "127.0.0.1", ":80", "127.0.0.1:", "127.0.0.1:x", "127.0.0.1:65536", "[::1:80", "[::1]80", "::1:80", "1.2.3.4:-1"] {
+            #expect(throws: AddressError.self, "\(text)") { try SocketAddress.resolve(text) }
+        }
+    }
+
+    @Test func unresolvableNamesAreReported() {
+        #expect(throws: AddressError.self) { try SocketAddress.resolve("no-such-host.invalid:80") }
+    }
+}
+
+@Suite struct OperationTokenTests {
+    @Test func roundTripsIndexGenerationKind() {
+        let t = OperationToken(index: 123_456, generation: 0xAB_CDEF, kind: .sendClient)
+        #expect(t.index == 123_456)
+        #expect(t.generation == 0xAB_CDEF)
+        #expect(t.kind == .sendClient)
+        #expect(OperationToken(raw: t.raw) == t)
+        #expect(OperationToken(index: 0, generation: 0x1_000_001, kind: .recvClient).generation == 1)
+    }
+}
+
+@Suite struct ConnectionTableTests {
+    @Test func reusesSlotsWithANewGeneration() {
+        let table = ConnectionTable(capacity: 2)
+        let a = table.allocate()!
+        let b = table.allocate()!
+        #expect(table.allocate() == nil)
+        let generation = table.pointer(a).pointee.generation
+        table.release(a)
+        #expect(table.active == 1)
+        let c = table.allocate()!
+        #expect(c == a)
+        #expect(table.pointer(c).pointee.generation == generation + 1)
+        #expect(table.pointer(c).pointee.state == .free || table.pointer(c).pointee.state == .free)
+        table.release(b)
+        table.release(c)
+        #expect(table.active == 0)
+    }
+
+    @Test func slotStaysSmall() {
+        // An idle bridge's whole user-space state; DESIGN targets well under 1 KiB.
+        #expect(MemoryLayout<ConnectionSlot>.stride <= 160)
+    }
+}
+
+@Suite struct TimerWheelTests {
+    @Test func firesInDeadlineOrderAndOnlyWhenDue() {
+        let table = ConnectionTable(capacity: 8)
+        let slots = (0..<4).map { _ in table.allocate()! }
+        let start: UInt64 = 1_000_000_000_000
+        var wheel = TimerWheel(now: start)
+        wheel.schedule(slots[0], deadline: start + 50_000_000, table: table)
+        wheel.schedule(slots[1], deadline: start + 20_000_000, table: table)
+        wheel.schedule(slots[2], deadline: start + 30_000_000_000, table: table)  // beyond one revolution
+        wheel.schedule(slots[3], deadline: start + 40_000_000, table: table)
+        wheel.cancel(slots[3], table: table)
+        #expect(wheel.scheduled == 3)
+        var fired: [Int32] = []
+        wheel.expire(now: start + 25_000_000, table: table, into: &fired)
+        #expect(fired == [slots[1]])
+        wheel.expire(now: start + 60_000_000, table: table, into: &fired)
+        #expect(fired == [slots[1], slots[0]])
+        // One revolution (10.24 s) later the far timer's bucket comes round but it is not due.
+        wheel.expire(now: start + 10_300_000_000, table: table, into: &fired)
+        #expect(fired.count == 2)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 10_300_000_000) != nil)
+        wheel.expire(now: start + 30_000_000_000, table: table, into: &fired)
+        #expect(fired == [slots[1], slots[0], slots[2]])
+        #expect(wheel.scheduled == 0)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 30_000_000_000) == nil)
+    }
+}
+
+@Suite struct BackendSelectionTests {
+    @Test func epollIsAlwaysAvailable() throws {
+        let (kind, _) = try Server.selectBackend(.epoll)
+        #expect(kind == .epoll)
+    }
+
+    @Test func autoExplainsItsChoice() throws {
+        let (kind, reason) = try Server.selectBackend(.auto)
+        let probe = IOUringProbe.run()
+        #expect(kind == (probe.usable ? .ioUring : .epoll))
+        #expect(!reason.isEmpty)
+    }
+
+    @Test func ioUringIsUsableHere() {
+        // This machine and CI run Linux 6.x with io_uring allowed: the io_uring tests must run.
+        let probe = IOUringProbe.run()
+        #expect(probe.usable, "io_uring unusable: \(probe.reason)")
+    }
+}
+
+@Suite struct TimerWheelWakeTests {
+    @Test("waking after nanosecondsUntilNextTimer fires a deadline that is not tick-aligned")
+    func wakeTimeCoversDeadline() {
+        let table = ConnectionTable(capacity: 1)
+        let s = table.allocate()!
+        let start: UInt64 = 5_000_000_123
+        var wheel = TimerWheel(now: start)
+        wheel.schedule(s, deadline: start + 300_456_789, table: table)
+        let wait = wheel.nanosecondsUntilNextTimer(now: start)!
+        #expect(wait >= 300_456_789)
+        var fired: [Int32] = []
+        wheel.expire(now: start + wait, table: table, into: &fired)
+        #expect(fired == [s])
+    }
+}

@@ -1,0 +1,331 @@
+import Dispatch
+import Foundation
+import Glibc
+import IgrisEngine
+import Testing
+
+/// The forward bridge end to end over loopback, same body on each backend.
+@Suite("Bridge", .serialized)
+struct BridgeTests {
+    @Test("32 connections × 8 MiB each way at once arrive intact (SHA-256)", arguments: engineBackends)
+    func integrityFullDuplex(backend: BackendChoice) throws {
+        let size = 8 << 20
+        let connections = 32
+        let received = SharedBox<[Int: (Int, [UInt8])]>([:])
+        let upstream = try TestUpstream { socket in
+            guard let header = try? socket.readExactly(8) else { socket.close(); return }
+            let id = Int(header[0])
+            let writer = TestThread {
+                _ = sendPattern(socket, seed: UInt64(1000 + id), count: size)
+                socket.shutdownWrite()
+            }
+            let r = receiveDigest(socket)
+            writer.join()
+            var all = received.value
+            all[id] = (r.received, r.digest)
+            received.value = all
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        defer { gateway.stop() }
+
+        let results = SharedBox<[Int: (sent: [UInt8], gotCount: Int, got: [UInt8], error: Int32?)]>([:])
+        let clients = (0..<connections).map { id in
+            TestThread {
+                guard let socket = try? TestSocket.connect(gateway.address) else { return }
+                socket.setReceiveTimeout(seconds: 60)
+                socket.write([UInt8(id), 0, 0, 0, 0, 0, 0, 0])
+                let sent = SharedBox<[UInt8]>([])
+                let writer = TestThread {
+                    sent.value = sendPattern(socket, seed: UInt64(id), count: size).digest
+                    socket.shutdownWrite()
+                }
+                let r = receiveDigest(socket)
+                writer.join()
+                socket.close()
+                var all = results.value
+                all[id] = (sent.value, r.received, r.digest, r.error)
+                results.value = all
+            }
+        }
+        for c in clients { c.join() }
+        #expect(gateway.eventually { received.value.count == connections && gateway.active == 0 })
+        for id in 0..<connections {
+            let client = try #require(results.value[id], "client \(id) did not finish")
+            #expect(client.error == nil, "client \(id) read error \(client.error.map(Errno.describe) ?? "")")
+            #expect(client.gotCount == size, "client \(id) got \(client.gotCount) bytes")
+            #expect(client.got == patternDigest(seed: UInt64(1000 + id), count: size), "client \(id): upstream→client bytes differ")
+            let up = try #require(received.value[id], "upstream never finished connection \(id)")
+            #expect(up.0 == size, "upstream got \(up.0) bytes on \(id)")
+            #expect(up.1 == client.sent, "connection \(id): client→upstream bytes differ")
+        }
+        #expect(gateway.server.total(.bytesClientToUpstream) == Int64(connections * (size + 8)))
+        #expect(gateway.server.total(.bytesUpstreamToClient) == Int64(connections * size))
+        #expect(gateway.server.total(.buffersInUse) == 0)
+    }
+
+    @Test("client half-close: upstream sees EOF, its reply still reaches the client", arguments: engineBackends)
+    func halfCloseFromClient(backend: BackendChoice) throws {
+        let n = 300_000, m = 700_000
+        let upstreamGot = SharedBox<(Int, [UInt8])?>(nil)
+        let upstream = try TestUpstream { socket in
+            let r = receiveDigest(socket)          // to EOF: the client's shutdown arrived
+            upstreamGot.value = (r.received, r.digest)
+            _ = sendPattern(socket, seed: 2, count: m)
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        defer { gateway.stop() }
+
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 20)
+        let sent = sendPattern(client, seed: 1, count: n)
+        client.shutdownWrite()
+        let reply = receiveDigest(client)
+        client.close()
+        #expect(reply.error == nil)
+        #expect(reply.received == m)
+        #expect(reply.digest == patternDigest(seed: 2, count: m))
+        #expect(upstreamGot.value?.0 == n)
+        #expect(upstreamGot.value?.1 == sent.digest)
+        #expect(gateway.eventually { gateway.active == 0 })
+        #expect(gateway.server.total(.closedGracefully) == 1)
+    }
+
+    @Test("upstream half-close: client sees EOF, its late bytes still reach the upstream", arguments: engineBackends)
+    func halfCloseFromUpstream(backend: BackendChoice) throws {
+        let n = 300_000, m = 700_000
+        let upstreamGot = SharedBox<(Int, [UInt8], Int32?)?>(nil)
+        let upstream = try TestUpstream { socket in
+            _ = sendPattern(socket, seed: 3, count: m)
+            socket.shutdownWrite()
+            let r = receiveDigest(socket)
+            upstreamGot.value = (r.received, r.digest, r.error)
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        defer { gateway.stop() }
+
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 20)
+        let first = receiveDigest(client)       // EOF while our write side is still open
+        #expect(first.error == nil)
+        #expect(first.received == m)
+        #expect(first.digest == patternDigest(seed: 3, count: m))
+        let sent = sendPattern(client, seed: 4, count: n)
+        #expect(sent.sent == n)
+        client.shutdownWrite()
+        // The upstream closes after reading our EOF; we see nothing more.
+        var tail = [UInt8](repeating: 0, count: 16)
+        #expect(tail.withUnsafeMutableBytes { client.read(into: $0) } == 0)
+        client.close()
+        #expect(gateway.eventually { upstreamGot.value != nil && gateway.active == 0 })
+        #expect(upstreamGot.value?.0 == n)
+        #expect(upstreamGot.value?.1 == sent.digest)
+        #expect(upstreamGot.value?.2 == nil)
+    }
+
+    @Test("an upstream reset mid-stream ends the client's connection and frees the slot", arguments: engineBackends)
+    func upstreamResetAbortsClient(backend: BackendChoice) throws {
+        let upstream = try TestUpstream { socket in
+            _ = try? socket.readExactly(256 * 1024)
+            socket.write([UInt8](repeating: 9, count: 1000))
+            socket.reset()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        defer { gateway.stop() }
+
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 5)
+        client.setSendTimeout(seconds: 5)
+        let writer = TestThread { _ = sendPattern(client, seed: 5, count: 64 << 20) }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var total = 0
+        var end = 0
+        while true {
+            end = buffer.withUnsafeMutableBytes { client.read(into: $0) }
+            if end <= 0 { break }
+            total += end
+        }
+        // Ended by RST (or EOF when the RST raced our read), never by the 5 s receive timeout.
+        #expect(end == 0 || end == -Int(ECONNRESET), "client read ended with \(end < 0 ? Errno.describe(Int32(-end)) : "\(end)")")
+        #expect(total <= 1000)
+        writer.join()
+        client.close()
+        #expect(gateway.eventually { gateway.active == 0 }, "slot leaked: active=\(gateway.active)")
+        #expect(gateway.server.total(.closedAborted) == 1)
+        #expect(gateway.server.total(.buffersInUse) == 0)
+    }
+
+    @Test("a reader stalled for 2 s holds the bridge to its buffer bound; all 64 MiB arrive", arguments: engineBackends)
+    func slowReaderIsBackpressured(backend: BackendChoice) throws {
+        let size = 64 << 20
+        let release = DispatchSemaphore(value: 0)
+        let got = SharedBox<(Int, [UInt8], Int32?)?>(nil)
+        let upstream = try TestUpstream { socket in
+            release.wait()
+            let r = receiveDigest(socket)
+            got.value = (r.received, r.digest, r.error)
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        defer { gateway.stop() }
+
+        let client = try TestSocket.connect(gateway.address)
+        let sent = SharedBox<[UInt8]>([])
+        let writer = TestThread {
+            sent.value = sendPattern(client, seed: 6, count: size).digest
+            client.shutdownWrite()
+        }
+        // The scenario itself: the upstream reads nothing for 2 s while the client pushes.
+        usleep(2_000_000)
+        let peakWhileStalled = gateway.server.total(.buffersPeak)
+        let movedWhileStalled = gateway.server.total(.bytesClientToUpstream)
+        release.signal()
+        writer.join()
+        #expect(gateway.eventually(seconds: 30) { got.value != nil })
+        client.close()
+        // One direction holds at most two buffers (one being sent, one received ahead):
+        // memory is set by the pool, not by the 64 MiB pushed at it.
+        #expect(peakWhileStalled <= 2, "buffers in use peaked at \(peakWhileStalled)")
+        #expect(movedWhileStalled < Int64(size), "the stall did not stall anything")
+        #expect(got.value?.0 == size)
+        #expect(got.value?.1 == sent.value)
+        #expect(got.value?.2 == nil)
+        #expect(gateway.eventually { gateway.active == 0 })
+    }
+
+    @Test("refused upstream: client closed within 1 s and counted", arguments: engineBackends)
+    func upstreamRefused(backend: BackendChoice) throws {
+        let port = try unusedPort()
+        let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(port)"))
+        defer { gateway.stop() }
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 1)
+        var byte = [UInt8](repeating: 0, count: 1)
+        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        #expect(n == 0 || n == -Int(ECONNRESET), "expected close within 1 s, read gave \(n < 0 ? Errno.describe(Int32(-n)) : "\(n) bytes")")
+        client.close()
+        #expect(gateway.server.total(.connectFailures) == 1)
+        #expect(gateway.eventually { gateway.active == 0 })
+    }
+
+    @Test("upstream that never answers the SYN: connect timeout closes the client", arguments: engineBackends)
+    func connectTimeout(backend: BackendChoice) throws {
+        // A listener with backlog 0 that never accepts: once its queue is full, further SYNs
+        // are dropped and connects hang, exactly like an unreachable upstream.
+        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        defer { Glibc.close(fd) }
+        try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
+        try Syscall.listen(fd, backlog: 0)
+        let black = try Syscall.localAddress(fd)
+        var fillers: [Int32] = []
+        defer { for f in fillers { Glibc.close(f) } }
+        for _ in 0..<3 {
+            let f = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue))
+            _ = black.withSockAddr { Glibc.connect(f, $0, $1) }
+            fillers.append(f)
+        }
+        let gateway = try Gateway(backend: backend, upstream: black) { $0.connectTimeoutNanoseconds = 300_000_000 }
+        defer { gateway.stop() }
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 5)
+        var byte = [UInt8](repeating: 0, count: 1)
+        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        client.close()
+        #expect(n == 0, "expected EOF at the connect timeout, got \(n)")
+        #expect(gateway.server.total(.connectTimeouts) == 1)
+        #expect(gateway.eventually { gateway.active == 0 })
+    }
+
+    @Test("idle timeout closes a bridge with no traffic", arguments: engineBackends)
+    func idleTimeout(backend: BackendChoice) throws {
+        let upstream = try TestUpstream { socket in
+            var buffer = [UInt8](repeating: 0, count: 64)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+                if n <= 0 { break }
+                socket.write(Array(buffer[0..<n]))
+            }
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address) { $0.idleTimeoutNanoseconds = 300_000_000 }
+        defer { gateway.stop() }
+        let client = try TestSocket.connect(gateway.address)
+        client.setReceiveTimeout(seconds: 5)
+        client.write([1, 2, 3])
+        #expect(try client.readExactly(3) == [1, 2, 3])
+        var byte = [UInt8](repeating: 0, count: 1)
+        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        client.close()
+        #expect(n == 0, "expected EOF at the idle timeout, got \(n)")
+        #expect(gateway.server.total(.idleTimeouts) == 1)
+        #expect(gateway.eventually { gateway.active == 0 })
+    }
+
+    @Test("--max-connections: the connection past the cap is closed, the others keep working", arguments: engineBackends)
+    func maxConnections(backend: BackendChoice) throws {
+        let upstream = try TestUpstream { socket in
+            var buffer = [UInt8](repeating: 0, count: 64)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+                if n <= 0 { break }
+                socket.write(Array(buffer[0..<n]))
+            }
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: backend, upstream: upstream.address) { $0.maxConnections = 2 }
+        defer { gateway.stop() }
+        let a = try TestSocket.connect(gateway.address)
+        let b = try TestSocket.connect(gateway.address)
+        for s in [a, b] {
+            s.setReceiveTimeout(seconds: 5)
+            s.write([7])
+            #expect(try s.readExactly(1) == [7])
+        }
+        let c = try TestSocket.connect(gateway.address)
+        c.setReceiveTimeout(seconds: 5)
+        var byte = [UInt8](repeating: 0, count: 1)
+        #expect(byte.withUnsafeMutableBytes { c.read(into: $0) } <= 0)
+        c.close()
+        #expect(gateway.server.total(.rejectedAtCapacity) == 1)
+        a.write([8])
+        #expect(try a.readExactly(1) == [8])
+        a.close()
+        b.close()
+        #expect(gateway.eventually { gateway.active == 0 })
+    }
+
+    @Test("IPv6: [::1] to [::1]", arguments: engineBackends)
+    func ipv6(backend: BackendChoice) throws {
+        let fd = try Syscall.socket(family: AF_INET6, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        defer { Glibc.close(fd) }
+        try Syscall.bind(fd, try SocketAddress.resolve("[::1]:0"))
+        try Syscall.listen(fd, backlog: 16)
+        let up = try Syscall.localAddress(fd)
+        var configuration = ServerConfiguration(
+            forwards: [ForwardRule(listen: try SocketAddress.resolve("[::1]:0"), upstream: up)], workers: 1, backend: backend)
+        configuration.drainTimeoutNanoseconds = 1_000_000_000
+        let server = try Server(configuration: configuration)
+        try server.start()
+        defer { server.beginDrain(); server.wait() }
+        let client = try TestSocket.connect(server.listenAddresses[0])
+        client.setReceiveTimeout(seconds: 5)
+        let accepted = TestSocket(fd: accept(fd, nil, nil))
+        accepted.setReceiveTimeout(seconds: 5)
+        client.write([1, 2, 3, 4])
+        #expect(try accepted.readExactly(4) == [1, 2, 3, 4])
+        accepted.write([5, 6])
+        #expect(try client.readExactly(2) == [5, 6])
+        client.close()
+        accepted.close()
+        #expect(server.listenAddresses[0].description.hasPrefix("[::1]:"))
+    }
+}

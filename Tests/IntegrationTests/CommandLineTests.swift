@@ -1,0 +1,129 @@
+import Foundation
+import Glibc
+import IgrisEngine
+import Testing
+
+/// `igris` as an operator runs it: bad input → one line on stderr, non-zero exit.
+@Suite("igris command line", .serialized)
+struct CommandLineTests {
+    let igris = productPath("igris")
+
+    private func expectOneLineError(_ arguments: [String], contains text: String, via prefix: [String] = [],
+                                    sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let result = prefix.isEmpty
+            ? try runCommand(igris, arguments)
+            : try runCommand(prefix[0], Array(prefix.dropFirst()) + [igris] + arguments)
+        #expect(result.status != 0, "exit status 0 for \(arguments)", sourceLocation: sourceLocation)
+        let lines = result.stderr.split(separator: "\n", omittingEmptySubsequences: true)
+        #expect(lines.count == 1, "stderr was: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(lines.first?.hasPrefix("igris: ") == true, "stderr was: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(result.stderr.contains(text), "stderr was: \(result.stderr)", sourceLocation: sourceLocation)
+        #expect(!result.stderr.contains("Fatal error"), sourceLocation: sourceLocation)
+    }
+
+    @Test func unknownFlag() throws {
+        try expectOneLineError(["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--bogus"], contains: "Unknown option '--bogus'")
+    }
+
+    @Test func malformedAddress() throws {
+        try expectOneLineError(["--listen", "127.0.0.1", "--upstream", "127.0.0.1:1"], contains: "malformed address '127.0.0.1'")
+        try expectOneLineError(["--listen", "127.0.0.1:70000", "--upstream", "127.0.0.1:1"], contains: "port must be a number")
+        try expectOneLineError(["--listen", "::1:80", "--upstream", "127.0.0.1:1"], contains: "need brackets")
+    }
+
+    @Test func portInUse() throws {
+        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        defer { Glibc.close(fd) }
+        try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
+        try Syscall.listen(fd, backlog: 1)
+        let port = try Syscall.localAddress(fd).port
+        try expectOneLineError(["--listen", "127.0.0.1:\(port)", "--upstream", "127.0.0.1:1"],
+                               contains: "cannot listen on 127.0.0.1:\(port): Address already in use")
+    }
+
+    @Test func permissionDenied() throws {
+        // Root may bind anywhere; drop CAP_NET_BIND_SERVICE (setpriv, util-linux) to be an
+        // ordinary process for whom ports below 1024 are privileged.
+        try expectOneLineError(["--listen", "127.0.0.1:81", "--upstream", "127.0.0.1:1"],
+                               contains: "cannot listen on 127.0.0.1:81: Permission denied",
+                               via: ["/usr/bin/setpriv", "--bounding-set", "-net_bind_service", "--inh-caps", "-net_bind_service"])
+    }
+
+    @Test func unresolvableUpstream() throws {
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80"],
+                               contains: "cannot resolve 'no-such-host.invalid:80'")
+    }
+
+    @Test func unequalListenAndUpstream() throws {
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"],
+                               contains: "2 --listen but 1 --upstream")
+        try expectOneLineError(["serve"], contains: "no --listen address given")
+    }
+
+    @Test func badNumbers() throws {
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--buffers", "300"], contains: "power of two")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "kqueue"], contains: "kqueue")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--connect-timeout", "soon"], contains: "soon")
+    }
+
+    @Test("SIGTERM: stop accepting, let the open transfer finish, exit 0", arguments: engineBackends)
+    func sigtermDrains(backend: BackendChoice) throws {
+        let reply = 4 << 20
+        let upstream = try TestUpstream { socket in
+            _ = receiveDigest(socket)
+            _ = sendPattern(socket, seed: 11, count: reply)
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let port = try unusedPort()
+        let child = try ChildProcess(igris, ["--listen", "127.0.0.1:\(port)", "--upstream", "\(upstream.address)",
+                                             "--backend", backend.rawValue, "--workers", "2", "--drain-timeout", "20s"])
+        defer { child.terminate() }
+        let address = try SocketAddress.resolve("127.0.0.1:\(port)")
+        var client: TestSocket?
+        for _ in 0..<500 where client == nil {
+            client = try? TestSocket.connect(address)
+            if client == nil { usleep(10_000) }
+        }
+        let c = try #require(client, "igris never listened on \(port)")
+        c.setReceiveTimeout(seconds: 20)
+        _ = sendPattern(c, seed: 10, count: 1 << 20)
+        #expect(upstream.accepted.value <= 1)
+
+        child.signal(SIGTERM)
+        // Accepting stops: connects are refused once the listeners are closed.
+        var refused = false
+        for _ in 0..<500 {
+            if let probe = try? TestSocket.connect(address) {
+                probe.close()
+                usleep(10_000)
+            } else {
+                refused = true
+                break
+            }
+        }
+        #expect(refused, "still accepting after SIGTERM")
+
+        // The open bridge keeps working until both sides are done.
+        _ = sendPattern(c, seed: 12, count: 1 << 20)
+        c.shutdownWrite()
+        let r = receiveDigest(c)
+        c.close()
+        #expect(r.error == nil)
+        #expect(r.received == reply)
+        #expect(r.digest == patternDigest(seed: 11, count: reply))
+        let result = child.finish(timeout: 20)
+        #expect(result.status == 0, "igris exited \(result.status): \(result.stderr)")
+        #expect(result.stderr.contains("draining"))
+        #expect(result.stderr.contains("backend=\(backend.rawValue)"))
+    }
+
+    @Test func probeReportsBackend() throws {
+        let child = try ChildProcess(igris, ["probe"])
+        let out = String(decoding: child.stdout.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let result = child.finish()
+        #expect(result.status == 0)
+        #expect(out.contains("io_uring: "))
+        #expect(out.contains("--backend auto would use: "))
+    }
+}
