@@ -47,9 +47,12 @@ let package = Package(
             name: "IgrisEngineTests",
             dependencies: ["IgrisEngine"]
         ),
+        // Counts allocations process-wide (the test executable interposes malloc), for the
+        // "steady-state forwarding allocates nothing" test.
+        .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "CSodium", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "CSodium", "CMallocCounter", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

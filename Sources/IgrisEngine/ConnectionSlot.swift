@@ -115,3 +115,10 @@ final class ConnectionTable {
     /// Every slot ever handed out (for drain: abort what's left).
     var used: Int32 { highWater }
 }
+
+/// Byte offsets of the two directions inside a slot, computed once: a key path evaluated
+/// per operation would allocate.
+enum SlotLayout {
+    static let toUpstreamOffset = MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toUpstream)!
+    static let toClientOffset = MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toClient)!
+}

@@ -184,16 +184,26 @@ public final class EpollBackend: IOBackend {
         complete(token.raw, Syscall.shutdown(fd, Int32(SHUT_WR)))
     }
 
-    public func cancelAndClose(fd: Int32, token: OperationToken) {
+    public func cancel(fd: Int32) {
         let i = Int(fd)
-        if i < fds.count {
-            let s = fds[i]
-            for t in [s.acceptToken, s.recvToken, s.sendToken, s.connectToken, s.pollToken] where t != 0 {
-                complete(t, -ECANCELED)
-            }
-            fds[i] = FDState()
-            if let r = retry.firstIndex(of: fd) { retry.remove(at: r) }
+        guard i < fds.count else { return }
+        for t in [fds[i].acceptToken, fds[i].recvToken, fds[i].sendToken, fds[i].connectToken, fds[i].pollToken] where t != 0 {
+            complete(t, -ECANCELED)
         }
+        fds[i].acceptToken = 0
+        fds[i].recvToken = 0
+        fds[i].sendToken = 0
+        fds[i].connectToken = 0
+        fds[i].pollToken = 0
+        if fds[i].inRetryList, let r = retry.firstIndex(of: fd) {
+            retry.remove(at: r)
+            fds[i].inRetryList = false
+        }
+    }
+
+    public func cancelAndClose(fd: Int32, token: OperationToken) {
+        cancel(fd: fd)
+        if Int(fd) < fds.count { fds[Int(fd)] = FDState() }
         // close() removes the fd from the epoll set (IGRIS never dups sockets).
         Syscall.close(fd)
         complete(token.raw, 0)
@@ -272,7 +282,12 @@ public final class EpollBackend: IOBackend {
         // One batch per turn, so a flow whose syscalls keep succeeding at once cannot starve
         // timers or other fds.
         swap(&ready, &delivering)
-        for c in delivering { body(c) }
+        // An index loop: for-in over an array allocates an iterator frame in debug builds.
+        var k = 0
+        while k < delivering.count {
+            body(delivering[k])
+            k += 1
+        }
         delivering.removeAll(keepingCapacity: true)
     }
 }

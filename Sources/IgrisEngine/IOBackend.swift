@@ -57,6 +57,9 @@ public protocol IOBackend: AnyObject {
     /// Cancels every operation pending on `fd` (each completes, typically -ECANCELED),
     /// then closes it. The close completes with `token`.
     func cancelAndClose(fd: Int32, token: OperationToken)
+    /// Cancels every operation pending on `fd` without closing it (each completes
+    /// -ECANCELED). Used to stop a multishot accept while accepting is paused.
+    func cancel(fd: Int32)
     /// Completes once when `fd` is readable.
     func pollReadable(fd: Int32, token: OperationToken)
     /// Returns a buffer to the pool (and, on io_uring, to the kernel's buffer ring).

@@ -149,6 +149,17 @@ public final class Server: Sendable {
         return fd
     }
 
+    /// A warning for the operator when `--max-connections` can't be reached within
+    /// RLIMIT_NOFILE (two descriptors per bridge plus listeners and a few of our own).
+    public var descriptorWarning: String? {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
+        let needed = UInt64(configuration.maxConnections) * 2 + UInt64(configuration.workers * (configuration.forwards.count + 4)) + 16
+        guard limit.rlim_cur < needed else { return nil }
+        return "max-connections \(configuration.maxConnections) needs about \(needed) descriptors but RLIMIT_NOFILE is \(limit.rlim_cur): "
+            + "past that, accepting pauses; raise LimitNOFILE / ulimit -n or lower --max-connections"
+    }
+
     /// Starts the workers; returns once each has built its backend (or throws the first
     /// worker's failure after stopping the others).
     public func start() throws(ServerError) {

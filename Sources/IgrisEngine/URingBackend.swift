@@ -141,6 +141,12 @@ public final class URingBackend: IOBackend {
         igris_sqe_set_data64(close, token.raw)
     }
 
+    public func cancel(fd: Int32) {
+        let sqe = nextSQE()
+        io_uring_prep_cancel_fd(sqe, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+        igris_sqe_set_data64(sqe, OperationToken.ignored.raw)
+    }
+
     public func pollReadable(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLIN))

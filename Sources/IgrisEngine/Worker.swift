@@ -59,11 +59,13 @@ final class Worker<Backend: IOBackend> {
     /// generation, checked when popped (a waiter may have been closed meanwhile).
     private var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
     private var bufferWaitersHead = 0
+    /// A spare descriptor (/dev/null) given up when the process runs out, so the connection
+    /// accepted with the last descriptor still gets its upstream socket.
+    private var reserveFD: Int32 = -1
+    private var lastPauseLog: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
     private var expired: [Int32] = []
 
-    private static var toUpstreamOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toUpstream)! }
-    private static var toClientOffset: Int { MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toClient)! }
 
     init(backend: Backend, configuration: WorkerConfiguration, control: WorkerControl,
          statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger) {
@@ -84,10 +86,12 @@ final class Worker<Backend: IOBackend> {
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
+        reserveFD = igris_open_read("/dev/null")
     }
 
     deinit {
         for l in listeners { l.upstream.deallocate() }
+        if reserveFD >= 0 { Syscall.close(reserveFD) }
     }
 
     // MARK: - Loop
@@ -105,6 +109,7 @@ final class Worker<Backend: IOBackend> {
                 expired.removeAll(keepingCapacity: true)
             }
             resumePausedListeners()
+            if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
             statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
             statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
             statistics.set(.completionOverflows, Int64(backend.completionOverflows))
@@ -117,9 +122,15 @@ final class Worker<Backend: IOBackend> {
 
     private func nextTimeout() -> UInt64? {
         var timeout = wheel.nanosecondsUntilNextTimer(now: now)
-        for l in listeners where l.open && !l.acceptArmed && l.pausedUntil > 0 {
-            let t = l.pausedUntil > now ? l.pausedUntil - now : 0
-            timeout = min(timeout ?? t, t)
+        // Index loops: runs every turn, and iterating an array of structs that hold strings
+        // allocates in unoptimised builds.
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open && !listeners[i].acceptArmed && listeners[i].pausedUntil > 0 {
+                let t = listeners[i].pausedUntil > now ? listeners[i].pausedUntil - now : 0
+                timeout = min(timeout ?? t, t)
+            }
+            i += 1
         }
         if draining && !abortedAtDeadline {
             let t = drainDeadline > now ? drainDeadline - now : 0
@@ -155,9 +166,24 @@ final class Worker<Backend: IOBackend> {
     }
 
     private func resumePausedListeners() {
-        for i in listeners.indices where listeners[i].open && !listeners[i].acceptArmed
-            && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
-            armAccept(i)
+        // The reserve descriptor comes back first; without it, stay paused.
+        if reserveFD < 0 && listeners.contains(where: { $0.open && !$0.acceptArmed && $0.pausedUntil > 0 && $0.pausedUntil <= now }) {
+            reserveFD = igris_open_read("/dev/null")
+            if reserveFD < 0 {
+                var i = 0
+                while i < listeners.count {
+                    if listeners[i].open && listeners[i].pausedUntil > 0 { listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds }
+                    i += 1
+                }
+                return
+            }
+        }
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open && !listeners[i].acceptArmed && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
+                armAccept(i)
+            }
+            i += 1
         }
     }
 
@@ -173,8 +199,8 @@ final class Worker<Backend: IOBackend> {
         if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
             // Out of descriptors or memory: connections wait in the backlog while some close.
             // Re-arm on a timer instead of spinning on the same error.
-            statistics.add(.acceptPauses)
-            logger.warning("accept paused for 100 ms", metadata: ["listener": "\(listeners[i].name)", "error": "\(Errno.describe(e))"])
+            pauseAccepting(errno: e)
+            return
         } else {
             statistics.add(.acceptErrors)
             if e == ECONNABORTED || e == EINTR || e == EAGAIN {
@@ -184,6 +210,28 @@ final class Worker<Backend: IOBackend> {
             logger.warning("accept failed", metadata: ["listener": "\(listeners[i].name)", "error": "\(Errno.describe(e))"])
         }
         if !c.more { listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds }
+    }
+
+    /// Stops every listener of this worker for 100 ms (descriptors are per process, so all
+    /// of them are out). Cancelling the multishot accepts keeps the kernel from accepting
+    /// connections there would be no descriptor to bridge.
+    private func pauseAccepting(errno e: Int32) {
+        statistics.add(.acceptPauses)
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open {
+                listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                if listeners[i].acceptArmed { backend.cancel(fd: listeners[i].fd) }
+            }
+            i += 1
+        }
+        // Once a second at most: the condition lasts as long as the shortage does.
+        if now &- lastPauseLog >= 1_000_000_000 {
+            lastPauseLog = now
+            logger.warning("accept paused for 100 ms", metadata: [
+                "error": "\(Errno.describe(e))", "pauses": "\(statistics.load(.acceptPauses))",
+            ])
+        }
     }
 
     private func startBridge(client: Int32, listener i: Int) {
@@ -209,12 +257,23 @@ final class Worker<Backend: IOBackend> {
         p.pointee.openedAt = now
         p.pointee.lastActivity = now
         let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (Backend.wantsNonBlockingSockets ? Int32(SOCK_NONBLOCK.rawValue) : 0)
-        let upstream: Int32
+        var upstream: Int32 = -1
         do {
             upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
+        } catch where (error.errno == EMFILE || error.errno == ENFILE) && reserveFD >= 0 {
+            // Out of descriptors after the accept took the last one: spend the reserve on this
+            // connection's upstream rather than drop a client we already accepted, and stop
+            // accepting until descriptors come back.
+            Syscall.close(reserveFD)
+            reserveFD = -1
+            upstream = (try? Syscall.socket(family: l.upstreamFamily, type: type)) ?? -1
+            pauseAccepting(errno: error.errno)
         } catch {
+            if error.errno == EMFILE || error.errno == ENFILE { pauseAccepting(errno: error.errno) }
+        }
+        if upstream < 0 {
             statistics.add(.connectFailures)
-            logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "\(error)"])
+            logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "out of file descriptors"])
             closeSlot(s, abort: false)
             return
         }
@@ -269,7 +328,7 @@ final class Worker<Backend: IOBackend> {
 
     @inline(__always)
     private func direction(_ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> UnsafeMutablePointer<Direction> {
-        UnsafeMutableRawPointer(p).advanced(by: d == 0 ? Self.toUpstreamOffset : Self.toClientOffset)
+        UnsafeMutableRawPointer(p).advanced(by: d == 0 ? SlotLayout.toUpstreamOffset : SlotLayout.toClientOffset)
             .assumingMemoryBound(to: Direction.self)
     }
 
@@ -446,12 +505,19 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    /// A buffer goes back to the pool, and the oldest live ENOBUFS waiter gets to recv again.
     @inline(__always)
     private func returnBuffer(_ b: UInt16) {
         guard b != Direction.noBuffer else { return }
         backend.releaseBuffer(b)
-        while bufferWaitersHead < bufferWaiters.count {
+    }
+
+    /// Once per loop turn: re-arm the recv of as many ENOBUFS waiters (oldest first) as there
+    /// are free buffers. Not one waiter per returned buffer: a woken recv that finds no data
+    /// (io_uring picks the buffer before it looks for data, so ENOBUFS does not prove bytes
+    /// were waiting) takes no buffer, and the rest of the queue must not wait on it.
+    private func wakeBufferWaiters() {
+        var budget = backend.buffers.available
+        while budget > 0 && bufferWaitersHead < bufferWaiters.count {
             let (entry, generation) = bufferWaiters[bufferWaitersHead]
             bufferWaitersHead += 1
             let ws = entry >> 1
@@ -461,7 +527,7 @@ final class Worker<Backend: IOBackend> {
             if wp.pointee.generation == generation && wp.pointee.state == .bridging && wdir.pointee.waitingForBuffer {
                 wdir.pointee.waitingForBuffer = false
                 armRecv(ws, wp, wd)
-                break
+                budget -= 1
             }
         }
         if bufferWaitersHead == bufferWaiters.count {

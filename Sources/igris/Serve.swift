@@ -92,6 +92,7 @@ struct Serve: ParsableCommand {
         do {
             server = try Server(configuration: configuration, logger: logger)
             logger.info("backend selected", metadata: ["backend": "\(server.backend)", "why": "\(server.backendReason)"])
+            if let warning = server.descriptorWarning { logger.warning("\(warning)") }
             try server.start()
         } catch {
             throw CommandFailure(error.description)

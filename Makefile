@@ -1,0 +1,45 @@
+# IGRIS — `make run` and `make test` work on a fresh Debian 12 machine as root: missing
+# Debian packages are installed first (apt-get update once, then apt-get install -y).
+SHELL := /bin/bash
+export PATH := $(PATH):/opt/swift/usr/bin
+
+APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux curl python3
+SWIFT_BUILD_FLAGS ?=
+# `make run` forwards 127.0.0.1:8080 to 127.0.0.1:8000 unless told otherwise, e.g.
+#   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
+RUN_ARGS ?= --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000
+
+.PHONY: all deps build build-debug run test bench-quick clean
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v swift >/dev/null || { echo "no swift on PATH: install a Swift 6.1+ toolchain (https://swift.org/install)"; exit 1; }
+
+build: deps
+	swift build -c release $(SWIFT_BUILD_FLAGS)
+
+build-debug: deps
+	swift build --build-tests $(SWIFT_BUILD_FLAGS)
+
+run: build
+	./.build/release/igris serve $(RUN_ARGS)
+
+# The scale test holds 15,000 descriptors in the test process: raise the soft limit to the
+# hard one. Tests share loopback ports and the fd budget, so they run one at a time.
+test: build-debug
+	ulimit -n $$(ulimit -Hn) && swift test --skip-build --no-parallel $(SWIFT_BUILD_FLAGS)
+
+# Throughput, latency and idle-memory figures for the engine, igris vs direct (see
+# Benchmarks/README.md).
+bench-quick: build
+	Benchmarks/engine-quick.sh
+
+clean:
+	rm -rf .build
