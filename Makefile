@@ -34,7 +34,7 @@ run: build
 # The scale test holds 15,000 descriptors in the test process: raise the soft limit to the
 # hard one. Tests share loopback ports and the fd budget, so they run one at a time.
 test: build-debug
-	ulimit -n $$(ulimit -Hn) && swift test --skip-build --no-parallel $(SWIFT_BUILD_FLAGS)
+	ulimit -n $$(ulimit -Hn) && swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
 # Throughput, latency and idle-memory figures for the engine, igris vs direct (see
 # Benchmarks/README.md).
