@@ -12,54 +12,11 @@ struct BridgeTests {
         let size = 8 << 20
         let connections = 32
         let received = SharedBox<[Int: (Int, [UInt8])]>([:])
-        let upstream = try TestUpstream { socket in
-            guard let header = try? socket.readExactly(8) else { socket.close(); return }
-            let id = Int(header[0])
-            let writer = TestThread {
-                _ = sendPattern(socket, seed: UInt64(1000 + id), count: size)
-                socket.shutdownWrite()
-            }
-            let r = receiveDigest(socket)
-            writer.join()
-            var all = received.value
-            all[id] = (r.received, r.digest)
-            received.value = all
-            socket.close()
-        }
+        let upstream = try fullDuplexUpstream(size: size, results: received)
         defer { upstream.stop() }
         let gateway = try Gateway(backend: backend, upstream: upstream.address)
         defer { gateway.stop() }
-
-        let results = SharedBox<[Int: (sent: [UInt8], gotCount: Int, got: [UInt8], error: Int32?)]>([:])
-        let clients = (0..<connections).map { id in
-            TestThread {
-                guard let socket = try? TestSocket.connect(gateway.address) else { return }
-                socket.setReceiveTimeout(seconds: 60)
-                socket.write([UInt8(id), 0, 0, 0, 0, 0, 0, 0])
-                let sent = SharedBox<[UInt8]>([])
-                let writer = TestThread {
-                    sent.value = sendPattern(socket, seed: UInt64(id), count: size).digest
-                    socket.shutdownWrite()
-                }
-                let r = receiveDigest(socket)
-                writer.join()
-                socket.close()
-                var all = results.value
-                all[id] = (sent.value, r.received, r.digest, r.error)
-                results.value = all
-            }
-        }
-        for c in clients { c.join() }
-        #expect(gateway.eventually { received.value.count == connections && gateway.active == 0 })
-        for id in 0..<connections {
-            let client = try #require(results.value[id], "client \(id) did not finish")
-            #expect(client.error == nil, "client \(id) read error \(client.error.map(Errno.describe) ?? "")")
-            #expect(client.gotCount == size, "client \(id) got \(client.gotCount) bytes")
-            #expect(client.got == patternDigest(seed: UInt64(1000 + id), count: size), "client \(id): upstream→client bytes differ")
-            let up = try #require(received.value[id], "upstream never finished connection \(id)")
-            #expect(up.0 == size, "upstream got \(up.0) bytes on \(id)")
-            #expect(up.1 == client.sent, "connection \(id): client→upstream bytes differ")
-        }
+        try fullDuplexTransfer(gateway, connections: connections, size: size, upstreamResults: received)
         #expect(gateway.server.total(.bytesClientToUpstream) == Int64(connections * (size + 8)))
         #expect(gateway.server.total(.bytesUpstreamToClient) == Int64(connections * size))
         #expect(gateway.server.total(.buffersInUse) == 0)
@@ -207,8 +164,7 @@ struct BridgeTests {
         defer { gateway.stop() }
         let client = try TestSocket.connect(gateway.address)
         client.setReceiveTimeout(seconds: 1)
-        var byte = [UInt8](repeating: 0, count: 1)
-        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        let n = client.readOneByte()
         #expect(n == 0 || n == -Int(ECONNRESET), "expected close within 1 s, read gave \(n < 0 ? Errno.describe(Int32(-n)) : "\(n) bytes")")
         client.close()
         #expect(gateway.server.total(.connectFailures) == 1)
@@ -235,8 +191,7 @@ struct BridgeTests {
         defer { gateway.stop() }
         let client = try TestSocket.connect(gateway.address)
         client.setReceiveTimeout(seconds: 5)
-        var byte = [UInt8](repeating: 0, count: 1)
-        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        let n = client.readOneByte()
         client.close()
         #expect(n == 0, "expected EOF at the connect timeout, got \(n)")
         #expect(gateway.server.total(.connectTimeouts) == 1)
@@ -245,15 +200,7 @@ struct BridgeTests {
 
     @Test("idle timeout closes a bridge with no traffic", arguments: engineBackends)
     func idleTimeout(backend: BackendChoice) throws {
-        let upstream = try TestUpstream { socket in
-            var buffer = [UInt8](repeating: 0, count: 64)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-                if n <= 0 { break }
-                socket.write(Array(buffer[0..<n]))
-            }
-            socket.close()
-        }
+        let upstream = try echoUpstream()
         defer { upstream.stop() }
         let gateway = try Gateway(backend: backend, upstream: upstream.address) { $0.idleTimeoutNanoseconds = 300_000_000 }
         defer { gateway.stop() }
@@ -261,8 +208,7 @@ struct BridgeTests {
         client.setReceiveTimeout(seconds: 5)
         client.write([1, 2, 3])
         #expect(try client.readExactly(3) == [1, 2, 3])
-        var byte = [UInt8](repeating: 0, count: 1)
-        let n = byte.withUnsafeMutableBytes { client.read(into: $0) }
+        let n = client.readOneByte()
         client.close()
         #expect(n == 0, "expected EOF at the idle timeout, got \(n)")
         #expect(gateway.server.total(.idleTimeouts) == 1)
@@ -271,15 +217,7 @@ struct BridgeTests {
 
     @Test("--max-connections: the connection past the cap is closed, the others keep working", arguments: engineBackends)
     func maxConnections(backend: BackendChoice) throws {
-        let upstream = try TestUpstream { socket in
-            var buffer = [UInt8](repeating: 0, count: 64)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-                if n <= 0 { break }
-                socket.write(Array(buffer[0..<n]))
-            }
-            socket.close()
-        }
+        let upstream = try echoUpstream()
         defer { upstream.stop() }
         let gateway = try Gateway(backend: backend, upstream: upstream.address) { $0.maxConnections = 2 }
         defer { gateway.stop() }
@@ -292,8 +230,7 @@ struct BridgeTests {
         }
         let c = try TestSocket.connect(gateway.address)
         c.setReceiveTimeout(seconds: 5)
-        var byte = [UInt8](repeating: 0, count: 1)
-        #expect(byte.withUnsafeMutableBytes { c.read(into: $0) } <= 0)
+        #expect(c.readOneByte() <= 0)
         c.close()
         #expect(gateway.server.total(.rejectedAtCapacity) == 1)
         a.write([8])

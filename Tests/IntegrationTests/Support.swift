@@ -62,6 +62,13 @@ final class TestSocket: @unchecked Sendable {
         Syscall.recv(fd, buffer.baseAddress!, buffer.count)
     }
 
+    /// One recv of at most one byte: 1, 0 (EOF) or -errno; what a test waits on to see the
+    /// gateway close the connection.
+    func readOneByte() -> Int {
+        var byte: UInt8 = 0
+        return Syscall.recv(fd, &byte, 1)
+    }
+
     /// Reads until EOF; returns the bytes, or throws on error/timeout.
     func readToEOF(limit: Int = 1 << 30) throws -> [UInt8] {
         var out: [UInt8] = []
@@ -360,4 +367,17 @@ func unusedPort() throws -> UInt16 {
     defer { Glibc.close(fd) }
     try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
     return try Syscall.localAddress(fd).port
+}
+
+/// An in-process upstream that echoes every connection until EOF.
+func echoUpstream() throws -> TestUpstream {
+    try TestUpstream { socket in
+        var buffer = [UInt8](repeating: 0, count: 64)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+            if n <= 0 { break }
+            socket.write(Array(buffer[0..<n]))
+        }
+        socket.close()
+    }
 }
