@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sys/socket.h>
+#include <fcntl.h>
 #include <sys/utsname.h>
 #include "CURing.h"
 
@@ -21,4 +22,25 @@ void igris_set_thread_name(const char *name) {
 
 int igris_accept4(int fd, int flags) {
     return accept4(fd, NULL, NULL, flags);
+}
+
+long igris_splice(int fd_in, int fd_out, size_t len) {
+    for (;;) {
+        ssize_t n = splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n >= 0) return (long)n;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+int igris_make_pipe(int fds[2], int *size) {
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return -errno;
+    int granted = fcntl(fds[0], F_SETPIPE_SZ, *size);
+    if (granted < 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -e;
+    }
+    *size = granted;
+    return 0;
 }

@@ -23,6 +23,23 @@ struct Direction {
     var queuedBuffer: UInt16 = noBuffer
     var queuedLength: UInt32 = 0
     var bytes: UInt64 = 0
+
+    // Splice path (socket → pipe → socket). A direction is on one path at a time and only
+    // changes path when the other has nothing in flight, so bytes never reorder.
+    /// This direction moves bytes through a pipe.
+    var splicing = false
+    /// auto: switch to splice once the copy path is flushed.
+    var wantSplice = false
+    /// auto: consecutive recvs that filled a whole buffer.
+    var fullReads: UInt8 = 0
+    var pollInArmed = false
+    var pollOutArmed = false
+    var spliceInArmed = false
+    var spliceOutArmed = false
+    /// Borrowed only while bytes are in flight; -1 otherwise.
+    var pipeRead: Int32 = -1
+    var pipeWrite: Int32 = -1
+    var pipeBytes: UInt32 = 0
 }
 
 enum SlotState: UInt8 {
@@ -34,7 +51,7 @@ enum SlotState: UInt8 {
 }
 
 /// A connection's whole user-space state: fixed size, preallocated, indexed by slot number.
-/// An idle bridge holds just this (≈ 150 bytes) and its two sockets.
+/// An idle bridge holds just this (184 bytes) and its two sockets.
 struct ConnectionSlot {
     var generation: UInt32 = 0
     var state: SlotState = .free

@@ -26,6 +26,7 @@ public final class EpollBackend: IOBackend {
         var sendToken: UInt64 = 0
         var connectToken: UInt64 = 0
         var pollToken: UInt64 = 0
+        var pollWritableToken: UInt64 = 0
         var sendBuffer: UInt16 = 0
         var sendOffset: Int32 = 0
         var sendLength: Int32 = 0
@@ -187,7 +188,8 @@ public final class EpollBackend: IOBackend {
     public func cancel(fd: Int32) {
         let i = Int(fd)
         guard i < fds.count else { return }
-        for t in [fds[i].acceptToken, fds[i].recvToken, fds[i].sendToken, fds[i].connectToken, fds[i].pollToken] where t != 0 {
+        for t in [fds[i].acceptToken, fds[i].recvToken, fds[i].sendToken, fds[i].connectToken, fds[i].pollToken,
+                  fds[i].pollWritableToken] where t != 0 {
             complete(t, -ECANCELED)
         }
         fds[i].acceptToken = 0
@@ -195,6 +197,7 @@ public final class EpollBackend: IOBackend {
         fds[i].sendToken = 0
         fds[i].connectToken = 0
         fds[i].pollToken = 0
+        fds[i].pollWritableToken = 0
         if fds[i].inRetryList, let r = retry.firstIndex(of: fd) {
             retry.remove(at: r)
             fds[i].inRetryList = false
@@ -212,11 +215,39 @@ public final class EpollBackend: IOBackend {
     public func pollReadable(fd: Int32, token: OperationToken) {
         let i = state(fd)
         if fds[i].readable {
-            fds[i].readable = false
             complete(token.raw, Int32(POLLIN))
         } else {
             fds[i].pollToken = token.raw
         }
+    }
+
+    public func pollWritable(fd: Int32, token: OperationToken) {
+        let i = state(fd)
+        if fds[i].writable {
+            complete(token.raw, Int32(POLLOUT))
+        } else {
+            fds[i].pollWritableToken = token.raw
+        }
+    }
+
+    public func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken) {
+        let i = state(socket)
+        let n = igris_splice(socket, pipe, length)
+        // Called with room in the pipe, so EAGAIN means the socket is drained.
+        if n == -Int(EAGAIN) { fds[i].readable = false }
+        complete(token.raw, Int32(n))
+    }
+
+    public func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken) {
+        let i = state(socket)
+        let n = igris_splice(pipe, socket, length)
+        if n == -Int(EAGAIN) { fds[i].writable = false }
+        complete(token.raw, Int32(n))
+    }
+
+    public func consumeWake(fd: Int32) {
+        Syscall.drainEventFD(fd)
+        if Int(fd) < fds.count { fds[Int(fd)].readable = false }
     }
 
     @inline(__always)
@@ -253,7 +284,6 @@ public final class EpollBackend: IOBackend {
                 if fds[i].pollToken != 0 {
                     let t = fds[i].pollToken
                     fds[i].pollToken = 0
-                    fds[i].readable = false
                     complete(t, Int32(POLLIN))
                 }
             }
@@ -265,6 +295,11 @@ public final class EpollBackend: IOBackend {
                     complete(t, -Syscall.socketError(Int32(i)))
                 }
                 if fds[i].sendToken != 0 { runSend(i) }
+                if fds[i].pollWritableToken != 0 {
+                    let t = fds[i].pollWritableToken
+                    fds[i].pollWritableToken = 0
+                    complete(t, Int32(POLLOUT))
+                }
             }
         }
         if !retry.isEmpty {

@@ -9,6 +9,16 @@ public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible
     public var description: String { rawValue }
 }
 
+/// `--splice`: how bulk directions move bytes.
+public enum SpliceMode: String, Sendable, CaseIterable {
+    /// Start on copy; switch a direction to splice once it carries bulk data.
+    case auto
+    /// Every direction splices from its first byte.
+    case always
+    /// Copy through the buffer pool only.
+    case never
+}
+
 /// Settings one backend instance is built with (per worker).
 public struct BackendConfiguration: Sendable {
     /// Size of each pooled buffer (bytes).
@@ -60,8 +70,19 @@ public protocol IOBackend: AnyObject {
     /// Cancels every operation pending on `fd` without closing it (each completes
     /// -ECANCELED). Used to stop a multishot accept while accepting is paused.
     func cancel(fd: Int32)
-    /// Completes once when `fd` is readable.
+    /// Completes once when `fd` is readable (epoll: at once unless a read on it last saw EAGAIN).
     func pollReadable(fd: Int32, token: OperationToken)
+    /// Completes once when `fd` is writable (epoll: at once unless a write last saw EAGAIN).
+    func pollWritable(fd: Int32, token: OperationToken)
+    /// splice(socket → pipe) of at most `length` bytes with SPLICE_F_NONBLOCK: bytes moved,
+    /// 0 at EOF, -EAGAIN when the socket had nothing (poll first; io_uring runs splices on
+    /// io-wq threads, and a non-blocking one never parks a thread on an idle socket).
+    func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken)
+    /// splice(pipe → socket) of at most `length` bytes with SPLICE_F_NONBLOCK; -EAGAIN when
+    /// the socket's send buffer is full.
+    func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken)
+    /// Empties the worker's wake eventfd after its poll completed.
+    func consumeWake(fd: Int32)
     /// Returns a buffer to the pool (and, on io_uring, to the kernel's buffer ring).
     func releaseBuffer(_ id: UInt16)
 

@@ -14,6 +14,16 @@ public enum OperationKind: UInt8, Sendable {
     case closeUpstream
     case wake            // index = 0: the worker's eventfd became readable
     case closeListener   // index = listener
+    // Splice path, per direction: wait for the source readable, socket → pipe, pipe →
+    // socket, wait for the destination writable.
+    case pollInClient
+    case pollInUpstream
+    case spliceInClient
+    case spliceInUpstream
+    case spliceOutUpstream
+    case spliceOutClient
+    case pollOutUpstream
+    case pollOutClient
 }
 
 /// The 64-bit tag of every submitted operation: slot (or listener) index, the slot's

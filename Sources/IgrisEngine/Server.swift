@@ -32,6 +32,13 @@ public struct ServerConfiguration: Sendable {
     public var maxConnections: Int = 65536
     public var buffers = BackendConfiguration()
     public var listenBacklog: Int32 = 4096
+    public var splice: SpliceMode = .auto
+    /// auto: consecutive full-buffer reads that move a direction to splice.
+    public var spliceThreshold: Int = 4
+    /// Bytes per pipe (F_SETPIPE_SZ), capped by /proc/sys/fs/pipe-max-size.
+    public var pipeSize: Int = 1 << 20
+    /// Pipes per worker at most (each is two descriptors while it exists).
+    public var maxPipes: Int = 4096
 
     public init(forwards: [ForwardRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
         self.forwards = forwards
@@ -88,7 +95,7 @@ public final class Server: Sendable {
                 var address = rule.listen
                 for w in 0..<configuration.workers {
                     let fd = try Self.makeListener(address, backlog: configuration.listenBacklog,
-                                                   nonBlocking: kind == .epoll, text: rule.listen.description)
+                                                   nonBlocking: true, text: rule.listen.description)
                     if w == 0 {
                         // Port 0: the other workers join whatever port the kernel picked.
                         address = (try? Syscall.localAddress(fd)) ?? address
@@ -163,6 +170,9 @@ public final class Server: Sendable {
     /// Starts the workers; returns once each has built its backend (or throws the first
     /// worker's failure after stopping the others).
     public func start() throws(ServerError) {
+        // send() uses MSG_NOSIGNAL, but splice() into a reset socket has no such flag and
+        // would raise SIGPIPE: the gateway must see EPIPE instead (as swift-nio does).
+        signal(SIGPIPE, SIG_IGN)
         let failures = Mutex<[ServerError]>([])
         let ready = DispatchSemaphore(value: 0)
         let slotsPerWorker = configuration.maxConnections
@@ -176,7 +186,11 @@ public final class Server: Sendable {
                 connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
                 idleTimeoutNanoseconds: configuration.idleTimeoutNanoseconds,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
-                slotCapacity: slotsPerWorker)
+                slotCapacity: slotsPerWorker,
+                splice: configuration.splice,
+                spliceThreshold: configuration.spliceThreshold,
+                pipeSize: configuration.pipeSize,
+                maxPipes: configuration.maxPipes)
             let kind = backend
             let control = controls[w]
             let stats = statistics[w]

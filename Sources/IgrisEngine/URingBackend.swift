@@ -12,7 +12,7 @@ import CURing
 /// - Each loop turn is one `io_uring_enter` that both submits and waits.
 public final class URingBackend: IOBackend {
     public static let kind = BackendKind.ioUring
-    public static let wantsNonBlockingSockets = false
+    public static let wantsNonBlockingSockets = true
 
     public let buffers: BufferPool
     /// Set-up flags the kernel accepted, for the start-up log.
@@ -78,6 +78,10 @@ public final class URingBackend: IOBackend {
         igris_buf_ring_add_all(mem, UInt32(configuration.bufferCount), buffers.base.assumingMemoryBound(to: CChar.self),
                                UInt32(configuration.bufferSize), UInt32(configuration.bufferCount))
         batch = .allocate(capacity: Int(batchCapacity))
+        // Splices run on io-wq threads: cap them (bounded, unbounded) so a burst of splices
+        // can't spawn a thread per connection. Best effort (5.15+).
+        var maxWorkers: [UInt32] = [2, 4]
+        _ = maxWorkers.withUnsafeMutableBufferPointer { io_uring_register_iowq_max_workers(ring, $0.baseAddress) }
     }
 
     deinit {
@@ -99,7 +103,7 @@ public final class URingBackend: IOBackend {
 
     public func accept(listener fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
-        io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
+        io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
         igris_sqe_set_data64(sqe, token.raw)
     }
 
@@ -151,6 +155,28 @@ public final class URingBackend: IOBackend {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLIN))
         igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func pollWritable(fd: Int32, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_poll_add(sqe, fd, UInt32(POLLOUT))
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_splice(sqe, socket, -1, pipe, -1, UInt32(length), igris_splice_flags())
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken) {
+        let sqe = nextSQE()
+        io_uring_prep_splice(sqe, pipe, -1, socket, -1, UInt32(length), igris_splice_flags())
+        igris_sqe_set_data64(sqe, token.raw)
+    }
+
+    public func consumeWake(fd: Int32) {
+        Syscall.drainEventFD(fd)
     }
 
     @inline(__always)

@@ -20,6 +20,12 @@ public struct WorkerConfiguration: Sendable {
     public var drainTimeoutNanoseconds: UInt64
     /// Slots in this worker's connection table.
     public var slotCapacity: Int
+    public var splice: SpliceMode = .never
+    /// auto: consecutive full-buffer reads that move a direction to splice.
+    public var spliceThreshold: Int = 4
+    public var pipeSize: Int = 1 << 20
+    /// Pipes this worker may have at once (the pipe budget).
+    public var maxPipes: Int = 4096
 }
 
 /// One worker thread's event loop: its backend, connection table, timers and listeners.
@@ -46,6 +52,7 @@ final class Worker<Backend: IOBackend> {
     private let control: WorkerControl
     private let budget: ConnectionBudget
     private let table: ConnectionTable
+    private let pipes: PipePool
     private var wheel: TimerWheel
     private var listeners: [Listener]
     private let configuration: WorkerConfiguration
@@ -76,6 +83,7 @@ final class Worker<Backend: IOBackend> {
         self.budget = budget
         self.logger = logger
         table = ConnectionTable(capacity: configuration.slotCapacity)
+        pipes = PipePool(requestedSize: configuration.pipeSize, limit: configuration.maxPipes)
         now = Syscall.monotonicNanoseconds()
         wheel = TimerWheel(now: now)
         listeners = configuration.listeners.map { l in
@@ -113,6 +121,8 @@ final class Worker<Backend: IOBackend> {
             statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
             statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
             statistics.set(.completionOverflows, Int64(backend.completionOverflows))
+            statistics.set(.pipesInUse, Int64(pipes.inUse))
+            statistics.set(.pipesPeak, Int64(pipes.peakInUse))
             if draining {
                 if now >= drainDeadline && !abortedAtDeadline { abortAllAtDeadline() }
                 if table.active == 0 && listenersOpen == 0 { break }
@@ -291,7 +301,7 @@ final class Worker<Backend: IOBackend> {
     // MARK: - Drain
 
     private func onWake() {
-        Syscall.drainEventFD(control.wakeFD)
+        backend.consumeWake(fd: control.wakeFD)
         if control.isDrainRequested && !draining { beginDrain() }
         if control.isAbortRequested { drainDeadline = now }
         backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
@@ -350,6 +360,14 @@ final class Worker<Backend: IOBackend> {
         case .sendClient: onSend(s, p, 1, c.result)
         case .shutdownUpstream: onShutdown(s, p, 0)
         case .shutdownClient: onShutdown(s, p, 1)
+        case .pollInClient: onPollIn(s, p, 0, c.result)
+        case .pollInUpstream: onPollIn(s, p, 1, c.result)
+        case .spliceInClient: onSpliceIn(s, p, 0, c.result)
+        case .spliceInUpstream: onSpliceIn(s, p, 1, c.result)
+        case .spliceOutUpstream: onSpliceOut(s, p, 0, c.result)
+        case .spliceOutClient: onSpliceOut(s, p, 1, c.result)
+        case .pollOutUpstream: onPollOut(s, p, 0, c.result)
+        case .pollOutClient: onPollOut(s, p, 1, c.result)
         default: break  // closeClient / closeUpstream: only the in-flight count matters
         }
         if p.pointee.state == .closing && p.pointee.inflight == 0 { finish(s) }
@@ -372,8 +390,11 @@ final class Worker<Backend: IOBackend> {
         if let idle = configuration.idleTimeoutNanoseconds {
             wheel.schedule(s, deadline: now + idle, table: table)
         }
-        armRecv(s, p, 0)
-        armRecv(s, p, 1)
+        let splicing = configuration.splice == .always
+        p.pointee.toUpstream.splicing = splicing
+        p.pointee.toClient.splicing = splicing
+        armReadSide(s, p, 0)
+        armReadSide(s, p, 1)
     }
 
     private func timerFired(_ s: Int32) {
@@ -426,6 +447,16 @@ final class Worker<Backend: IOBackend> {
             dir.pointee.bytes &+= UInt64(n)
             statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
+            if configuration.splice == .auto && !dir.pointee.wantSplice {
+                // Bulk is recognised by reads that fill whole buffers, several in a row;
+                // interactive traffic rarely does and stays on copy.
+                if Int(n) == backend.buffers.size {
+                    dir.pointee.fullReads &+= 1
+                    if Int(dir.pointee.fullReads) >= configuration.spliceThreshold { dir.pointee.wantSplice = true }
+                } else {
+                    dir.pointee.fullReads = 0
+                }
+            }
             if dir.pointee.sendArmed {
                 dir.pointee.queuedBuffer = b
                 dir.pointee.queuedLength = n
@@ -434,8 +465,9 @@ final class Worker<Backend: IOBackend> {
                 dir.pointee.sendOffset = 0
                 dir.pointee.sendRemaining = n
                 armSend(s, p, d)
-                // One buffer in flight to the writer, one recv ahead of it.
-                armRecv(s, p, d)
+                // One buffer in flight to the writer, one recv ahead of it (unless this
+                // direction is about to move to splice: then the copy path drains first).
+                if !dir.pointee.wantSplice { armRecv(s, p, d) }
             }
             return
         }
@@ -478,10 +510,155 @@ final class Worker<Backend: IOBackend> {
             dir.pointee.sendRemaining = dir.pointee.queuedLength
             dir.pointee.queuedBuffer = Direction.noBuffer
             armSend(s, p, d)
-            if !dir.pointee.recvArmed && !dir.pointee.readEOF && !dir.pointee.waitingForBuffer { armRecv(s, p, d) }
+            if !dir.pointee.recvArmed && !dir.pointee.readEOF && !dir.pointee.waitingForBuffer && !dir.pointee.wantSplice {
+                armRecv(s, p, d)
+            }
         } else if dir.pointee.readEOF {
             queueShutdown(s, p, d)
+        } else if dir.pointee.wantSplice && !dir.pointee.recvArmed && !dir.pointee.waitingForBuffer {
+            // The copy path is empty: from here on this direction splices.
+            dir.pointee.wantSplice = false
+            dir.pointee.splicing = true
+            statistics.add(.spliceSwitches)
+            armPollIn(s, p, d)
         }
+    }
+
+    // MARK: - Splice path
+
+    @inline(__always)
+    private func armReadSide(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        if direction(p, d).pointee.splicing { armPollIn(s, p, d) } else { armRecv(s, p, d) }
+    }
+
+    /// Wait for the source to be readable before taking a pipe and splicing: an idle
+    /// direction holds no pipe, and no splice waits on an empty socket.
+    private func armPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        direction(p, d).pointee.pollInArmed = true
+        p.pointee.inflight += 1
+        backend.pollReadable(fd: d == 0 ? p.pointee.client : p.pointee.upstream, token: token(s, d == 0 ? .pollInClient : .pollInUpstream))
+    }
+
+    private func armSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.spliceInArmed = true
+        p.pointee.inflight += 1
+        backend.spliceIn(socket: d == 0 ? p.pointee.client : p.pointee.upstream, pipe: dir.pointee.pipeWrite,
+                         length: pipes.capacity - Int(dir.pointee.pipeBytes), token: token(s, d == 0 ? .spliceInClient : .spliceInUpstream))
+    }
+
+    private func armSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.spliceOutArmed = true
+        p.pointee.inflight += 1
+        backend.spliceOut(pipe: dir.pointee.pipeRead, socket: d == 0 ? p.pointee.upstream : p.pointee.client,
+                          length: Int(dir.pointee.pipeBytes), token: token(s, d == 0 ? .spliceOutUpstream : .spliceOutClient))
+    }
+
+    private func armPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        direction(p, d).pointee.pollOutArmed = true
+        p.pointee.inflight += 1
+        backend.pollWritable(fd: d == 0 ? p.pointee.upstream : p.pointee.client, token: token(s, d == 0 ? .pollOutUpstream : .pollOutClient))
+    }
+
+    /// The pipe goes back once it is empty and no splice is using it.
+    @inline(__always)
+    private func releasePipeIfIdle(_ dir: UnsafeMutablePointer<Direction>) {
+        guard dir.pointee.pipeRead >= 0, dir.pointee.pipeBytes == 0,
+              !dir.pointee.spliceInArmed, !dir.pointee.spliceOutArmed, !dir.pointee.pollOutArmed else { return }
+        pipes.giveBack(PipePool.Pipe(read: dir.pointee.pipeRead, write: dir.pointee.pipeWrite), empty: true)
+        dir.pointee.pipeRead = -1
+        dir.pointee.pipeWrite = -1
+    }
+
+    private func onPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        let dir = direction(p, d)
+        dir.pointee.pollInArmed = false
+        guard p.pointee.state == .bridging else { return }
+        if result < 0 { closeSlot(s, abort: true); return }
+        if dir.pointee.pipeRead < 0 {
+            guard let pipe = pipes.borrow() else {
+                // No pipe to be had (budget, descriptors, pipe-user-pages-soft): this
+                // direction stays on copy; the connection never fails for it.
+                dir.pointee.splicing = false
+                statistics.add(.pipeFallbacks)
+                armRecv(s, p, d)
+                return
+            }
+            dir.pointee.pipeRead = pipe.read
+            dir.pointee.pipeWrite = pipe.write
+        }
+        armSpliceIn(s, p, d)
+    }
+
+    private func onSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        let dir = direction(p, d)
+        dir.pointee.spliceInArmed = false
+        // Kept exact even while closing: it decides whether the pipe may be reused.
+        if result > 0 { dir.pointee.pipeBytes += UInt32(result) }
+        guard p.pointee.state == .bridging else { return }
+        if result > 0 {
+            let n = UInt32(result)
+            dir.pointee.bytes &+= UInt64(n)
+            statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+            p.pointee.lastActivity = now
+            if !dir.pointee.spliceOutArmed && !dir.pointee.pollOutArmed { armSpliceOut(s, p, d) }
+            // A full pipe waits for the writer; reading resumes as it drains.
+            if Int(dir.pointee.pipeBytes) < pipes.capacity { armPollIn(s, p, d) }
+            return
+        }
+        if result == 0 {
+            dir.pointee.readEOF = true
+            if dir.pointee.pipeBytes == 0 && !dir.pointee.spliceOutArmed && !dir.pointee.pollOutArmed {
+                releasePipeIfIdle(dir)
+                queueShutdown(s, p, d)
+            }
+            return
+        }
+        if result == -EAGAIN {
+            statistics.add(.spliceWouldBlock)
+            releasePipeIfIdle(dir)
+            armPollIn(s, p, d)
+            return
+        }
+        closeSlot(s, abort: true)
+    }
+
+    private func onSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        let dir = direction(p, d)
+        dir.pointee.spliceOutArmed = false
+        if result > 0 { dir.pointee.pipeBytes -= UInt32(result) }
+        guard p.pointee.state == .bridging else { return }
+        if result > 0 {
+            statistics.add(.spliceBytes, Int64(result))
+            if dir.pointee.pipeBytes > 0 {
+                armSpliceOut(s, p, d)
+            } else if dir.pointee.readEOF {
+                releasePipeIfIdle(dir)
+                queueShutdown(s, p, d)
+                return
+            } else {
+                releasePipeIfIdle(dir)
+            }
+            if !dir.pointee.readEOF && !dir.pointee.pollInArmed && !dir.pointee.spliceInArmed
+                && Int(dir.pointee.pipeBytes) < pipes.capacity {
+                armPollIn(s, p, d)
+            }
+            return
+        }
+        if result == -EAGAIN {
+            statistics.add(.spliceWouldBlock)
+            armPollOut(s, p, d)
+            return
+        }
+        closeSlot(s, abort: true)  // EPIPE, ECONNRESET, or 0 with bytes still in the pipe
+    }
+
+    private func onPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        direction(p, d).pointee.pollOutArmed = false
+        guard p.pointee.state == .bridging else { return }
+        if result < 0 { closeSlot(s, abort: true); return }
+        armSpliceOut(s, p, d)
     }
 
     private func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
@@ -566,6 +743,17 @@ final class Worker<Backend: IOBackend> {
     }
 
     private func finish(_ s: Int32) {
+        let p = table.pointer(s)
+        for d in 0..<2 {
+            let dir = direction(p, d)
+            guard dir.pointee.pipeRead >= 0 else { continue }
+            // Nothing is in flight now. Bytes left in the pipe of an aborted bridge are lost
+            // with it: counted, and the pipe is closed rather than reused.
+            if dir.pointee.pipeBytes > 0 { statistics.add(.spliceBytesDropped, Int64(dir.pointee.pipeBytes)) }
+            pipes.giveBack(PipePool.Pipe(read: dir.pointee.pipeRead, write: dir.pointee.pipeWrite), empty: dir.pointee.pipeBytes == 0)
+            dir.pointee.pipeRead = -1
+            dir.pointee.pipeWrite = -1
+        }
         table.release(s)
         budget.release()
         statistics.add(.activeConnections, -1)

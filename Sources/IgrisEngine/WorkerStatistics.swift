@@ -24,6 +24,13 @@ public final class WorkerStatistics: Sendable {
         case bufferExhaustions       // recv completed ENOBUFS, waited for a buffer
         case completionOverflows     // io_uring CQ overflow events
         case drainAborted            // bridges still open at the drain deadline
+        case pipesInUse
+        case pipesPeak
+        case spliceBytes             // bytes moved socket → pipe → socket (both directions)
+        case spliceWouldBlock        // splices that found nothing to move (EAGAIN): polled again
+        case pipeFallbacks           // no pipe to be had: the direction stayed on copy
+        case spliceBytesDropped      // bytes left in a pipe when its bridge was aborted
+        case spliceSwitches          // auto: directions moved from copy to splice
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).

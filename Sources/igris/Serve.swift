@@ -42,6 +42,18 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("buffers"), help: "Pooled buffers per worker (a power of two).")
     var buffers: Int = 256
 
+    @Option(help: "Zero-copy splice path: auto (switch bulk directions), always, never.")
+    var splice: SpliceMode = .auto
+
+    @Option(name: .customLong("splice-threshold"), help: "auto: consecutive full-buffer reads that move a direction to splice.")
+    var spliceThreshold: Int = 4
+
+    @Option(name: .customLong("pipe-size"), help: "Bytes per splice pipe (capped by fs.pipe-max-size).")
+    var pipeSize: Int = 1 << 20
+
+    @Option(name: .customLong("max-pipes"), help: "Splice pipes per worker at most; past it a direction stays on copy.")
+    var maxPipes: Int = 4096
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -55,6 +67,9 @@ struct Serve: ParsableCommand {
         if buffers < 2 || buffers > 32768 || buffers & (buffers - 1) != 0 {
             throw ValidationError("--buffers must be a power of two between 2 and 32768")
         }
+        if spliceThreshold < 1 || spliceThreshold > 255 { throw ValidationError("--splice-threshold must be between 1 and 255") }
+        if pipeSize < 4096 || pipeSize > 1 << 30 { throw ValidationError("--pipe-size must be between 4096 and 1073741824") }
+        if maxPipes < 0 { throw ValidationError("--max-pipes must be 0 or more") }
         if connectTimeout.nanoseconds == 0 { throw ValidationError("--connect-timeout must be greater than 0") }
     }
 
@@ -83,6 +98,10 @@ struct Serve: ParsableCommand {
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.maxConnections = maxConnections
         configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers)
+        configuration.splice = splice
+        configuration.spliceThreshold = spliceThreshold
+        configuration.pipeSize = pipeSize
+        configuration.maxPipes = maxPipes
 
         // Signals go to the signal thread only: block them before any worker starts.
         let signals = SignalWaiter(signals: [SIGINT, SIGTERM])
@@ -119,4 +138,5 @@ struct Serve: ParsableCommand {
 }
 
 extension BackendChoice: ExpressibleByArgument {}
+extension SpliceMode: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

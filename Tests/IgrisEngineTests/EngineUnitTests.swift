@@ -44,7 +44,6 @@ import Testing
         let c = table.allocate()!
         #expect(c == a)
         #expect(table.pointer(c).pointee.generation == generation + 1)
-        #expect(table.pointer(c).pointee.state == .free || table.pointer(c).pointee.state == .free)
         table.release(b)
         table.release(c)
         #expect(table.active == 0)
@@ -52,7 +51,7 @@ import Testing
 
     @Test func slotStaysSmall() {
         // An idle bridge's whole user-space state; DESIGN targets well under 1 KiB.
-        #expect(MemoryLayout<ConnectionSlot>.stride <= 160)
+        #expect(MemoryLayout<ConnectionSlot>.stride <= 192)
     }
 }
 

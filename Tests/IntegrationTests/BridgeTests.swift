@@ -7,23 +7,27 @@ import Testing
 /// The forward bridge end to end over loopback, same body on each backend.
 @Suite("Bridge", .serialized)
 struct BridgeTests {
-    @Test("32 connections × 8 MiB each way at once arrive intact (SHA-256)", arguments: engineBackends)
-    func integrityFullDuplex(backend: BackendChoice) throws {
+    @Test("32 connections × 8 MiB each way at once arrive intact (SHA-256)", arguments: engineBackends, spliceModes)
+    func integrityFullDuplex(backend: BackendChoice, splice: SpliceMode) throws {
         let size = 8 << 20
         let connections = 32
         let received = SharedBox<[Int: (Int, [UInt8])]>([:])
         let upstream = try fullDuplexUpstream(size: size, results: received)
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
         defer { gateway.stop() }
         try fullDuplexTransfer(gateway, connections: connections, size: size, upstreamResults: received)
         #expect(gateway.server.total(.bytesClientToUpstream) == Int64(connections * (size + 8)))
         #expect(gateway.server.total(.bytesUpstreamToClient) == Int64(connections * size))
         #expect(gateway.server.total(.buffersInUse) == 0)
+        #expect(gateway.server.total(.pipesInUse) == 0)
+        if splice == .always {
+            #expect(gateway.server.total(.spliceBytes) == Int64(connections * (2 * size + 8)))
+        }
     }
 
-    @Test("client half-close: upstream sees EOF, its reply still reaches the client", arguments: engineBackends)
-    func halfCloseFromClient(backend: BackendChoice) throws {
+    @Test("client half-close: upstream sees EOF, its reply still reaches the client", arguments: engineBackends, spliceModes)
+    func halfCloseFromClient(backend: BackendChoice, splice: SpliceMode) throws {
         let n = 300_000, m = 700_000
         let upstreamGot = SharedBox<(Int, [UInt8])?>(nil)
         let upstream = try TestUpstream { socket in
@@ -33,7 +37,7 @@ struct BridgeTests {
             socket.close()
         }
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
         defer { gateway.stop() }
 
         let client = try TestSocket.connect(gateway.address)
@@ -51,8 +55,8 @@ struct BridgeTests {
         #expect(gateway.server.total(.closedGracefully) == 1)
     }
 
-    @Test("upstream half-close: client sees EOF, its late bytes still reach the upstream", arguments: engineBackends)
-    func halfCloseFromUpstream(backend: BackendChoice) throws {
+    @Test("upstream half-close: client sees EOF, its late bytes still reach the upstream", arguments: engineBackends, spliceModes)
+    func halfCloseFromUpstream(backend: BackendChoice, splice: SpliceMode) throws {
         let n = 300_000, m = 700_000
         let upstreamGot = SharedBox<(Int, [UInt8], Int32?)?>(nil)
         let upstream = try TestUpstream { socket in
@@ -63,7 +67,7 @@ struct BridgeTests {
             socket.close()
         }
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
         defer { gateway.stop() }
 
         let client = try TestSocket.connect(gateway.address)
@@ -85,15 +89,15 @@ struct BridgeTests {
         #expect(upstreamGot.value?.2 == nil)
     }
 
-    @Test("an upstream reset mid-stream ends the client's connection and frees the slot", arguments: engineBackends)
-    func upstreamResetAbortsClient(backend: BackendChoice) throws {
+    @Test("an upstream reset mid-stream ends the client's connection and frees the slot", arguments: engineBackends, spliceModes)
+    func upstreamResetAbortsClient(backend: BackendChoice, splice: SpliceMode) throws {
         let upstream = try TestUpstream { socket in
             _ = try? socket.readExactly(256 * 1024)
             socket.write([UInt8](repeating: 9, count: 1000))
             socket.reset()
         }
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
         defer { gateway.stop() }
 
         let client = try TestSocket.connect(gateway.address)
@@ -118,8 +122,8 @@ struct BridgeTests {
         #expect(gateway.server.total(.buffersInUse) == 0)
     }
 
-    @Test("a reader stalled for 2 s holds the bridge to its buffer bound; all 64 MiB arrive", arguments: engineBackends)
-    func slowReaderIsBackpressured(backend: BackendChoice) throws {
+    @Test("a reader stalled for 2 s holds the bridge to its buffer bound; all 64 MiB arrive", arguments: engineBackends, spliceModes)
+    func slowReaderIsBackpressured(backend: BackendChoice, splice: SpliceMode) throws {
         let size = 64 << 20
         let release = DispatchSemaphore(value: 0)
         let got = SharedBox<(Int, [UInt8], Int32?)?>(nil)
@@ -130,7 +134,7 @@ struct BridgeTests {
             socket.close()
         }
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address)
+        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
         defer { gateway.stop() }
 
         let client = try TestSocket.connect(gateway.address)
@@ -150,6 +154,8 @@ struct BridgeTests {
         // One direction holds at most two buffers (one being sent, one received ahead):
         // memory is set by the pool, not by the 64 MiB pushed at it.
         #expect(peakWhileStalled <= 2, "buffers in use peaked at \(peakWhileStalled)")
+        // On the splice path the bound is one pipe per direction.
+        #expect(gateway.server.total(.pipesPeak) <= 2)
         #expect(movedWhileStalled < Int64(size), "the stall did not stall anything")
         #expect(got.value?.0 == size)
         #expect(got.value?.1 == sent.value)

@@ -9,6 +9,9 @@ import Testing
 /// The backends every engine test runs against (same body for both).
 let engineBackends: [BackendChoice] = [.ioUring, .epoll]
 
+/// Splice settings the data-path tests run under: copy only, and splice from the first byte.
+let spliceModes: [SpliceMode] = [.never, .always]
+
 /// A failure inside a test helper, with enough context to read in the log.
 struct TestFailure: Error, CustomStringConvertible {
     let description: String
@@ -131,6 +134,8 @@ final class TestUpstream: @unchecked Sendable {
                 counter.add(1)
                 let socket = TestSocket(fd: c)
                 socket.setReceiveTimeout(seconds: 30)
+                // An echo written in two pieces would otherwise wait out a delayed ACK.
+                _ = try? Syscall.setIntOption(c, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
                 TestThread.detach { handler(socket) }
             }
         }
@@ -158,6 +163,11 @@ final class SharedBox<T>: @unchecked Sendable {
     var value: T {
         get { lock.withLock { _ in stored } }
         set { lock.withLock { _ in stored = newValue } }
+    }
+
+    /// Read-modify-write under one lock hold (two threads finishing at once both count).
+    func update(_ body: (inout T) -> Void) {
+        lock.withLock { _ in body(&stored) }
     }
 }
 
@@ -191,11 +201,12 @@ final class Gateway: @unchecked Sendable {
     let server: Server
     var address: SocketAddress { server.listenAddresses[0] }
 
-    init(backend: BackendChoice, upstream: SocketAddress, workers: Int = 2,
+    init(backend: BackendChoice, splice: SpliceMode = .auto, upstream: SocketAddress, workers: Int = 2,
          configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
         var configuration = ServerConfiguration(
             forwards: [ForwardRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: upstream)],
             workers: workers, backend: backend)
+        configuration.splice = splice
         configure(&configuration)
         server = try Server(configuration: configuration)
         try server.start()
@@ -372,7 +383,7 @@ func unusedPort() throws -> UInt16 {
 /// An in-process upstream that echoes every connection until EOF.
 func echoUpstream() throws -> TestUpstream {
     try TestUpstream { socket in
-        var buffer = [UInt8](repeating: 0, count: 64)
+        var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
             if n <= 0 { break }

@@ -107,6 +107,17 @@ static inline int igris_errno(void) { return errno; }
 /// (In shim.c: accept4 needs _GNU_SOURCE.)
 int igris_accept4(int fd, int flags);
 
+/// splice(2) between a socket and a pipe with SPLICE_F_NONBLOCK|SPLICE_F_MOVE: bytes moved,
+/// or -errno (in shim.c: splice needs _GNU_SOURCE).
+long igris_splice(int fd_in, int fd_out, size_t len);
+
+/// A non-blocking close-on-exec pipe sized with F_SETPIPE_SZ; 0, or -errno of the step that
+/// failed (the pipe is closed then). `size` is updated to the size the kernel granted.
+int igris_make_pipe(int fds[2], int *size);
+
+/// The SPLICE_F_* flags IGRIS uses for io_uring splices.
+static inline unsigned igris_splice_flags(void) { return 2u /* SPLICE_F_NONBLOCK */ | 1u /* SPLICE_F_MOVE */; }
+
 /// open(2) for reading (the variadic form is not callable from Swift).
 static inline int igris_open_read(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }
 
