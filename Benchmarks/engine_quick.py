@@ -61,16 +61,21 @@ class Proxy:
         self.kind, self.port = kind, free_port()
         self.tmp = None
         if kind.startswith("igris"):
-            backend = kind.split("-", 1)[1]
+            # igris-BACKEND[-MODE]; MODE: auto (default), copy, splice, zc (copy + SEND_ZC)
+            parts = kind.split("-")
+            backend, mode = parts[1], (parts[2] if len(parts) > 2 else "auto")
+            extra = {"auto": ["--splice", "auto"], "copy": ["--splice", "never"],
+                     "splice": ["--splice", "always"], "zc": ["--splice", "never", "--send-zc", "16384"]}[mode]
             cmd = [IGRIS, "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
-                   "--backend", backend, "--workers", str(workers), "--log-level", "warning"]
-        elif kind == "haproxy":
+                   "--backend", backend, "--workers", str(workers), "--log-level", "warning"] + extra
+        elif kind in ("haproxy", "haproxy-splice"):
             self.tmp = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
             self.tmp.write(f"""global
     nbthread {workers}
     maxconn 9000
 defaults
     mode tcp
+{"    option splice-auto" if kind == "haproxy-splice" else ""}
     timeout connect 5s
     timeout client 1h
     timeout server 1h
@@ -116,12 +121,12 @@ def main():
     ap.add_argument("--rr-count", type=int, default=20000)
     ap.add_argument("--idle", type=int, default=5000)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--targets", default="direct,igris-io_uring,igris-epoll,haproxy")
+    ap.add_argument("--targets", default="direct,igris-io_uring,igris-epoll,haproxy,haproxy-splice")
     a = ap.parse_args()
     targets = a.targets.split(",")
-    if "haproxy" in targets and not shutil.which("haproxy"):
-        print("haproxy not installed: skipped (apt-get install haproxy)", file=sys.stderr)
-        targets.remove("haproxy")
+    if not shutil.which("haproxy"):
+        print("haproxy not installed: its targets are skipped (apt-get install haproxy)", file=sys.stderr)
+        targets = [t for t in targets if not t.startswith("haproxy")]
 
     sink, sink_addr = start_server(["echo", "--sink", "--threads", str(a.workers)])
     echo, echo_addr = start_server(["echo", "--threads", str(a.workers)])

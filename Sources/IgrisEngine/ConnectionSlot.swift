@@ -23,6 +23,8 @@ struct Direction {
     var queuedBuffer: UInt16 = noBuffer
     var queuedLength: UInt32 = 0
     var bytes: UInt64 = 0
+    /// A zero-copy send's result, held until its notification frees the buffer.
+    var zeroCopyResult: Int32 = 0
 
     // Splice path (socket → pipe → socket). A direction is on one path at a time and only
     // changes path when the other has nothing in flight, so bytes never reorder.

@@ -27,11 +27,14 @@ public struct BackendConfiguration: Sendable {
     public var bufferCount: Int
     /// Submission queue entries (io_uring).
     public var ringEntries: UInt32
+    /// io_uring: sends of at least this many bytes use IORING_OP_SEND_ZC (nil: never).
+    public var zeroCopySendThreshold: Int?
 
-    public init(bufferSize: Int = 64 * 1024, bufferCount: Int = 256, ringEntries: UInt32 = 4096) {
+    public init(bufferSize: Int = 64 * 1024, bufferCount: Int = 256, ringEntries: UInt32 = 4096, zeroCopySendThreshold: Int? = nil) {
         self.bufferSize = bufferSize
         self.bufferCount = bufferCount
         self.ringEntries = ringEntries
+        self.zeroCopySendThreshold = zeroCopySendThreshold
     }
 }
 

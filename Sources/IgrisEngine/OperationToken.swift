@@ -54,14 +54,18 @@ public struct Completion: Sendable {
     public var result: Int32
     /// The provided buffer the kernel (or the epoll emulation) filled, if any.
     public var bufferID: UInt16?
-    /// A multishot operation stays armed and will complete again.
+    /// A multishot operation stays armed and will complete again; for a zero-copy send, the
+    /// send's result is here and a notification follows when the kernel lets go of the buffer.
     public var more: Bool
+    /// The notification of a zero-copy send: its buffer may be reused now.
+    public var notification: Bool
 
     @inline(__always)
-    public init(token: OperationToken, result: Int32, bufferID: UInt16? = nil, more: Bool = false) {
+    public init(token: OperationToken, result: Int32, bufferID: UInt16? = nil, more: Bool = false, notification: Bool = false) {
         self.token = token
         self.result = result
         self.bufferID = bufferID
         self.more = more
+        self.notification = notification
     }
 }

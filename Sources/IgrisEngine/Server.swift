@@ -203,7 +203,11 @@ public final class Server: Sendable {
                     switch kind {
                     case .ioUring:
                         let backend = try URingBackend(configuration: workerConfiguration.backend)
-                        if w == 0 { workerLogger.debug("io_uring ring set up", metadata: ["flags": "\(backend.setupDescription)"]) }
+                        if w == 0 {
+                            workerLogger.debug("io_uring ring set up", metadata: [
+                                "flags": "\(backend.setupDescription)", "zero_copy_send": "\(backend.zeroCopyDescription)",
+                            ])
+                        }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
                                             statistics: stats, budget: budget, logger: workerLogger)
                         ready.signal()

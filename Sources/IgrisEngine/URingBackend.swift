@@ -26,6 +26,12 @@ public final class URingBackend: IOBackend {
     private let batchCapacity: UInt32 = 512
     private var droppedSeen: UInt32 = 0
     public private(set) var completionOverflows: UInt64 = 0
+    /// Sends this large or larger go out with IORING_OP_SEND_ZC.
+    private let zeroCopyThreshold: Int
+    /// The pool is registered as fixed buffer 0 (else SEND_ZC passes plain addresses).
+    private var poolRegistered = false
+    /// Why zero-copy sends are off or how they run, for the start-up log.
+    public private(set) var zeroCopyDescription = "off"
 
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         ring = .allocate(capacity: 1)
@@ -78,6 +84,14 @@ public final class URingBackend: IOBackend {
         igris_buf_ring_add_all(mem, UInt32(configuration.bufferCount), buffers.base.assumingMemoryBound(to: CChar.self),
                                UInt32(configuration.bufferSize), UInt32(configuration.bufferCount))
         batch = .allocate(capacity: Int(batchCapacity))
+        zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
+        if configuration.zeroCopySendThreshold != nil {
+            // Registered buffers count against RLIMIT_MEMLOCK: without room, SEND_ZC still
+            // works from unregistered memory (the kernel pins pages per send instead).
+            let rc = igris_uring_register_region(ring, buffers.base, configuration.bufferSize * configuration.bufferCount)
+            poolRegistered = rc == 0
+            zeroCopyDescription = rc == 0 ? "SEND_ZC from registered buffers" : "SEND_ZC, pool not registered (\(Errno.describe(-rc)))"
+        }
         // Splices run on io-wq threads: cap them (bounded, unbounded) so a burst of splices
         // can't spawn a thread per connection. Best effort (5.15+).
         var maxWorkers: [UInt32] = [2, 4]
@@ -122,7 +136,15 @@ public final class URingBackend: IOBackend {
 
     public func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
         let sqe = nextSQE()
-        io_uring_prep_send(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL))
+        if length >= zeroCopyThreshold {
+            if poolRegistered {
+                io_uring_prep_send_zc_fixed(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL), 0, 0)
+            } else {
+                io_uring_prep_send_zc(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL), 0)
+            }
+        } else {
+            io_uring_prep_send(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL))
+        }
         igris_sqe_set_data64(sqe, token.raw)
     }
 
@@ -205,6 +227,7 @@ public final class URingBackend: IOBackend {
     public func drainCompletions(_ body: (Completion) -> Void) {
         let bufferFlag = igris_cqe_flag_buffer()
         let moreFlag = igris_cqe_flag_more()
+        let notifFlag = igris_cqe_flag_notif()
         let shift = igris_cqe_buffer_shift()
         while true {
             let n = igris_uring_take_completions(ring, batch, batchCapacity)
@@ -217,8 +240,8 @@ public final class URingBackend: IOBackend {
                     bufferID = UInt16(truncatingIfNeeded: c.flags >> shift)
                     buffers.markLent()
                 }
-                body(Completion(token: OperationToken(raw: c.user_data), result: c.res,
-                                bufferID: bufferID, more: c.flags & moreFlag != 0))
+                body(Completion(token: OperationToken(raw: c.user_data), result: c.res, bufferID: bufferID,
+                                more: c.flags & moreFlag != 0, notification: c.flags & notifFlag != 0))
             }
             if n < batchCapacity { break }
         }

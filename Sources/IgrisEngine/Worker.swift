@@ -356,8 +356,15 @@ final class Worker<Backend: IOBackend> {
         case .connect: onConnect(s, p, c.result)
         case .recvClient: onRecv(s, p, 0, c)
         case .recvUpstream: onRecv(s, p, 1, c)
-        case .sendUpstream: onSend(s, p, 0, c.result)
-        case .sendClient: onSend(s, p, 1, c.result)
+        case .sendUpstream, .sendClient:
+            let d = c.token.kind == .sendUpstream ? 0 : 1
+            if c.more {
+                // SEND_ZC: the bytes are sent but the kernel still reads the buffer; act on
+                // the result once the notification says the buffer is ours again.
+                direction(p, d).pointee.zeroCopyResult = c.result
+            } else {
+                onSend(s, p, d, c.notification ? direction(p, d).pointee.zeroCopyResult : c.result)
+            }
         case .shutdownUpstream: onShutdown(s, p, 0)
         case .shutdownClient: onShutdown(s, p, 1)
         case .pollInClient: onPollIn(s, p, 0, c.result)

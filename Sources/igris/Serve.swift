@@ -54,6 +54,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-pipes"), help: "Splice pipes per worker at most; past it a direction stays on copy.")
     var maxPipes: Int = 4096
 
+    @Option(name: .customLong("send-zc"), help: "io_uring: send chunks of at least this many bytes with IORING_OP_SEND_ZC (default: off; see Benchmarks/README.md).")
+    var sendZeroCopy: Int?
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -97,7 +100,7 @@ struct Serve: ParsableCommand {
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.maxConnections = maxConnections
-        configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers)
+        configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers, zeroCopySendThreshold: sendZeroCopy)
         configuration.splice = splice
         configuration.spliceThreshold = spliceThreshold
         configuration.pipeSize = pipeSize

@@ -90,3 +90,20 @@ struct SpliceTests {
         #expect(gateway.server.total(.spliceBytesDropped) > 0)
     }
 }
+
+@Suite("Zero-copy send", .serialized)
+struct ZeroCopySendTests {
+    @Test("io_uring SEND_ZC on the copy path: full-duplex bytes intact, every buffer back after its notification")
+    func sendZeroCopyIntact() throws {
+        let size = 8 << 20
+        let received = SharedBox<[Int: (Int, [UInt8])]>([:])
+        let upstream = try fullDuplexUpstream(size: size, results: received)
+        defer { upstream.stop() }
+        let gateway = try Gateway(backend: .ioUring, splice: .never, upstream: upstream.address) {
+            $0.buffers = BackendConfiguration(zeroCopySendThreshold: 16 * 1024)
+        }
+        defer { gateway.stop() }
+        try fullDuplexTransfer(gateway, connections: 8, size: size, upstreamResults: received)
+        #expect(gateway.server.total(.buffersInUse) == 0)
+    }
+}

@@ -69,6 +69,7 @@ static inline void igris_sqe_hardlink(struct io_uring_sqe *sqe) { sqe->flags |= 
 
 static inline uint32_t igris_cqe_flag_buffer(void) { return IORING_CQE_F_BUFFER; }
 static inline uint32_t igris_cqe_flag_more(void) { return IORING_CQE_F_MORE; }
+static inline uint32_t igris_cqe_flag_notif(void) { return IORING_CQE_F_NOTIF; }
 static inline uint32_t igris_cqe_buffer_shift(void) { return IORING_CQE_BUFFER_SHIFT; }
 
 /// Provided buffer ring (liburing 2.3 has no io_uring_setup_buf_ring): the caller mmaps a
@@ -98,6 +99,12 @@ static inline void igris_buf_ring_add_all(void *ring_memory, unsigned entries, c
         io_uring_buf_ring_add(br, base + (size_t)i * buffer_size, buffer_size, (uint16_t)i, io_uring_buf_ring_mask(entries), (int)i);
     }
     io_uring_buf_ring_advance(br, (int)count);
+}
+
+/// Registers one region as fixed buffer 0 (for IORING_OP_SEND_ZC with IORING_RECVSEND_FIXED_BUF).
+static inline int igris_uring_register_region(struct io_uring *ring, void *base, size_t length) {
+    struct iovec iov = { .iov_base = base, .iov_len = length };
+    return io_uring_register_buffers(ring, &iov, 1);
 }
 
 /// errno as an lvalue-free read, for the Swift syscall wrappers.
