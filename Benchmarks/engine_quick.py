@@ -72,7 +72,7 @@ class Proxy:
             self.tmp = tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False)
             self.tmp.write(f"""global
     nbthread {workers}
-    maxconn 9000
+    maxconn 6000
 defaults
     mode tcp
 {"    option splice-auto" if kind == "haproxy-splice" else ""}
