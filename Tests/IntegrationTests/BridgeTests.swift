@@ -196,12 +196,7 @@ struct BridgeTests {
         let gateway = try Gateway(backend: backend, upstream: black) { $0.connectTimeoutNanoseconds = 300_000_000 }
         defer { gateway.stop() }
         let client = try TestSocket.connect(gateway.address)
-        client.setReceiveTimeout(seconds: 5)
-        let n = client.readOneByte()
-        client.close()
-        #expect(n == 0, "expected EOF at the connect timeout, got \(n)")
-        #expect(gateway.server.total(.connectTimeouts) == 1)
-        #expect(gateway.eventually { gateway.active == 0 })
+        expectClosedByGateway(client, gateway, counting: .connectTimeouts)
     }
 
     @Test("idle timeout closes a bridge with no traffic", arguments: engineBackends)
@@ -214,11 +209,7 @@ struct BridgeTests {
         client.setReceiveTimeout(seconds: 5)
         client.write([1, 2, 3])
         #expect(try client.readExactly(3) == [1, 2, 3])
-        let n = client.readOneByte()
-        client.close()
-        #expect(n == 0, "expected EOF at the idle timeout, got \(n)")
-        #expect(gateway.server.total(.idleTimeouts) == 1)
-        #expect(gateway.eventually { gateway.active == 0 })
+        expectClosedByGateway(client, gateway, counting: .idleTimeouts)
     }
 
     @Test("--max-connections: the connection past the cap is closed, the others keep working", arguments: engineBackends)
@@ -271,4 +262,15 @@ struct BridgeTests {
         accepted.close()
         #expect(server.listenAddresses[0].description.hasPrefix("[::1]:"))
     }
+}
+
+/// The gateway closes `client` (EOF, within 5 s), counts it once in `counter`, frees the slot.
+func expectClosedByGateway(_ client: TestSocket, _ gateway: Gateway, counting counter: WorkerStatistics.Counter,
+                           sourceLocation: SourceLocation = #_sourceLocation) {
+    client.setReceiveTimeout(seconds: 5)
+    let n = client.readOneByte()
+    client.close()
+    #expect(n == 0, "expected EOF, read gave \(n)", sourceLocation: sourceLocation)
+    #expect(gateway.server.total(counter) == 1, sourceLocation: sourceLocation)
+    #expect(gateway.eventually { gateway.active == 0 }, sourceLocation: sourceLocation)
 }
