@@ -66,9 +66,8 @@ final class Worker<Backend: IOBackend> {
     /// generation, checked when popped (a waiter may have been closed meanwhile).
     private var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
     private var bufferWaitersHead = 0
-    /// A spare descriptor (/dev/null) given up when the process runs out, so the connection
-    /// accepted with the last descriptor still gets its upstream socket.
-    private var reserveFD: Int32 = -1
+    /// Accepted connections waiting for a descriptor for their upstream socket.
+    private var awaitingDescriptor: [(slot: Int32, generation: UInt32)] = []
     private var lastPauseLog: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
     private var expired: [Int32] = []
@@ -94,12 +93,10 @@ final class Worker<Backend: IOBackend> {
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
-        reserveFD = igris_open_read("/dev/null")
     }
 
     deinit {
         for l in listeners { l.upstream.deallocate() }
-        if reserveFD >= 0 { Syscall.close(reserveFD) }
     }
 
     // MARK: - Loop
@@ -118,6 +115,7 @@ final class Worker<Backend: IOBackend> {
             }
             resumePausedListeners()
             if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
+            if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
             statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
             statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
             statistics.set(.completionOverflows, Int64(backend.completionOverflows))
@@ -176,17 +174,16 @@ final class Worker<Backend: IOBackend> {
     }
 
     private func resumePausedListeners() {
-        // The reserve descriptor comes back first; without it, stay paused.
-        if reserveFD < 0 && listeners.contains(where: { $0.open && !$0.acceptArmed && $0.pausedUntil > 0 && $0.pausedUntil <= now }) {
-            reserveFD = igris_open_read("/dev/null")
-            if reserveFD < 0 {
-                var i = 0
-                while i < listeners.count {
-                    if listeners[i].open && listeners[i].pausedUntil > 0 { listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds }
-                    i += 1
+        // Connections already accepted come first: stay paused while any waits for a descriptor.
+        if !awaitingDescriptor.isEmpty {
+            var i = 0
+            while i < listeners.count {
+                if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
+                    listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
                 }
-                return
+                i += 1
             }
+            return
         }
         var i = 0
         while i < listeners.count {
@@ -259,43 +256,62 @@ final class Worker<Backend: IOBackend> {
         }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
-        let l = listeners[i]
         let p = table.pointer(s)
         p.pointee.state = .connecting
         p.pointee.listener = UInt16(i)
         p.pointee.client = client
         p.pointee.openedAt = now
         p.pointee.lastActivity = now
-        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (Backend.wantsNonBlockingSockets ? Int32(SOCK_NONBLOCK.rawValue) : 0)
-        var upstream: Int32 = -1
-        do {
-            upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
-        } catch where (error.errno == EMFILE || error.errno == ENFILE) && reserveFD >= 0 {
-            // Out of descriptors after the accept took the last one: spend the reserve on this
-            // connection's upstream rather than drop a client we already accepted, and stop
-            // accepting until descriptors come back.
-            Syscall.close(reserveFD)
-            reserveFD = -1
-            upstream = (try? Syscall.socket(family: l.upstreamFamily, type: type)) ?? -1
-            pauseAccepting(errno: error.errno)
-        } catch {
-            if error.errno == EMFILE || error.errno == ENFILE { pauseAccepting(errno: error.errno) }
-        }
-        if upstream < 0 {
-            statistics.add(.connectFailures)
-            logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "out of file descriptors"])
-            closeSlot(s, abort: false)
-            return
-        }
-        p.pointee.upstream = upstream
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
+        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        if !connectUpstream(s) {
+            awaitingDescriptor.append((s, p.pointee.generation))
+        }
+    }
+
+    /// Opens the upstream socket and starts the connect. Out of descriptors (the accept may
+    /// have taken the last one — io_uring's multishot accept takes a whole burst at once), the
+    /// client is not dropped: accepting pauses and the slot waits, up to its connect timeout,
+    /// for a descriptor to come back. Returns false when it has to wait.
+    private func connectUpstream(_ s: Int32) -> Bool {
+        let p = table.pointer(s)
+        let l = listeners[Int(p.pointee.listener)]
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (Backend.wantsNonBlockingSockets ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let upstream: Int32
+        do {
+            upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
+        } catch where error.errno == EMFILE || error.errno == ENFILE {
+            pauseAccepting(errno: error.errno)
+            return false
+        } catch {
+            statistics.add(.connectFailures)
+            logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "\(error)"])
+            closeSlot(s, abort: false)
+            return true
+        }
+        p.pointee.upstream = upstream
         _ = try? Syscall.setIntOption(upstream, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
         p.pointee.inflight += 1
         l.upstream.withMemoryRebound(to: sockaddr.self, capacity: 1) {
             backend.connect(fd: upstream, address: $0, length: l.upstreamLength, token: token(s, .connect))
         }
-        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        return true
+    }
+
+    /// Once per loop turn while slots wait for a descriptor: oldest first, until one fails.
+    private func connectWaitingSlots() {
+        var k = 0
+        while k < awaitingDescriptor.count {
+            let (s, generation) = awaitingDescriptor[k]
+            let p = table.pointer(s)
+            if p.pointee.generation == generation && p.pointee.state == .connecting && p.pointee.upstream < 0 {
+                if !connectUpstream(s) { break }
+            }
+            k += 1
+        }
+        awaitingDescriptor.removeFirst(k)
     }
 
     // MARK: - Drain
