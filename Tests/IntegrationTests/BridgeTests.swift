@@ -181,11 +181,8 @@ struct BridgeTests {
     func connectTimeout(backend: BackendChoice) throws {
         // A listener with backlog 0 that never accepts: once its queue is full, further SYNs
         // are dropped and connects hang, exactly like an unreachable upstream.
-        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let (fd, black) = try listeningSocket("127.0.0.1:0", backlog: 0)
         defer { Glibc.close(fd) }
-        try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
-        try Syscall.listen(fd, backlog: 0)
-        let black = try Syscall.localAddress(fd)
         var fillers: [Int32] = []
         defer { for f in fillers { Glibc.close(f) } }
         for _ in 0..<3 {
@@ -239,11 +236,8 @@ struct BridgeTests {
 
     @Test("IPv6: [::1] to [::1]", arguments: engineBackends)
     func ipv6(backend: BackendChoice) throws {
-        let fd = try Syscall.socket(family: AF_INET6, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let (fd, up) = try listeningSocket("[::1]:0", backlog: 16)
         defer { Glibc.close(fd) }
-        try Syscall.bind(fd, try SocketAddress.resolve("[::1]:0"))
-        try Syscall.listen(fd, backlog: 16)
-        let up = try Syscall.localAddress(fd)
         var configuration = ServerConfiguration(
             forwards: [ForwardRule(listen: try SocketAddress.resolve("[::1]:0"), upstream: up)], workers: 1, backend: backend)
         configuration.drainTimeoutNanoseconds = 1_000_000_000

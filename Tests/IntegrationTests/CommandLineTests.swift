@@ -32,11 +32,9 @@ struct CommandLineTests {
     }
 
     @Test func portInUse() throws {
-        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let (fd, bound) = try listeningSocket("127.0.0.1:0", backlog: 1)
         defer { Glibc.close(fd) }
-        try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
-        try Syscall.listen(fd, backlog: 1)
-        let port = try Syscall.localAddress(fd).port
+        let port = bound.port
         try expectOneLineError(["--listen", "127.0.0.1:\(port)", "--upstream", "127.0.0.1:1"],
                                contains: "cannot listen on 127.0.0.1:\(port): Address already in use")
     }

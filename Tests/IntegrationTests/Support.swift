@@ -116,12 +116,7 @@ final class TestUpstream: @unchecked Sendable {
     let accepted = SharedCounter()
 
     init(_ handler: @escaping @Sendable (TestSocket) -> Void) throws {
-        let any = try SocketAddress.resolve("127.0.0.1:0")
-        fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
-        try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
-        try Syscall.bind(fd, any)
-        try Syscall.listen(fd, backlog: 1024)
-        address = try Syscall.localAddress(fd)
+        (fd, address) = try listeningSocket("127.0.0.1:0", backlog: 1024)
         let listener = fd
         let counter = accepted
         acceptThread = TestThread {
@@ -390,5 +385,20 @@ func echoUpstream() throws -> TestUpstream {
             socket.write(Array(buffer[0..<n]))
         }
         socket.close()
+    }
+}
+
+/// A plain listening socket on `address` (port 0: any free one): its fd and bound address.
+/// The caller closes the fd.
+func listeningSocket(_ address: String, backlog: Int32) throws -> (fd: Int32, address: SocketAddress) {
+    let wanted = try SocketAddress.resolve(address)
+    let fd = try Syscall.socket(family: wanted.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+    do {
+        try Syscall.bind(fd, wanted)
+        try Syscall.listen(fd, backlog: backlog)
+        return (fd, try Syscall.localAddress(fd))
+    } catch {
+        Glibc.close(fd)
+        throw error
     }
 }
