@@ -267,14 +267,32 @@ final class Worker<Backend: IOBackend> {
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
         wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
-            awaitingDescriptor.append((s, p.pointee.generation))
+            if hasSlotAwaitingDescriptor() {
+                // One waiter at a time: if every descriptor were held by waiting clients, none
+                // would ever come back. Closing this one frees a descriptor for the oldest.
+                statistics.add(.rejectedAtCapacity)
+                closeSlot(s, abort: false)
+            } else {
+                awaitingDescriptor.append((s, p.pointee.generation))
+            }
         }
     }
 
+    private func hasSlotAwaitingDescriptor() -> Bool {
+        var k = 0
+        while k < awaitingDescriptor.count {
+            let (s, generation) = awaitingDescriptor[k]
+            let p = table.pointer(s)
+            if p.pointee.generation == generation && p.pointee.state == .connecting && p.pointee.upstream < 0 { return true }
+            k += 1
+        }
+        return false
+    }
+
     /// Opens the upstream socket and starts the connect. Out of descriptors (the accept may
-    /// have taken the last one — io_uring's multishot accept takes a whole burst at once), the
-    /// client is not dropped: accepting pauses and the slot waits, up to its connect timeout,
-    /// for a descriptor to come back. Returns false when it has to wait.
+    /// have taken the last one — accept takes a whole burst at once), accepting pauses and
+    /// the caller lets the client wait, up to its connect timeout, for a descriptor to come
+    /// back. Returns false when there was no descriptor.
     private func connectUpstream(_ s: Int32) -> Bool {
         let p = table.pointer(s)
         let l = listeners[Int(p.pointee.listener)]
