@@ -11,7 +11,6 @@ import CURing
 /// `drainCompletions`, never from inside the call that queued the operation.
 public final class EpollBackend: IOBackend {
     public static let kind = BackendKind.epoll
-    public static let wantsNonBlockingSockets = true
 
     public let buffers: BufferPool
     public let completionOverflows: UInt64 = 0

@@ -51,9 +51,9 @@ public struct BackendConfiguration: Sendable {
 /// over them, so every call is statically dispatched.
 public protocol IOBackend: AnyObject {
     static var kind: BackendKind { get }
-    /// Sockets handed to this backend must be O_NONBLOCK (epoll) or blocking (io_uring,
-    /// which polls internally and would otherwise surface EAGAIN).
-    static var wantsNonBlockingSockets: Bool { get }
+    // Every socket handed to a backend is O_NONBLOCK: epoll needs it, and on io_uring a
+    // splice into a socket honours only the socket's O_NONBLOCK (not SPLICE_F_NONBLOCK), so a
+    // blocking socket would park an io-wq thread on a slow reader.
 
     var buffers: BufferPool { get }
 

@@ -21,7 +21,6 @@ final class PipePool {
     private var idle: [Pipe] = []
     private(set) var inUse = 0
     private(set) var peakInUse = 0
-    private(set) var failures = 0
 
     /// `requestedSize` is capped by /proc/sys/fs/pipe-max-size.
     init(requestedSize: Int, limit: Int, idleLimit: Int = 16) {
@@ -51,15 +50,14 @@ final class PipePool {
             peakInUse = max(peakInUse, inUse)
             return p
         }
-        guard inUse + idle.count < limit else { failures += 1; return nil }
+        guard inUse + idle.count < limit else { return nil }
         var fds: [Int32] = [-1, -1]
         var size = Int32(capacity)
         let rc = fds.withUnsafeMutableBufferPointer { igris_make_pipe($0.baseAddress, &size) }
-        guard rc == 0 else { failures += 1; return nil }
+        guard rc == 0 else { return nil }
         // Every pipe in the pool has the same size, so one `capacity` describes them all.
         if Int(size) < capacity {
             Syscall.close(fds[0]); Syscall.close(fds[1])
-            failures += 1
             return nil
         }
         inUse += 1

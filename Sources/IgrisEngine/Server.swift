@@ -94,8 +94,7 @@ public final class Server: Sendable {
             for rule in configuration.forwards {
                 var address = rule.listen
                 for w in 0..<configuration.workers {
-                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog,
-                                                   nonBlocking: true, text: rule.listen.description)
+                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog, text: rule.listen.description)
                     if w == 0 {
                         // Port 0: the other workers join whatever port the kernel picked.
                         address = (try? Syscall.localAddress(fd)) ?? address
@@ -136,8 +135,8 @@ public final class Server: Sendable {
         }
     }
 
-    private static func makeListener(_ address: SocketAddress, backlog: Int32, nonBlocking: Bool, text: String) throws(ServerError) -> Int32 {
-        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (nonBlocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+    private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String) throws(ServerError) -> Int32 {
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
         let fd: Int32
         do { fd = try Syscall.socket(family: address.family, type: type) } catch { throw .listen(text, error) }
         do {

@@ -12,7 +12,6 @@ import CURing
 /// - Each loop turn is one `io_uring_enter` that both submits and waits.
 public final class URingBackend: IOBackend {
     public static let kind = BackendKind.ioUring
-    public static let wantsNonBlockingSockets = true
 
     public let buffers: BufferPool
     /// Set-up flags the kernel accepted, for the start-up log.

@@ -174,21 +174,16 @@ final class Worker<Backend: IOBackend> {
     }
 
     private func resumePausedListeners() {
-        // Connections already accepted come first: stay paused while any waits for a descriptor.
-        if !awaitingDescriptor.isEmpty {
-            var i = 0
-            while i < listeners.count {
-                if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
-                    listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
-                }
-                i += 1
-            }
-            return
-        }
         var i = 0
         while i < listeners.count {
-            if listeners[i].open && !listeners[i].acceptArmed && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
-                armAccept(i)
+            if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
+                if !awaitingDescriptor.isEmpty {
+                    // Connections already accepted come first: stay paused while one waits
+                    // for a descriptor.
+                    listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                } else if !listeners[i].acceptArmed {
+                    armAccept(i)
+                }
             }
             i += 1
         }
@@ -281,12 +276,17 @@ final class Worker<Backend: IOBackend> {
     private func hasSlotAwaitingDescriptor() -> Bool {
         var k = 0
         while k < awaitingDescriptor.count {
-            let (s, generation) = awaitingDescriptor[k]
-            let p = table.pointer(s)
-            if p.pointee.generation == generation && p.pointee.state == .connecting && p.pointee.upstream < 0 { return true }
+            if stillAwaitingDescriptor(awaitingDescriptor[k]) { return true }
             k += 1
         }
         return false
+    }
+
+    /// An entry of `awaitingDescriptor` whose slot has not since timed out, closed or been reused.
+    @inline(__always)
+    private func stillAwaitingDescriptor(_ entry: (slot: Int32, generation: UInt32)) -> Bool {
+        let p = table.pointer(entry.slot)
+        return p.pointee.generation == entry.generation && p.pointee.state == .connecting && p.pointee.upstream < 0
     }
 
     /// Opens the upstream socket and starts the connect. Out of descriptors (the accept may
@@ -296,7 +296,7 @@ final class Worker<Backend: IOBackend> {
     private func connectUpstream(_ s: Int32) -> Bool {
         let p = table.pointer(s)
         let l = listeners[Int(p.pointee.listener)]
-        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue) | (Backend.wantsNonBlockingSockets ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
         let upstream: Int32
         do {
             upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
@@ -322,11 +322,8 @@ final class Worker<Backend: IOBackend> {
     private func connectWaitingSlots() {
         var k = 0
         while k < awaitingDescriptor.count {
-            let (s, generation) = awaitingDescriptor[k]
-            let p = table.pointer(s)
-            if p.pointee.generation == generation && p.pointee.state == .connecting && p.pointee.upstream < 0 {
-                if !connectUpstream(s) { break }
-            }
+            let entry = awaitingDescriptor[k]
+            if stillAwaitingDescriptor(entry) && !connectUpstream(entry.slot) { break }
             k += 1
         }
         awaitingDescriptor.removeFirst(k)
