@@ -106,20 +106,22 @@ public final class EpollBackend: IOBackend {
                 if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
                 return
             }
-            let c = igris_accept4(fd, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
-            if c >= 0 {
+            do {
+                guard let c = try Syscall.accept(fd, flags: Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)) else {
+                    fds[i].readable = false  // EAGAIN: the backlog is empty
+                    return
+                }
                 accepted += 1
                 complete(fds[i].acceptToken, c, more: true)
+            } catch where error.errno == ECONNABORTED {
                 continue
+            } catch {
+                // Like io_uring's multishot accept, an error ends the multishot.
+                let token = fds[i].acceptToken
+                fds[i].acceptToken = 0
+                complete(token, -error.errno)
+                return
             }
-            let e = igris_errno()
-            if e == EINTR || e == ECONNABORTED { continue }
-            if e == EAGAIN || e == EWOULDBLOCK { fds[i].readable = false; return }
-            // Like io_uring's multishot accept, an error ends the multishot.
-            let token = fds[i].acceptToken
-            fds[i].acceptToken = 0
-            complete(token, -e)
-            return
         }
     }
 

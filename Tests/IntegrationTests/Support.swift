@@ -72,19 +72,6 @@ final class TestSocket: @unchecked Sendable {
         return Syscall.recv(fd, &byte, 1)
     }
 
-    /// Reads until EOF; returns the bytes, or throws on error/timeout.
-    func readToEOF(limit: Int = 1 << 30) throws -> [UInt8] {
-        var out: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(into: $0) }
-            if n == 0 { return out }
-            if n < 0 { throw TestFailure("read failed after \(out.count) bytes: \(Errno.describe(Int32(-n)))") }
-            out.append(contentsOf: chunk[0..<n])
-            if out.count > limit { throw TestFailure("more than \(limit) bytes") }
-        }
-    }
-
     func readExactly(_ count: Int) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
         var off = 0
