@@ -10,10 +10,12 @@ let package = Package(
         .executable(name: "igris", targets: ["igris"]),
         .executable(name: "igris-load", targets: ["igris-load"]),
         .library(name: "IgrisEngine", targets: ["IgrisEngine"]),
+        .library(name: "IgrisProtocols", targets: ["IgrisProtocols"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
     ],
     targets: [
         .target(
@@ -21,10 +23,20 @@ let package = Package(
             linkerSettings: [.linkedLibrary("uring")]
         ),
         .systemLibrary(name: "CSodium", pkgConfig: "libsodium"),
+        // Pure byte-level codecs, no I/O: SOCKS5, HTTP/1.1 request heads.
+        .target(name: "IgrisProtocols"),
+        // Who may go where: users (argon2id via libsodium), rate limits, destination ACL.
+        // Plain data and atomics the workers consult inline, so it sits below the engine.
+        .target(
+            name: "IgrisPolicy",
+            dependencies: ["CSodium", .product(name: "Yams", package: "Yams")]
+        ),
         .target(
             name: "IgrisEngine",
             dependencies: [
                 "CURing",
+                "IgrisProtocols",
+                "IgrisPolicy",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -32,6 +44,7 @@ let package = Package(
             name: "igris",
             dependencies: [
                 "IgrisEngine",
+                "IgrisPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -47,12 +60,20 @@ let package = Package(
             name: "IgrisEngineTests",
             dependencies: ["IgrisEngine"]
         ),
+        .testTarget(
+            name: "IgrisProtocolsTests",
+            dependencies: ["IgrisProtocols"]
+        ),
+        .testTarget(
+            name: "IgrisPolicyTests",
+            dependencies: ["IgrisPolicy"]
+        ),
         // Counts allocations process-wide (the test executable interposes malloc), for the
         // "steady-state forwarding allocates nothing" test.
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "CSodium", "CMallocCounter", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -42,10 +42,16 @@ struct Direction {
     var pipeRead: Int32 = -1
     var pipeWrite: Int32 = -1
     var pipeBytes: UInt32 = 0
+    /// A rate-limited user's direction ran ahead of its budget: no recv until then (loop
+    /// clock, ns; 0 when not throttled).
+    var throttledUntil: UInt64 = 0
 }
 
 enum SlotState: UInt8 {
     case free
+    /// SOCKS5 / HTTP CONNECT: reading the client's handshake (or waiting for its name to
+    /// resolve, its password to verify).
+    case handshake
     case connecting
     case bridging
     /// Both sockets are being closed; the slot is reused when nothing is in flight.
@@ -53,7 +59,7 @@ enum SlotState: UInt8 {
 }
 
 /// A connection's whole user-space state: fixed size, preallocated, indexed by slot number.
-/// An idle bridge holds just this (184 bytes) and its two sockets.
+/// An idle bridge holds just this (216 bytes) and its two sockets.
 struct ConnectionSlot {
     var generation: UInt32 = 0
     var state: SlotState = .free
@@ -76,6 +82,12 @@ struct ConnectionSlot {
     /// Free-list / ENOBUFS-queue link.
     var nextFree: Int32 = -1
     var nextWaiter: Int32 = -1
+    /// The handshake state of a SOCKS5 / HTTP CONNECT connection until it bridges; -1 after.
+    var session: Int32 = -1
+    /// The authenticated user (index into the users file), holding one of its connections.
+    var user: Int32 = -1
+    /// The user has a bandwidth limit: this bridge stays on the copy path and paces recvs.
+    var rateLimited = false
 }
 
 /// The preallocated slot array of one worker. Slots are handed out from a free list and,

@@ -24,6 +24,8 @@ public enum OperationKind: UInt8, Sendable {
     case spliceOutClient
     case pollOutUpstream
     case pollOutClient
+    /// SOCKS5 / HTTP CONNECT: the client's handshake bytes are readable.
+    case handshakeReadable
 }
 
 /// The 64-bit tag of every submitted operation: slot (or listener) index, the slot's

@@ -3,6 +3,7 @@ import CURing
 import Dispatch
 import Logging
 import Synchronization
+import IgrisPolicy
 
 /// `--backend`: which backend to run, or `auto` to probe.
 public enum BackendChoice: String, Sendable, CaseIterable {
@@ -23,7 +24,9 @@ public struct ForwardRule: Sendable {
 }
 
 public struct ServerConfiguration: Sendable {
-    public var forwards: [ForwardRule]
+    public var listeners: [ListenerRule]
+    /// ACL, users and resolver for the SOCKS5 / HTTP CONNECT listeners.
+    public var policy = GatewayPolicy()
     public var workers: Int
     public var backend: BackendChoice
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
@@ -40,11 +43,18 @@ public struct ServerConfiguration: Sendable {
     /// Pipes per worker at most (each is two descriptors while it exists).
     public var maxPipes: Int = 4096
 
-    public init(forwards: [ForwardRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
-        self.forwards = forwards
+    public init(listeners: [ListenerRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
+        self.listeners = listeners
         self.workers = workers
         self.backend = backend
     }
+
+    public init(forwards: [ForwardRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
+        self.init(listeners: forwards.map { ListenerRule(listen: $0.listen, mode: .forward(upstream: $0.upstream)) },
+                  workers: workers, backend: backend)
+    }
+
+    var hasGatewayListeners: Bool { listeners.contains { $0.mode.gatewayOptions != nil } }
 }
 
 /// A start-up failure, with the one line an operator sees.
@@ -52,6 +62,7 @@ public enum ServerError: Error, CustomStringConvertible, Sendable {
     case listen(String, SyscallError)
     case backendUnavailable(BackendKind, String)
     case worker(Int, SyscallError)
+    case configuration(String)
 
     public var description: String {
         switch self {
@@ -61,6 +72,8 @@ public enum ServerError: Error, CustomStringConvertible, Sendable {
             return "backend \(kind) unavailable: \(reason)"
         case .worker(let index, let error):
             return "worker \(index) failed: \(error)"
+        case .configuration(let message):
+            return message
         }
     }
 }
@@ -79,11 +92,18 @@ public final class Server: Sendable {
     /// listenFDs[worker][forward]
     private let listenFDs: [[Int32]]
     private let threads = Mutex<[pthread_t]>([])
+    /// getaddrinfo / argon2id threads, when a SOCKS5 or HTTP CONNECT listener exists.
+    private let offload: OffloadPool?
     private let logger: Logger
 
     public init(configuration: ServerConfiguration, logger: Logger = Logger(label: "igris")) throws(ServerError) {
         self.configuration = configuration
         self.logger = logger
+        for rule in configuration.listeners {
+            if let options = rule.mode.gatewayOptions, options.requireAuthentication, configuration.policy.authenticator == nil {
+                throw .configuration("\(rule.mode.name) listener \(rule.listen) requires authentication but no users file is configured (give --users FILE, or --no-auth)")
+            }
+        }
         let (kind, reason) = try Self.selectBackend(configuration.backend)
         backend = kind
         backendReason = reason
@@ -91,7 +111,7 @@ public final class Server: Sendable {
         var fds = Array(repeating: [Int32](), count: configuration.workers)
         var addresses: [SocketAddress] = []
         do {
-            for rule in configuration.forwards {
+            for rule in configuration.listeners {
                 var address = rule.listen
                 for w in 0..<configuration.workers {
                     let fd = try Self.makeListener(address, backlog: configuration.listenBacklog, text: rule.listen.description)
@@ -119,6 +139,7 @@ public final class Server: Sendable {
             throw .worker(controls.count, error)
         }
         self.controls = controls
+        offload = configuration.hasGatewayListeners ? OffloadPool(threads: configuration.policy.offloadThreads) : nil
     }
 
     static func selectBackend(_ choice: BackendChoice) throws(ServerError) -> (BackendKind, String) {
@@ -160,7 +181,7 @@ public final class Server: Sendable {
     public var descriptorWarning: String? {
         var limit = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
-        let needed = UInt64(configuration.maxConnections) * 2 + UInt64(configuration.workers * (configuration.forwards.count + 4)) + 16
+        let needed = UInt64(configuration.maxConnections) * 2 + UInt64(configuration.workers * (configuration.listeners.count + 4)) + 16
         guard limit.rlim_cur < needed else { return nil }
         return "max-connections \(configuration.maxConnections) needs about \(needed) descriptors but RLIMIT_NOFILE is \(limit.rlim_cur): "
             + "past that, accepting pauses; raise LimitNOFILE / ulimit -n or lower --max-connections"
@@ -178,8 +199,8 @@ public final class Server: Sendable {
         for w in 0..<configuration.workers {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
-                listeners: zip(listenFDs[w], configuration.forwards).map { fd, rule in
-                    WorkerListener(fd: fd, name: rule.listen.description, upstream: rule.upstream)
+                listeners: zip(listenFDs[w], configuration.listeners).map { fd, rule in
+                    WorkerListener(fd: fd, name: rule.listen.description, mode: rule.mode)
                 },
                 backend: configuration.buffers,
                 connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
@@ -194,6 +215,8 @@ public final class Server: Sendable {
             let control = controls[w]
             let stats = statistics[w]
             let budget = budget
+            let policy = configuration.policy
+            let offload = offload
             var log = logger
             log[metadataKey: "worker"] = "\(w)"
             let workerLogger = log
@@ -208,13 +231,15 @@ public final class Server: Sendable {
                             ])
                         }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger,
+                                            policy: policy, offload: offload)
                         ready.signal()
                         try worker.run()
                     case .epoll:
                         let backend = try EpollBackend(configuration: workerConfiguration.backend)
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger,
+                                            policy: policy, offload: offload)
                         ready.signal()
                         try worker.run()
                     }
@@ -248,6 +273,7 @@ public final class Server: Sendable {
             return copy
         }
         for t in list { pthread_join(t, nil) }
+        offload?.shutdown()
     }
 
     public func total(_ counter: WorkerStatistics.Counter) -> Int64 {

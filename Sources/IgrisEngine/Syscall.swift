@@ -101,6 +101,30 @@ public enum Syscall {
         }
     }
 
+    /// recv with MSG_PEEK | MSG_DONTWAIT: looks at what is queued without taking it.
+    @inline(never)
+    public static func peek(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int) -> Int {
+        while true {
+            let n = Glibc.recv(fd, buffer, length, Int32(MSG_PEEK | MSG_DONTWAIT))
+            if n >= 0 { return n }
+            let e = igris_errno()
+            if e == EINTR { continue }
+            return -Int(e)
+        }
+    }
+
+    /// The peer of a connected socket.
+    @inline(never)
+    public static func peerAddress(_ fd: Int32) throws(SyscallError) -> SocketAddress {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) }
+        }
+        if rc != 0 { throw SyscallError("getpeername", errno: igris_errno()) }
+        return SocketAddress(storage: storage, length: len)
+    }
+
     /// send with MSG_NOSIGNAL: bytes written, or -errno.
     @inline(never)
     public static func send(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int) -> Int {

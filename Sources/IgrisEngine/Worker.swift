@@ -1,13 +1,14 @@
 import Glibc
 import CURing
 import Logging
+import IgrisPolicy
 
 /// What a worker needs to know about one listen address: its own SO_REUSEPORT socket and
 /// where connections accepted on it go.
 public struct WorkerListener: Sendable {
     public var fd: Int32
     public var name: String
-    public var upstream: SocketAddress
+    public var mode: ListenerMode
 }
 
 /// Per-worker settings.
@@ -33,13 +34,17 @@ public struct WorkerConfiguration: Sendable {
 /// Generic over the backend so every I/O call is statically dispatched; confined to the
 /// thread that created it (the io_uring ring is `SINGLE_ISSUER`), so nothing here is locked.
 final class Worker<Backend: IOBackend> {
-    private struct Listener {
+    struct Listener {
         var fd: Int32
         var name: String
+        /// Forward mode's fixed upstream (an empty address for the gateway modes).
         var upstream: UnsafeMutablePointer<sockaddr_storage>
         var upstreamLength: socklen_t
         var upstreamFamily: Int32
         var upstreamName: String
+        /// nil for forward; the handshake's protocol and options otherwise.
+        var gateway: GatewayProtocol?
+        var gatewayOptions: GatewayOptions?
         var open = true
         var acceptArmed = false
         var pausedUntil: UInt64 = 0
@@ -49,47 +54,75 @@ final class Worker<Backend: IOBackend> {
 
     let backend: Backend
     let statistics: WorkerStatistics
-    private let control: WorkerControl
-    private let budget: ConnectionBudget
-    private let table: ConnectionTable
-    private let pipes: PipePool
-    private var wheel: TimerWheel
-    private var listeners: [Listener]
-    private let configuration: WorkerConfiguration
-    private let logger: Logger
-    private var now: UInt64
-    private var draining = false
-    private var drainDeadline: UInt64 = .max
-    private var abortedAtDeadline = false
-    private var listenersOpen: Int
+    let control: WorkerControl
+    let budget: ConnectionBudget
+    let table: ConnectionTable
+    let pipes: PipePool
+    var wheel: TimerWheel
+    var listeners: [Listener]
+    let configuration: WorkerConfiguration
+    let logger: Logger
+    var now: UInt64
+    var draining = false
+    var drainDeadline: UInt64 = .max
+    var abortedAtDeadline = false
+    var listenersOpen: Int
     /// Slot directions waiting for a buffer after ENOBUFS: slot << 1 | direction, with the
     /// generation, checked when popped (a waiter may have been closed meanwhile).
-    private var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
-    private var bufferWaitersHead = 0
+    var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
+    var bufferWaitersHead = 0
     /// Accepted connections waiting for a descriptor for their upstream socket.
-    private var awaitingDescriptor: [(slot: Int32, generation: UInt32)] = []
-    private var lastPauseLog: UInt64 = 0
+    var awaitingDescriptor: [(slot: Int32, generation: UInt32)] = []
+    var lastPauseLog: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
-    private var expired: [Int32] = []
+    var expired: [Int32] = []
+
+    // SOCKS5 / HTTP CONNECT (see Handshake.swift).
+    let policy: GatewayPolicy?
+    let offload: OffloadPool?
+    let mailbox: WorkerMailbox
+    /// The users file's accounts, indexed by `ConnectionSlot.user`.
+    let accounts: [UserAccount]
+    var sessions: [HandshakeSession] = []
+    var freeSessions: [Int32] = []
+    var offloadResults: [OffloadResult] = []
+    /// Where handshake bytes are peeked into: the largest HTTP head plus one.
+    let scratchSize = HandshakeSession.httpHeadLimit + 1
+    let scratch: UnsafeMutableRawPointer
 
 
     init(backend: Backend, configuration: WorkerConfiguration, control: WorkerControl,
-         statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger) {
+         statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger,
+         policy: GatewayPolicy? = nil, offload: OffloadPool? = nil) {
         self.backend = backend
         self.configuration = configuration
         self.control = control
         self.statistics = statistics
         self.budget = budget
         self.logger = logger
+        self.policy = policy
+        self.offload = offload
+        mailbox = WorkerMailbox(control: control)
+        accounts = policy?.accounts ?? []
+        scratch = .allocate(byteCount: HandshakeSession.httpHeadLimit + 1, alignment: 16)
         table = ConnectionTable(capacity: configuration.slotCapacity)
         pipes = PipePool(requestedSize: configuration.pipeSize, limit: configuration.maxPipes)
         now = Syscall.monotonicNanoseconds()
         wheel = TimerWheel(now: now)
         listeners = configuration.listeners.map { l in
             let storage = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
-            storage.initialize(to: l.upstream.storage)
-            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: l.upstream.length,
-                            upstreamFamily: l.upstream.family, upstreamName: l.upstream.description)
+            switch l.mode {
+            case .forward(let upstream):
+                storage.initialize(to: upstream.storage)
+                return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: upstream.length,
+                                upstreamFamily: upstream.family, upstreamName: upstream.description)
+            case .socks5(let options), .httpConnect(let options):
+                storage.initialize(to: sockaddr_storage())
+                let kind: GatewayProtocol
+                if case .socks5 = l.mode { kind = .socks5 } else { kind = .httpConnect }
+                return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: 0, upstreamFamily: AF_INET,
+                                upstreamName: "", gateway: kind, gatewayOptions: options)
+            }
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
@@ -97,7 +130,11 @@ final class Worker<Backend: IOBackend> {
 
     deinit {
         for l in listeners { l.upstream.deallocate() }
+        scratch.deallocate()
     }
+
+    /// The mailbox offloaded work answers to (the server hands it to the offload jobs).
+    var offloadMailbox: WorkerMailbox { mailbox }
 
     // MARK: - Loop
 
@@ -128,7 +165,7 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func nextTimeout() -> UInt64? {
+    func nextTimeout() -> UInt64? {
         var timeout = wheel.nanosecondsUntilNextTimer(now: now)
         // Index loops: runs every turn, and iterating an array of structs that hold strings
         // allocates in unoptimised builds.
@@ -148,7 +185,7 @@ final class Worker<Backend: IOBackend> {
     }
 
     @inline(__always)
-    private func handle(_ c: Completion) {
+    func handle(_ c: Completion) {
         let t = c.token
         switch t.kind {
         case .accept:
@@ -166,14 +203,14 @@ final class Worker<Backend: IOBackend> {
 
     // MARK: - Listeners
 
-    private func armAccept(_ i: Int) {
+    func armAccept(_ i: Int) {
         guard listeners[i].open, !draining else { return }
         listeners[i].acceptArmed = true
         listeners[i].pausedUntil = 0
         backend.accept(listener: listeners[i].fd, token: OperationToken(index: UInt32(i), generation: 0, kind: .accept))
     }
 
-    private func resumePausedListeners() {
+    func resumePausedListeners() {
         var i = 0
         while i < listeners.count {
             if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
@@ -189,7 +226,7 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func onAccept(listener i: Int, _ c: Completion) {
+    func onAccept(listener i: Int, _ c: Completion) {
         if !c.more { listeners[i].acceptArmed = false }
         if c.result >= 0 {
             startBridge(client: c.result, listener: i)
@@ -217,7 +254,7 @@ final class Worker<Backend: IOBackend> {
     /// Stops every listener of this worker for 100 ms (descriptors are per process, so all
     /// of them are out). Cancelling the multishot accepts keeps the kernel from accepting
     /// connections there would be no descriptor to bridge.
-    private func pauseAccepting(errno e: Int32) {
+    func pauseAccepting(errno e: Int32) {
         statistics.add(.acceptPauses)
         var i = 0
         while i < listeners.count {
@@ -236,7 +273,7 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func startBridge(client: Int32, listener i: Int) {
+    func startBridge(client: Int32, listener i: Int) {
         if draining { Syscall.close(client); return }
         guard budget.tryAcquire() else {
             statistics.add(.rejectedAtCapacity)
@@ -259,6 +296,10 @@ final class Worker<Backend: IOBackend> {
         p.pointee.lastActivity = now
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        if let kind = listeners[i].gateway, let options = listeners[i].gatewayOptions {
+            startHandshake(s, p, protocol: kind, options: options)
+            return
+        }
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
         wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
@@ -273,7 +314,7 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func hasSlotAwaitingDescriptor() -> Bool {
+    func hasSlotAwaitingDescriptor() -> Bool {
         var k = 0
         while k < awaitingDescriptor.count {
             if stillAwaitingDescriptor(awaitingDescriptor[k]) { return true }
@@ -284,7 +325,7 @@ final class Worker<Backend: IOBackend> {
 
     /// An entry of `awaitingDescriptor` whose slot has not since timed out, closed or been reused.
     @inline(__always)
-    private func stillAwaitingDescriptor(_ entry: (slot: Int32, generation: UInt32)) -> Bool {
+    func stillAwaitingDescriptor(_ entry: (slot: Int32, generation: UInt32)) -> Bool {
         let p = table.pointer(entry.slot)
         return p.pointee.generation == entry.generation && p.pointee.state == .connecting && p.pointee.upstream < 0
     }
@@ -293,7 +334,7 @@ final class Worker<Backend: IOBackend> {
     /// have taken the last one — accept takes a whole burst at once), accepting pauses and
     /// the caller lets the client wait, up to its connect timeout, for a descriptor to come
     /// back. Returns false when there was no descriptor.
-    private func connectUpstream(_ s: Int32) -> Bool {
+    func connectUpstream(_ s: Int32) -> Bool {
         let p = table.pointer(s)
         let l = listeners[Int(p.pointee.listener)]
         let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
@@ -319,7 +360,7 @@ final class Worker<Backend: IOBackend> {
     }
 
     /// Once per loop turn while slots wait for a descriptor: oldest first, until one fails.
-    private func connectWaitingSlots() {
+    func connectWaitingSlots() {
         var k = 0
         while k < awaitingDescriptor.count {
             let entry = awaitingDescriptor[k]
@@ -331,14 +372,16 @@ final class Worker<Backend: IOBackend> {
 
     // MARK: - Drain
 
-    private func onWake() {
+    func onWake() {
         backend.consumeWake(fd: control.wakeFD)
+        // The eventfd also wakes the loop for offloaded results (names, passwords).
+        handleOffloadResults()
         if control.isDrainRequested && !draining { beginDrain() }
         if control.isAbortRequested { drainDeadline = now }
         backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
     }
 
-    private func beginDrain() {
+    func beginDrain() {
         draining = true
         drainDeadline = now + configuration.drainTimeoutNanoseconds
         for i in listeners.indices where listeners[i].open {
@@ -347,12 +390,12 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func abortAllAtDeadline() {
+    func abortAllAtDeadline() {
         abortedAtDeadline = true
         var s: Int32 = 0
         while s < table.used {
             let state = table.pointer(s).pointee.state
-            if state == .connecting || state == .bridging {
+            if state == .handshake || state == .connecting || state == .bridging {
                 statistics.add(.drainAborted)
                 closeSlot(s, abort: true)
             }
@@ -363,17 +406,17 @@ final class Worker<Backend: IOBackend> {
     // MARK: - Slots
 
     @inline(__always)
-    private func token(_ s: Int32, _ kind: OperationKind) -> OperationToken {
+    func token(_ s: Int32, _ kind: OperationKind) -> OperationToken {
         OperationToken(index: UInt32(s), generation: table.pointer(s).pointee.generation, kind: kind)
     }
 
     @inline(__always)
-    private func direction(_ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> UnsafeMutablePointer<Direction> {
+    func direction(_ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> UnsafeMutablePointer<Direction> {
         UnsafeMutableRawPointer(p).advanced(by: d == 0 ? SlotLayout.toUpstreamOffset : SlotLayout.toClientOffset)
             .assumingMemoryBound(to: Direction.self)
     }
 
-    private func onSlotCompletion(_ c: Completion) {
+    func onSlotCompletion(_ c: Completion) {
         let s = Int32(bitPattern: c.token.index)
         guard Int(s) < table.capacity, s < table.used else { return }
         let p = table.pointer(s)
@@ -406,14 +449,18 @@ final class Worker<Backend: IOBackend> {
         case .spliceOutClient: onSpliceOut(s, p, 1, c.result)
         case .pollOutUpstream: onPollOut(s, p, 0, c.result)
         case .pollOutClient: onPollOut(s, p, 1, c.result)
+        case .handshakeReadable: onHandshakeReadable(s, p, c.result)
         default: break  // closeClient / closeUpstream: only the in-flight count matters
         }
         if p.pointee.state == .closing && p.pointee.inflight == 0 { finish(s) }
     }
 
-    private func onConnect(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
+    func onConnect(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
         guard p.pointee.state == .connecting else { return }
-        if result < 0 {
+        if p.pointee.session >= 0 {
+            // SOCKS5 / HTTP CONNECT: try the next address, or reply and start bridging.
+            guard gatewayConnected(s, p, result) else { return }
+        } else if result < 0 {
             statistics.add(.connectFailures)
             let l = listeners[Int(p.pointee.listener)]
             logger.warning("upstream connect failed", metadata: [
@@ -428,43 +475,50 @@ final class Worker<Backend: IOBackend> {
         if let idle = configuration.idleTimeoutNanoseconds {
             wheel.schedule(s, deadline: now + idle, table: table)
         }
-        let splicing = configuration.splice == .always
+        // A rate-limited user's bytes must pass through user space to be paced.
+        let splicing = configuration.splice == .always && !p.pointee.rateLimited
         p.pointee.toUpstream.splicing = splicing
         p.pointee.toClient.splicing = splicing
         armReadSide(s, p, 0)
         armReadSide(s, p, 1)
     }
 
-    private func timerFired(_ s: Int32) {
+    func timerFired(_ s: Int32) {
         let p = table.pointer(s)
         switch p.pointee.state {
+        case .handshake:
+            statistics.add(.handshakeTimeouts)
+            closeSlot(s, abort: false)
+        case .connecting where p.pointee.session >= 0:
+            statistics.add(.connectTimeouts)
+            gatewayConnectTimedOut(s, p)
         case .connecting:
             statistics.add(.connectTimeouts)
             let l = listeners[Int(p.pointee.listener)]
             logger.warning("upstream connect timed out", metadata: ["listener": "\(l.name)", "upstream": "\(l.upstreamName)"])
             closeSlot(s, abort: false)
         case .bridging:
-            guard let idle = configuration.idleTimeoutNanoseconds else { return }
-            if now &- p.pointee.lastActivity >= idle {
+            if p.pointee.rateLimited { resumeThrottled(s, p) }
+            if let idle = configuration.idleTimeoutNanoseconds, now &- p.pointee.lastActivity >= idle {
                 statistics.add(.idleTimeouts)
                 closeSlot(s, abort: false)
-            } else {
-                wheel.schedule(s, deadline: p.pointee.lastActivity + idle, table: table)
+                return
             }
+            scheduleBridgeTimer(s, p)
         default:
             break
         }
     }
 
     @inline(__always)
-    private func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         direction(p, d).pointee.recvArmed = true
         p.pointee.inflight += 1
         backend.recv(fd: d == 0 ? p.pointee.client : p.pointee.upstream, token: token(s, d == 0 ? .recvClient : .recvUpstream))
     }
 
     @inline(__always)
-    private func armSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         dir.pointee.sendArmed = true
         p.pointee.inflight += 1
@@ -473,7 +527,7 @@ final class Worker<Backend: IOBackend> {
                      token: token(s, d == 0 ? .sendUpstream : .sendClient))
     }
 
-    private func onRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ c: Completion) {
+    func onRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ c: Completion) {
         let dir = direction(p, d)
         dir.pointee.recvArmed = false
         guard p.pointee.state == .bridging else {
@@ -485,7 +539,8 @@ final class Worker<Backend: IOBackend> {
             dir.pointee.bytes &+= UInt64(n)
             statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
-            if configuration.splice == .auto && !dir.pointee.wantSplice {
+            let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
+            if configuration.splice == .auto && !dir.pointee.wantSplice && !p.pointee.rateLimited {
                 // Bulk is recognised by reads that fill whole buffers, several in a row;
                 // interactive traffic rarely does and stays on copy.
                 if Int(n) == backend.buffers.size {
@@ -505,7 +560,7 @@ final class Worker<Backend: IOBackend> {
                 armSend(s, p, d)
                 // One buffer in flight to the writer, one recv ahead of it (unless this
                 // direction is about to move to splice: then the copy path drains first).
-                if !dir.pointee.wantSplice { armRecv(s, p, d) }
+                if !dir.pointee.wantSplice && !throttled { armRecv(s, p, d) }
             }
             return
         }
@@ -524,7 +579,7 @@ final class Worker<Backend: IOBackend> {
         closeSlot(s, abort: true)  // ECONNRESET, ETIMEDOUT, …: the peer is gone
     }
 
-    private func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+    func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         let dir = direction(p, d)
         dir.pointee.sendArmed = false
         if p.pointee.state != .bridging || result <= 0 {
@@ -548,7 +603,8 @@ final class Worker<Backend: IOBackend> {
             dir.pointee.sendRemaining = dir.pointee.queuedLength
             dir.pointee.queuedBuffer = Direction.noBuffer
             armSend(s, p, d)
-            if !dir.pointee.recvArmed && !dir.pointee.readEOF && !dir.pointee.waitingForBuffer && !dir.pointee.wantSplice {
+            if !dir.pointee.recvArmed && !dir.pointee.readEOF && !dir.pointee.waitingForBuffer && !dir.pointee.wantSplice
+                && dir.pointee.throttledUntil == 0 {
                 armRecv(s, p, d)
             }
         } else if dir.pointee.readEOF {
@@ -565,19 +621,19 @@ final class Worker<Backend: IOBackend> {
     // MARK: - Splice path
 
     @inline(__always)
-    private func armReadSide(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armReadSide(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         if direction(p, d).pointee.splicing { armPollIn(s, p, d) } else { armRecv(s, p, d) }
     }
 
     /// Wait for the source to be readable before taking a pipe and splicing: an idle
     /// direction holds no pipe, and no splice waits on an empty socket.
-    private func armPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         direction(p, d).pointee.pollInArmed = true
         p.pointee.inflight += 1
         backend.pollReadable(fd: d == 0 ? p.pointee.client : p.pointee.upstream, token: token(s, d == 0 ? .pollInClient : .pollInUpstream))
     }
 
-    private func armSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         dir.pointee.spliceInArmed = true
         p.pointee.inflight += 1
@@ -585,7 +641,7 @@ final class Worker<Backend: IOBackend> {
                          length: pipes.capacity - Int(dir.pointee.pipeBytes), token: token(s, d == 0 ? .spliceInClient : .spliceInUpstream))
     }
 
-    private func armSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         dir.pointee.spliceOutArmed = true
         p.pointee.inflight += 1
@@ -593,7 +649,7 @@ final class Worker<Backend: IOBackend> {
                           length: Int(dir.pointee.pipeBytes), token: token(s, d == 0 ? .spliceOutUpstream : .spliceOutClient))
     }
 
-    private func armPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         direction(p, d).pointee.pollOutArmed = true
         p.pointee.inflight += 1
         backend.pollWritable(fd: d == 0 ? p.pointee.upstream : p.pointee.client, token: token(s, d == 0 ? .pollOutUpstream : .pollOutClient))
@@ -601,7 +657,7 @@ final class Worker<Backend: IOBackend> {
 
     /// The pipe goes back once it is empty and no splice is using it.
     @inline(__always)
-    private func releasePipeIfIdle(_ dir: UnsafeMutablePointer<Direction>) {
+    func releasePipeIfIdle(_ dir: UnsafeMutablePointer<Direction>) {
         guard dir.pointee.pipeRead >= 0, dir.pointee.pipeBytes == 0,
               !dir.pointee.spliceInArmed, !dir.pointee.spliceOutArmed, !dir.pointee.pollOutArmed else { return }
         pipes.giveBack(PipePool.Pipe(read: dir.pointee.pipeRead, write: dir.pointee.pipeWrite), empty: true)
@@ -609,7 +665,7 @@ final class Worker<Backend: IOBackend> {
         dir.pointee.pipeWrite = -1
     }
 
-    private func onPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+    func onPollIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         let dir = direction(p, d)
         dir.pointee.pollInArmed = false
         guard p.pointee.state == .bridging else { return }
@@ -629,7 +685,7 @@ final class Worker<Backend: IOBackend> {
         armSpliceIn(s, p, d)
     }
 
-    private func onSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+    func onSpliceIn(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         let dir = direction(p, d)
         dir.pointee.spliceInArmed = false
         // Kept exact even while closing: it decides whether the pipe may be reused.
@@ -640,6 +696,7 @@ final class Worker<Backend: IOBackend> {
             dir.pointee.bytes &+= UInt64(n)
             statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
+            if p.pointee.user >= 0 { _ = accountBytes(s, p, d, Int(n)) }
             if !dir.pointee.spliceOutArmed && !dir.pointee.pollOutArmed { armSpliceOut(s, p, d) }
             // A full pipe waits for the writer; reading resumes as it drains.
             if Int(dir.pointee.pipeBytes) < pipes.capacity { armPollIn(s, p, d) }
@@ -662,7 +719,7 @@ final class Worker<Backend: IOBackend> {
         closeSlot(s, abort: true)
     }
 
-    private func onSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+    func onSpliceOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         let dir = direction(p, d)
         dir.pointee.spliceOutArmed = false
         if result > 0 { dir.pointee.pipeBytes -= UInt32(result) }
@@ -692,14 +749,14 @@ final class Worker<Backend: IOBackend> {
         closeSlot(s, abort: true)  // EPIPE, ECONNRESET, or 0 with bytes still in the pipe
     }
 
-    private func onPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+    func onPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         direction(p, d).pointee.pollOutArmed = false
         guard p.pointee.state == .bridging else { return }
         if result < 0 { closeSlot(s, abort: true); return }
         armSpliceOut(s, p, d)
     }
 
-    private func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         guard !dir.pointee.shutdownQueued else { return }
         dir.pointee.shutdownQueued = true
@@ -711,7 +768,7 @@ final class Worker<Backend: IOBackend> {
         }
     }
 
-    private func onShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func onShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         direction(p, d).pointee.finished = true
         guard p.pointee.state == .bridging else { return }
         if p.pointee.toUpstream.finished && p.pointee.toClient.finished {
@@ -721,7 +778,7 @@ final class Worker<Backend: IOBackend> {
     }
 
     @inline(__always)
-    private func returnBuffer(_ b: UInt16) {
+    func returnBuffer(_ b: UInt16) {
         guard b != Direction.noBuffer else { return }
         backend.releaseBuffer(b)
     }
@@ -730,7 +787,7 @@ final class Worker<Backend: IOBackend> {
     /// are free buffers. Not one waiter per returned buffer: a woken recv that finds no data
     /// (io_uring picks the buffer before it looks for data, so ENOBUFS does not prove bytes
     /// were waiting) takes no buffer, and the rest of the queue must not wait on it.
-    private func wakeBufferWaiters() {
+    func wakeBufferWaiters() {
         var budget = backend.buffers.available
         while budget > 0 && bufferWaitersHead < bufferWaiters.count {
             let (entry, generation) = bufferWaiters[bufferWaitersHead]
@@ -753,7 +810,7 @@ final class Worker<Backend: IOBackend> {
 
     /// Closes both sockets (RST when `abort`), cancelling what is pending on them; the slot
     /// is reused once every operation on it has completed.
-    private func closeSlot(_ s: Int32, abort: Bool) {
+    func closeSlot(_ s: Int32, abort: Bool) {
         let p = table.pointer(s)
         guard p.pointee.state != .closing && p.pointee.state != .free else { return }
         if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
@@ -780,7 +837,7 @@ final class Worker<Backend: IOBackend> {
         if p.pointee.inflight == 0 { finish(s) }
     }
 
-    private func finish(_ s: Int32) {
+    func finish(_ s: Int32) {
         let p = table.pointer(s)
         for d in 0..<2 {
             let dir = direction(p, d)
@@ -791,6 +848,11 @@ final class Worker<Backend: IOBackend> {
             pipes.giveBack(PipePool.Pipe(read: dir.pointee.pipeRead, write: dir.pointee.pipeWrite), empty: dir.pointee.pipeBytes == 0)
             dir.pointee.pipeRead = -1
             dir.pointee.pipeWrite = -1
+        }
+        if p.pointee.session >= 0 { releaseSession(p) }
+        if p.pointee.user >= 0 {
+            accounts[Int(p.pointee.user)].releaseConnection()
+            p.pointee.user = -1
         }
         table.release(s)
         budget.release()

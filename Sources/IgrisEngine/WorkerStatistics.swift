@@ -31,6 +31,15 @@ public final class WorkerStatistics: Sendable {
         case pipeFallbacks           // no pipe to be had: the direction stayed on copy
         case spliceBytesDropped      // bytes left in a pipe when its bridge was aborted
         case spliceSwitches          // auto: directions moved from copy to splice
+        // SOCKS5 / HTTP CONNECT
+        case handshakesCompleted     // reached bridging
+        case handshakeFailures       // malformed, unsupported or unauthenticated: replied and closed
+        case handshakeTimeouts       // closed at the handshake timeout
+        case authFailures            // wrong user/password, expired, rate-limited
+        case aclDenied               // destination refused by the ACL (0x02 / 403)
+        case resolveFailures
+        case userLimitRejections     // user at max_connections
+        case throttlePauses          // a rate-limited direction paused its recv
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).

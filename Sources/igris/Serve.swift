@@ -1,13 +1,18 @@
 import ArgumentParser
 import Glibc
 import IgrisEngine
+import IgrisPolicy
 import Logging
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the gateway: forward each --listen address to its --upstream.",
+        abstract: "Run the gateway: port forwards, SOCKS5 and HTTP CONNECT listeners.",
         discussion: """
-            The n-th --listen forwards to the n-th --upstream. SIGINT/SIGTERM stop accepting \
+            The n-th --listen forwards to the n-th --upstream. --socks5 and --http-connect \
+            listeners let clients choose the destination: they need --users FILE (or --no-auth), \
+            and reach only what the destination ACL allows (loopback, private and link-local \
+            ranges are denied unless an --allow rule says otherwise; --deny rules are checked \
+            first, then --allow, then the built-in deny list). SIGINT/SIGTERM stop accepting \
             and let open connections finish for up to --drain-timeout; a second signal aborts them.
             """
     )
@@ -17,6 +22,27 @@ struct Serve: ParsableCommand {
 
     @Option(name: .customLong("upstream"), help: "Where the matching --listen forwards to, HOST:PORT (repeatable).")
     var upstream: [String] = []
+
+    @Option(name: .customLong("socks5"), help: "SOCKS5 listener address, HOST:PORT (repeatable).")
+    var socks5: [String] = []
+
+    @Option(name: .customLong("http-connect"), help: "HTTP CONNECT proxy listener address, HOST:PORT (repeatable).")
+    var httpConnect: [String] = []
+
+    @Option(name: .customLong("users"), help: "Users file (YAML, argon2id hashes from `igris passwd`) for --socks5/--http-connect.")
+    var usersFile: String?
+
+    @Flag(name: .customLong("no-auth"), help: "Let --socks5/--http-connect clients in without a username and password.")
+    var noAuth = false
+
+    @Option(name: .customLong("allow"), help: "Destination ACL: allow CIDR[:PORTS], e.g. 127.0.0.1/32:8000 (repeatable).")
+    var allow: [String] = []
+
+    @Option(name: .customLong("deny"), help: "Destination ACL: deny CIDR[:PORTS], checked before --allow (repeatable).")
+    var deny: [String] = []
+
+    @Option(name: .customLong("handshake-timeout"), help: "SOCKS5 / HTTP CONNECT: the handshake must complete within this.")
+    var handshakeTimeout: DurationArgument = DurationArgument(argument: "10s")!
 
     @Option(help: "Worker threads, one event loop each (default: online CPUs).")
     var workers: Int = Syscall.onlineCPUs()
@@ -74,11 +100,21 @@ struct Serve: ParsableCommand {
         if pipeSize < 4096 || pipeSize > 1 << 30 { throw ValidationError("--pipe-size must be between 4096 and 1073741824") }
         if maxPipes < 0 { throw ValidationError("--max-pipes must be 0 or more") }
         if connectTimeout.nanoseconds == 0 { throw ValidationError("--connect-timeout must be greater than 0") }
+        if handshakeTimeout.nanoseconds == 0 { throw ValidationError("--handshake-timeout must be greater than 0") }
+        if noAuth && usersFile != nil { throw ValidationError("--no-auth and --users contradict each other: choose one") }
+        if (socks5.isEmpty && httpConnect.isEmpty) && (noAuth || usersFile != nil || !allow.isEmpty || !deny.isEmpty) {
+            throw ValidationError("--users, --no-auth, --allow and --deny apply to --socks5/--http-connect listeners, and none is given")
+        }
     }
 
     func run() throws {
         // Checked here, not in validate(), so an unknown flag is reported first.
-        if listen.isEmpty { throw ValidationError("no --listen address given (e.g. --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000)") }
+        if listen.isEmpty && socks5.isEmpty && httpConnect.isEmpty {
+            throw ValidationError("nothing to listen on: give --listen HOST:PORT --upstream HOST:PORT, --socks5 HOST:PORT or --http-connect HOST:PORT")
+        }
+        if !(socks5.isEmpty && httpConnect.isEmpty) && !noAuth && usersFile == nil {
+            throw ValidationError("--socks5/--http-connect need --users FILE, or --no-auth to let anyone in")
+        }
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = logLevel
@@ -86,16 +122,20 @@ struct Serve: ParsableCommand {
         }
         let logger = Logger(label: "igris")
 
-        var forwards: [ForwardRule] = []
-        for (l, u) in zip(listen, upstream) {
-            do {
-                forwards.append(ForwardRule(listen: try SocketAddress.resolve(l, passive: true),
-                                            upstream: try SocketAddress.resolve(u)))
-            } catch {
-                throw CommandFailure(error.description)
+        var rules: [ListenerRule] = []
+        do {
+            for (l, u) in zip(listen, upstream) {
+                rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true),
+                                          mode: .forward(upstream: try SocketAddress.resolve(u))))
             }
+            let options = GatewayOptions(requireAuthentication: !noAuth, handshakeTimeoutNanoseconds: handshakeTimeout.nanoseconds)
+            for l in socks5 { rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), mode: .socks5(options))) }
+            for l in httpConnect { rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), mode: .httpConnect(options))) }
+        } catch {
+            throw CommandFailure(error.description)
         }
-        var configuration = ServerConfiguration(forwards: forwards, workers: workers, backend: backend)
+        var configuration = ServerConfiguration(listeners: rules, workers: workers, backend: backend)
+        configuration.policy = try makePolicy()
         configuration.connectTimeoutNanoseconds = connectTimeout.nanoseconds
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
@@ -119,8 +159,16 @@ struct Serve: ParsableCommand {
         } catch {
             throw CommandFailure(error.description)
         }
-        for (rule, address) in zip(forwards, server.listenAddresses) {
-            logger.info("forwarding", metadata: ["listen": "\(address)", "upstream": "\(rule.upstream)", "workers": "\(workers)"])
+        for (rule, address) in zip(rules, server.listenAddresses) {
+            switch rule.mode {
+            case .forward(let upstream):
+                logger.info("forwarding", metadata: ["listen": "\(address)", "upstream": "\(upstream)", "workers": "\(workers)"])
+            case .socks5(let o), .httpConnect(let o):
+                logger.info("listening", metadata: [
+                    "mode": "\(rule.mode.name)", "listen": "\(address)", "auth": "\(o.requireAuthentication ? "password" : "none")",
+                    "workers": "\(workers)",
+                ])
+            }
         }
         signals.start { count, signal in
             if count == 1 {
@@ -137,6 +185,32 @@ struct Serve: ParsableCommand {
             "accepted": "\(server.total(.acceptedTotal))",
             "aborted_at_deadline": "\(server.total(.drainAborted))",
         ])
+    }
+}
+
+extension Serve {
+    /// Users file and ACL rules; every error names what is wrong.
+    func makePolicy() throws -> GatewayPolicy {
+        var aclRules: [DestinationACL.Rule] = []
+        for (action, texts) in [(DestinationACL.Action.deny, deny), (.allow, allow)] {
+            for text in texts {
+                switch DestinationACL.parseRule(action, text) {
+                case .success(let rule): aclRules.append(rule)
+                case .failure(let error): throw ValidationError(error.description)
+                }
+            }
+        }
+        var authenticator: Authenticator? = nil
+        if let usersFile {
+            do {
+                authenticator = try Authenticator(directory: try UserDirectory.load(path: usersFile))
+            } catch let error as YAMLFileError {
+                throw CommandFailure("users file \(error)")
+            } catch {
+                throw CommandFailure("\(error)")
+            }
+        }
+        return GatewayPolicy(acl: DestinationACL(rules: aclRules), authenticator: authenticator)
     }
 }
 

@@ -1,0 +1,72 @@
+import IgrisPolicy
+
+public typealias AuthenticationOutcome = Authenticator.Outcome
+
+/// Settings of a SOCKS5 or HTTP CONNECT listener.
+public struct GatewayOptions: Sendable {
+    /// Username/password required. Off only when the operator says so (`--no-auth`).
+    public var requireAuthentication: Bool
+    /// The whole handshake (greeting to request) must arrive within this.
+    public var handshakeTimeoutNanoseconds: UInt64
+
+    public init(requireAuthentication: Bool, handshakeTimeoutNanoseconds: UInt64 = 10_000_000_000) {
+        self.requireAuthentication = requireAuthentication
+        self.handshakeTimeoutNanoseconds = handshakeTimeoutNanoseconds
+    }
+}
+
+/// What a listener does with the connections it accepts.
+public enum ListenerMode: Sendable {
+    /// Bridge each connection to a fixed upstream.
+    case forward(upstream: SocketAddress)
+    /// RFC 1928 CONNECT (RFC 1929 auth), destination chosen by the client.
+    case socks5(GatewayOptions)
+    /// HTTP/1.1 CONNECT (Basic proxy auth), destination chosen by the client.
+    case httpConnect(GatewayOptions)
+
+    public var name: String {
+        switch self {
+        case .forward: return "forward"
+        case .socks5: return "socks5"
+        case .httpConnect: return "http_connect"
+        }
+    }
+
+    var gatewayOptions: GatewayOptions? {
+        switch self {
+        case .forward: return nil
+        case .socks5(let o), .httpConnect(let o): return o
+        }
+    }
+}
+
+public struct ListenerRule: Sendable {
+    public var listen: SocketAddress
+    public var mode: ListenerMode
+
+    public init(listen: SocketAddress, mode: ListenerMode) {
+        self.listen = listen
+        self.mode = mode
+    }
+}
+
+/// Policy shared by every worker's SOCKS5 / HTTP CONNECT listeners: who may connect
+/// (users), where to (ACL), and how names are resolved.
+public final class GatewayPolicy: Sendable {
+    public let acl: DestinationACL
+    /// nil: no users file; listeners that require authentication refuse to start.
+    public let authenticator: Authenticator?
+    public let resolver: Resolver
+    /// Threads for getaddrinfo and argon2id.
+    public let offloadThreads: Int
+
+    public init(acl: DestinationACL = DestinationACL(), authenticator: Authenticator? = nil,
+                resolver: Resolver = Resolver(), offloadThreads: Int = 2) {
+        self.acl = acl
+        self.authenticator = authenticator
+        self.resolver = resolver
+        self.offloadThreads = offloadThreads
+    }
+
+    var accounts: [UserAccount] { authenticator?.directory.accounts ?? [] }
+}

@@ -1,0 +1,186 @@
+import Glibc
+import Yams
+
+/// The users file: who may authenticate and what each may use.
+///
+/// ```yaml
+/// users:
+///   - name: alice
+///     password_hash: "$argon2id$v=19$m=65536,t=2,p=1$…"   # from `igris passwd`
+///     max_connections: 64          # optional
+///     upload_rate: 10MB            # optional, bytes/s: 1000000, 500KiB, 8Mbit
+///     download_rate: 50MB          # optional
+///     expires: 2027-06-30          # optional, UTC date or date-time (…T12:00:00Z)
+/// ```
+public final class UserDirectory: Sendable {
+    public let accounts: [UserAccount]
+    private let byName: [String: Int]
+
+    public init(accounts: [UserAccount]) {
+        self.accounts = accounts
+        var byName: [String: Int] = [:]
+        for (i, a) in accounts.enumerated() { byName[a.name] = i }
+        self.byName = byName
+    }
+
+    public func index(of name: String) -> Int? { byName[name] }
+
+    /// Reads and validates a users file.
+    public static func load(path: String) throws(YAMLFileError) -> UserDirectory {
+        guard let text = readFile(path) else {
+            throw YAMLFileError(file: path, keyPath: "", line: nil, message: "cannot read: \(String(cString: strerror(errno)))")
+        }
+        return try parse(text, file: path)
+    }
+
+    public static func parse(_ text: String, file: String) throws(YAMLFileError) -> UserDirectory {
+        let parsed = try StrictYAML.decode(UsersFile.self, from: text, file: file)
+        var seen: Set<String> = []
+        for (i, u) in parsed.users.enumerated() {
+            if !seen.insert(u.name).inserted {
+                throw YAMLFileError(file: file, keyPath: "users[\(i)].name", line: nil, message: "duplicate user '\(u.name)'")
+            }
+        }
+        return UserDirectory(accounts: parsed.users.map {
+            UserAccount(name: $0.name, passwordHash: $0.passwordHash, maxConnections: $0.maxConnections, expiresAt: $0.expires,
+                        uploadBytesPerSecond: $0.uploadRate, downloadBytesPerSecond: $0.downloadRate)
+        })
+    }
+
+    static func readFile(_ path: String) -> String? {
+        guard let f = fopen(path, "rb") else { return nil }
+        defer { fclose(f) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = fread(&chunk, 1, chunk.count, f)
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+            if bytes.count > 64 << 20 { return nil }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+struct UsersFile: Decodable {
+    var users: [UserEntry]
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["users"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        users = try c.decodeIfPresent([UserEntry].self, forKey: AnyCodingKey(stringValue: "users")) ?? []
+    }
+}
+
+struct UserEntry: Decodable {
+    var name: String
+    var passwordHash: String
+    var maxConnections: Int?
+    var uploadRate: UInt64?
+    var downloadRate: UInt64?
+    var expires: Int64?
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["name", "password_hash", "max_connections", "upload_rate", "download_rate", "expires"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
+        name = try c.decode(String.self, forKey: key("name"))
+        guard !name.isEmpty, name.utf8.count <= 255 else {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("name")], debugDescription: "a name is 1 to 255 bytes (RFC 1929)"))
+        }
+        passwordHash = try c.decode(String.self, forKey: key("password_hash"))
+        guard PasswordHasher.isValidHash(passwordHash) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("password_hash")],
+                                                    debugDescription: "not an argon2id hash (make one with `igris passwd`)"))
+        }
+        maxConnections = try c.decodeIfPresent(Int.self, forKey: key("max_connections"))
+        if let m = maxConnections, m < 1 {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("max_connections")], debugDescription: "must be at least 1"))
+        }
+        uploadRate = try Self.rate(c, key("upload_rate"))
+        downloadRate = try Self.rate(c, key("download_rate"))
+        if let text = try c.decodeIfPresent(String.self, forKey: key("expires")) {
+            guard let t = Self.parseDate(text) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("expires")],
+                                                        debugDescription: "expected YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC), got '\(text)'"))
+            }
+            expires = t
+        }
+    }
+
+    static func rate(_ c: KeyedDecodingContainer<AnyCodingKey>, _ key: AnyCodingKey) throws -> UInt64? {
+        guard let text = try c.decodeIfPresent(String.self, forKey: key) else { return nil }
+        guard let v = ByteRate.parse(text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key],
+                                                    debugDescription: "expected bytes per second such as 1000000, 500KB, 10MiB or 8Mbit, got '\(text)'"))
+        }
+        return v
+    }
+
+    /// UTC `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` → seconds since the epoch.
+    static func parseDate(_ text: String) -> Int64? {
+        let u = Array(text.utf8)
+        func number(_ from: Int, _ count: Int) -> Int32? {
+            guard from + count <= u.count else { return nil }
+            var v: Int32 = 0
+            for c in u[from..<from + count] {
+                guard c >= 48 && c <= 57 else { return nil }
+                v = v * 10 + Int32(c - 48)
+            }
+            return v
+        }
+        guard u.count == 10 || (u.count == 20 && (u[10] == UInt8(ascii: "T") || u[10] == UInt8(ascii: " ")) && u[19] == UInt8(ascii: "Z")),
+              u[4] == UInt8(ascii: "-"), u[7] == UInt8(ascii: "-"),
+              let year = number(0, 4), let month = number(5, 2), let day = number(8, 2),
+              (1...12).contains(month), (1...31).contains(day) else { return nil }
+        var t = tm()
+        t.tm_year = year - 1900
+        t.tm_mon = month - 1
+        t.tm_mday = day
+        if u.count == 20 {
+            guard u[13] == UInt8(ascii: ":"), u[16] == UInt8(ascii: ":"),
+                  let h = number(11, 2), let m = number(14, 2), let s = number(17, 2), h < 24, m < 60, s < 61 else { return nil }
+            t.tm_hour = h
+            t.tm_min = m
+            t.tm_sec = s
+        }
+        return Int64(timegm(&t))
+    }
+}
+
+/// Bytes per second from operator text.
+public enum ByteRate {
+    public static func parse(_ text: String) -> UInt64? {
+        var s = Substring(text.trimmingCharacters())
+        if s.hasSuffix("/s") { s = s.dropLast(2) }
+        let digits = s.prefix { $0.isASCII && ($0.isNumber || $0 == ".") }
+        guard !digits.isEmpty, let value = Double(digits), value > 0 else { return nil }
+        let unit = s.dropFirst(digits.count).trimmingCharacters()
+        let multiplier: Double
+        switch unit {
+        case "", "B": multiplier = 1
+        case "KB", "kB": multiplier = 1e3
+        case "MB": multiplier = 1e6
+        case "GB": multiplier = 1e9
+        case "KiB": multiplier = 1024
+        case "MiB": multiplier = 1_048_576
+        case "GiB": multiplier = 1_073_741_824
+        case "kbit", "Kbit": multiplier = 125
+        case "Mbit": multiplier = 125_000
+        case "Gbit": multiplier = 125_000_000
+        default: return nil
+        }
+        let bytes = value * multiplier
+        guard bytes >= 1, bytes < 1e15 else { return nil }
+        return UInt64(bytes)
+    }
+}
+
+extension StringProtocol {
+    func trimmingCharacters() -> String {
+        var s = Substring(self)
+        while let f = s.first, f == " " || f == "\t" { s = s.dropFirst() }
+        while let l = s.last, l == " " || l == "\t" { s = s.dropLast() }
+        return String(s)
+    }
+}
