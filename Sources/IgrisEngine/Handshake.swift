@@ -355,9 +355,11 @@ extension Worker {
     func gatewayConnected(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) -> Bool {
         let h = Int(p.pointee.session)
         if result < 0 {
-            // Nothing else is pending on this socket: close it here and try the next address.
+            // Closed through the backend (the epoll backend keeps per-descriptor state that a
+            // bare close() would leave stale for the next socket with the same number).
             sessions[h].lastConnectError = -result
-            Syscall.close(p.pointee.upstream)
+            p.pointee.inflight += 1
+            backend.cancelAndClose(fd: p.pointee.upstream, token: token(s, .closeUpstream))
             p.pointee.upstream = -1
             if connectNextCandidate(s, p) == .close { closeAfterReply(s, p) }
             return false

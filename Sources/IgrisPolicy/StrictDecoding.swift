@@ -44,6 +44,8 @@ public enum StrictYAML {
     public static func decode<T: Decodable>(_ type: T.Type, from text: String, file: String) throws(YAMLFileError) -> T {
         do {
             return try YAMLDecoder().decode(T.self, from: text)
+        } catch let DecodingError.dataCorrupted(context) where context.underlyingError is YamlError {
+            throw YAMLFileError(file: file, keyPath: "", line: nil, message: "not valid YAML: \(context.underlyingError!)")
         } catch let error as DecodingError {
             let (path, message) = describe(error)
             let node = try? Yams.compose(yaml: text)

@@ -55,7 +55,51 @@ struct CommandLineTests {
     @Test func unequalListenAndUpstream() throws {
         try expectOneLineError(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"],
                                contains: "2 --listen but 1 --upstream")
-        try expectOneLineError(["serve"], contains: "no --listen address given")
+        try expectOneLineError(["serve"], contains: "nothing to listen on")
+    }
+
+    @Test("gateway flags: missing users file, bad ACL rules and contradictions are one-line errors")
+    func gatewayFlagErrors() throws {
+        try expectOneLineError(["--socks5", "127.0.0.1:0"], contains: "--socks5/--http-connect need --users FILE, or --no-auth")
+        try expectOneLineError(["--http-connect", "127.0.0.1:0", "--users", "/nonexistent/users.yaml"],
+                               contains: "users file /nonexistent/users.yaml: cannot read")
+        try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--allow", "127.0.0.1:80"], contains: "bad ACL rule '127.0.0.1:80'")
+        try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--deny", "10.0.0.0/8:99999"], contains: "bad ACL rule")
+        try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--users", "u.yaml"], contains: "contradict")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--no-auth"], contains: "none is given")
+        let bad = try writeTemporaryFile("users:\n  - name: alice\n    password_hash: plain\n")
+        defer { unlink(bad) }
+        try expectOneLineError(["--socks5", "127.0.0.1:0", "--users", bad], contains: "\(bad):3: users[0].password_hash: not an argon2id hash")
+    }
+
+    @Test("igris passwd makes a hash that igris serve --users accepts; curl authenticates through it", arguments: engineBackends)
+    func passwdAndServe(backend: BackendChoice) throws {
+        let (status, hashLine, stderr) = try runShell("printf 'hunter2\\n' | \(igris) passwd --user alice")
+        #expect(status == 0, "\(stderr)")
+        #expect(hashLine.contains("password_hash: \"$argon2id$v=19$"), "\(hashLine)")
+        let users = try writeTemporaryFile("users:\n" + hashLine)
+        defer { unlink(users) }
+        let files = try FileServer(size: 100_000)
+        defer { files.stop() }
+        let port = try unusedPort()
+        let child = try ChildProcess(igris, ["--socks5", "127.0.0.1:\(port)", "--users", users, "--allow", "127.0.0.1/32:\(files.port)",
+                                             "--backend", backend.rawValue, "--workers", "1"])
+        defer { child.terminate() }
+        // Ready once the port accepts (bounded).
+        var ready = false
+        for _ in 0..<500 where !ready {
+            if let s = try? TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(port)")) { s.close(); ready = true } else { usleep(10_000) }
+        }
+        #expect(ready)
+        let good = try curl(["-x", "socks5h://alice:hunter2@127.0.0.1:\(port)", "http://127.0.0.1:\(files.port)/blob"])
+        #expect(good.status == 0 && good.digest == files.digest, "\(good.stderr)")
+        let bad = try curl(["-x", "socks5h://alice:hunter3@127.0.0.1:\(port)", "http://127.0.0.1:\(files.port)/blob"])
+        #expect(bad.status == 97)
+        child.signal(SIGTERM)
+        let (exit, log) = child.finish()
+        #expect(exit == 0)
+        #expect(log.contains("authentication failed") && log.contains("reason=wrong password"), "\(log)")
+        #expect(!log.contains("hunter"), "passwords never reach the log")
     }
 
     @Test func badNumbers() throws {

@@ -1,0 +1,205 @@
+import Testing
+@testable import IgrisPolicy
+
+@Suite("Destination ACL")
+struct DestinationACLTests {
+    static func ip(_ s: String) -> IPAddress { IPAddress(Substring(s))! }
+
+    @Test("addresses parse in every form and print back")
+    func parsing() {
+        #expect(Self.ip("127.0.0.1") == IPAddress(ipv4: 127, 0, 0, 1))
+        #expect(Self.ip("::ffff:127.0.0.1") == IPAddress(ipv4: 127, 0, 0, 1))
+        #expect(Self.ip("::ffff:7f00:1") == IPAddress(ipv4: 127, 0, 0, 1))
+        #expect(Self.ip("::1") == IPAddress(high: 0, low: 1))
+        #expect(Self.ip("2001:db8::8:800:200c:417a") == IPAddress(high: 0x2001_0db8_0000_0000, low: 0x0000_0008_0800_200c_417a & 0xFFFF_FFFF_FFFF_FFFF))
+        #expect(Self.ip("fe80::1").description == "fe80:0:0:0:0:0:0:1")
+        #expect(Self.ip("10.1.2.3").description == "10.1.2.3")
+        for bad in ["", "1.2.3", "1.2.3.4.5", "256.1.1.1", "1..2.3", ":::", "1::2::3", "12345::", "::g", "1:2:3:4:5:6:7:8:9", "1.2.3.04x"] {
+            #expect(IPAddress(Substring(bad)) == nil, "\(bad)")
+        }
+        #expect(CIDR("10.0.0.0/8")!.contains(Self.ip("10.255.1.1")))
+        #expect(!CIDR("10.0.0.0/8")!.contains(Self.ip("11.0.0.1")))
+        #expect(CIDR("0.0.0.0/0")!.contains(Self.ip("8.8.8.8")))
+        #expect(!CIDR("0.0.0.0/0")!.contains(Self.ip("2001:db8::1")))
+        #expect(CIDR("::/0")!.contains(Self.ip("8.8.8.8")))
+        #expect(CIDR("1.2.3.4/33") == nil)
+        #expect(CIDR("::/129") == nil)
+    }
+
+    @Test("denied by default: loopback, private, link-local, CGNAT, this-host — in IPv4-mapped form too")
+    func defaults() {
+        let acl = DestinationACL()
+        for denied in ["127.0.0.1", "127.255.0.9", "0.0.0.0", "10.0.0.1", "100.64.0.1", "169.254.169.254", "172.16.0.1",
+                       "172.31.255.255", "192.168.1.1", "::1", "::", "fc00::1", "fd12::1", "fe80::1",
+                       "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254"] {
+            #expect(!acl.permits(Self.ip(denied), port: 80), "\(denied)")
+        }
+        for allowed in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
+            #expect(acl.permits(Self.ip(allowed), port: 80), "\(allowed)")
+        }
+    }
+
+    @Test("operator rules come first; ports and ranges")
+    func rules() throws {
+        let allowLoopbackWeb = try DestinationACL.parseRule(.allow, "127.0.0.1/32:80,8000-8100").get()
+        let denyDocs = try DestinationACL.parseRule(.deny, "2001:db8::/32").get()
+        let allowV6Loopback = try DestinationACL.parseRule(.allow, "::1/128:22").get()
+        let acl = DestinationACL(rules: [denyDocs, allowLoopbackWeb, allowV6Loopback])
+        #expect(acl.permits(Self.ip("127.0.0.1"), port: 80))
+        #expect(acl.permits(Self.ip("127.0.0.1"), port: 8050))
+        #expect(acl.permits(Self.ip("::ffff:127.0.0.1"), port: 8100))
+        #expect(!acl.permits(Self.ip("127.0.0.1"), port: 8101))
+        #expect(!acl.permits(Self.ip("127.0.0.2"), port: 80))
+        #expect(acl.permits(Self.ip("::1"), port: 22))
+        #expect(!acl.permits(Self.ip("2001:db8::5"), port: 443))
+        #expect(acl.permits(Self.ip("2001:db9::5"), port: 443))
+        #expect(allowLoopbackWeb.description == "allow 127.0.0.1/32:80,8000-8100")
+        for bad in ["127.0.0.1:80", "10.0.0.0/8:", "10.0.0.0/8:70000", "10.0.0.0/8:90-80", "nonsense", "10.0.0.0/40"] {
+            #expect(throws: DestinationACL.RuleError.self, "\(bad)") { try DestinationACL.parseRule(.allow, bad).get() }
+        }
+    }
+}
+
+@Suite("Users file")
+struct UserDirectoryTests {
+    static let hash = try! PasswordHasher.hash(Array("secret".utf8))
+
+    @Test("entries with limits, rates and expiry parse")
+    func parses() throws {
+        let text = """
+            users:
+              - name: alice
+                password_hash: "\(Self.hash)"
+                max_connections: 3
+                upload_rate: 2MB
+                download_rate: 8Mbit
+                expires: 2030-01-02
+              - name: bob
+                password_hash: '\(Self.hash)'
+                upload_rate: 1000000
+                expires: 2030-01-02T03:04:05Z
+            """
+        let d = try UserDirectory.parse(text, file: "users.yaml")
+        #expect(d.accounts.count == 2)
+        let alice = d.accounts[d.index(of: "alice")!]
+        #expect(alice.maxConnections == 3)
+        #expect(alice.upload?.bytesPerSecond == 2_000_000)
+        #expect(alice.download?.bytesPerSecond == 1_000_000)
+        #expect(alice.expiresAt == 1_893_542_400)
+        let bob = d.accounts[d.index(of: "bob")!]
+        #expect(bob.upload?.bytesPerSecond == 1_000_000 && bob.download == nil && bob.maxConnections == nil)
+        #expect(bob.expiresAt == 1_893_553_445)
+        #expect(ByteRate.parse("500KiB") == 512_000)
+        #expect(ByteRate.parse("1.5 GB/s") == 1_500_000_000)
+        #expect(ByteRate.parse("fast") == nil)
+    }
+
+    @Test("errors name the key path and line; unknown keys are errors")
+    func errors() {
+        func error(_ text: String) -> String {
+            do {
+                _ = try UserDirectory.parse(text, file: "u.yaml")
+                return "no error"
+            } catch {
+                return error.description
+            }
+        }
+        let unknown = error("users:\n  - name: a\n    password_hash: \"\(Self.hash)\"\n    max_conections: 3\n")
+        #expect(unknown.hasPrefix("u.yaml:4: users[0].max_conections: unknown key 'max_conections'"), "\(unknown)")
+        let badHash = error("users:\n  - name: a\n    password_hash: hunter2\n")
+        #expect(badHash.hasPrefix("u.yaml:3: users[0].password_hash: not an argon2id hash"), "\(badHash)")
+        let missing = error("users:\n  - name: a\n")
+        #expect(missing.contains("users[0].password_hash: required key 'password_hash' is missing"), "\(missing)")
+        let badDate = error("users:\n  - name: a\n    password_hash: \"\(Self.hash)\"\n    expires: tomorrow\n")
+        #expect(badDate.hasPrefix("u.yaml:4: users[0].expires: expected YYYY-MM-DD"), "\(badDate)")
+        let badRate = error("users:\n  - name: a\n    password_hash: \"\(Self.hash)\"\n    upload_rate: lots\n")
+        #expect(badRate.hasPrefix("u.yaml:4: users[0].upload_rate: expected bytes per second"), "\(badRate)")
+        let duplicate = error("users:\n  - name: a\n    password_hash: \"\(Self.hash)\"\n  - name: a\n    password_hash: \"\(Self.hash)\"\n")
+        #expect(duplicate.contains("duplicate user 'a'"), "\(duplicate)")
+        let notYAML = error("users: [\n")
+        #expect(notYAML.hasPrefix("u.yaml: not valid YAML"), "\(notYAML)")
+        let topLevel = error("user:\n  - name: a\n")
+        #expect(topLevel.hasPrefix("u.yaml:1: user: unknown key 'user'"), "\(topLevel)")
+    }
+}
+
+@Suite("Authentication")
+struct AuthenticatorTests {
+    static let client = IPAddress(ipv4: 192, 0, 2, 7)
+
+    static func directory() throws -> UserDirectory {
+        UserDirectory(accounts: [
+            UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("secret".utf8)), maxConnections: 2),
+            UserAccount(name: "old", passwordHash: try PasswordHasher.hash(Array("pw".utf8)), expiresAt: 1_000_000),
+        ])
+    }
+
+    @Test("argon2id: right and wrong passwords, unknown and expired users; successes are cached")
+    func verify() throws {
+        let auth = try Authenticator(directory: try Self.directory())
+        #expect(try PasswordHasher.hash(Array("x".utf8)).hasPrefix("$argon2id$v=19$"))
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 1) == .accepted(0))
+        #expect(auth.kdfRunCount == 1)
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 2) == .accepted(0))
+        #expect(auth.kdfRunCount == 1 && auth.cacheHitCount == 1)
+        // The cache holds a keyed tag of the password, not "alice is fine".
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("Secret".utf8), client: Self.client, now: 3) == .rejected(.wrongPassword))
+        #expect(auth.verify(username: Array("mallory".utf8), password: Array("secret".utf8), client: Self.client, now: 4) == .rejected(.unknownUser))
+        #expect(auth.verify(username: Array("old".utf8), password: Array("pw".utf8), client: Self.client, now: 5) == .rejected(.expired))
+        #expect(auth.rejectedCount == 3)
+    }
+
+    @Test("failures from one address are rate-limited without running the KDF; others are unaffected")
+    func rateLimit() throws {
+        let auth = try Authenticator(directory: try Self.directory(), failureLimit: 3, failureWindowNanoseconds: 1_000)
+        for i in 0..<3 {
+            #expect(auth.verify(username: Array("alice".utf8), password: [UInt8(i)], client: Self.client, now: 10) == .rejected(.wrongPassword))
+        }
+        let runs = auth.kdfRunCount
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 20) == .rejected(.rateLimited))
+        #expect(auth.kdfRunCount == runs)
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: IPAddress(ipv4: 192, 0, 2, 8), now: 20) == .accepted(0))
+        // The window ends: the address may try again.
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 2_000) == .accepted(0))
+    }
+
+    @Test("per-user connection limit")
+    func connectionLimit() throws {
+        let alice = try Self.directory().accounts[0]
+        #expect(alice.tryAcquireConnection() && alice.tryAcquireConnection())
+        #expect(!alice.tryAcquireConnection())
+        alice.releaseConnection()
+        #expect(alice.tryAcquireConnection())
+        #expect(alice.activeConnections == 2 && alice.connectionsTotal == 3)
+    }
+}
+
+@Suite("Rate limiter (GCRA)")
+struct RateLimiterTests {
+    @Test("pauses exactly as long as the bytes are ahead of the rate, past the burst")
+    func pacing() {
+        let limiter = RateLimiter(bytesPerSecond: 1_000_000, burstNanoseconds: 10_000_000)
+        // 1 MB/s: 10,000 bytes cost 10 ms, all within the burst.
+        #expect(limiter.charge(10_000, now: 1_000_000_000) == 0)
+        // Another 10 ms worth: 10 ms ahead of the burst allowance.
+        #expect(limiter.charge(10_000, now: 1_000_000_000) == 10_000_000)
+        // After waiting it out, the next charge is within the burst again.
+        #expect(limiter.charge(1, now: 1_020_000_000) == 0)
+        // Idle time does not bank credit beyond the burst.
+        #expect(limiter.charge(30_000, now: 5_000_000_000) == 20_000_000)
+    }
+
+    @Test("n bytes over t seconds converge to the rate")
+    func average() {
+        let limiter = RateLimiter(bytesPerSecond: 4_000_000)
+        var now: UInt64 = 1_000_000_000
+        let start = now
+        var sent = 0
+        while now - start < 3_000_000_000 {
+            sent += 65536
+            now += limiter.charge(65536, now: now)
+        }
+        let rate = Double(sent) / (Double(now - start) / 1e9)
+        #expect(abs(rate - 4_000_000) / 4_000_000 < 0.05, "\(rate)")
+    }
+}
