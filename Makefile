@@ -5,9 +5,12 @@ export PATH := $(PATH):/opt/swift/usr/bin
 
 APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux curl python3
 SWIFT_BUILD_FLAGS ?=
-# `make run` forwards 127.0.0.1:8080 to 127.0.0.1:8000 unless told otherwise, e.g.
+# `make run` is a SOCKS5 gateway on 127.0.0.1:1080: no authentication (the bind is
+# loopback-only), destinations as the default ACL allows (public addresses) plus one local
+# demo server, 127.0.0.1:8000. Other setups, e.g.
+#   make run RUN_ARGS="--socks5 0.0.0.0:1080 --users /etc/igris/users.yaml"
 #   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
-RUN_ARGS ?= --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000
+RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000
 
 .PHONY: all deps build build-debug run test bench-quick microbench clean
 

@@ -53,6 +53,7 @@ let package = Package(
             name: "igris-load",
             dependencies: [
                 "IgrisEngine",
+                "IgrisProtocols",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

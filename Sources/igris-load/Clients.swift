@@ -62,17 +62,18 @@ struct Bulk: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Send as fast as possible for --duration; report Gbit/s.")
 
     @Option(help: "Target HOST:PORT (a sink, or a proxy in front of one).") var connect: String
+    @OptionGroup var proxy: ProxyOptions
     @Option(help: "Parallel connections.") var connections: Int = 1
     @Option(help: "Seconds to send.") var duration: Double = 5
     @Option(help: "Bytes per write.") var chunk: Int = 256 * 1024
     @Flag(help: "One JSON object instead of a line of text.") var json = false
 
     func run() throws {
-        let target = try resolveTarget(connect)
+        let route = try proxy.route(to: connect)
         guard duration > 0, duration <= 600, connections >= 1, connections <= 10000 else {
             throw ValidationError("--duration must be in (0, 600] and --connections in [1, 10000]")
         }
-        let sockets = try (0..<connections).map { _ in try ClientSocket(target) }
+        let sockets = try (0..<connections).map { _ in try route.open() }
         let totals = UnsafeMutablePointer<Int>.allocate(capacity: connections)
         totals.initialize(repeating: 0, count: connections)
         let start = Syscall.monotonicNanoseconds()
@@ -107,15 +108,16 @@ struct PingPong: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "rr", abstract: "Request/response against an echo server; latency percentiles.")
 
     @Option(help: "Target HOST:PORT (an echo server, or a proxy in front of one).") var connect: String
+    @OptionGroup var proxy: ProxyOptions
     @Option(help: "Bytes per request (echoed back).") var size: Int = 64
     @Option(help: "Round trips per connection.") var count: Int = 20000
     @Option(help: "Parallel connections.") var connections: Int = 1
     @Flag(help: "One JSON object instead of a line of text.") var json = false
 
     func run() throws {
-        let target = try resolveTarget(connect)
+        let route = try proxy.route(to: connect)
         guard count >= 1, count <= 10_000_000, size >= 1, size <= 1 << 20 else { throw ValidationError("--count or --size out of range") }
-        let sockets = try (0..<connections).map { _ in try ClientSocket(target) }
+        let sockets = try (0..<connections).map { _ in try route.open() }
         let perConnection = count
         let samples = UnsafeMutablePointer<UInt64>.allocate(capacity: connections * perConnection)
         nonisolated(unsafe) let s = samples
@@ -150,16 +152,17 @@ struct Hold: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Open and hold connections, each verified by a 1-byte echo.")
 
     @Option(help: "Target HOST:PORT (an echo server, or a proxy in front of one).") var connect: String
+    @OptionGroup var proxy: ProxyOptions
     @Option(help: "Connections to open.") var connections: Int = 1000
     @Option(help: "Seconds to hold them open.") var hold: Double = 5
 
     func run() throws {
-        let target = try resolveTarget(connect)
+        let route = try proxy.route(to: connect)
         guard connections >= 1, connections <= 100_000, hold >= 0, hold <= 3600 else { throw ValidationError("--connections or --hold out of range") }
         var sockets: [ClientSocket] = []
         var byte: UInt8 = 7
         for _ in 0..<connections {
-            let s = try ClientSocket(target)
+            let s = try route.open()
             guard s.writeAll(&byte, 1), s.readExactly(&byte, 1) else { throw ValidationError("echo failed on a fresh connection") }
             sockets.append(s)
         }
