@@ -52,6 +52,7 @@ extension Worker {
         } else {
             h = Int32(sessions.count)
             sessions.append(HandshakeSession())
+            sessionAddresses.append(.allocate(capacity: 1))
         }
         sessions[Int(h)] = HandshakeSession(kind: kind, options: options)
         if let peer = try? Syscall.peerAddress(p.pointee.client) {
@@ -330,8 +331,12 @@ extension Worker {
             p.pointee.upstream = fd
             _ = try? Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
             p.pointee.inflight += 1
-            address.withSockAddr { sa, length in
-                backend.connect(fd: fd, address: sa, length: length, token: token(s, .connect))
+            // io_uring reads the address when the SQE is submitted, at the next loop turn:
+            // it must outlive this call, so it lives in the session's own storage.
+            let stable = sessionAddresses[h]
+            stable.initialize(to: address.storage)
+            stable.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                backend.connect(fd: fd, address: $0, length: address.length, token: token(s, .connect))
             }
             return .wait
         }

@@ -85,6 +85,9 @@ final class Worker<Backend: IOBackend> {
     let accounts: [UserAccount]
     var sessions: [HandshakeSession] = []
     var freeSessions: [Int32] = []
+    /// Per session: the address its connect is submitted with (stable memory, see
+    /// `connectNextCandidate`).
+    var sessionAddresses: [UnsafeMutablePointer<sockaddr_storage>] = []
     var offloadResults: [OffloadResult] = []
     /// Where handshake bytes are peeked into: the largest HTTP head plus one.
     let scratchSize = HandshakeSession.httpHeadLimit + 1
@@ -131,6 +134,7 @@ final class Worker<Backend: IOBackend> {
     deinit {
         for l in listeners { l.upstream.deallocate() }
         scratch.deallocate()
+        for a in sessionAddresses { a.deallocate() }
     }
 
     /// The mailbox offloaded work answers to (the server hands it to the offload jobs).

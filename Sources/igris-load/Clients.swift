@@ -40,6 +40,12 @@ struct ClientSocket {
     func close() { Glibc.close(fd) }
 }
 
+/// Progress and diagnostics go to stderr, never into the results on stdout.
+func writeStandardError(_ text: String) {
+    var bytes = Array(text.utf8)
+    _ = Glibc.write(2, &bytes, bytes.count)
+}
+
 func resolveTarget(_ text: String) throws -> SocketAddress {
     do { return try SocketAddress.resolve(text) } catch { throw ValidationError(error.description) }
 }
@@ -182,5 +188,61 @@ extension String {
     init(format2 value: Double) {
         let scaled = (value * 100).rounded() / 100
         self = "\(scaled)"
+    }
+}
+
+/// Connect, one echo round trip, close — as fast as possible: connections per second.
+struct Churn: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Connect, echo one byte, close, repeatedly; report connections/s.")
+
+    @Option(help: "Target HOST:PORT (an echo server, or a proxy in front of one).") var connect: String
+    @OptionGroup var proxy: ProxyOptions
+    @Option(help: "Parallel client threads.") var connections: Int = 4
+    @Option(help: "Seconds to run.") var duration: Double = 3
+    @Flag(help: "One JSON object instead of a line of text.") var json = false
+
+    func run() throws {
+        let route = try proxy.route(to: connect)
+        guard duration > 0, duration <= 600, connections >= 1, connections <= 1000 else {
+            throw ValidationError("--duration must be in (0, 600] and --connections in [1, 1000]")
+        }
+        let done = UnsafeMutablePointer<Int>.allocate(capacity: connections)
+        let failed = UnsafeMutablePointer<Int>.allocate(capacity: connections)
+        done.initialize(repeating: 0, count: connections)
+        failed.initialize(repeating: 0, count: connections)
+        nonisolated(unsafe) let d = done
+        nonisolated(unsafe) let f = failed
+        let start = Syscall.monotonicNanoseconds()
+        let deadline = start + UInt64(duration * 1e9)
+        onThreads(connections) { i in
+            var byte: UInt8 = UInt8(i & 0xFF)
+            while Syscall.monotonicNanoseconds() < deadline {
+                let s: ClientSocket
+                do {
+                    s = try route.open()
+                } catch {
+                    if f[i] == 0 { writeStandardError("churn: \(error)\n") }
+                    f[i] += 1
+                    continue
+                }
+                if s.writeAll(&byte, 1) && s.readExactly(&byte, 1) {
+                    d[i] += 1
+                } else {
+                    if f[i] == 0 { writeStandardError("churn: echo failed: \(Errno.describe(errno))\n") }
+                    f[i] += 1
+                }
+                s.close()
+            }
+        }
+        let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
+        let total = (0..<connections).reduce(0) { $0 + done[$1] }
+        let failures = (0..<connections).reduce(0) { $0 + failed[$1] }
+        let rate = Double(total) / elapsed
+        if json {
+            print("{\"mode\":\"churn\",\"connections\":\(total),\"failures\":\(failures),\"seconds\":\(elapsed),\"per_s\":\(rate)}")
+        } else {
+            print("churn connections=\(total) failures=\(failures) seconds=\(String(format2: elapsed)) per_s=\(Int(rate))")
+        }
+        if total == 0 { throw ExitCode(1) }
     }
 }

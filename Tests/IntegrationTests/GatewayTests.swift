@@ -258,6 +258,50 @@ struct GatewayTests {
         #expect(gateway.eventually { gateway.total(.activeConnections) == 0 })
     }
 
+    @Test("connection churn: 8 clients × 150 SOCKS5/HTTP CONNECT connects, each verified by an echo", arguments: engineBackends)
+    func churn(backend: BackendChoice) throws {
+        // Regression: the connect address once lived on the stack while io_uring submitted
+        // the connect a loop turn later; under concurrency some connects went astray (RST).
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let gateway = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32:\(upstream.address.port)"])
+        defer { gateway.stop() }
+        let failures = SharedCounter()
+        let successes = SharedCounter()
+        let port = upstream.address.port
+        let socks = gateway.socks5
+        let http = gateway.http
+        let threads = (0..<8).map { t in
+            TestThread {
+                for i in 0..<150 {
+                    do {
+                        let s: TestSocket
+                        if (t + i) % 2 == 0 {
+                            let (c, reply) = try Socks5Client.connect(socks, to: .ipv4(127, 0, 0, 1), port: port)
+                            guard reply == 0 else { c.close(); failures.add(1); continue }
+                            s = c
+                        } else {
+                            s = try TestSocket.connect(http)
+                            s.setReceiveTimeout(seconds: 10)
+                            s.write(Array("CONNECT 127.0.0.1:\(port) HTTP/1.1\r\n\r\n".utf8))
+                            guard try readHTTPResponse(s).hasPrefix("HTTP/1.1 200 ") else { s.close(); failures.add(1); continue }
+                        }
+                        let probe: [UInt8] = [UInt8(t), UInt8(i & 0xFF)]
+                        s.write(probe)
+                        if (try? s.readExactly(2)) == probe { successes.add(1) } else { failures.add(1) }
+                        s.close()
+                    } catch {
+                        failures.add(1)
+                    }
+                }
+            }
+        }
+        for t in threads { t.join() }
+        #expect(failures.value == 0)
+        #expect(successes.value == 8 * 150)
+        #expect(gateway.eventually { gateway.total(.activeConnections) == 0 })
+    }
+
     @Test("IPv6 destinations; refused and timed-out connects get their reply codes", arguments: engineBackends)
     func connectOutcomes(backend: BackendChoice) throws {
         let (v6fd, v6address) = try listeningSocket("[::1]:0", backlog: 16)
