@@ -12,7 +12,7 @@ SWIFT_BUILD_FLAGS ?=
 #   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
 RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000
 
-.PHONY: all deps build build-debug run test bench-quick microbench clean
+.PHONY: all deps build build-debug run test bench bench-quick microbench clean
 
 all: build
 
@@ -39,10 +39,14 @@ run: build
 test: build-debug
 	ulimit -n $$(ulimit -Hn) && swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
-# Throughput, latency and idle-memory figures for the engine, igris vs direct (see
-# Benchmarks/README.md).
+# End-to-end comparison with HAProxy, nginx stream, microsocks and dante (installed from apt
+# when missing), written to Benchmarks/RESULTS.md and results.png: `make bench` (~10 min on
+# 2 cores), `make bench-quick` (fewer targets, shorter runs, < 3 min).
+bench: build
+	Benchmarks/bench.sh
+
 bench-quick: build
-	Benchmarks/engine-quick.sh
+	Benchmarks/bench.sh --quick
 
 # package-benchmark microbenchmarks (Benchmarks/ is its own package: the first build fetches
 # and compiles the benchmark framework, ~3 minutes on 2 cores). Fails if steady-state

@@ -62,7 +62,9 @@ extension Worker {
         p.pointee.session = h
         p.pointee.state = .handshake
         wheel.schedule(s, deadline: now + options.handshakeTimeoutNanoseconds, table: table)
-        armHandshakeRead(s, p)
+        // Clients send their greeting right after connecting, so it has often arrived by the
+        // time the accept is handled: look now, and poll only if nothing is there yet.
+        onHandshakeReadable(s, p, 0)
     }
 
     func releaseSession(_ p: UnsafeMutablePointer<ConnectionSlot>) {

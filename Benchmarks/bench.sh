@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# End-to-end comparison (see bench.py): igris on each backend and splice setting, its SOCKS5
+# listener, HAProxy, nginx stream, microsocks and dante, same machine, same run. Installs the
+# peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
+# Usage: Benchmarks/bench.sh [--quick] [bench.py options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v microsocks >/dev/null || need+=(microsocks)
+command -v danted >/dev/null || need+=(dante-server)
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The packages start system services on default ports; the benchmark runs its own instances.
+for s in haproxy nginx danted; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
+ulimit -n "$(ulimit -Hn)"
+exec /usr/bin/python3 Benchmarks/bench.py "$@"
