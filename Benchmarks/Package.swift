@@ -16,6 +16,7 @@ let package = Package(
             name: "EngineBenchmarks",
             dependencies: [
                 .product(name: "IgrisEngine", package: "igris"),
+                .product(name: "IgrisProtocols", package: "igris"),
                 .product(name: "Benchmark", package: "benchmark"),
             ],
             path: "Benchmarks/EngineBenchmarks",

@@ -93,14 +93,14 @@ struct ConnectionSlot {
 /// The preallocated slot array of one worker. Slots are handed out from a free list and,
 /// before that, from a high-water mark, so pages of the table that were never used are never
 /// touched (they stay non-resident: the table costs memory only for connections it had).
-final class ConnectionTable {
+@_spi(Benchmarks) public final class ConnectionTable {
     let capacity: Int
     private let slots: UnsafeMutablePointer<ConnectionSlot>
     private var highWater: Int32 = 0
     private var freeHead: Int32 = -1
     private(set) var active = 0
 
-    init(capacity: Int) {
+    public init(capacity: Int) {
         self.capacity = capacity
         slots = .allocate(capacity: capacity)
     }
@@ -114,7 +114,7 @@ final class ConnectionTable {
     func pointer(_ index: Int32) -> UnsafeMutablePointer<ConnectionSlot> { slots + Int(index) }
 
     /// A free slot in state `.connecting` with a new generation, or nil when full.
-    func allocate() -> Int32? {
+    public func allocate() -> Int32? {
         let index: Int32
         if freeHead >= 0 {
             index = freeHead
@@ -134,7 +134,7 @@ final class ConnectionTable {
     }
 
     /// Returns a slot; its generation moves on so late completions for it are recognised.
-    func release(_ index: Int32) {
+    public func release(_ index: Int32) {
         let p = slots + Int(index)
         p.pointee.generation = (p.pointee.generation &+ 1) & 0xFF_FFFF
         p.pointee.state = .free

@@ -6,16 +6,17 @@ import Glibc
 /// than one revolution sits in its bucket until its round comes (the deadline is checked
 /// when the bucket is visited). The worker's wait timeout is the time to the next tick that
 /// has a timer in it, so a worker with no timers sleeps until I/O arrives.
-struct TimerWheel {
+/// (`@_spi(Benchmarks)`: public only to the microbenchmarks.)
+@_spi(Benchmarks) public struct TimerWheel {
     static let none: Int32 = -1
     let tickNanoseconds: UInt64
     let bucketCount: Int
     private var heads: [Int32]
-    private(set) var scheduled = 0
+    public private(set) var scheduled = 0
     /// The tick every bucket up to which has been processed.
     private var currentTick: UInt64
 
-    init(now: UInt64, tickNanoseconds: UInt64 = 10_000_000, bucketCount: Int = 1024) {
+    public init(now: UInt64, tickNanoseconds: UInt64 = 10_000_000, bucketCount: Int = 1024) {
         self.tickNanoseconds = tickNanoseconds
         self.bucketCount = bucketCount
         heads = Array(repeating: Self.none, count: bucketCount)
@@ -23,7 +24,7 @@ struct TimerWheel {
     }
 
     /// Links `slot` (whose `timerDeadline` is already set) into its bucket.
-    mutating func schedule(_ slot: Int32, deadline: UInt64, table: ConnectionTable) {
+    public mutating func schedule(_ slot: Int32, deadline: UInt64, table: ConnectionTable) {
         // Round up: the loop wakes at the start of the tick, which must not precede the
         // deadline, or the timer would wait a whole revolution.
         var tick = (deadline + tickNanoseconds - 1) / tickNanoseconds
@@ -39,7 +40,7 @@ struct TimerWheel {
         scheduled += 1
     }
 
-    mutating func cancel(_ slot: Int32, table: ConnectionTable) {
+    public mutating func cancel(_ slot: Int32, table: ConnectionTable) {
         let p = table.pointer(slot)
         let b = Int(p.pointee.timerBucket)
         guard b >= 0 else { return }
@@ -71,7 +72,7 @@ struct TimerWheel {
 
     /// Unlinks every slot whose deadline is ≤ now and appends it to `fired` (the caller
     /// handles them afterwards, free to schedule again).
-    mutating func expire(now: UInt64, table: ConnectionTable, into fired: inout [Int32]) {
+    public mutating func expire(now: UInt64, table: ConnectionTable, into fired: inout [Int32]) {
         let target = now / tickNanoseconds
         guard scheduled > 0 else { currentTick = target; return }
         // After a long sleep visit each bucket at most once.

@@ -1,13 +1,20 @@
 import ArgumentParser
 import Glibc
+import Histogram
 import IgrisEngine
+import Synchronization
 
 /// A blocking TCP client socket for the load modes.
 struct ClientSocket {
     let fd: Int32
 
-    init(_ address: SocketAddress) throws {
+    /// `source`: bind here first (a loopback address of its own gives the connection a fresh
+    /// 64K-port range, so tens of thousands of connections to one target don't run out).
+    init(_ address: SocketAddress, source: SocketAddress? = nil) throws {
         fd = try Syscall.socket(family: address.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        if let source {
+            do { try Syscall.bind(fd, source) } catch { Glibc.close(fd); throw error }
+        }
         let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let e = errno
@@ -50,6 +57,47 @@ func resolveTarget(_ text: String) throws -> SocketAddress {
     do { return try SocketAddress.resolve(text) } catch { throw ValidationError(error.description) }
 }
 
+/// A running total the worker threads add to and a reporter prints once a second on stderr
+/// (only for runs longer than a few seconds; results stay alone on stdout).
+final class Progress: Sendable {
+    private let total = Atomic<Int>(0)
+    private let stopped = Atomic<Bool>(false)
+
+    func add(_ n: Int) { total.wrappingAdd(n, ordering: .relaxed) }
+    var value: Int { total.load(ordering: .relaxed) }
+
+    /// Starts the reporter when `seconds` is long enough to want one; `line` formats
+    /// (elapsed seconds, running total).
+    func report(every seconds: Double, whenLongerThan duration: Double, _ line: @escaping @Sendable (Double, Int) -> String) {
+        guard duration > 3 else { return }
+        let start = Syscall.monotonicNanoseconds()
+        Thread.detach { [self] in
+            var next = 1.0
+            while !stopped.load(ordering: .relaxed) {
+                var ts = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+                nanosleep(&ts, nil)
+                let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
+                if elapsed >= next {
+                    writeStandardError(line(elapsed, value) + "\n")
+                    next += seconds
+                }
+            }
+        }
+    }
+
+    func stop() { stopped.store(true, ordering: .relaxed) }
+}
+
+enum Thread {
+    static func detach(_ body: @escaping @Sendable () -> Void) {
+        final class Box { let run: () -> Void; init(_ r: @escaping () -> Void) { run = r } }
+        var t = pthread_t()
+        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        pthread_create(&t, nil, { raw in Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().run(); return nil }, box)
+        pthread_detach(t)
+    }
+}
+
 /// Runs `body(i)` on `count` threads and waits for all.
 func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
     final class Box { let run: () -> Void; init(_ r: @escaping () -> Void) { run = r } }
@@ -63,15 +111,17 @@ func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
     for t in threads { pthread_join(t, nil) }
 }
 
-/// Bulk one-way transfer to a sink (or through a proxy to one): Gbit/s.
+/// Bulk transfer: one-way to a sink, or `--duplex` to an echo server with every byte that
+/// comes back checked against what was sent. Gbit/s.
 struct Bulk: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Send as fast as possible for --duration; report Gbit/s.")
+    static let configuration = CommandConfiguration(abstract: "Send as fast as possible for --duration; report Gbit/s (--duplex: verified).")
 
-    @Option(help: "Target HOST:PORT (a sink, or a proxy in front of one).") var connect: String
+    @Option(help: "Target HOST:PORT (a sink, or with --duplex an echo server; or a proxy in front of one).") var connect: String
     @OptionGroup var proxy: ProxyOptions
     @Option(help: "Parallel connections.") var connections: Int = 1
     @Option(help: "Seconds to send.") var duration: Double = 5
     @Option(help: "Bytes per write.") var chunk: Int = 256 * 1024
+    @Flag(help: "Full duplex through an echo server: read everything back and verify it byte for byte.") var duplex = false
     @Flag(help: "One JSON object instead of a line of text.") var json = false
 
     func run() throws {
@@ -79,37 +129,85 @@ struct Bulk: ParsableCommand {
         guard duration > 0, duration <= 600, connections >= 1, connections <= 10000 else {
             throw ValidationError("--duration must be in (0, 600] and --connections in [1, 10000]")
         }
+        guard chunk >= 4096, chunk <= 16 << 20, chunk % 8 == 0 else { throw ValidationError("--chunk must be a multiple of 8 from 4096 to 16777216") }
         let sockets = try (0..<connections).map { _ in try route.open() }
-        let totals = UnsafeMutablePointer<Int>.allocate(capacity: connections)
-        totals.initialize(repeating: 0, count: connections)
+        let sent = Progress()
+        let received = Progress()
+        let corrupt = Atomic<Int>(0)
         let start = Syscall.monotonicNanoseconds()
         let deadline = start + UInt64(duration * 1e9)
         let chunk = self.chunk
-        nonisolated(unsafe) let t = totals
-        onThreads(connections) { i in
+        let duplex = self.duplex
+        sent.report(every: 1, whenLongerThan: duration) { t, bytes in
+            "bulk: \(Int(t)) s, \(String(format2: Double(bytes) * 8 / t / 1e9)) Gbit/s sent"
+        }
+        // Threads 0..<n write; with --duplex, threads n..<2n read back and verify.
+        onThreads(duplex ? 2 * connections : connections) { i in
+            let c = i % connections
             let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 64)
-            memset(buffer, 0x5a, chunk)
-            var sent = 0
-            while Syscall.monotonicNanoseconds() < deadline {
-                if !sockets[i].writeAll(buffer, chunk) { break }
-                sent += chunk
+            defer { buffer.deallocate() }
+            var block: UInt64 = 0
+            if i < connections {
+                if !duplex { memset(buffer, 0x5a, chunk) }
+                while Syscall.monotonicNanoseconds() < deadline {
+                    if duplex { BulkPattern.fill(buffer, chunk, connection: c, block: block) }
+                    if !sockets[c].writeAll(buffer, chunk) { break }
+                    block += 1
+                    sent.add(chunk)
+                }
+                if duplex { _ = Glibc.shutdown(sockets[c].fd, Int32(SHUT_WR)) }
+            } else {
+                while sockets[c].readExactly(buffer, chunk) {
+                    if !BulkPattern.check(buffer, chunk, connection: c, block: block) { corrupt.wrappingAdd(1, ordering: .relaxed) }
+                    block += 1
+                    received.add(chunk)
+                }
             }
-            t[i] = sent
-            buffer.deallocate()
         }
+        sent.stop()
         let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
-        let bytes = (0..<connections).reduce(0) { $0 + totals[$1] }
         for s in sockets { s.close() }
-        let gbps = Double(bytes) * 8 / elapsed / 1e9
+        let bytes = sent.value
+        let back = received.value
+        let gbps = Double(duplex ? bytes + back : bytes) * 8 / elapsed / 1e9
+        let bad = corrupt.load(ordering: .relaxed)
+        let verified = duplex ? (back == bytes && bad == 0) : false
         if json {
-            print("{\"mode\":\"bulk\",\"connections\":\(connections),\"bytes\":\(bytes),\"seconds\":\(elapsed),\"gbps\":\(gbps)}")
+            print("{\"mode\":\"bulk\",\"connections\":\(connections),\"duplex\":\(duplex),\"bytes\":\(bytes),\"bytes_back\":\(back),\"verified\":\(verified),\"seconds\":\(elapsed),\"gbps\":\(gbps)}")
         } else {
-            print("bulk connections=\(connections) bytes=\(bytes) seconds=\(String(format2: elapsed)) gbit_per_s=\(String(format2: gbps))")
+            var line = "bulk connections=\(connections) bytes=\(bytes) seconds=\(String(format2: elapsed)) gbit_per_s=\(String(format2: gbps))"
+            if duplex { line += " bytes_back=\(back) corrupt_blocks=\(bad) verified=\(verified)" }
+            print(line)
         }
+        if duplex && !verified { throw ExitCode(1) }
     }
 }
 
-/// Request/response of --size bytes against an echo server: ops/s and latency percentiles.
+/// What `bulk --duplex` sends: each 8-byte word is a function of connection, block and
+/// position, so a reader knows what every byte it gets back must be (a swapped, lost or
+/// repeated block shows up, not just a flipped bit).
+enum BulkPattern {
+    @inline(__always)
+    static func word(_ connection: Int, _ block: UInt64, _ k: Int) -> UInt64 {
+        var x = UInt64(connection) &* 0x9E37_79B9_7F4A_7C15 ^ block &* 0xBF58_476D_1CE4_E5B9 ^ UInt64(k)
+        x ^= x >> 31
+        return x &* 0x94D0_49BB_1331_11EB
+    }
+
+    static func fill(_ p: UnsafeMutableRawPointer, _ count: Int, connection: Int, block: UInt64) {
+        let words = p.assumingMemoryBound(to: UInt64.self)
+        for k in 0..<(count / 8) { words[k] = word(connection, block, k) }
+    }
+
+    static func check(_ p: UnsafeMutableRawPointer, _ count: Int, connection: Int, block: UInt64) -> Bool {
+        let words = p.assumingMemoryBound(to: UInt64.self)
+        for k in 0..<(count / 8) where words[k] != word(connection, block, k) { return false }
+        return true
+    }
+}
+
+/// Request/response of --size bytes against an echo server: ops/s and latency percentiles
+/// (HdrHistogram, 3 significant digits).
 struct PingPong: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "rr", abstract: "Request/response against an echo server; latency percentiles.")
 
@@ -122,33 +220,44 @@ struct PingPong: ParsableCommand {
 
     func run() throws {
         let route = try proxy.route(to: connect)
-        guard count >= 1, count <= 10_000_000, size >= 1, size <= 1 << 20 else { throw ValidationError("--count or --size out of range") }
+        guard count >= 1, count <= 10_000_000, size >= 1, size <= 1 << 20, connections >= 1, connections <= 1000 else {
+            throw ValidationError("--count, --size or --connections out of range")
+        }
         let sockets = try (0..<connections).map { _ in try route.open() }
         let perConnection = count
-        let samples = UnsafeMutablePointer<UInt64>.allocate(capacity: connections * perConnection)
-        nonisolated(unsafe) let s = samples
         let size = self.size
+        let histograms = Mutex<[Histogram<UInt64>]>([])
+        let done = Progress()
         let start = Syscall.monotonicNanoseconds()
+        let expected = Double(count)
+        done.report(every: 1, whenLongerThan: expected / 10_000) { t, n in "rr: \(Int(t)) s, \(n) round trips" }
         onThreads(connections) { i in
+            // Nanoseconds up to 60 s; each thread records into its own, merged at the end.
+            var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
             let out = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
             let back = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+            defer { out.deallocate(); back.deallocate() }
             memset(out, 0x42, size)
-            for k in 0..<perConnection {
+            for _ in 0..<perConnection {
                 let t0 = Syscall.monotonicNanoseconds()
                 guard sockets[i].writeAll(out, size), sockets[i].readExactly(back, size) else { break }
-                s[i * perConnection + k] = Syscall.monotonicNanoseconds() - t0
+                _ = histogram.record(Syscall.monotonicNanoseconds() - t0)
+                done.add(1)
             }
+            histograms.withLock { $0.append(histogram) }
         }
+        done.stop()
         let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
         for so in sockets { so.close() }
-        var all = Array(UnsafeBufferPointer(start: samples, count: connections * perConnection))
-        all.sort()
-        func pct(_ p: Double) -> Double { Double(all[min(all.count - 1, Int(Double(all.count) * p))]) / 1000 }
-        let ops = Double(all.count) / elapsed
+        var all = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        histograms.withLock { for h in $0 { all.add(h) } }
+        guard all.totalCount > 0 else { throw ValidationError("no round trip completed") }
+        func pct(_ p: Double) -> Double { Double(all.valueAtPercentile(p)) / 1000 }
+        let ops = Double(all.totalCount) / elapsed
         if json {
-            print("{\"mode\":\"rr\",\"size\":\(size),\"ops_per_s\":\(ops),\"p50_us\":\(pct(0.5)),\"p90_us\":\(pct(0.9)),\"p99_us\":\(pct(0.99)),\"p999_us\":\(pct(0.999))}")
+            print("{\"mode\":\"rr\",\"size\":\(size),\"round_trips\":\(all.totalCount),\"ops_per_s\":\(ops),\"p50_us\":\(pct(50)),\"p90_us\":\(pct(90)),\"p99_us\":\(pct(99)),\"p999_us\":\(pct(99.9))}")
         } else {
-            print("rr size=\(size) ops_per_s=\(Int(ops)) p50_us=\(String(format2: pct(0.5))) p90_us=\(String(format2: pct(0.9))) p99_us=\(String(format2: pct(0.99))) p999_us=\(String(format2: pct(0.999)))")
+            print("rr size=\(size) round_trips=\(all.totalCount) ops_per_s=\(Int(ops)) p50_us=\(String(format2: pct(50))) p90_us=\(String(format2: pct(90))) p99_us=\(String(format2: pct(99))) p999_us=\(String(format2: pct(99.9)))")
         }
     }
 }
@@ -167,8 +276,9 @@ struct Hold: ParsableCommand {
         guard connections >= 1, connections <= 100_000, hold >= 0, hold <= 3600 else { throw ValidationError("--connections or --hold out of range") }
         var sockets: [ClientSocket] = []
         var byte: UInt8 = 7
-        for _ in 0..<connections {
-            let s = try route.open()
+        for i in 0..<connections {
+            if i > 0 && i % 5000 == 0 { writeStandardError("hold: \(i) of \(connections) open\n") }
+            let s = try route.open(sourceIndex: i)
             guard s.writeAll(&byte, 1), s.readExactly(&byte, 1) else { throw ValidationError("echo failed on a fresh connection") }
             sockets.append(s)
         }
@@ -214,6 +324,8 @@ struct Churn: ParsableCommand {
         nonisolated(unsafe) let f = failed
         let start = Syscall.monotonicNanoseconds()
         let deadline = start + UInt64(duration * 1e9)
+        let progress = Progress()
+        progress.report(every: 1, whenLongerThan: duration) { t, n in "churn: \(Int(t)) s, \(n) connections" }
         onThreads(connections) { i in
             var byte: UInt8 = UInt8(i & 0xFF)
             while Syscall.monotonicNanoseconds() < deadline {
@@ -227,6 +339,7 @@ struct Churn: ParsableCommand {
                 }
                 if s.writeAll(&byte, 1) && s.readExactly(&byte, 1) {
                     d[i] += 1
+                    progress.add(1)
                 } else {
                     if f[i] == 0 { writeStandardError("churn: echo failed: \(Errno.describe(errno))\n") }
                     f[i] += 1
@@ -234,6 +347,7 @@ struct Churn: ParsableCommand {
                 s.close()
             }
         }
+        progress.stop()
         let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
         let total = (0..<connections).reduce(0) { $0 + done[$1] }
         let failures = (0..<connections).reduce(0) { $0 + failed[$1] }

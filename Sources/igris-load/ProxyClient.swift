@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import IgrisEngine
+import IgrisPolicy
 import IgrisProtocols
 
 /// `--socks5 HOST:PORT [--socks-user U:P]` or `--http-proxy HOST:PORT`: every client
@@ -54,9 +55,15 @@ struct ConnectRoute: Sendable {
     var dial: SocketAddress
     var handshake: Handshake
 
-    /// A connected socket, through the proxy when there is one.
-    func open() throws -> ClientSocket {
-        let s = try ClientSocket(dial)
+    /// A connected socket, through the proxy when there is one. With `sourceIndex`, a
+    /// loopback target is dialled from 127.0.0.(1 + index % 250), spreading many connections
+    /// over many source addresses so they never run out of ephemeral ports.
+    func open(sourceIndex: Int? = nil) throws -> ClientSocket {
+        var source: SocketAddress? = nil
+        if let i = sourceIndex, dial.family == AF_INET, dial.ipAddress.description.hasPrefix("127.") {
+            source = SocketAddress(ip: IPAddress(ipv4: 127, 0, 0, UInt8(1 + i % 250)), port: 0)
+        }
+        let s = try ClientSocket(dial, source: source)
         do {
             try negotiate(s)
         } catch {

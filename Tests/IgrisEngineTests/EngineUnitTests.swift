@@ -1,5 +1,5 @@
 import Glibc
-@testable import IgrisEngine
+@_spi(Benchmarks) @testable import IgrisEngine
 import Testing
 
 @Suite struct SocketAddressTests {
@@ -116,5 +116,39 @@ import Testing
         var fired: [Int32] = []
         wheel.expire(now: start + wait, table: table, into: &fired)
         #expect(fired == [s])
+    }
+}
+
+@Suite struct ResolverTests {
+    @Test("answers are cached (positive TTL), failures too (negative TTL); ports are the caller's")
+    func caches() {
+        let resolver = Resolver(positiveTTLNanoseconds: 60_000_000_000, negativeTTLNanoseconds: 60_000_000_000)
+        let first = resolver.resolve("localhost", port: 80)
+        let second = resolver.resolve("LOCALHOST", port: 8080)
+        #expect((try? first.get())?.first?.port == 80)
+        #expect((try? second.get())?.first?.port == 8080)
+        #expect((try? second.get())?.contains { $0.description.hasPrefix("127.0.0.1:") } == true)
+        #expect(resolver.lookups == 1 && resolver.cacheHits == 1)
+        #expect(resolver.resolve("no-such-host.invalid", port: 1) == .failure(.notFound))
+        #expect(resolver.resolve("no-such-host.invalid", port: 2) == .failure(.notFound))
+        #expect(resolver.lookups == 2 && resolver.cacheHits == 2)
+    }
+
+    @Test("an expired answer is looked up again")
+    func expires() {
+        let resolver = Resolver(positiveTTLNanoseconds: 1, negativeTTLNanoseconds: 1)
+        _ = resolver.resolve("localhost", port: 1)
+        _ = resolver.resolve("localhost", port: 1)
+        #expect(resolver.lookups == 2 && resolver.cacheHits == 0)
+    }
+
+    @Test("socket addresses convert to and from the ACL's 16-byte form")
+    func ipAddressConversion() throws {
+        let v4 = try SocketAddress.resolve("10.1.2.3:99")
+        #expect(v4.ipAddress.description == "10.1.2.3")
+        #expect(SocketAddress(ip: v4.ipAddress, port: 99) == v4)
+        let v6 = try SocketAddress.resolve("[2001:db8::1]:443")
+        #expect(SocketAddress(ip: v6.ipAddress, port: 443).description == "[2001:db8::1]:443")
+        #expect(v6.withPort(8443).description == "[2001:db8::1]:8443")
     }
 }

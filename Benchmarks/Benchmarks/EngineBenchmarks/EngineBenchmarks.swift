@@ -1,6 +1,7 @@
 import Benchmark
 import Glibc
-import IgrisEngine
+@_spi(Benchmarks) import IgrisEngine
+import IgrisProtocols
 
 /// A blocking loopback client doing fixed-size round trips through the gateway.
 private struct RoundTripClient {
@@ -81,6 +82,70 @@ let benchmarks: @Sendable () -> Void = {
             sum &+= UInt64(t.index) &+ UInt64(t.generation) &+ UInt64(t.kind.rawValue)
         }
         blackHole(sum)
+    }
+
+    // Schedule + cancel of a connection's timer (what every bridge does per idle-timeout
+    // reset), and a schedule that expires: no allocation either way.
+    Benchmark("TimerWheel schedule+cancel", configuration: .init(scalingFactor: .kilo,
+                                                                  thresholds: [.mallocCountTotal: .init(absolute: [.p90: 0])])) { benchmark in
+        let table = ConnectionTable(capacity: 1024)
+        var wheel = TimerWheel(now: 1_000_000_000)
+        for _ in 0..<1024 { _ = table.allocate() }
+        for i in benchmark.scaledIterations {
+            let slot = Int32(i & 1023)
+            wheel.schedule(slot, deadline: 1_000_000_000 + UInt64(i & 0xFFFF) * 1_000_000, table: table)
+            wheel.cancel(slot, table: table)
+        }
+        blackHole(wheel.scheduled)
+    }
+
+    Benchmark("TimerWheel schedule+expire (1,024 timers)") { benchmark in
+        let table = ConnectionTable(capacity: 1024)
+        for _ in 0..<1024 { _ = table.allocate() }
+        var fired: [Int32] = []
+        fired.reserveCapacity(1024)
+        var now: UInt64 = 1_000_000_000
+        var wheel = TimerWheel(now: now)
+        for _ in benchmark.scaledIterations {
+            for s in 0..<Int32(1024) { wheel.schedule(s, deadline: now + UInt64(s) * 100_000, table: table) }
+            now += 200_000_000
+            wheel.expire(now: now, table: table, into: &fired)
+            precondition(fired.count == 1024)
+            fired.removeAll(keepingCapacity: true)
+        }
+    }
+
+    // Codecs: a whole SOCKS5 handshake (greeting, RFC 1929 credentials, CONNECT to a name)
+    // and an HTTP CONNECT head with Basic credentials, parsed as the worker parses them.
+    let socks: [UInt8] = [5, 2, 0, 2] + [1, 5] + Array("alice".utf8) + [6] + Array("secret".utf8)
+        + [5, 1, 0, 3, 11] + Array("example.org".utf8) + [1, 187]
+    Benchmark("SOCKS5 handshake parse", configuration: .init(scalingFactor: .kilo)) { benchmark in
+        for _ in benchmark.scaledIterations {
+            var h = Socks5ServerHandshake()
+            var offset = 0
+            socks.withUnsafeBytes { all in
+                while offset < all.count {
+                    let (n, event) = h.feed(UnsafeRawBufferPointer(rebasing: all[offset...]))
+                    offset += n
+                    switch event {
+                    case .greeting: h.select(.usernamePassword)
+                    case .credentials: h.authenticated()
+                    default: break
+                    }
+                }
+            }
+            blackHole(h.phase)
+        }
+    }
+
+    let head = Array("CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\nUser-Agent: curl/7.88.1\r\nProxy-Authorization: Basic YWxpY2U6c2VjcmV0\r\nProxy-Connection: Keep-Alive\r\n\r\n".utf8)
+    Benchmark("HTTP CONNECT head parse", configuration: .init(scalingFactor: .kilo)) { benchmark in
+        for _ in benchmark.scaledIterations {
+            var parser = HTTPHeadParser()
+            let (_, event) = head.withUnsafeBytes { parser.feed($0) }
+            guard case .head(let h) = event, case .success(let request) = HTTPConnect.request(from: h) else { fatalError("parse failed") }
+            blackHole(request.port)
+        }
     }
 
     // One 64-byte round trip through a gateway forwarding to an echo: four forwarded
