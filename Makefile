@@ -3,7 +3,10 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
-APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux curl python3
+APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux curl python3 haproxy
+# promtool checks the /metrics output; it comes out of Debian's prometheus package without
+# installing (and starting) the Prometheus server.
+TOOLS := $(CURDIR)/.build/tools
 SWIFT_BUILD_FLAGS ?=
 # `make run` is a SOCKS5 gateway on 127.0.0.1:1080: no authentication (the bind is
 # loopback-only), destinations as the default ACL allows (public addresses) plus one local
@@ -25,6 +28,13 @@ deps:
 	fi
 	@command -v swift >/dev/null || { echo "no swift on PATH: install a Swift 6.1+ toolchain (https://swift.org/install)"; exit 1; }
 
+$(TOOLS)/bin/promtool:
+	@mkdir -p $(TOOLS)/deb $(TOOLS)/bin
+	@echo "fetching promtool (Debian's prometheus package, unpacked, not installed)"
+	@cd $(TOOLS)/deb && rm -f prometheus_*.deb && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }
+	@dpkg-deb -x $$(ls $(TOOLS)/deb/prometheus_*.deb | head -1) $(TOOLS)/root
+	@ln -sf $(TOOLS)/root/usr/bin/promtool $(TOOLS)/bin/promtool
+
 build: deps
 	swift build -c release $(SWIFT_BUILD_FLAGS)
 
@@ -36,8 +46,9 @@ run: build
 
 # The scale test holds 15,000 descriptors in the test process: raise the soft limit to the
 # hard one. Tests share loopback ports and the fd budget, so they run one at a time.
-test: build-debug
-	ulimit -n $$(ulimit -Hn) && swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
+test: build-debug $(TOOLS)/bin/promtool
+	@service haproxy stop >/dev/null 2>&1 || true  # the package starts one; tests run their own
+	ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH" swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
 # End-to-end comparison with HAProxy, nginx stream, microsocks and dante (installed from apt
 # when missing), written to Benchmarks/RESULTS.md and results.png: `make bench` (~10 min on

@@ -41,10 +41,21 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Modes and operations on top of the engine: the configuration file, the admin
+        // endpoint (metrics, health), access logging.
+        .target(
+            name: "IgrisGateway",
+            dependencies: [
+                "IgrisEngine", "IgrisPolicy", "IgrisProtocols",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
         .executableTarget(
             name: "igris",
             dependencies: [
                 "IgrisEngine",
+                "IgrisGateway",
                 "IgrisPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -77,7 +88,7 @@ let package = Package(
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "IgrisGateway", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -379,6 +379,8 @@ def chart(targets, results, path):
         colors = ["#2a6fbb" if t.startswith("igris") else "#999999" for t in names]
         ax.barh(names, values, color=colors)
         ax.set_title(title, fontsize=10)
+        if key in ("idle_bytes", "cpu16"):
+            ax.set_xscale("log")  # dante's per-process memory and microsocks' CPU dwarf the rest
         ax.invert_yaxis()
         ax.tick_params(labelsize=8)
     fig.suptitle("igris (blue) vs direct, HAProxy, nginx, microsocks, dante — loopback, medians", fontsize=11)
@@ -425,6 +427,8 @@ def main():
                 log(f"[{rep + 1}/{a.repeat}] {t} done ({time.time() - t0:.0f} s)")
     finally:
         sink.kill(); echo.kill()
+    with open(os.path.join(os.path.dirname(a.output), "results.json"), "w") as f:
+        json.dump({"targets": targets, "results": results}, f, indent=1)
     png = chart(targets, results, os.path.join(os.path.dirname(a.output), "results.png"))
     text = write_results(a, targets, results, started, time.time() - t0, png)
     with open(a.output, "w") as f:

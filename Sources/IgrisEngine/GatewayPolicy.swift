@@ -1,4 +1,5 @@
 import IgrisPolicy
+import IgrisProtocols
 
 public typealias AuthenticationOutcome = Authenticator.Outcome
 
@@ -43,10 +44,20 @@ public enum ListenerMode: Sendable {
 public struct ListenerRule: Sendable {
     public var listen: SocketAddress
     public var mode: ListenerMode
+    /// For logs and metrics; the listen address when not given.
+    public var name: String
+    /// Every connection must start with a PROXY v1/v2 header (from the load balancer in
+    /// front); one without is closed. Never parsed when false.
+    public var acceptProxyProtocol = false
+    /// forward: send a PROXY header with the client's address to the upstream first.
+    public var sendProxyProtocol: ProxyProtocol.Version?
+    /// How long a forward listener that accepts PROXY headers waits for one.
+    public var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
 
-    public init(listen: SocketAddress, mode: ListenerMode) {
+    public init(listen: SocketAddress, mode: ListenerMode, name: String? = nil) {
         self.listen = listen
         self.mode = mode
+        self.name = name ?? listen.description
     }
 }
 

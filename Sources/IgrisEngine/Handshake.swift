@@ -6,6 +6,8 @@ import IgrisProtocols
 enum GatewayProtocol: Sendable {
     case socks5
     case httpConnect
+    /// A forward listener reading its balancer's PROXY header before connecting upstream.
+    case forward
 }
 
 /// A SOCKS5 / HTTP CONNECT connection's state while it negotiates, held beside the slot
@@ -30,6 +32,12 @@ struct HandshakeSession {
     var nextCandidate = 0
     var lastConnectError: Int32 = 0
     var awaitingOffload = false
+    /// accept_proxy_protocol: the header comes first.
+    var expectProxyHeader = false
+    var proxy = ProxyProtocol.Parser()
+    /// What the PROXY header said (nil: a LOCAL header, or none expected).
+    var proxiedSource: ProxyProtocol.Endpoint?
+    var proxiedDestination: ProxyProtocol.Endpoint?
 }
 
 /// What the handshake does after a message.
@@ -40,12 +48,15 @@ enum HandshakeStep {
     case wait
     /// A failure reply was sent: close.
     case close
+    /// A forward listener has its PROXY header: connect the upstream.
+    case connectForward
 }
 
 extension Worker {
     // MARK: - Sessions
 
-    func startHandshake(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, protocol kind: GatewayProtocol, options: GatewayOptions) {
+    func startHandshake(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, protocol kind: GatewayProtocol, options: GatewayOptions,
+                        proxyHeader: Bool) {
         let h: Int32
         if let free = freeSessions.popLast() {
             h = free
@@ -55,6 +66,7 @@ extension Worker {
             sessionAddresses.append(.allocate(capacity: 1))
         }
         sessions[Int(h)] = HandshakeSession(kind: kind, options: options)
+        sessions[Int(h)].expectProxyHeader = proxyHeader
         if let peer = try? Syscall.peerAddress(p.pointee.client) {
             sessions[Int(h)].client = peer.ipAddress
             sessions[Int(h)].clientText = peer.description
@@ -97,8 +109,16 @@ extension Worker {
         var step = HandshakeStep.read
         while offset < n && step == .read {
             let bytes = UnsafeRawBufferPointer(start: scratch + offset, count: n - offset)
-            let (consumed, next) = sessions[Int(p.pointee.session)].kind == .socks5
-                ? feedSocks5(s, p, bytes) : feedHTTP(s, p, bytes)
+            let (consumed, next): (Int, HandshakeStep)
+            if sessions[Int(p.pointee.session)].expectProxyHeader {
+                (consumed, next) = feedProxyHeader(s, p, bytes)
+            } else {
+                switch sessions[Int(p.pointee.session)].kind {
+                case .socks5: (consumed, next) = feedSocks5(s, p, bytes)
+                case .httpConnect: (consumed, next) = feedHTTP(s, p, bytes)
+                case .forward: (consumed, next) = (0, .connectForward)
+                }
+            }
             offset += consumed
             step = next
         }
@@ -108,7 +128,64 @@ extension Worker {
         case .read: armHandshakeRead(s, p)
         case .wait: break
         case .close: closeAfterReply(s, p)
+        case .connectForward: beginForwardConnect(s, p)
         }
+    }
+
+    /// accept_proxy_protocol: the balancer's header names the real client (used for logs,
+    /// the auth failure limit and a PROXY header sent onwards). Strict: no valid header, no
+    /// connection.
+    private func feedProxyHeader(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ bytes: UnsafeRawBufferPointer) -> (Int, HandshakeStep) {
+        let h = Int(p.pointee.session)
+        let (consumed, event) = sessions[h].proxy.feed(bytes)
+        switch event {
+        case .needMore:
+            return (consumed, .read)
+        case .header(let header):
+            sessions[h].expectProxyHeader = false
+            if case .proxied(let source, let destination) = header {
+                sessions[h].proxiedSource = source
+                sessions[h].proxiedDestination = destination
+                let address = SocketAddress(endpoint: source)
+                sessions[h].client = address.ipAddress
+                sessions[h].clientText = address.description
+            }
+            return (consumed, sessions[h].kind == .forward ? .connectForward : .read)
+        case .failure(let failure):
+            statistics.add(.proxyHeaderRejected)
+            logger.info("connection without a valid PROXY header closed", metadata: [
+                "listener": "\(listeners[Int(p.pointee.listener)].name)", "client": "\(sessions[h].clientText)", "error": "\(failure)",
+            ])
+            return (consumed, .close)
+        }
+    }
+
+    /// A forward connection whose PROXY header has arrived: connect its upstream.
+    private func beginForwardConnect(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        p.pointee.state = .connecting
+        p.pointee.lastActivity = now
+        wheel.cancel(s, table: table)
+        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        if !connectUpstream(s) {
+            // Out of descriptors: this one does not wait (see startBridge for the one that may).
+            statistics.add(.rejectedAtCapacity)
+            closeSlot(s, abort: false)
+        }
+    }
+
+    /// The PROXY header for an upstream: the balancer's view when one told us, else this
+    /// connection's own peer and local address. Sent first on the fresh upstream socket.
+    func sendProxyHeader(_ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
+        guard let version = listeners[Int(p.pointee.listener)].sendProxyProtocol else { return true }
+        var header = ProxyProtocol.Header.local
+        if p.pointee.session >= 0, let source = sessions[Int(p.pointee.session)].proxiedSource,
+           let destination = sessions[Int(p.pointee.session)].proxiedDestination {
+            header = .proxied(source: source, destination: destination)
+        } else if let peer = try? Syscall.peerAddress(p.pointee.client), let local = try? Syscall.localAddress(p.pointee.client) {
+            header = .proxied(source: ProxyProtocol.Endpoint(peer), destination: ProxyProtocol.Endpoint(local))
+        }
+        let bytes = ProxyProtocol.encode(header, version: version)
+        return bytes.withUnsafeBytes { Syscall.send(p.pointee.upstream, $0.baseAddress!, $0.count) } == bytes.count
     }
 
     private func feedSocks5(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ bytes: UnsafeRawBufferPointer) -> (Int, HandshakeStep) {
@@ -268,6 +345,8 @@ extension Worker {
                 armHandshakeRead(s, p)
             case .httpConnect:
                 if route(s, p, host: sessions[h].pendingHost, port: sessions[h].pendingPort) == .close { closeAfterReply(s, p) }
+            case .forward:
+                break
             }
         case .rejected(let why):
             statistics.add(.authFailures)
@@ -278,6 +357,7 @@ extension Worker {
             switch sessions[h].kind {
             case .socks5: sendReply(p, Socks5.authenticationStatus(succeeded: false))
             case .httpConnect: sendReply(p, HTTPConnect.response(.proxyAuthenticationRequired))
+            case .forward: break
             }
             closeAfterReply(s, p)
         }
@@ -311,6 +391,7 @@ extension Worker {
             p.pointee.rateLimited = account.isRateLimited
         }
         p.pointee.state = .connecting
+        p.pointee.lastActivity = now  // connect latency is measured from here
         wheel.cancel(s, table: table)
         wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
         return connectNextCandidate(s, p)
@@ -361,6 +442,18 @@ extension Worker {
     /// The connect completed. Returns true when the bridge should start (success reply sent).
     func gatewayConnected(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) -> Bool {
         let h = Int(p.pointee.session)
+        if sessions[h].kind == .forward {
+            guard result >= 0 else {
+                statistics.add(.connectFailures)
+                logger.warning("upstream connect failed", metadata: [
+                    "listener": "\(listeners[Int(p.pointee.listener)].name)", "upstream": "\(listeners[Int(p.pointee.listener)].upstreamName)",
+                    "error": "\(Errno.describe(-result))",
+                ])
+                closeSlot(s, abort: false)
+                return false
+            }
+            return true
+        }
         if result < 0 {
             // Closed through the backend (the epoll backend keeps per-descriptor state that a
             // bare close() would leave stale for the next socket with the same number).
@@ -382,9 +475,10 @@ extension Worker {
             sendReply(p, Socks5.reply(.succeeded, bound: bound, port: port))
         case .httpConnect:
             sendReply(p, HTTPConnect.response(.established))
+        case .forward:
+            break
         }
         statistics.add(.handshakesCompleted)
-        releaseSession(p)
         return true
     }
 
@@ -402,6 +496,7 @@ extension Worker {
         switch sessions[Int(p.pointee.session)].kind {
         case .socks5: sendReply(p, Socks5.reply(socks))
         case .httpConnect: sendReply(p, HTTPConnect.response(http))
+        case .forward: break
         }
         return .close
     }
@@ -497,5 +592,30 @@ extension String {
         while let f = s.first, set.contains(f) { s = s.dropFirst() }
         while let l = s.last, set.contains(l) { s = s.dropLast() }
         return String(s)
+    }
+}
+
+extension ProxyProtocol.Endpoint {
+    /// IPv4 (also IPv4-mapped IPv6) as 4 bytes, IPv6 as 16.
+    init(_ address: SocketAddress) {
+        let ip = address.ipAddress
+        if ip.isIPv4Mapped {
+            let v = UInt32(truncatingIfNeeded: ip.low)
+            self.init(address: [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)], port: address.port)
+        } else {
+            var bytes: [UInt8] = []
+            for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i)))) }
+            for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i)))) }
+            self.init(address: bytes, port: address.port)
+        }
+    }
+}
+
+extension SocketAddress {
+    init(endpoint: ProxyProtocol.Endpoint) {
+        let ip = endpoint.address.count == 4
+            ? IPAddress(ipv4: endpoint.address[0], endpoint.address[1], endpoint.address[2], endpoint.address[3])
+            : IPAddress(ipv6: endpoint.address)
+        self.init(ip: ip, port: endpoint.port)
     }
 }

@@ -129,7 +129,7 @@ public final class Server: Sendable {
         }
         listenFDs = fds
         listenAddresses = addresses
-        statistics = (0..<configuration.workers).map { _ in WorkerStatistics() }
+        statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: configuration.listeners.count) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
         var controls: [WorkerControl] = []
         do {
@@ -200,7 +200,8 @@ public final class Server: Sendable {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
                 listeners: zip(listenFDs[w], configuration.listeners).map { fd, rule in
-                    WorkerListener(fd: fd, name: rule.listen.description, mode: rule.mode)
+                    WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
+                                   sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds)
                 },
                 backend: configuration.buffers,
                 connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
@@ -279,4 +280,24 @@ public final class Server: Sendable {
     public func total(_ counter: WorkerStatistics.Counter) -> Int64 {
         statistics.reduce(0) { $0 + $1.load(counter) }
     }
+
+    /// A per-listener counter summed over the workers.
+    public func total(listener: Int, _ counter: WorkerStatistics.ListenerCounter) -> Int64 {
+        statistics.reduce(0) { $0 + $1.load(listener: listener, counter) }
+    }
+
+    /// The connect latency histogram summed over the workers: per-bucket counts and sum (ns).
+    public func connectLatency() -> (buckets: [Int64], sumNanoseconds: Int64) {
+        var buckets = [Int64](repeating: 0, count: WorkerStatistics.connectLatencyBounds.count + 1)
+        var sum: Int64 = 0
+        for s in statistics {
+            let (b, total) = s.connectLatency()
+            for i in buckets.indices { buckets[i] += b[i] }
+            sum += total
+        }
+        return (buckets, sum)
+    }
+
+    /// Whether the workers are draining (SIGTERM): /readyz answers 503 from then on.
+    public var isDraining: Bool { controls.contains { $0.isDrainRequested } }
 }

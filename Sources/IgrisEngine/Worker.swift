@@ -2,6 +2,7 @@ import Glibc
 import CURing
 import Logging
 import IgrisPolicy
+import IgrisProtocols
 
 /// What a worker needs to know about one listen address: its own SO_REUSEPORT socket and
 /// where connections accepted on it go.
@@ -9,6 +10,9 @@ public struct WorkerListener: Sendable {
     public var fd: Int32
     public var name: String
     public var mode: ListenerMode
+    public var acceptProxyProtocol = false
+    public var sendProxyProtocol: ProxyProtocol.Version?
+    public var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
 }
 
 /// Per-worker settings.
@@ -45,6 +49,9 @@ final class Worker<Backend: IOBackend> {
         /// nil for forward; the handshake's protocol and options otherwise.
         var gateway: GatewayProtocol?
         var gatewayOptions: GatewayOptions?
+        var acceptProxyProtocol = false
+        var sendProxyProtocol: ProxyProtocol.Version?
+        var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
         var open = true
         var acceptArmed = false
         var pausedUntil: UInt64 = 0
@@ -113,22 +120,30 @@ final class Worker<Backend: IOBackend> {
         now = Syscall.monotonicNanoseconds()
         wheel = TimerWheel(now: now)
         listeners = configuration.listeners.map { l in
-            let storage = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
-            switch l.mode {
-            case .forward(let upstream):
-                storage.initialize(to: upstream.storage)
-                return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: upstream.length,
-                                upstreamFamily: upstream.family, upstreamName: upstream.description)
-            case .socks5(let options), .httpConnect(let options):
-                storage.initialize(to: sockaddr_storage())
-                let kind: GatewayProtocol
-                if case .socks5 = l.mode { kind = .socks5 } else { kind = .httpConnect }
-                return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: 0, upstreamFamily: AF_INET,
-                                upstreamName: "", gateway: kind, gatewayOptions: options)
-            }
+            var listener = Self.makeListener(l)
+            listener.acceptProxyProtocol = l.acceptProxyProtocol
+            listener.sendProxyProtocol = l.sendProxyProtocol
+            listener.proxyHeaderTimeoutNanoseconds = l.proxyHeaderTimeoutNanoseconds
+            return listener
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
+    }
+
+    private static func makeListener(_ l: WorkerListener) -> Listener {
+        let storage = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
+        switch l.mode {
+        case .forward(let upstream):
+            storage.initialize(to: upstream.storage)
+            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: upstream.length,
+                            upstreamFamily: upstream.family, upstreamName: upstream.description)
+        case .socks5(let options), .httpConnect(let options):
+            storage.initialize(to: sockaddr_storage())
+            let kind: GatewayProtocol
+            if case .socks5 = l.mode { kind = .socks5 } else { kind = .httpConnect }
+            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: 0, upstreamFamily: AF_INET,
+                            upstreamName: "", gateway: kind, gatewayOptions: options)
+        }
     }
 
     deinit {
@@ -292,6 +307,8 @@ final class Worker<Backend: IOBackend> {
         }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
+        statistics.add(listener: i, .accepted)
+        statistics.add(listener: i, .active)
         let p = table.pointer(s)
         p.pointee.state = .connecting
         p.pointee.listener = UInt16(i)
@@ -301,7 +318,13 @@ final class Worker<Backend: IOBackend> {
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
         if let kind = listeners[i].gateway, let options = listeners[i].gatewayOptions {
-            startHandshake(s, p, protocol: kind, options: options)
+            startHandshake(s, p, protocol: kind, options: options, proxyHeader: listeners[i].acceptProxyProtocol)
+            return
+        }
+        if listeners[i].acceptProxyProtocol {
+            // Forward listener behind a balancer: read its PROXY header, then connect.
+            startHandshake(s, p, protocol: .forward, options: GatewayOptions(requireAuthentication: false,
+                           handshakeTimeoutNanoseconds: listeners[i].proxyHeaderTimeoutNanoseconds), proxyHeader: true)
             return
         }
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
@@ -473,7 +496,14 @@ final class Worker<Backend: IOBackend> {
             closeSlot(s, abort: false)
             return
         }
+        if listeners[Int(p.pointee.listener)].sendProxyProtocol != nil && !sendProxyHeader(p) {
+            closeSlot(s, abort: true)
+            return
+        }
+        if p.pointee.session >= 0 { releaseSession(p) }
         wheel.cancel(s, table: table)
+        // lastActivity holds when the connect was started until the bridge is up.
+        statistics.recordConnectLatency(now &- p.pointee.lastActivity)
         p.pointee.state = .bridging
         p.pointee.lastActivity = now
         if let idle = configuration.idleTimeoutNanoseconds {
@@ -542,6 +572,7 @@ final class Worker<Backend: IOBackend> {
             let n = UInt32(c.result)
             dir.pointee.bytes &+= UInt64(n)
             statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+            statistics.add(listener: Int(p.pointee.listener), d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
             let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
             if configuration.splice == .auto && !dir.pointee.wantSplice && !p.pointee.rateLimited {
@@ -699,6 +730,7 @@ final class Worker<Backend: IOBackend> {
             let n = UInt32(result)
             dir.pointee.bytes &+= UInt64(n)
             statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+            statistics.add(listener: Int(p.pointee.listener), d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
             if p.pointee.user >= 0 { _ = accountBytes(s, p, d, Int(n)) }
             if !dir.pointee.spliceOutArmed && !dir.pointee.pollOutArmed { armSpliceOut(s, p, d) }
@@ -858,6 +890,7 @@ final class Worker<Backend: IOBackend> {
             accounts[Int(p.pointee.user)].releaseConnection()
             p.pointee.user = -1
         }
+        statistics.add(listener: Int(p.pointee.listener), .active, -1)
         table.release(s)
         budget.release()
         statistics.add(.activeConnections, -1)

@@ -40,6 +40,7 @@ public final class WorkerStatistics: Sendable {
         case resolveFailures
         case userLimitRejections     // user at max_connections
         case throttlePauses          // a rate-limited direction paused its recv
+        case proxyHeaderRejected     // accept_proxy_protocol: missing or malformed PROXY header
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).
@@ -47,10 +48,59 @@ public final class WorkerStatistics: Sendable {
         let value = Atomic<Int64>(0)
     }
 
-    private let cells: [Cell]
+    /// Per listener (the server's listener order), per worker.
+    public enum ListenerCounter: Int, CaseIterable, Sendable {
+        case accepted
+        case active
+        case bytesClientToUpstream
+        case bytesUpstreamToClient
 
-    public init() {
+        /// `allCases.count` without building the array (this runs per forwarded chunk).
+        static let count = 4
+    }
+
+    /// Upper bounds (ns) of the upstream connect latency histogram's buckets; one more
+    /// bucket counts everything slower.
+    public static let connectLatencyBounds: [UInt64] = [
+        100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
+        100_000_000, 250_000_000, 500_000_000, 1_000_000_000, 2_500_000_000, 5_000_000_000,
+    ]
+
+    private let cells: [Cell]
+    private let listenerCells: [Cell]
+    private let latencyBuckets: [Cell]
+    private let latencySum = Cell()
+    public let listenerCount: Int
+
+    public init(listeners: Int = 0) {
         cells = Counter.allCases.map { _ in Cell() }
+        listenerCount = listeners
+        listenerCells = (0..<(listeners * ListenerCounter.count)).map { _ in Cell() }
+        latencyBuckets = (0...Self.connectLatencyBounds.count).map { _ in Cell() }
+    }
+
+    @inline(__always)
+    public func add(listener: Int, _ counter: ListenerCounter, _ delta: Int64 = 1) {
+        let a = listenerCells[listener * ListenerCounter.count + counter.rawValue]
+        a.value.store(a.value.load(ordering: .relaxed) &+ delta, ordering: .relaxed)
+    }
+
+    public func load(listener: Int, _ counter: ListenerCounter) -> Int64 {
+        listenerCells[listener * ListenerCounter.count + counter.rawValue].value.load(ordering: .relaxed)
+    }
+
+    /// One successful upstream connect that took `nanoseconds`.
+    public func recordConnectLatency(_ nanoseconds: UInt64) {
+        var b = 0
+        while b < Self.connectLatencyBounds.count && nanoseconds > Self.connectLatencyBounds[b] { b += 1 }
+        let cell = latencyBuckets[b]
+        cell.value.store(cell.value.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+        latencySum.value.store(latencySum.value.load(ordering: .relaxed) &+ Int64(nanoseconds), ordering: .relaxed)
+    }
+
+    /// Per-bucket counts (not cumulative) and the sum in ns.
+    public func connectLatency() -> (buckets: [Int64], sumNanoseconds: Int64) {
+        (latencyBuckets.map { $0.value.load(ordering: .relaxed) }, latencySum.value.load(ordering: .relaxed))
     }
 
     @inline(__always)

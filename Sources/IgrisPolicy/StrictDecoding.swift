@@ -31,6 +31,13 @@ public struct YAMLFileError: Error, CustomStringConvertible, Sendable {
     public var line: Int?
     public var message: String
 
+    public init(file: String, keyPath: String, line: Int?, message: String) {
+        self.file = file
+        self.keyPath = keyPath
+        self.line = line
+        self.message = message
+    }
+
     public var description: String {
         var location = file
         if let line { location += ":\(line)" }

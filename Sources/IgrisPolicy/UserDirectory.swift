@@ -47,7 +47,8 @@ public final class UserDirectory: Sendable {
         })
     }
 
-    static func readFile(_ path: String) -> String? {
+    /// A whole (configuration-sized, ≤ 64 MiB) file as text.
+    public static func readFile(_ path: String) -> String? {
         guard let f = fopen(path, "rb") else { return nil }
         defer { fclose(f) }
         var bytes: [UInt8] = []

@@ -1,4 +1,5 @@
 import ArgumentParser
+import IgrisPolicy
 
 /// `500ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 struct DurationArgument: ExpressibleByArgument, CustomStringConvertible {
@@ -6,17 +7,14 @@ struct DurationArgument: ExpressibleByArgument, CustomStringConvertible {
     let text: String
 
     init?(argument: String) {
-        let units: [(String, Double)] = [("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
-        var number = Substring(argument)
-        var scale = 1e9
-        for (suffix, factor) in units where argument.hasSuffix(suffix) {
-            number = argument.dropLast(suffix.count)
-            scale = factor
-            break
-        }
-        guard let value = Double(number), value >= 0, value.isFinite, value * scale < 1e18 else { return nil }
-        nanoseconds = UInt64(value * scale)
+        guard let ns = DurationText.parse(argument) else { return nil }
+        nanoseconds = ns
         text = argument
+    }
+
+    init(nanoseconds: UInt64) {
+        self.nanoseconds = nanoseconds
+        text = nanoseconds % 1_000_000_000 == 0 ? "\(nanoseconds / 1_000_000_000)s" : "\(nanoseconds / 1_000_000)ms"
     }
 
     var description: String { text }

@@ -5,7 +5,7 @@ struct Igris: ParsableCommand {
         commandName: "igris",
         abstract: "A TCP gateway for VPN backends: bridges long-lived connections on io_uring (or epoll).",
         version: "0.1.0",
-        subcommands: [Serve.self, Probe.self, Passwd.self],
+        subcommands: [Serve.self, Check.self, Probe.self, Passwd.self],
         defaultSubcommand: Serve.self
     )
 }

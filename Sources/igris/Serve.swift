@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import IgrisEngine
+import IgrisGateway
 import IgrisPolicy
 import Logging
 
@@ -16,6 +17,12 @@ struct Serve: ParsableCommand {
             and let open connections finish for up to --drain-timeout; a second signal aborts them.
             """
     )
+
+    @Option(name: [.customShort("c"), .customLong("config")], help: "Configuration file (YAML); replaces the listener flags.")
+    var configFile: String?
+
+    @Option(name: .customLong("admin"), help: "Admin endpoint (GET /metrics, /healthz, /readyz), HOST:PORT.")
+    var admin: String?
 
     @Option(name: .customLong("listen"), help: "Address to accept on, HOST:PORT or [V6]:PORT (repeatable).")
     var listen: [String] = []
@@ -108,6 +115,24 @@ struct Serve: ParsableCommand {
     }
 
     func run() throws {
+        if let configFile {
+            guard listen.isEmpty && socks5.isEmpty && httpConnect.isEmpty && admin == nil && usersFile == nil && !noAuth
+                    && allow.isEmpty && deny.isEmpty else {
+                throw ValidationError("--config replaces --listen/--socks5/--http-connect/--admin/--users/--no-auth/--allow/--deny: put them in the file")
+            }
+            let file: ConfigFile
+            let policy: GatewayPolicy
+            do {
+                file = try ConfigFile.load(path: configFile)
+                policy = try file.policy(configPath: configFile)
+            } catch {
+                throw CommandFailure(error.description)
+            }
+            let admins = file.listeners.filter { $0.mode == .admin }.map { ($0.name, $0.listen) }
+            try start(configuration: file.serverConfiguration(policy: policy), admins: admins,
+                      logLevel: Logger.Level(rawValue: file.logLevel) ?? .info)
+            return
+        }
         // Checked here, not in validate(), so an unknown flag is reported first.
         if listen.isEmpty && socks5.isEmpty && httpConnect.isEmpty {
             throw ValidationError("nothing to listen on: give --listen HOST:PORT --upstream HOST:PORT, --socks5 HOST:PORT or --http-connect HOST:PORT")
@@ -115,13 +140,6 @@ struct Serve: ParsableCommand {
         if !(socks5.isEmpty && httpConnect.isEmpty) && !noAuth && usersFile == nil {
             throw ValidationError("--socks5/--http-connect need --users FILE, or --no-auth to let anyone in")
         }
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = logLevel
-            return handler
-        }
-        let logger = Logger(label: "igris")
-
         var rules: [ListenerRule] = []
         do {
             for (l, u) in zip(listen, upstream) {
@@ -145,6 +163,24 @@ struct Serve: ParsableCommand {
         configuration.spliceThreshold = spliceThreshold
         configuration.pipeSize = pipeSize
         configuration.maxPipes = maxPipes
+        var admins: [(String, SocketAddress)] = []
+        if let admin {
+            do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
+        }
+        try start(configuration: configuration, admins: admins, logLevel: logLevel)
+    }
+
+    /// Starts the workers and admin endpoints, then waits for signals until drained.
+    private func start(configuration: ServerConfiguration, admins: [(String, SocketAddress)], logLevel: Logger.Level) throws {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = logLevel
+            return handler
+        }
+        let logger = Logger(label: "igris")
+        let rules = configuration.listeners
+        let workers = configuration.workers
+        let drainTimeout = DurationArgument(nanoseconds: configuration.drainTimeoutNanoseconds)
 
         // Signals go to the signal thread only: block them before any worker starts.
         let signals = SignalWaiter(signals: [SIGINT, SIGTERM])
@@ -159,13 +195,26 @@ struct Serve: ParsableCommand {
         } catch {
             throw CommandFailure(error.description)
         }
+        var adminServers: [AdminServer] = []
+        for (name, address) in admins {
+            do {
+                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server, listenerNames: rules.map(\.name)))
+                a.start()
+                adminServers.append(a)
+                logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
+            } catch {
+                server.abort()
+                server.wait()
+                throw CommandFailure(error.description)
+            }
+        }
         for (rule, address) in zip(rules, server.listenAddresses) {
             switch rule.mode {
             case .forward(let upstream):
                 logger.info("forwarding", metadata: ["listen": "\(address)", "upstream": "\(upstream)", "workers": "\(workers)"])
             case .socks5(let o), .httpConnect(let o):
                 logger.info("listening", metadata: [
-                    "mode": "\(rule.mode.name)", "listen": "\(address)", "auth": "\(o.requireAuthentication ? "password" : "none")",
+                    "mode": "\(rule.mode.name)", "name": "\(rule.name)", "listen": "\(address)", "auth": "\(o.requireAuthentication ? "password" : "none")",
                     "workers": "\(workers)",
                 ])
             }
@@ -181,6 +230,7 @@ struct Serve: ParsableCommand {
             }
         }
         server.wait()
+        for a in adminServers { a.stop() }
         logger.info("stopped", metadata: [
             "accepted": "\(server.total(.acceptedTotal))",
             "aborted_at_deadline": "\(server.total(.drainAborted))",

@@ -152,3 +152,21 @@ import Testing
         #expect(v6.withPort(8443).description == "[2001:db8::1]:8443")
     }
 }
+
+@Suite struct StatisticsTests {
+    @Test func listenerCounterCountMatchesItsCases() {
+        #expect(WorkerStatistics.ListenerCounter.count == WorkerStatistics.ListenerCounter.allCases.count)
+    }
+
+    @Test("connect latency lands in the first bucket whose bound it does not exceed")
+    func latencyBuckets() {
+        let s = WorkerStatistics(listeners: 1)
+        s.recordConnectLatency(50_000)
+        s.recordConnectLatency(100_000)
+        s.recordConnectLatency(100_001)
+        s.recordConnectLatency(60_000_000_000)
+        let (buckets, sum) = s.connectLatency()
+        #expect(buckets[0] == 2 && buckets[1] == 1 && buckets.last == 1)
+        #expect(sum == 60_000_250_001)
+    }
+}

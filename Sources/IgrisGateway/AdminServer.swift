@@ -1,0 +1,138 @@
+import Glibc
+import IgrisEngine
+import IgrisProtocols
+import Synchronization
+
+/// The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process answers),
+/// `/readyz` (503 once draining, so a balancer stops sending new clients). Control plane,
+/// not data plane: a thread of its own with blocking sockets, a bounded number of requests
+/// at once, each with a 5 s budget to send its head; a request head is at most 8 KiB.
+public final class AdminServer: Sendable {
+    public let address: SocketAddress
+    private let listener: Int32
+    private let metrics: MetricsRenderer
+    private let inFlight = Atomic<Int>(0)
+    private let servedCount = Atomic<Int64>(0)
+    public static let maxConcurrentRequests = 16
+
+    public init(listen: SocketAddress, metrics: MetricsRenderer) throws(ServerError) {
+        self.metrics = metrics
+        do throws(SyscallError) {
+            let fd = try Syscall.socket(family: listen.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+            do {
+                try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
+                try Syscall.bind(fd, listen)
+                try Syscall.listen(fd, backlog: 64)
+                address = try Syscall.localAddress(fd)
+            } catch {
+                Syscall.close(fd)
+                throw error
+            }
+            listener = fd
+        } catch {
+            throw .listen(listen.description, error)
+        }
+    }
+
+    public func start() {
+        let fd = listener
+        AdminThread.detach { [self] in
+            while true {
+                let c: Int32
+                do throws(SyscallError) {
+                    guard let accepted = try Syscall.accept(fd, flags: Int32(SOCK_CLOEXEC.rawValue)) else { continue }
+                    c = accepted
+                } catch where error.errno == ECONNABORTED {
+                    continue
+                } catch where error.errno == EMFILE || error.errno == ENFILE {
+                    usleep(100_000)  // out of descriptors: the data plane comes first
+                    continue
+                } catch {
+                    return  // shut down
+                }
+                if inFlight.wrappingAdd(1, ordering: .relaxed).newValue > Self.maxConcurrentRequests {
+                    inFlight.wrappingSubtract(1, ordering: .relaxed)
+                    Syscall.close(c)
+                    continue
+                }
+                AdminThread.detach { [self] in
+                    serve(c)
+                    Syscall.close(c)
+                    inFlight.wrappingSubtract(1, ordering: .relaxed)
+                }
+            }
+        }
+    }
+
+    /// Stops accepting (requests being answered finish on their own threads).
+    public func stop() {
+        _ = Glibc.shutdown(listener, Int32(SHUT_RDWR))
+        Syscall.close(listener)
+    }
+
+    public var requestsServed: Int64 { servedCount.load(ordering: .relaxed) }
+
+    private func serve(_ c: Int32) {
+        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var parser = HTTPHeadParser(limit: 8192)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var head: HTTPRequestHead? = nil
+        reading: while true {
+            let n = buffer.withUnsafeMutableBytes { Syscall.recv(c, $0.baseAddress!, $0.count) }
+            if n <= 0 { return }  // gone, or too slow
+            let (_, event) = buffer.withUnsafeBytes { parser.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            switch event {
+            case .needMore: continue
+            case .head(let h): head = h; break reading
+            case .failure: respond(c, 400, "Bad Request", "bad request\n"); return
+            }
+        }
+        guard let head else { return }
+        servedCount.wrappingAdd(1, ordering: .relaxed)
+        guard head.method == "GET" || head.method == "HEAD" else {
+            respond(c, 405, "Method Not Allowed", "only GET\n", extra: "Allow: GET, HEAD\r\n")
+            return
+        }
+        let path = head.target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.target
+        let bodyless = head.method == "HEAD"
+        switch path {
+        case "/metrics":
+            respond(c, 200, "OK", metrics.render(), type: "text/plain; version=0.0.4; charset=utf-8", bodyless: bodyless)
+        case "/healthz":
+            respond(c, 200, "OK", "ok\n", bodyless: bodyless)
+        case "/readyz":
+            if metrics.server.isDraining {
+                respond(c, 503, "Service Unavailable", "draining\n", bodyless: bodyless)
+            } else {
+                respond(c, 200, "OK", "ready\n", bodyless: bodyless)
+            }
+        default:
+            respond(c, 404, "Not Found", "not found (try /metrics, /healthz, /readyz)\n", bodyless: bodyless)
+        }
+    }
+
+    private func respond(_ c: Int32, _ status: Int, _ reason: String, _ body: String, type: String = "text/plain; charset=utf-8",
+                         extra: String = "", bodyless: Bool = false) {
+        let bodyBytes = Array(body.utf8)
+        var response = Array("HTTP/1.1 \(status) \(reason)\r\nContent-Type: \(type)\r\nContent-Length: \(bodyBytes.count)\r\n\(extra)Connection: close\r\n\r\n".utf8)
+        if !bodyless { response += bodyBytes }
+        var offset = 0
+        while offset < response.count {
+            let n = response.withUnsafeBytes { Syscall.send(c, $0.baseAddress! + offset, $0.count - offset) }
+            if n <= 0 { return }
+            offset += n
+        }
+    }
+}
+
+enum AdminThread {
+    static func detach(_ body: @escaping @Sendable () -> Void) {
+        final class Box { let run: @Sendable () -> Void; init(_ r: @escaping @Sendable () -> Void) { run = r } }
+        var t = pthread_t()
+        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        let rc = pthread_create(&t, nil, { raw in Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().run(); return nil }, box)
+        if rc == 0 { pthread_detach(t) } else { Unmanaged<Box>.fromOpaque(box).release() }
+    }
+}

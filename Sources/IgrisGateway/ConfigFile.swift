@@ -1,0 +1,270 @@
+import IgrisEngine
+import IgrisPolicy
+import IgrisProtocols
+
+/// The YAML configuration file (`igris serve -c FILE`, `igris check -c FILE`).
+///
+/// Every key is optional except `listeners`; unknown keys are errors, and every error names
+/// its key path and line. See deploy/ for complete examples.
+public struct ConfigFile: Sendable {
+    public enum ListenerMode: String, Sendable, CaseIterable {
+        case forward
+        case socks5
+        case httpConnect = "http_connect"
+        case admin
+    }
+
+    public struct Listener: Sendable {
+        public var name: String
+        public var listen: SocketAddress
+        public var listenText: String
+        public var mode: ListenerMode
+        /// forward
+        public var upstream: SocketAddress?
+        /// socks5 / http_connect: password (default) or none
+        public var requireAuthentication: Bool
+        /// Connections start with a PROXY v1/v2 header from a balancer (strict).
+        public var acceptProxyProtocol = false
+        /// forward: send a PROXY header to the upstream.
+        public var sendProxyProtocol: ProxyProtocol.Version?
+    }
+
+    public var workers: Int?
+    public var backend: BackendChoice = .auto
+    public var maxConnections: Int = 65536
+    public var bufferSize: Int = 64 * 1024
+    public var buffers: Int = 256
+    public var splice: SpliceMode = .auto
+    public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
+    public var idleTimeoutNanoseconds: UInt64?
+    public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
+    public var handshakeTimeoutNanoseconds: UInt64 = 10_000_000_000
+    public var usersFile: String?
+    public var aclRules: [DestinationACL.Rule] = []
+    public var logLevel: String = "info"
+    public var accessLog = true
+    public var listeners: [Listener] = []
+
+    /// Reads, parses and validates `path` (a users file it names is loaded by `policy()`).
+    public static func load(path: String) throws(YAMLFileError) -> ConfigFile {
+        guard let text = UserDirectory.readFile(path) else {
+            throw YAMLFileError(file: path, keyPath: "", line: nil, message: "cannot read the configuration file")
+        }
+        return try parse(text, file: path)
+    }
+
+    public static func parse(_ text: String, file: String) throws(YAMLFileError) -> ConfigFile {
+        try StrictYAML.decode(Decoded.self, from: text, file: file).config
+    }
+
+    /// The users file and ACL as the gateway enforces them. Relative paths are relative to
+    /// the configuration file's directory.
+    public func policy(configPath: String) throws(YAMLFileError) -> GatewayPolicy {
+        var authenticator: Authenticator? = nil
+        if let usersFile {
+            var path = usersFile
+            if !path.hasPrefix("/"), let slash = configPath.lastIndex(of: "/") {
+                path = String(configPath[...slash]) + path
+            }
+            let directory = try UserDirectory.load(path: path)
+            do {
+                authenticator = try Authenticator(directory: directory)
+            } catch {
+                throw YAMLFileError(file: path, keyPath: "", line: nil, message: "\(error)")
+            }
+        }
+        if authenticator == nil, let l = listeners.first(where: { ($0.mode == .socks5 || $0.mode == .httpConnect) && $0.requireAuthentication }) {
+            throw YAMLFileError(file: configPath, keyPath: "users_file", line: nil,
+                                message: "listener '\(l.name)' uses auth: password, so users_file is required (or give the listener auth: none)")
+        }
+        return GatewayPolicy(acl: DestinationACL(rules: aclRules), authenticator: authenticator)
+    }
+
+    /// The engine's configuration: every listener except admin ones (served by `AdminServer`).
+    public func serverConfiguration(policy: GatewayPolicy) -> ServerConfiguration {
+        let options = { (l: Listener) in
+            GatewayOptions(requireAuthentication: l.requireAuthentication, handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
+        }
+        let rules: [ListenerRule] = listeners.compactMap { l in
+            var rule: ListenerRule
+            switch l.mode {
+            case .forward: rule = ListenerRule(listen: l.listen, mode: .forward(upstream: l.upstream!), name: l.name)
+            case .socks5: rule = ListenerRule(listen: l.listen, mode: .socks5(options(l)), name: l.name)
+            case .httpConnect: rule = ListenerRule(listen: l.listen, mode: .httpConnect(options(l)), name: l.name)
+            case .admin: return nil
+            }
+            rule.acceptProxyProtocol = l.acceptProxyProtocol
+            rule.sendProxyProtocol = l.sendProxyProtocol
+            rule.proxyHeaderTimeoutNanoseconds = handshakeTimeoutNanoseconds
+            return rule
+        }
+        var c = ServerConfiguration(listeners: rules, workers: workers ?? Syscall.onlineCPUs(), backend: backend)
+        c.policy = policy
+        c.maxConnections = maxConnections
+        c.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers)
+        c.splice = splice
+        c.connectTimeoutNanoseconds = connectTimeoutNanoseconds
+        c.idleTimeoutNanoseconds = idleTimeoutNanoseconds
+        c.drainTimeoutNanoseconds = drainTimeoutNanoseconds
+        return c
+    }
+}
+
+/// Decoding with key checks; semantic errors are thrown at the key they concern so
+/// `StrictYAML` can report its line.
+private struct Decoded: Decodable {
+    var config = ConfigFile()
+
+    init(from decoder: Decoder) throws {
+        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "splice", "connect_timeout", "idle_timeout",
+                   "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "listeners"]
+        try decoder.rejectUnknownKeys(Set(top))
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
+        func fail(_ k: String, _ message: String) -> DecodingError {
+            .dataCorrupted(.init(codingPath: c.codingPath + [key(k)], debugDescription: message))
+        }
+        if let w = try c.decodeIfPresent(Int.self, forKey: key("workers")) {
+            guard (1...1024).contains(w) else { throw fail("workers", "must be between 1 and 1024") }
+            config.workers = w
+        }
+        if let b = try c.decodeIfPresent(String.self, forKey: key("backend")) {
+            guard let v = BackendChoice(rawValue: b) else { throw fail("backend", "expected auto, io_uring or epoll, got '\(b)'") }
+            config.backend = v
+        }
+        if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
+            guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
+            config.maxConnections = m
+        }
+        if let b = try c.decodeIfPresent(Int.self, forKey: key("buffer_size")) {
+            guard (1024...(1 << 20)).contains(b) else { throw fail("buffer_size", "must be between 1024 and 1048576") }
+            config.bufferSize = b
+        }
+        if let b = try c.decodeIfPresent(Int.self, forKey: key("buffers")) {
+            guard (2...32768).contains(b), b & (b - 1) == 0 else { throw fail("buffers", "must be a power of two between 2 and 32768") }
+            config.buffers = b
+        }
+        if let s = try c.decodeIfPresent(String.self, forKey: key("splice")) {
+            guard let v = SpliceMode(rawValue: s) else { throw fail("splice", "expected auto, always or never, got '\(s)'") }
+            config.splice = v
+        }
+        func duration(_ k: String, allowZero: Bool = false) throws -> UInt64? {
+            guard let text = try c.decodeIfPresent(String.self, forKey: key(k)) else { return nil }
+            guard let ns = DurationText.parse(text), allowZero || ns > 0 else {
+                throw fail(k, "expected a duration such as 500ms, 5s, 2m or 1h, got '\(text)'")
+            }
+            return ns
+        }
+        if let d = try duration("connect_timeout") { config.connectTimeoutNanoseconds = d }
+        config.idleTimeoutNanoseconds = try duration("idle_timeout")
+        if let d = try duration("drain_timeout", allowZero: true) { config.drainTimeoutNanoseconds = d }
+        if let d = try duration("handshake_timeout") { config.handshakeTimeoutNanoseconds = d }
+        config.usersFile = try c.decodeIfPresent(String.self, forKey: key("users_file"))
+        if c.contains(key("acl")) {
+            let acl = try c.decode(ACLSection.self, forKey: key("acl"))
+            config.aclRules = acl.rules
+        }
+        if c.contains(key("log")) {
+            let log = try c.decode(LogSection.self, forKey: key("log"))
+            config.logLevel = log.level
+            config.accessLog = log.accessLog
+        }
+        guard c.contains(key("listeners")) else { throw DecodingError.keyNotFound(key("listeners"), .init(codingPath: c.codingPath, debugDescription: "")) }
+        let listeners = try c.decode([ListenerEntry].self, forKey: key("listeners"))
+        if listeners.isEmpty { throw fail("listeners", "at least one listener is needed") }
+        var names: Set<String> = []
+        for (i, l) in listeners.enumerated() where !names.insert(l.value.name).inserted {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("listeners"), AnyCodingKey(intValue: i), key("name")],
+                                                    debugDescription: "duplicate listener name '\(l.value.name)'"))
+        }
+        config.listeners = listeners.map(\.value)
+    }
+}
+
+private struct ACLSection: Decodable {
+    var rules: [DestinationACL.Rule] = []
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["allow", "deny"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        // deny first, then allow: the same order as --deny / --allow.
+        for action in [DestinationACL.Action.deny, .allow] {
+            let k = AnyCodingKey(stringValue: action.rawValue)
+            guard c.contains(k) else { continue }
+            var list = try c.nestedUnkeyedContainer(forKey: k)
+            while !list.isAtEnd {
+                let index = list.currentIndex
+                let text = try list.decode(String.self)
+                switch DestinationACL.parseRule(action, text) {
+                case .success(let rule): rules.append(rule)
+                case .failure(let e):
+                    throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [k, AnyCodingKey(intValue: index)], debugDescription: e.description))
+                }
+            }
+        }
+    }
+}
+
+private struct LogSection: Decodable {
+    var level = "info"
+    var accessLog = true
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["level", "access_log"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        if let l = try c.decodeIfPresent(String.self, forKey: AnyCodingKey(stringValue: "level")) {
+            let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+            guard levels.contains(l) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [AnyCodingKey(stringValue: "level")],
+                                                        debugDescription: "expected one of \(levels.joined(separator: ", ")), got '\(l)'"))
+            }
+            level = l
+        }
+        accessLog = try c.decodeIfPresent(Bool.self, forKey: AnyCodingKey(stringValue: "access_log")) ?? true
+    }
+}
+
+private struct ListenerEntry: Decodable {
+    var value: ConfigFile.Listener
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "auth", "accept_proxy_protocol", "send_proxy_protocol"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
+        func fail(_ k: String, _ message: String) -> DecodingError {
+            .dataCorrupted(.init(codingPath: c.codingPath + [key(k)], debugDescription: message))
+        }
+        let modeText = try c.decode(String.self, forKey: key("mode"))
+        guard let mode = ConfigFile.ListenerMode(rawValue: modeText) else {
+            throw fail("mode", "expected one of \(ConfigFile.ListenerMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(modeText)'")
+        }
+        let listenText = try c.decode(String.self, forKey: key("listen"))
+        let listen: SocketAddress
+        do { listen = try SocketAddress.resolve(listenText, passive: true) } catch { throw fail("listen", error.description) }
+        let name = try c.decodeIfPresent(String.self, forKey: key("name")) ?? "\(mode.rawValue)-\(listenText)"
+        var upstream: SocketAddress? = nil
+        if let text = try c.decodeIfPresent(String.self, forKey: key("upstream")) {
+            guard mode == .forward else { throw fail("upstream", "only forward listeners have an upstream") }
+            do { upstream = try SocketAddress.resolve(text) } catch { throw fail("upstream", error.description) }
+        } else if mode == .forward {
+            throw DecodingError.keyNotFound(key("upstream"), .init(codingPath: c.codingPath, debugDescription: ""))
+        }
+        var requireAuthentication = true
+        if let auth = try c.decodeIfPresent(String.self, forKey: key("auth")) {
+            guard mode == .socks5 || mode == .httpConnect else { throw fail("auth", "only socks5 and http_connect listeners authenticate") }
+            guard auth == "password" || auth == "none" else { throw fail("auth", "expected password or none, got '\(auth)'") }
+            requireAuthentication = auth == "password"
+        }
+        value = ConfigFile.Listener(name: name, listen: listen, listenText: listenText, mode: mode, upstream: upstream,
+                                    requireAuthentication: requireAuthentication)
+        if let accept = try c.decodeIfPresent(Bool.self, forKey: key("accept_proxy_protocol")) {
+            guard mode != .admin else { throw fail("accept_proxy_protocol", "admin listeners do not take PROXY headers") }
+            value.acceptProxyProtocol = accept
+        }
+        if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
+            guard mode == .forward else { throw fail("send_proxy_protocol", "only forward listeners send PROXY headers upstream") }
+            guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else { throw fail("send_proxy_protocol", "expected v1, v2 or off, got '\(send)'") }
+            value.sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
+        }
+    }
+}

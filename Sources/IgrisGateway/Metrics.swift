@@ -1,0 +1,147 @@
+import IgrisEngine
+import IgrisPolicy
+
+/// Prometheus text exposition (format 0.0.4) of a running server: per-worker counters are
+/// summed here, at scrape time, so the workers only ever do relaxed stores.
+public struct MetricsRenderer: Sendable {
+    public let server: Server
+    /// Listener names in the server's order (for the `listener` label).
+    public let listenerNames: [String]
+
+    public init(server: Server, listenerNames: [String]) {
+        self.server = server
+        self.listenerNames = listenerNames
+    }
+
+    public func render() -> String {
+        var out = MetricsText()
+        out.family("igris_build_info", "gauge", "Build and backend of this process (always 1).")
+        out.sample("igris_build_info", ["backend": "\(server.backend)", "version": "0.1.0"], 1)
+        out.family("igris_workers", "gauge", "Worker threads, one event loop each.")
+        out.sample("igris_workers", [:], Int64(server.configuration.workers))
+        out.family("igris_draining", "gauge", "1 once SIGTERM started the drain (readyz fails).")
+        out.sample("igris_draining", [:], server.isDraining ? 1 : 0)
+
+        out.family("igris_connections_active", "gauge", "Connections open now (handshaking, connecting or bridging), per listener.")
+        for (i, name) in listenerNames.enumerated() { out.sample("igris_connections_active", ["listener": name], server.total(listener: i, .active)) }
+        out.family("igris_connections_total", "counter", "Connections accepted, per listener.")
+        for (i, name) in listenerNames.enumerated() { out.sample("igris_connections_total", ["listener": name], server.total(listener: i, .accepted)) }
+        out.family("igris_bytes_total", "counter", "Bytes forwarded, per listener and direction.")
+        for (i, name) in listenerNames.enumerated() {
+            out.sample("igris_bytes_total", ["listener": name, "direction": "client_to_upstream"], server.total(listener: i, .bytesClientToUpstream))
+            out.sample("igris_bytes_total", ["listener": name, "direction": "upstream_to_client"], server.total(listener: i, .bytesUpstreamToClient))
+        }
+
+        let counters: [(String, WorkerStatistics.Counter, String)] = [
+            ("igris_rejected_at_capacity_total", .rejectedAtCapacity, "Connections closed at once: max_connections reached or no descriptor."),
+            ("igris_accept_errors_total", .acceptErrors, "accept() failures other than running out of descriptors."),
+            ("igris_accept_pauses_total", .acceptPauses, "Times accepting paused 100 ms for lack of descriptors (EMFILE/ENFILE)."),
+            ("igris_connect_failures_total", .connectFailures, "Upstream or destination connects that failed (refused, unreachable)."),
+            ("igris_connect_timeouts_total", .connectTimeouts, "Upstream or destination connects that timed out."),
+            ("igris_idle_timeouts_total", .idleTimeouts, "Bridges closed by the idle timeout."),
+            ("igris_closed_graceful_total", .closedGracefully, "Bridges that ended with both directions shut down cleanly."),
+            ("igris_closed_aborted_total", .closedAborted, "Bridges aborted by a reset or error on one side."),
+            ("igris_drain_aborted_total", .drainAborted, "Connections still open at the drain deadline."),
+            ("igris_buffer_exhaustions_total", .bufferExhaustions, "Receives that found the buffer pool empty and waited."),
+            ("igris_completion_overflows_total", .completionOverflows, "io_uring completion queue overflows."),
+            ("igris_splice_bytes_total", .spliceBytes, "Bytes moved socket to pipe to socket without entering user space."),
+            ("igris_splice_fallbacks_total", .pipeFallbacks, "Directions that stayed on copy because no pipe could be had."),
+            ("igris_splice_bytes_dropped_total", .spliceBytesDropped, "Bytes left in a pipe when its bridge was aborted."),
+            ("igris_handshakes_total", .handshakesCompleted, "SOCKS5 / HTTP CONNECT handshakes that reached bridging."),
+            ("igris_handshake_failures_total", .handshakeFailures, "Handshakes refused as malformed or unsupported."),
+            ("igris_handshake_timeouts_total", .handshakeTimeouts, "Handshakes closed at the handshake timeout."),
+            ("igris_auth_failures_total", .authFailures, "Failed authentications (wrong password, unknown or expired user, rate-limited)."),
+            ("igris_acl_denied_total", .aclDenied, "Destinations refused by the ACL."),
+            ("igris_resolve_failures_total", .resolveFailures, "Destination names that did not resolve."),
+            ("igris_user_limit_rejections_total", .userLimitRejections, "Connections refused because the user was at max_connections."),
+            ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
+            ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing or malformed PROXY header."),
+        ]
+        for (name, counter, help) in counters {
+            out.family(name, "counter", help)
+            out.sample(name, [:], server.total(counter))
+        }
+
+        out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")
+        for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
+        out.family("igris_buffers", "gauge", "Pool buffers per worker.")
+        out.sample("igris_buffers", [:], Int64(server.configuration.buffers.bufferCount))
+        out.family("igris_pipes_in_use", "gauge", "Splice pipes borrowed, per worker.")
+        for (w, s) in server.statistics.enumerated() { out.sample("igris_pipes_in_use", ["worker": "\(w)"], s.load(.pipesInUse)) }
+
+        let (buckets, sum) = server.connectLatency()
+        out.family("igris_upstream_connect_duration_seconds", "histogram", "Time from starting an upstream connect to the bridge being up.")
+        var cumulative: Int64 = 0
+        for (i, bound) in WorkerStatistics.connectLatencyBounds.enumerated() {
+            cumulative += buckets[i]
+            out.sample("igris_upstream_connect_duration_seconds_bucket", ["le": seconds(bound)], cumulative)
+        }
+        cumulative += buckets[buckets.count - 1]
+        out.sample("igris_upstream_connect_duration_seconds_bucket", ["le": "+Inf"], cumulative)
+        out.line("igris_upstream_connect_duration_seconds_sum \(seconds(UInt64(max(0, sum))))")
+        out.sample("igris_upstream_connect_duration_seconds_count", [:], cumulative)
+
+        let accounts = server.configuration.policy.authenticator?.directory.accounts ?? []
+        if !accounts.isEmpty {
+            out.family("igris_user_connections_active", "gauge", "Connections open now, per user.")
+            for a in accounts { out.sample("igris_user_connections_active", ["user": a.name], Int64(a.activeConnections)) }
+            out.family("igris_user_connections_total", "counter", "Connections opened, per user.")
+            for a in accounts { out.sample("igris_user_connections_total", ["user": a.name], a.connectionsTotal) }
+            out.family("igris_user_bytes_total", "counter", "Bytes forwarded, per user and direction.")
+            for a in accounts {
+                out.sample("igris_user_bytes_total", ["user": a.name, "direction": "client_to_upstream"], a.bytesToDestination)
+                out.sample("igris_user_bytes_total", ["user": a.name, "direction": "upstream_to_client"], a.bytesToClient)
+            }
+        }
+        if let auth = server.configuration.policy.authenticator {
+            out.family("igris_auth_kdf_runs_total", "counter", "argon2id verifications run (cache misses).")
+            out.sample("igris_auth_kdf_runs_total", [:], auth.kdfRunCount)
+        }
+        let resolver = server.configuration.policy.resolver
+        out.family("igris_resolver_lookups_total", "counter", "getaddrinfo calls (cache misses).")
+        out.sample("igris_resolver_lookups_total", [:], resolver.lookups)
+        out.family("igris_resolver_cache_hits_total", "counter", "Names answered from the resolver cache.")
+        out.sample("igris_resolver_cache_hits_total", [:], resolver.cacheHits)
+        return out.text
+    }
+
+    private func seconds(_ ns: UInt64) -> String {
+        let whole = ns / 1_000_000_000
+        var frac = String(ns % 1_000_000_000)
+        frac = String(repeating: "0", count: 9 - frac.count) + frac
+        while frac.hasSuffix("0") { frac.removeLast() }
+        return frac.isEmpty ? "\(whole)" : "\(whole).\(frac)"
+    }
+}
+
+/// Builds the exposition text: HELP/TYPE once per family, label values escaped.
+struct MetricsText {
+    private(set) var text = ""
+
+    mutating func family(_ name: String, _ type: String, _ help: String) {
+        text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+    }
+
+    mutating func sample(_ name: String, _ labels: [String: String], _ value: Int64) {
+        text += name
+        if !labels.isEmpty {
+            text += "{" + labels.sorted { $0.key < $1.key }.map { "\($0.key)=\"\(Self.escape($0.value))\"" }.joined(separator: ",") + "}"
+        }
+        text += " \(value)\n"
+    }
+
+    mutating func line(_ s: String) { text += s + "\n" }
+
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+}

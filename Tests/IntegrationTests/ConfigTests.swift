@@ -1,0 +1,181 @@
+import Foundation
+import Glibc
+import IgrisEngine
+import IgrisGateway
+import IgrisPolicy
+import Testing
+
+@Suite("Configuration file", .serialized)
+struct ConfigTests {
+    let igris = productPath("igris")
+
+    static let valid = """
+        workers: 2
+        backend: auto
+        connect_timeout: 3s
+        idle_timeout: 10m
+        acl:
+          allow: ["127.0.0.1/32:8000"]
+          deny: ["10.0.0.0/8"]
+        log:
+          level: warning
+        listeners:
+          - name: web
+            listen: 127.0.0.1:0
+            mode: forward
+            upstream: 127.0.0.1:9
+          - name: socks
+            listen: 127.0.0.1:0
+            mode: socks5
+            auth: none
+          - name: admin
+            listen: 127.0.0.1:0
+            mode: admin
+        """
+
+    @Test("a valid file becomes listeners, timeouts and ACL rules")
+    func parsesValid() throws {
+        let c = try ConfigFile.parse(Self.valid, file: "igris.yaml")
+        #expect(c.listeners.map(\.name) == ["web", "socks", "admin"])
+        #expect(c.listeners.map(\.mode) == [.forward, .socks5, .admin])
+        #expect(c.listeners[1].requireAuthentication == false)
+        #expect(c.connectTimeoutNanoseconds == 3_000_000_000 && c.idleTimeoutNanoseconds == 600_000_000_000)
+        #expect(c.aclRules.map(\.description) == ["deny 10.0.0.0/8", "allow 127.0.0.1/32:8000"])
+        let server = c.serverConfiguration(policy: try c.policy(configPath: "igris.yaml"))
+        #expect(server.listeners.count == 2, "admin listeners are not engine listeners")
+        #expect(server.workers == 2)
+    }
+
+    @Test("every error names its key path and line; unknown keys are errors")
+    func errors() {
+        func error(_ text: String) -> String {
+            do { _ = try ConfigFile.parse(text, file: "c.yaml"); return "no error" } catch { return error.description }
+        }
+        let cases: [(String, String)] = [
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    splice: always\n", "c.yaml:4: listeners[0].splice: unknown key 'splice'"),
+            ("listeners:\n  - listen: 127.0.0.1\n    mode: socks5\n", "c.yaml:2: listeners[0].listen: malformed address '127.0.0.1'"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: tunnel\n", "c.yaml:3: listeners[0].mode: expected one of forward, socks5, http_connect, admin"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n", "listeners[0].upstream: required key 'upstream' is missing"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    upstream: 127.0.0.1:2\n", "c.yaml:4: listeners[0].upstream: only forward listeners"),
+            ("workers: 0\nlisteners: []\n", "c.yaml:1: workers: must be between 1 and 1024"),
+            ("connect_timeout: soon\nlisteners: []\n", "c.yaml:1: connect_timeout: expected a duration"),
+            ("acl:\n  allow: [\"127.0.0.1:80\"]\nlisteners: []\n", "c.yaml:2: acl.allow[0]: bad ACL rule '127.0.0.1:80'"),
+            ("listeners: []\n", "c.yaml:1: listeners: at least one listener is needed"),
+            ("workers: 2\n", "required key 'listeners' is missing"),
+            ("listeners:\n  - {name: a, listen: 127.0.0.1:1, mode: admin}\n  - {name: a, listen: 127.0.0.1:2, mode: admin}\n", "listeners[1].name: duplicate listener name 'a'"),
+            ("listeners: [\n", "c.yaml: not valid YAML"),
+        ]
+        for (text, expected) in cases {
+            let e = error(text)
+            #expect(e.contains(expected), "\(text) → \(e)")
+        }
+    }
+
+    @Test("igris check: ok on a valid file, one line with the location and exit 1 on a bad one")
+    func checkCommand() throws {
+        let good = try writeTemporaryFile(Self.valid)
+        defer { unlink(good) }
+        let ok = try ChildProcess(igris, ["check", "-c", good])
+        let line = ok.readLine()
+        #expect(ok.finish().status == 0)
+        #expect(line.contains("ok — 3 listeners"), "\(line)")
+        let bad = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    bogus: 1\n")
+        defer { unlink(bad) }
+        let result = try runCommand(igris, ["check", "-c", bad])
+        #expect(result.status == 1)
+        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, listen, mode, name, send_proxy_protocol, upstream)\n")
+        let needsUsers = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n")
+        defer { unlink(needsUsers) }
+        let missing = try runCommand(igris, ["check", "-c", needsUsers])
+        #expect(missing.status == 1 && missing.stderr.contains("users_file is required"), "\(missing.stderr)")
+    }
+}
+
+@Suite("Admin endpoint", .serialized)
+struct AdminTests {
+    /// GET over a plain socket; returns status line and body.
+    static func get(_ address: SocketAddress, _ path: String, method: String = "GET") throws -> (status: String, body: String) {
+        let s = try TestSocket.connect(address)
+        s.setReceiveTimeout(seconds: 10)
+        s.write(Array("\(method) \(path) HTTP/1.1\r\nHost: igris\r\n\r\n".utf8))
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { s.read(into: $0) }
+            if n <= 0 { break }
+            bytes += buffer[0..<n]
+        }
+        s.close()
+        let text = String(decoding: bytes, as: UTF8.self)
+        let parts = text.components(separatedBy: "\r\n\r\n")
+        return (parts[0].components(separatedBy: "\r\n")[0], parts.dropFirst().joined(separator: "\r\n\r\n"))
+    }
+
+    @Test("/metrics counts a known workload and passes promtool; /healthz; /readyz turns 503 while draining", arguments: engineBackends)
+    func metricsAndReadiness(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let alice = UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("pw".utf8)))
+        let gateway = try ProxyGateway(backend: backend, auth: true, allow: ["127.0.0.1/32:\(upstream.address.port)"],
+                                       users: UserDirectory(accounts: [alice]))
+        var stopped = false
+        defer { if !stopped { gateway.stop() } }
+        let admin = try AdminServer(listen: try SocketAddress.resolve("127.0.0.1:0"),
+                                    metrics: MetricsRenderer(server: gateway.server, listenerNames: ["socks", "http"]))
+        admin.start()
+        defer { admin.stop() }
+
+        // Known workload: 3 SOCKS5 bridges each echoing 1000 bytes, one wrong password.
+        for _ in 0..<3 {
+            let (s, reply) = try Socks5Client.connect(gateway.socks5, to: .ipv4(127, 0, 0, 1), port: upstream.address.port, credentials: ("alice", "pw"))
+            #expect(reply == 0)
+            s.write([UInt8](repeating: 7, count: 1000))
+            _ = try s.readExactly(1000)
+            s.close()
+        }
+        #expect(throws: TestFailure.self) {
+            _ = try Socks5Client.connect(gateway.socks5, to: .ipv4(127, 0, 0, 1), port: upstream.address.port, credentials: ("alice", "nope"))
+        }
+        #expect(gateway.eventually { gateway.total(.activeConnections) == 0 })
+
+        let (status, metrics) = try Self.get(admin.address, "/metrics")
+        #expect(status == "HTTP/1.1 200 OK")
+        for expected in ["igris_connections_total{listener=\"socks\"} 4", "igris_connections_active{listener=\"socks\"} 0",
+                         "igris_bytes_total{direction=\"client_to_upstream\",listener=\"socks\"} 3000",
+                         "igris_bytes_total{direction=\"upstream_to_client\",listener=\"socks\"} 3000",
+                         "igris_auth_failures_total 1", "igris_handshakes_total 3",
+                         "igris_user_connections_total{user=\"alice\"} 3",
+                         "igris_user_bytes_total{direction=\"client_to_upstream\",user=\"alice\"} 3000",
+                         "igris_upstream_connect_duration_seconds_count 3", "igris_upstream_connect_duration_seconds_bucket{le=\"+Inf\"} 3",
+                         "igris_build_info{backend=\"\(backend == .ioUring ? "io_uring" : "epoll")\",version=\"0.1.0\"} 1"] {
+            #expect(metrics.contains(expected + "\n"), "missing: \(expected)")
+        }
+        // promtool (Debian's prometheus package) validates the exposition format and naming.
+        let file = try writeTemporaryFile(metrics)
+        defer { unlink(file) }
+        let promtool = try runShell("promtool check metrics < \(file)")
+        #expect(promtool.0 == 0, "promtool: \(promtool.1) \(promtool.2)")
+
+        #expect(try Self.get(admin.address, "/healthz") == ("HTTP/1.1 200 OK", "ok\n"))
+        #expect(try Self.get(admin.address, "/readyz") == ("HTTP/1.1 200 OK", "ready\n"))
+        #expect(try Self.get(admin.address, "/nope").status == "HTTP/1.1 404 Not Found")
+        #expect(try Self.get(admin.address, "/metrics", method: "POST").status == "HTTP/1.1 405 Method Not Allowed")
+        let garbage = try TestSocket.connect(admin.address)
+        garbage.setReceiveTimeout(seconds: 10)
+        garbage.write(Array("\u{1}\u{2} nonsense\r\n\r\n".utf8))
+        #expect(try readHTTPResponse(garbage).hasPrefix("HTTP/1.1 400 "))
+        garbage.close()
+
+        // Drain with a bridge open: readyz fails, the bridge still works, then it closes and the
+        // workers exit.
+        let (open, r) = try Socks5Client.connect(gateway.socks5, to: .ipv4(127, 0, 0, 1), port: upstream.address.port, credentials: ("alice", "pw"))
+        #expect(r == 0)
+        gateway.server.beginDrain()
+        #expect(try Self.get(admin.address, "/readyz") == ("HTTP/1.1 503 Service Unavailable", "draining\n"))
+        open.write([1, 2, 3])
+        #expect(try open.readExactly(3) == [1, 2, 3])
+        open.close()
+        gateway.server.wait()
+        stopped = true
+    }
+}
