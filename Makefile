@@ -10,10 +10,10 @@ TOOLS := $(CURDIR)/.build/tools
 SWIFT_BUILD_FLAGS ?=
 # `make run` is a SOCKS5 gateway on 127.0.0.1:1080: no authentication (the bind is
 # loopback-only), destinations as the default ACL allows (public addresses) plus one local
-# demo server, 127.0.0.1:8000. Other setups, e.g.
+# demo server, 127.0.0.1:8000; metrics and health on 127.0.0.1:9100. Other setups, e.g.
 #   make run RUN_ARGS="--socks5 0.0.0.0:1080 --users /etc/igris/users.yaml"
 #   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
-RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000
+RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000 --admin 127.0.0.1:9100
 
 .PHONY: all deps build build-debug run test bench bench-quick microbench clean
 

@@ -47,6 +47,18 @@ struct ClientSocket {
     func close() { Glibc.close(fd) }
 }
 
+/// The default output: a header row and a value row, columns aligned.
+func printTable(_ columns: [(String, String)]) {
+    let widths = columns.map { max($0.0.count, $0.1.count) }
+    func row(_ cells: [String]) -> String {
+        var line = zip(cells, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  ")
+        while line.hasSuffix(" ") { line.removeLast() }
+        return line
+    }
+    print(row(columns.map(\.0)))
+    print(row(columns.map(\.1)))
+}
+
 /// Progress and diagnostics go to stderr, never into the results on stdout.
 func writeStandardError(_ text: String) {
     var bytes = Array(text.utf8)
@@ -175,9 +187,10 @@ struct Bulk: ParsableCommand {
         if json {
             print("{\"mode\":\"bulk\",\"connections\":\(connections),\"duplex\":\(duplex),\"bytes\":\(bytes),\"bytes_back\":\(back),\"verified\":\(verified),\"seconds\":\(elapsed),\"gbps\":\(gbps)}")
         } else {
-            var line = "bulk connections=\(connections) bytes=\(bytes) seconds=\(String(format2: elapsed)) gbit_per_s=\(String(format2: gbps))"
-            if duplex { line += " bytes_back=\(back) corrupt_blocks=\(bad) verified=\(verified)" }
-            print(line)
+            var columns = [("mode", duplex ? "bulk duplex" : "bulk"), ("connections", "\(connections)"), ("bytes sent", "\(bytes)"),
+                           ("seconds", String(format2: elapsed)), ("Gbit/s", String(format2: gbps))]
+            if duplex { columns += [("bytes back", "\(back)"), ("corrupt blocks", "\(bad)"), ("verified", "\(verified)")] }
+            printTable(columns)
         }
         if duplex && !verified { throw ExitCode(1) }
     }
@@ -257,7 +270,9 @@ struct PingPong: ParsableCommand {
         if json {
             print("{\"mode\":\"rr\",\"size\":\(size),\"round_trips\":\(all.totalCount),\"ops_per_s\":\(ops),\"p50_us\":\(pct(50)),\"p90_us\":\(pct(90)),\"p99_us\":\(pct(99)),\"p999_us\":\(pct(99.9))}")
         } else {
-            print("rr size=\(size) round_trips=\(all.totalCount) ops_per_s=\(Int(ops)) p50_us=\(String(format2: pct(50))) p90_us=\(String(format2: pct(90))) p99_us=\(String(format2: pct(99))) p999_us=\(String(format2: pct(99.9)))")
+            printTable([("mode", "rr"), ("size", "\(size)"), ("round trips", "\(all.totalCount)"), ("ops/s", "\(Int(ops))"),
+                        ("p50 µs", String(format2: pct(50))), ("p90 µs", String(format2: pct(90))), ("p99 µs", String(format2: pct(99))),
+                        ("p99.9 µs", String(format2: pct(99.9)))])
         }
     }
 }
@@ -355,7 +370,8 @@ struct Churn: ParsableCommand {
         if json {
             print("{\"mode\":\"churn\",\"connections\":\(total),\"failures\":\(failures),\"seconds\":\(elapsed),\"per_s\":\(rate)}")
         } else {
-            print("churn connections=\(total) failures=\(failures) seconds=\(String(format2: elapsed)) per_s=\(Int(rate))")
+            printTable([("mode", "churn"), ("connections", "\(total)"), ("failures", "\(failures)"), ("seconds", String(format2: elapsed)),
+                        ("connections/s", "\(Int(rate))")])
         }
         if total == 0 { throw ExitCode(1) }
     }
