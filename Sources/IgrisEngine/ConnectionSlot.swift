@@ -88,6 +88,44 @@ struct ConnectionSlot {
     var user: Int32 = -1
     /// The user has a bandwidth limit: this bridge stays on the copy path and paces recvs.
     var rateLimited = false
+    /// Why it closed, for the access log (set where the decision is made).
+    var closeReason: CloseReason = .unknown
+}
+
+/// The access log's `reason`.
+enum CloseReason: UInt8 {
+    case unknown
+    /// Both directions ended with EOF and were shut down: the normal end.
+    case eof
+    /// A reset or error on one side aborted the other.
+    case reset
+    case idleTimeout
+    case connectFailed
+    case connectTimeout
+    case handshakeTimeout
+    /// A handshake or PROXY header that was refused (malformed, unauthenticated, denied).
+    case refused
+    /// The client went away during the handshake.
+    case clientGone
+    case drainDeadline
+    /// No descriptor or slot for it.
+    case capacity
+
+    var text: String {
+        switch self {
+        case .unknown: return "closed"
+        case .eof: return "eof"
+        case .reset: return "reset"
+        case .idleTimeout: return "idle_timeout"
+        case .connectFailed: return "connect_failed"
+        case .connectTimeout: return "connect_timeout"
+        case .handshakeTimeout: return "handshake_timeout"
+        case .refused: return "refused"
+        case .clientGone: return "client_gone"
+        case .drainDeadline: return "drain_deadline"
+        case .capacity: return "capacity"
+        }
+    }
 }
 
 /// The preallocated slot array of one worker. Slots are handed out from a free list and,

@@ -1,6 +1,7 @@
 import Glibc
 import CURing
 import IgrisPolicy
+import Logging
 import IgrisProtocols
 
 enum GatewayProtocol: Sendable {
@@ -169,7 +170,7 @@ extension Worker {
         if !connectUpstream(s) {
             // Out of descriptors: this one does not wait (see startBridge for the one that may).
             statistics.add(.rejectedAtCapacity)
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .capacity)
         }
     }
 
@@ -479,6 +480,7 @@ extension Worker {
             break
         }
         statistics.add(.handshakesCompleted)
+        if accessLogger != nil { accessInfo[s] = (sessions[h].clientText, "\(sessions[h].destination) (\(sessions[h].candidates[sessions[h].nextCandidate - 1]))") }
         return true
     }
 
@@ -487,6 +489,7 @@ extension Worker {
             "client": "\(sessions[Int(p.pointee.session)].clientText)", "destination": "\(sessions[Int(p.pointee.session)].destination)",
         ])
         _ = replyFailure(p, socks: .ttlExpired, http: .gatewayTimeout)
+        p.pointee.closeReason = .connectTimeout
         closeAfterReply(s, p)
     }
 
@@ -523,7 +526,7 @@ extension Worker {
             drained += n
         }
         _ = Syscall.shutdown(p.pointee.client, Int32(SHUT_WR))
-        closeSlot(s, abort: false)
+        closeSlot(s, abort: false, reason: p.pointee.state == .connecting ? .connectFailed : .refused)
     }
 
     // MARK: - Per-user accounting and bandwidth
@@ -617,5 +620,41 @@ extension SocketAddress {
             ? IPAddress(ipv4: endpoint.address[0], endpoint.address[1], endpoint.address[2], endpoint.address[3])
             : IPAddress(ipv6: endpoint.address)
         self.init(ip: ip, port: endpoint.port)
+    }
+}
+
+extension Worker {
+    /// The access log line of a connection being released: listener, client, destination,
+    /// user, bytes each way, duration, why it closed. logfmt keys; values never hold secrets.
+    func logAccess(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ log: Logger) {
+        var client = "-"
+        var destination = "-"
+        if let info = accessInfo.removeValue(forKey: s) {
+            client = info.client
+            destination = info.destination
+        }
+        if p.pointee.session >= 0 {
+            let h = Int(p.pointee.session)
+            // Still in the handshake: what the session knows (the balancer's client, if any).
+            if !sessions[h].clientText.isEmpty { client = sessions[h].clientText }
+            if !sessions[h].destination.isEmpty { destination = sessions[h].destination }
+        }
+        var user = "-"
+        if p.pointee.user >= 0 {
+            user = accounts[Int(p.pointee.user)].name
+        } else if p.pointee.session >= 0, sessions[Int(p.pointee.session)].user >= 0 {
+            user = accounts[Int(sessions[Int(p.pointee.session)].user)].name
+        }
+        let duration = Double(now &- p.pointee.openedAt) / 1e9
+        log.info("closed", metadata: [
+            "listener": "\(listeners[Int(p.pointee.listener)].name)",
+            "client": "\(client)",
+            "destination": "\(destination)",
+            "user": "\(user)",
+            "bytes_up": "\(p.pointee.toUpstream.bytes)",
+            "bytes_down": "\(p.pointee.toClient.bytes)",
+            "duration": "\((duration * 1000).rounded() / 1000)s",
+            "reason": "\(p.pointee.closeReason.text)",
+        ])
     }
 }

@@ -42,6 +42,8 @@ public struct ServerConfiguration: Sendable {
     public var pipeSize: Int = 1 << 20
     /// Pipes per worker at most (each is two descriptors while it exists).
     public var maxPipes: Int = 4096
+    /// One logfmt line per closed connection on the `igris.access` logger (info level).
+    public var accessLog = true
 
     public init(listeners: [ListenerRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
         self.listeners = listeners
@@ -218,6 +220,7 @@ public final class Server: Sendable {
             let budget = budget
             let policy = configuration.policy
             let offload = offload
+            let accessLogger: Logger? = configuration.accessLog ? Logger(label: "igris.access") : nil
             var log = logger
             log[metadataKey: "worker"] = "\(w)"
             let workerLogger = log
@@ -233,14 +236,14 @@ public final class Server: Sendable {
                         }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
                                             statistics: stats, budget: budget, logger: workerLogger,
-                                            policy: policy, offload: offload)
+                                            policy: policy, offload: offload, accessLogger: accessLogger)
                         ready.signal()
                         try worker.run()
                     case .epoll:
                         let backend = try EpollBackend(configuration: workerConfiguration.backend)
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
                                             statistics: stats, budget: budget, logger: workerLogger,
-                                            policy: policy, offload: offload)
+                                            policy: policy, offload: offload, accessLogger: accessLogger)
                         ready.signal()
                         try worker.run()
                     }

@@ -84,6 +84,11 @@ final class Worker<Backend: IOBackend> {
     /// Slots whose timer fired this turn (kept to reuse its storage).
     var expired: [Int32] = []
 
+    /// One logfmt line per closed connection (nil: access log off).
+    let accessLogger: Logger?
+    /// Per open connection, while the access log is on: who and where, as text.
+    var accessInfo: [Int32: (client: String, destination: String)] = [:]
+
     // SOCKS5 / HTTP CONNECT (see Handshake.swift).
     let policy: GatewayPolicy?
     let offload: OffloadPool?
@@ -103,7 +108,7 @@ final class Worker<Backend: IOBackend> {
 
     init(backend: Backend, configuration: WorkerConfiguration, control: WorkerControl,
          statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger,
-         policy: GatewayPolicy? = nil, offload: OffloadPool? = nil) {
+         policy: GatewayPolicy? = nil, offload: OffloadPool? = nil, accessLogger: Logger? = nil) {
         self.backend = backend
         self.configuration = configuration
         self.control = control
@@ -112,6 +117,7 @@ final class Worker<Backend: IOBackend> {
         self.logger = logger
         self.policy = policy
         self.offload = offload
+        self.accessLogger = accessLogger
         mailbox = WorkerMailbox(control: control)
         accounts = policy?.accounts ?? []
         scratch = .allocate(byteCount: HandshakeSession.httpHeadLimit + 1, alignment: 16)
@@ -321,6 +327,10 @@ final class Worker<Backend: IOBackend> {
             startHandshake(s, p, protocol: kind, options: options, proxyHeader: listeners[i].acceptProxyProtocol)
             return
         }
+        if accessLogger != nil {
+            let peer = (try? Syscall.peerAddress(client))?.description ?? "-"
+            accessInfo[s] = (peer, listeners[i].upstreamName)
+        }
         if listeners[i].acceptProxyProtocol {
             // Forward listener behind a balancer: read its PROXY header, then connect.
             startHandshake(s, p, protocol: .forward, options: GatewayOptions(requireAuthentication: false,
@@ -334,7 +344,7 @@ final class Worker<Backend: IOBackend> {
                 // One waiter at a time: if every descriptor were held by waiting clients, none
                 // would ever come back. Closing this one frees a descriptor for the oldest.
                 statistics.add(.rejectedAtCapacity)
-                closeSlot(s, abort: false)
+                closeSlot(s, abort: false, reason: .capacity)
             } else {
                 awaitingDescriptor.append((s, p.pointee.generation))
             }
@@ -374,7 +384,7 @@ final class Worker<Backend: IOBackend> {
         } catch {
             statistics.add(.connectFailures)
             logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "\(error)"])
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .connectFailed)
             return true
         }
         p.pointee.upstream = upstream
@@ -424,7 +434,7 @@ final class Worker<Backend: IOBackend> {
             let state = table.pointer(s).pointee.state
             if state == .handshake || state == .connecting || state == .bridging {
                 statistics.add(.drainAborted)
-                closeSlot(s, abort: true)
+                closeSlot(s, abort: true, reason: .drainDeadline)
             }
             s += 1
         }
@@ -493,7 +503,7 @@ final class Worker<Backend: IOBackend> {
             logger.warning("upstream connect failed", metadata: [
                 "listener": "\(l.name)", "upstream": "\(l.upstreamName)", "error": "\(Errno.describe(-result))",
             ])
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .connectFailed)
             return
         }
         if listeners[Int(p.pointee.listener)].sendProxyProtocol != nil && !sendProxyHeader(p) {
@@ -522,7 +532,7 @@ final class Worker<Backend: IOBackend> {
         switch p.pointee.state {
         case .handshake:
             statistics.add(.handshakeTimeouts)
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .handshakeTimeout)
         case .connecting where p.pointee.session >= 0:
             statistics.add(.connectTimeouts)
             gatewayConnectTimedOut(s, p)
@@ -530,12 +540,12 @@ final class Worker<Backend: IOBackend> {
             statistics.add(.connectTimeouts)
             let l = listeners[Int(p.pointee.listener)]
             logger.warning("upstream connect timed out", metadata: ["listener": "\(l.name)", "upstream": "\(l.upstreamName)"])
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .connectTimeout)
         case .bridging:
             if p.pointee.rateLimited { resumeThrottled(s, p) }
             if let idle = configuration.idleTimeoutNanoseconds, now &- p.pointee.lastActivity >= idle {
                 statistics.add(.idleTimeouts)
-                closeSlot(s, abort: false)
+                closeSlot(s, abort: false, reason: .idleTimeout)
                 return
             }
             scheduleBridgeTimer(s, p)
@@ -809,7 +819,7 @@ final class Worker<Backend: IOBackend> {
         guard p.pointee.state == .bridging else { return }
         if p.pointee.toUpstream.finished && p.pointee.toClient.finished {
             statistics.add(.closedGracefully)
-            closeSlot(s, abort: false)
+            closeSlot(s, abort: false, reason: .eof)
         }
     }
 
@@ -846,9 +856,12 @@ final class Worker<Backend: IOBackend> {
 
     /// Closes both sockets (RST when `abort`), cancelling what is pending on them; the slot
     /// is reused once every operation on it has completed.
-    func closeSlot(_ s: Int32, abort: Bool) {
+    func closeSlot(_ s: Int32, abort: Bool, reason: CloseReason? = nil) {
         let p = table.pointer(s)
         guard p.pointee.state != .closing && p.pointee.state != .free else { return }
+        if p.pointee.closeReason == .unknown {
+            p.pointee.closeReason = reason ?? (abort ? .reset : p.pointee.state == .handshake ? .clientGone : .unknown)
+        }
         if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
         if abort && p.pointee.state == .bridging { statistics.add(.closedAborted) }
         p.pointee.state = .closing
@@ -875,6 +888,7 @@ final class Worker<Backend: IOBackend> {
 
     func finish(_ s: Int32) {
         let p = table.pointer(s)
+        if let accessLogger { logAccess(s, p, accessLogger) }
         for d in 0..<2 {
             let dir = direction(p, d)
             guard dir.pointee.pipeRead >= 0 else { continue }

@@ -106,6 +106,7 @@ public struct ConfigFile: Sendable {
         c.connectTimeoutNanoseconds = connectTimeoutNanoseconds
         c.idleTimeoutNanoseconds = idleTimeoutNanoseconds
         c.drainTimeoutNanoseconds = drainTimeoutNanoseconds
+        c.accessLog = accessLog
         return c
     }
 }

@@ -93,6 +93,9 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
+    @Flag(name: .customLong("no-access-log"), help: "Do not log a line per closed connection.")
+    var noAccessLog = false
+
     func validate() throws {
         if listen.count != upstream.count {
             throw ValidationError("\(listen.count) --listen but \(upstream.count) --upstream: each --listen needs its own --upstream")
@@ -163,6 +166,7 @@ struct Serve: ParsableCommand {
         configuration.spliceThreshold = spliceThreshold
         configuration.pipeSize = pipeSize
         configuration.maxPipes = maxPipes
+        configuration.accessLog = !noAccessLog
         var admins: [(String, SocketAddress)] = []
         if let admin {
             do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
@@ -173,6 +177,7 @@ struct Serve: ParsableCommand {
     /// Starts the workers and admin endpoints, then waits for signals until drained.
     private func start(configuration: ServerConfiguration, admins: [(String, SocketAddress)], logLevel: Logger.Level) throws {
         LoggingSystem.bootstrap { label in
+            if label == "igris.access" { return LogfmtLogHandler(label: "access", level: logLevel) }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = logLevel
             return handler

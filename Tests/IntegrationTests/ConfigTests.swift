@@ -3,6 +3,7 @@ import Glibc
 import IgrisEngine
 import IgrisGateway
 import IgrisPolicy
+import IgrisProtocols
 import Testing
 
 @Suite("Configuration file", .serialized)
@@ -177,5 +178,79 @@ struct AdminTests {
         open.close()
         gateway.server.wait()
         stopped = true
+    }
+}
+
+@Suite("igris serve -c", .serialized)
+struct ServeConfigTests {
+    @Test("a file with forward, socks5 and admin listeners serves all three; one access log line per closed connection",
+          arguments: engineBackends)
+    func servesFromFile(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let (forwardPort, socksPort, adminPort) = (try unusedPort(), try unusedPort(), try unusedPort())
+        let users = try writeTemporaryFile("users:\n  - name: alice\n    password_hash: \"\(try PasswordHasher.hash(Array("pw".utf8)))\"\n")
+        defer { unlink(users) }
+        let config = try writeTemporaryFile("""
+            workers: 1
+            backend: \(backend.rawValue)
+            users_file: \(users)
+            acl:
+              allow: ["127.0.0.1/32:\(upstream.address.port)"]
+            listeners:
+              - name: web
+                listen: 127.0.0.1:\(forwardPort)
+                mode: forward
+                upstream: \(upstream.address)
+              - name: socks
+                listen: 127.0.0.1:\(socksPort)
+                mode: socks5
+              - name: admin
+                listen: 127.0.0.1:\(adminPort)
+                mode: admin
+            """)
+        defer { unlink(config) }
+        let child = try ChildProcess(productPath("igris"), ["serve", "-c", config])
+        defer { child.terminate() }
+        let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
+        var ready = false
+        for _ in 0..<500 where !ready {
+            if let s = try? TestSocket.connect(admin) { s.close(); ready = true } else { usleep(10_000) }
+        }
+        #expect(ready)
+        let f = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(forwardPort)"))
+        f.setReceiveTimeout(seconds: 10)
+        f.write(Array("hello".utf8))
+        #expect(try f.readExactly(5) == Array("hello".utf8))
+        f.shutdownWrite()
+        #expect(f.readOneByte() == 0)
+        f.close()
+        let (s, reply) = try Socks5Client.connect(try SocketAddress.resolve("127.0.0.1:\(socksPort)"), to: .ipv4(127, 0, 0, 1),
+                                                  port: upstream.address.port, credentials: ("alice", "pw"))
+        #expect(reply == 0)
+        s.write([1, 2, 3])
+        #expect(try s.readExactly(3) == [1, 2, 3])
+        s.close()
+        let (denied, no) = try Socks5Client.connect(try SocketAddress.resolve("127.0.0.1:\(socksPort)"), to: .ipv4(10, 9, 8, 7),
+                                                    port: 80, credentials: ("alice", "pw"))
+        #expect(no == 2)
+        denied.close()
+        var metrics = ""
+        for _ in 0..<200 {  // until the closes are counted (bounded)
+            metrics = try AdminTests.get(admin, "/metrics").body
+            if metrics.contains("igris_connections_active{listener=\"socks\"} 0\n") && metrics.contains("igris_connections_active{listener=\"web\"} 0\n") { break }
+            usleep(10_000)
+        }
+        #expect(metrics.contains("igris_connections_total{listener=\"web\"} 1\n"))
+        #expect(metrics.contains("igris_connections_total{listener=\"socks\"} 2\n"))
+        child.signal(SIGTERM)
+        let (status, log) = child.finish()
+        #expect(status == 0, "\(log)")
+        let access = log.split(separator: "\n").filter { $0.contains("logger=access") }
+        #expect(access.count == 3, "\(access)")
+        #expect(access.contains { $0.contains("listener=web") && $0.contains("bytes_up=5 ") && $0.contains("bytes_down=5 ") && $0.contains("reason=eof") })
+        #expect(access.contains { $0.contains("listener=socks") && $0.contains("user=alice") && $0.contains("bytes_up=3 ") && $0.hasSuffix("user=alice") })
+        #expect(access.contains { $0.contains("destination=10.9.8.7:80") && $0.contains("reason=refused") })
+        #expect(!log.contains("pw\""), "no password in the log")
     }
 }
