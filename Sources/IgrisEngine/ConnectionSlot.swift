@@ -90,6 +90,10 @@ struct ConnectionSlot {
     var rateLimited = false
     /// Why it closed, for the access log (set where the decision is made).
     var closeReason: CloseReason = .unknown
+    /// forward: the pool server connected to (counted in its active connections), -1 none.
+    var server: Int16 = -1
+    /// forward: servers already tried by this connection (bit per server).
+    var triedServers: UInt64 = 0
 }
 
 /// The access log's `reason`.
@@ -110,6 +114,8 @@ enum CloseReason: UInt8 {
     case drainDeadline
     /// No descriptor or slot for it.
     case capacity
+    /// forward: every server of the pool is down or was tried.
+    case noServer
 
     var text: String {
         switch self {
@@ -124,6 +130,7 @@ enum CloseReason: UInt8 {
         case .clientGone: return "client_gone"
         case .drainDeadline: return "drain_deadline"
         case .capacity: return "capacity"
+        case .noServer: return "no_server"
         }
     }
 }

@@ -20,6 +20,8 @@ public struct GatewayOptions: Sendable {
 public enum ListenerMode: Sendable {
     /// Bridge each connection to a fixed upstream.
     case forward(upstream: SocketAddress)
+    /// Bridge each connection to a server of a pool (balanced, health-checked).
+    case pool(UpstreamPool)
     /// RFC 1928 CONNECT (RFC 1929 auth), destination chosen by the client.
     case socks5(GatewayOptions)
     /// HTTP/1.1 CONNECT (Basic proxy auth), destination chosen by the client.
@@ -27,7 +29,7 @@ public enum ListenerMode: Sendable {
 
     public var name: String {
         switch self {
-        case .forward: return "forward"
+        case .forward, .pool: return "forward"
         case .socks5: return "socks5"
         case .httpConnect: return "http_connect"
         }
@@ -35,7 +37,7 @@ public enum ListenerMode: Sendable {
 
     var gatewayOptions: GatewayOptions? {
         switch self {
-        case .forward: return nil
+        case .forward, .pool: return nil
         case .socks5(let o), .httpConnect(let o): return o
         }
     }

@@ -177,7 +177,8 @@ extension Worker {
     /// The PROXY header for an upstream: the balancer's view when one told us, else this
     /// connection's own peer and local address. Sent first on the fresh upstream socket.
     func sendProxyHeader(_ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
-        guard let version = listeners[Int(p.pointee.listener)].sendProxyProtocol else { return true }
+        let l = listeners[Int(p.pointee.listener)]
+        guard let version = l.pool?.sendProxyProtocol ?? l.sendProxyProtocol else { return true }
         var header = ProxyProtocol.Header.local
         if p.pointee.session >= 0, let source = sessions[Int(p.pointee.session)].proxiedSource,
            let destination = sessions[Int(p.pointee.session)].proxiedDestination {
@@ -445,12 +446,7 @@ extension Worker {
         let h = Int(p.pointee.session)
         if sessions[h].kind == .forward {
             guard result >= 0 else {
-                statistics.add(.connectFailures)
-                logger.warning("upstream connect failed", metadata: [
-                    "listener": "\(listeners[Int(p.pointee.listener)].name)", "upstream": "\(listeners[Int(p.pointee.listener)].upstreamName)",
-                    "error": "\(Errno.describe(-result))",
-                ])
-                closeSlot(s, abort: false)
+                forwardConnectFailed(s, p, errno: -result)
                 return false
             }
             return true

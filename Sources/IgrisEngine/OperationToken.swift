@@ -26,6 +26,9 @@ public enum OperationKind: UInt8, Sendable {
     case pollOutClient
     /// SOCKS5 / HTTP CONNECT: the client's handshake bytes are readable.
     case handshakeReadable
+    /// index = health probe, generation = its attempt's sequence.
+    case healthConnect
+    case healthClose
 }
 
 /// The 64-bit tag of every submitted operation: slot (or listener) index, the slot's

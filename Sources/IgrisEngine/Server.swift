@@ -213,7 +213,8 @@ public final class Server: Sendable {
                 splice: configuration.splice,
                 spliceThreshold: configuration.spliceThreshold,
                 pipeSize: configuration.pipeSize,
-                maxPipes: configuration.maxPipes)
+                maxPipes: configuration.maxPipes,
+                workerCount: configuration.workers)
             let kind = backend
             let control = controls[w]
             let stats = statistics[w]

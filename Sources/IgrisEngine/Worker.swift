@@ -31,6 +31,8 @@ public struct WorkerConfiguration: Sendable {
     public var pipeSize: Int = 1 << 20
     /// Pipes this worker may have at once (the pipe budget).
     public var maxPipes: Int = 4096
+    /// Workers in the server (health checks of pool k run on worker k % workerCount).
+    public var workerCount: Int = 1
 }
 
 /// One worker thread's event loop: its backend, connection table, timers and listeners.
@@ -41,11 +43,8 @@ final class Worker<Backend: IOBackend> {
     struct Listener {
         var fd: Int32
         var name: String
-        /// Forward mode's fixed upstream (an empty address for the gateway modes).
-        var upstream: UnsafeMutablePointer<sockaddr_storage>
-        var upstreamLength: socklen_t
-        var upstreamFamily: Int32
-        var upstreamName: String
+        /// forward: where connections go (nil for the gateway modes).
+        var pool: UpstreamPool?
         /// nil for forward; the handshake's protocol and options otherwise.
         var gateway: GatewayProtocol?
         var gatewayOptions: GatewayOptions?
@@ -100,6 +99,8 @@ final class Worker<Backend: IOBackend> {
     /// Per session: the address its connect is submitted with (stable memory, see
     /// `connectNextCandidate`).
     var sessionAddresses: [UnsafeMutablePointer<sockaddr_storage>] = []
+    /// Health checks this worker runs (see HealthChecks.swift).
+    var probes: [HealthProbe] = []
     var offloadResults: [OffloadResult] = []
     /// Where handshake bytes are peeked into: the largest HTTP head plus one.
     let scratchSize = HandshakeSession.httpHeadLimit + 1
@@ -134,26 +135,24 @@ final class Worker<Backend: IOBackend> {
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
+        probes = Self.makeProbes(listeners: configuration.listeners, worker: configuration.index,
+                                 workers: configuration.workerCount, now: now)
     }
 
     private static func makeListener(_ l: WorkerListener) -> Listener {
-        let storage = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: 1)
         switch l.mode {
         case .forward(let upstream):
-            storage.initialize(to: upstream.storage)
-            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: upstream.length,
-                            upstreamFamily: upstream.family, upstreamName: upstream.description)
+            return Listener(fd: l.fd, name: l.name, pool: UpstreamPool(name: l.name, servers: [upstream]))
+        case .pool(let pool):
+            return Listener(fd: l.fd, name: l.name, pool: pool)
         case .socks5(let options), .httpConnect(let options):
-            storage.initialize(to: sockaddr_storage())
             let kind: GatewayProtocol
             if case .socks5 = l.mode { kind = .socks5 } else { kind = .httpConnect }
-            return Listener(fd: l.fd, name: l.name, upstream: storage, upstreamLength: 0, upstreamFamily: AF_INET,
-                            upstreamName: "", gateway: kind, gatewayOptions: options)
+            return Listener(fd: l.fd, name: l.name, pool: nil, gateway: kind, gatewayOptions: options)
         }
     }
 
     deinit {
-        for l in listeners { l.upstream.deallocate() }
         scratch.deallocate()
         for a in sessionAddresses { a.deallocate() }
     }
@@ -175,6 +174,7 @@ final class Worker<Backend: IOBackend> {
                 for s in expired { timerFired(s) }
                 expired.removeAll(keepingCapacity: true)
             }
+            if !probes.isEmpty { runHealthChecks() }
             resumePausedListeners()
             if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
             if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
@@ -206,6 +206,10 @@ final class Worker<Backend: IOBackend> {
             let t = drainDeadline > now ? drainDeadline - now : 0
             timeout = min(timeout ?? t, t)
         }
+        if !probes.isEmpty, let at = nextHealthCheckEvent() {
+            let t = at > now ? at - now : 0
+            timeout = min(timeout ?? t, t)
+        }
         return timeout
     }
 
@@ -219,6 +223,10 @@ final class Worker<Backend: IOBackend> {
             onWake()
         case .closeListener:
             listenersOpen -= 1
+        case .healthConnect:
+            onHealthConnect(c)
+        case .healthClose:
+            break
         case .none:
             break
         default:
@@ -329,7 +337,7 @@ final class Worker<Backend: IOBackend> {
         }
         if accessLogger != nil {
             let peer = (try? Syscall.peerAddress(client))?.description ?? "-"
-            accessInfo[s] = (peer, listeners[i].upstreamName)
+            accessInfo[s] = (peer, listeners[i].pool?.name ?? "-")
         }
         if listeners[i].acceptProxyProtocol {
             // Forward listener behind a balancer: read its PROXY header, then connect.
@@ -374,10 +382,23 @@ final class Worker<Backend: IOBackend> {
     func connectUpstream(_ s: Int32) -> Bool {
         let p = table.pointer(s)
         let l = listeners[Int(p.pointee.listener)]
+        guard let pool = l.pool else { closeSlot(s, abort: false, reason: .connectFailed); return true }
+        var hash: UInt64 = 0
+        if pool.balance == .sourceHash, let peer = try? Syscall.peerAddress(p.pointee.client) {
+            let ip = peer.ipAddress
+            hash = (ip.high &* 0x9E37_79B9_7F4A_7C15 ^ ip.low) &* 0xBF58_476D_1CE4_E5B9
+            hash ^= hash >> 29
+        }
+        guard let server = pool.pick(tried: p.pointee.triedServers, clientHash: hash) else {
+            statistics.add(.connectFailures)
+            logger.warning("no server to connect to", metadata: ["listener": "\(l.name)", "pool": "\(pool.name)"])
+            closeSlot(s, abort: false, reason: .noServer)
+            return true
+        }
         let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
         let upstream: Int32
         do {
-            upstream = try Syscall.socket(family: l.upstreamFamily, type: type)
+            upstream = try Syscall.socket(family: pool.servers[server].family, type: type)
         } catch where error.errno == EMFILE || error.errno == ENFILE {
             pauseAccepting(errno: error.errno)
             return false
@@ -388,12 +409,43 @@ final class Worker<Backend: IOBackend> {
             return true
         }
         p.pointee.upstream = upstream
+        p.pointee.server = Int16(server)
+        p.pointee.triedServers |= 1 << UInt64(server)
+        pool.acquire(server)
         _ = try? Syscall.setIntOption(upstream, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
         p.pointee.inflight += 1
-        l.upstream.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            backend.connect(fd: upstream, address: $0, length: l.upstreamLength, token: token(s, .connect))
+        (pool.addresses + server).withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            backend.connect(fd: upstream, address: $0, length: pool.servers[server].length, token: token(s, .connect))
         }
         return true
+    }
+
+    /// A forward connect failed: the next healthy server not yet tried gets the connection
+    /// (within the same connect timeout), or the client is closed.
+    func forwardConnectFailed(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, errno e: Int32) {
+        statistics.add(.connectFailures)
+        let l = listeners[Int(p.pointee.listener)]
+        logger.warning("upstream connect failed", metadata: [
+            "listener": "\(l.name)", "upstream": "\(serverName(p))", "error": "\(Errno.describe(e))",
+        ])
+        if p.pointee.server >= 0 {
+            l.pool?.release(Int(p.pointee.server))
+            p.pointee.server = -1
+        }
+        // Closed through the backend: the epoll backend keeps per-descriptor state.
+        p.pointee.inflight += 1
+        backend.cancelAndClose(fd: p.pointee.upstream, token: token(s, .closeUpstream))
+        p.pointee.upstream = -1
+        if let pool = l.pool, pool.pick(tried: p.pointee.triedServers, clientHash: 0) != nil {
+            _ = connectUpstream(s)
+            return
+        }
+        closeSlot(s, abort: false, reason: .connectFailed)
+    }
+
+    func serverName(_ p: UnsafeMutablePointer<ConnectionSlot>) -> String {
+        guard p.pointee.server >= 0, let pool = listeners[Int(p.pointee.listener)].pool else { return "-" }
+        return pool.describe(Int(p.pointee.server))
     }
 
     /// Once per loop turn while slots wait for a descriptor: oldest first, until one fails.
@@ -420,6 +472,7 @@ final class Worker<Backend: IOBackend> {
 
     func beginDrain() {
         draining = true
+        stopHealthChecks()
         drainDeadline = now + configuration.drainTimeoutNanoseconds
         for i in listeners.indices where listeners[i].open {
             listeners[i].open = false
@@ -498,15 +551,10 @@ final class Worker<Backend: IOBackend> {
             // SOCKS5 / HTTP CONNECT: try the next address, or reply and start bridging.
             guard gatewayConnected(s, p, result) else { return }
         } else if result < 0 {
-            statistics.add(.connectFailures)
-            let l = listeners[Int(p.pointee.listener)]
-            logger.warning("upstream connect failed", metadata: [
-                "listener": "\(l.name)", "upstream": "\(l.upstreamName)", "error": "\(Errno.describe(-result))",
-            ])
-            closeSlot(s, abort: false, reason: .connectFailed)
+            forwardConnectFailed(s, p, errno: -result)
             return
         }
-        if listeners[Int(p.pointee.listener)].sendProxyProtocol != nil && !sendProxyHeader(p) {
+        if !sendProxyHeader(p) {
             closeSlot(s, abort: true)
             return
         }
@@ -539,7 +587,7 @@ final class Worker<Backend: IOBackend> {
         case .connecting:
             statistics.add(.connectTimeouts)
             let l = listeners[Int(p.pointee.listener)]
-            logger.warning("upstream connect timed out", metadata: ["listener": "\(l.name)", "upstream": "\(l.upstreamName)"])
+            logger.warning("upstream connect timed out", metadata: ["listener": "\(l.name)", "upstream": "\(serverName(p))"])
             closeSlot(s, abort: false, reason: .connectTimeout)
         case .bridging:
             if p.pointee.rateLimited { resumeThrottled(s, p) }
@@ -903,6 +951,10 @@ final class Worker<Backend: IOBackend> {
         if p.pointee.user >= 0 {
             accounts[Int(p.pointee.user)].releaseConnection()
             p.pointee.user = -1
+        }
+        if p.pointee.server >= 0 {
+            listeners[Int(p.pointee.listener)].pool?.release(Int(p.pointee.server))
+            p.pointee.server = -1
         }
         statistics.add(listener: Int(p.pointee.listener), .active, -1)
         table.release(s)

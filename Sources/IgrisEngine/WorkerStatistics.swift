@@ -41,6 +41,8 @@ public final class WorkerStatistics: Sendable {
         case userLimitRejections     // user at max_connections
         case throttlePauses          // a rate-limited direction paused its recv
         case proxyHeaderRejected     // accept_proxy_protocol: missing or malformed PROXY header
+        case serversDown             // health checks took a server out of rotation
+        case serversUp               // health checks put a server back
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).

@@ -19,8 +19,9 @@ public struct ConfigFile: Sendable {
         public var listen: SocketAddress
         public var listenText: String
         public var mode: ListenerMode
-        /// forward
+        /// forward: a single upstream, or the name of a pool.
         public var upstream: SocketAddress?
+        public var pool: String?
         /// socks5 / http_connect: password (default) or none
         public var requireAuthentication: Bool
         /// Connections start with a PROXY v1/v2 header from a balancer (strict).
@@ -44,6 +45,8 @@ public struct ConfigFile: Sendable {
     public var logLevel: String = "info"
     public var accessLog = true
     public var listeners: [Listener] = []
+    /// Upstream pools by name, for forward listeners.
+    public var pools: [String: UpstreamPool] = [:]
 
     /// Reads, parses and validates `path` (a users file it names is loaded by `policy()`).
     public static func load(path: String) throws(YAMLFileError) -> ConfigFile {
@@ -88,7 +91,12 @@ public struct ConfigFile: Sendable {
         let rules: [ListenerRule] = listeners.compactMap { l in
             var rule: ListenerRule
             switch l.mode {
-            case .forward: rule = ListenerRule(listen: l.listen, mode: .forward(upstream: l.upstream!), name: l.name)
+            case .forward:
+                if let name = l.pool, let pool = pools[name] {
+                    rule = ListenerRule(listen: l.listen, mode: .pool(pool), name: l.name)
+                } else {
+                    rule = ListenerRule(listen: l.listen, mode: .forward(upstream: l.upstream!), name: l.name)
+                }
             case .socks5: rule = ListenerRule(listen: l.listen, mode: .socks5(options(l)), name: l.name)
             case .httpConnect: rule = ListenerRule(listen: l.listen, mode: .httpConnect(options(l)), name: l.name)
             case .admin: return nil
@@ -118,7 +126,7 @@ private struct Decoded: Decodable {
 
     init(from decoder: Decoder) throws {
         let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "splice", "connect_timeout", "idle_timeout",
-                   "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "listeners"]
+                   "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
@@ -170,6 +178,14 @@ private struct Decoded: Decodable {
             config.logLevel = log.level
             config.accessLog = log.accessLog
         }
+        if c.contains(key("pools")) {
+            let pools = try c.nestedContainer(keyedBy: AnyCodingKey.self, forKey: key("pools"))
+            for name in pools.allKeys {
+                let entry = try pools.decode(PoolEntry.self, forKey: name)
+                config.pools[name.stringValue] = UpstreamPool(name: name.stringValue, servers: entry.servers, balance: entry.balance,
+                                                              healthCheck: entry.healthCheck, sendProxyProtocol: entry.sendProxyProtocol)
+            }
+        }
         guard c.contains(key("listeners")) else { throw DecodingError.keyNotFound(key("listeners"), .init(codingPath: c.codingPath, debugDescription: "")) }
         let listeners = try c.decode([ListenerEntry].self, forKey: key("listeners"))
         if listeners.isEmpty { throw fail("listeners", "at least one listener is needed") }
@@ -177,6 +193,12 @@ private struct Decoded: Decodable {
         for (i, l) in listeners.enumerated() where !names.insert(l.value.name).inserted {
             throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("listeners"), AnyCodingKey(intValue: i), key("name")],
                                                     debugDescription: "duplicate listener name '\(l.value.name)'"))
+        }
+        for (i, l) in listeners.enumerated() {
+            if let pool = l.value.pool, config.pools[pool] == nil {
+                throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("listeners"), AnyCodingKey(intValue: i), key("pool")],
+                                                        debugDescription: "no pool named '\(pool)' (pools: \(config.pools.keys.sorted().joined(separator: ", ")))"))
+            }
         }
         config.listeners = listeners.map(\.value)
     }
@@ -229,7 +251,7 @@ private struct ListenerEntry: Decodable {
     var value: ConfigFile.Listener
 
     init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "auth", "accept_proxy_protocol", "send_proxy_protocol"])
+        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "send_proxy_protocol"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -244,11 +266,15 @@ private struct ListenerEntry: Decodable {
         do { listen = try SocketAddress.resolve(listenText, passive: true) } catch { throw fail("listen", error.description) }
         let name = try c.decodeIfPresent(String.self, forKey: key("name")) ?? "\(mode.rawValue)-\(listenText)"
         var upstream: SocketAddress? = nil
+        let pool = try c.decodeIfPresent(String.self, forKey: key("pool"))
         if let text = try c.decodeIfPresent(String.self, forKey: key("upstream")) {
             guard mode == .forward else { throw fail("upstream", "only forward listeners have an upstream") }
+            guard pool == nil else { throw fail("upstream", "give upstream or pool, not both") }
             do { upstream = try SocketAddress.resolve(text) } catch { throw fail("upstream", error.description) }
+        } else if pool != nil {
+            guard mode == .forward else { throw fail("pool", "only forward listeners use a pool") }
         } else if mode == .forward {
-            throw DecodingError.keyNotFound(key("upstream"), .init(codingPath: c.codingPath, debugDescription: ""))
+            throw DecodingError.keyNotFound(key("upstream"), .init(codingPath: c.codingPath, debugDescription: "a forward listener needs upstream or pool"))
         }
         var requireAuthentication = true
         if let auth = try c.decodeIfPresent(String.self, forKey: key("auth")) {
@@ -256,7 +282,7 @@ private struct ListenerEntry: Decodable {
             guard auth == "password" || auth == "none" else { throw fail("auth", "expected password or none, got '\(auth)'") }
             requireAuthentication = auth == "password"
         }
-        value = ConfigFile.Listener(name: name, listen: listen, listenText: listenText, mode: mode, upstream: upstream,
+        value = ConfigFile.Listener(name: name, listen: listen, listenText: listenText, mode: mode, upstream: upstream, pool: pool,
                                     requireAuthentication: requireAuthentication)
         if let accept = try c.decodeIfPresent(Bool.self, forKey: key("accept_proxy_protocol")) {
             guard mode != .admin else { throw fail("accept_proxy_protocol", "admin listeners do not take PROXY headers") }
@@ -266,6 +292,69 @@ private struct ListenerEntry: Decodable {
             guard mode == .forward else { throw fail("send_proxy_protocol", "only forward listeners send PROXY headers upstream") }
             guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else { throw fail("send_proxy_protocol", "expected v1, v2 or off, got '\(send)'") }
             value.sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
+        }
+    }
+}
+
+private struct PoolEntry: Decodable {
+    var servers: [SocketAddress] = []
+    var balance = BalanceAlgorithm.roundRobin
+    var healthCheck: HealthCheck?
+    var sendProxyProtocol: ProxyProtocol.Version?
+
+    init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(["servers", "balance", "health_check", "send_proxy_protocol"])
+        let c = try decoder.container(keyedBy: AnyCodingKey.self)
+        func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
+        func fail(_ path: [CodingKey], _ message: String) -> DecodingError {
+            .dataCorrupted(.init(codingPath: c.codingPath + path, debugDescription: message))
+        }
+        var list = try c.nestedUnkeyedContainer(forKey: key("servers"))
+        while !list.isAtEnd {
+            let index = list.currentIndex
+            let text = try list.decode(String.self)
+            do { servers.append(try SocketAddress.resolve(text)) } catch {
+                throw fail([key("servers"), AnyCodingKey(intValue: index)], error.description)
+            }
+        }
+        guard (1...UpstreamPool.maxServers).contains(servers.count) else {
+            throw fail([key("servers")], "a pool has 1 to \(UpstreamPool.maxServers) servers")
+        }
+        if let b = try c.decodeIfPresent(String.self, forKey: key("balance")) {
+            guard let v = BalanceAlgorithm(rawValue: b) else {
+                throw fail([key("balance")], "expected one of \(BalanceAlgorithm.allCases.map(\.rawValue).joined(separator: ", ")), got '\(b)'")
+            }
+            balance = v
+        }
+        if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
+            guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else {
+                throw fail([key("send_proxy_protocol")], "expected v1, v2 or off, got '\(send)'")
+            }
+            sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
+        }
+        if c.contains(key("health_check")) {
+            let h = try c.nestedContainer(keyedBy: AnyCodingKey.self, forKey: key("health_check"))
+            let known: Set<String> = ["interval", "timeout", "rise", "fall"]
+            for k in h.allKeys where !known.contains(k.stringValue) {
+                throw fail([key("health_check"), k], "unknown key '\(k.stringValue)' (expected one of: fall, interval, rise, timeout)")
+            }
+            var check = HealthCheck()
+            for (name, path) in [("interval", \HealthCheck.intervalNanoseconds), ("timeout", \HealthCheck.timeoutNanoseconds)] {
+                guard let text = try h.decodeIfPresent(String.self, forKey: key(name)) else { continue }
+                guard let ns = DurationText.parse(text), ns > 0 else {
+                    throw fail([key("health_check"), key(name)], "expected a duration such as 500ms or 2s, got '\(text)'")
+                }
+                check[keyPath: path] = ns
+            }
+            for (name, path) in [("rise", \HealthCheck.rise), ("fall", \HealthCheck.fall)] {
+                guard let v = try h.decodeIfPresent(Int.self, forKey: key(name)) else { continue }
+                guard (1...100).contains(v) else { throw fail([key("health_check"), key(name)], "must be between 1 and 100") }
+                check[keyPath: path] = v
+            }
+            guard check.timeoutNanoseconds <= check.intervalNanoseconds else {
+                throw fail([key("health_check"), key("timeout")], "must not exceed the interval")
+            }
+            healthCheck = check
         }
     }
 }

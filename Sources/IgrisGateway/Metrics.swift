@@ -81,6 +81,21 @@ public struct MetricsRenderer: Sendable {
         out.line("igris_upstream_connect_duration_seconds_sum \(seconds(UInt64(max(0, sum))))")
         out.sample("igris_upstream_connect_duration_seconds_count", [:], cumulative)
 
+        var pools: [UpstreamPool] = []
+        for rule in server.configuration.listeners {
+            if case .pool(let p) = rule.mode, !pools.contains(where: { $0 === p }) { pools.append(p) }
+        }
+        if !pools.isEmpty {
+            out.family("igris_upstream_up", "gauge", "1 while a pool server is in rotation (health checks), per pool and server.")
+            for p in pools { for i in p.servers.indices { out.sample("igris_upstream_up", ["pool": p.name, "server": "\(p.servers[i])"], p.isUp(i) ? 1 : 0) } }
+            out.family("igris_upstream_connections", "gauge", "Open connections per pool server (what least_conn balances).")
+            for p in pools { for i in p.servers.indices { out.sample("igris_upstream_connections", ["pool": p.name, "server": "\(p.servers[i])"], Int64(p.activeConnections(i))) } }
+        }
+        out.family("igris_servers_down_total", "counter", "Times health checks took a server out of rotation.")
+        out.sample("igris_servers_down_total", [:], server.total(.serversDown))
+        out.family("igris_servers_up_total", "counter", "Times health checks put a server back.")
+        out.sample("igris_servers_up_total", [:], server.total(.serversUp))
+
         let accounts = server.configuration.policy.authenticator?.directory.accounts ?? []
         if !accounts.isEmpty {
             out.family("igris_user_connections_active", "gauge", "Connections open now, per user.")

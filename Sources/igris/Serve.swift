@@ -217,6 +217,11 @@ struct Serve: ParsableCommand {
             switch rule.mode {
             case .forward(let upstream):
                 logger.info("forwarding", metadata: ["listen": "\(address)", "upstream": "\(upstream)", "workers": "\(workers)"])
+            case .pool(let pool):
+                logger.info("forwarding", metadata: [
+                    "name": "\(rule.name)", "listen": "\(address)", "pool": "\(pool.name)", "servers": "\(pool.servers.count)",
+                    "balance": "\(pool.balance.rawValue)",
+                ])
             case .socks5(let o), .httpConnect(let o):
                 logger.info("listening", metadata: [
                     "mode": "\(rule.mode.name)", "name": "\(rule.name)", "listen": "\(address)", "auth": "\(o.requireAuthentication ? "password" : "none")",

@@ -34,6 +34,27 @@ struct ConfigTests {
             mode: admin
         """
 
+    @Test("pools: servers, balance, health checks, PROXY; a forward listener uses one by name")
+    func pools() throws {
+        let c = try ConfigFile.parse("""
+            pools:
+              app:
+                servers: ["127.0.0.1:9001", "[::1]:9002"]
+                balance: least_conn
+                health_check: {interval: 2s, timeout: 500ms, rise: 3, fall: 2}
+                send_proxy_protocol: v2
+            listeners:
+              - {name: web, listen: "127.0.0.1:0", mode: forward, pool: app}
+            """, file: "p.yaml")
+        let pool = try #require(c.pools["app"])
+        #expect(pool.servers.map(\.description) == ["127.0.0.1:9001", "[::1]:9002"])
+        #expect(pool.balance == .leastConn && pool.sendProxyProtocol == .v2)
+        #expect(pool.healthCheck == HealthCheck(intervalNanoseconds: 2_000_000_000, timeoutNanoseconds: 500_000_000, rise: 3, fall: 2))
+        let server = c.serverConfiguration(policy: try c.policy(configPath: "p.yaml"))
+        guard case .pool(let used) = server.listeners[0].mode else { Issue.record("not a pool listener"); return }
+        #expect(used === pool)
+    }
+
     @Test("a valid file becomes listeners, timeouts and ACL rules")
     func parsesValid() throws {
         let c = try ConfigFile.parse(Self.valid, file: "igris.yaml")
@@ -65,6 +86,10 @@ struct ConfigTests {
             ("workers: 2\n", "required key 'listeners' is missing"),
             ("listeners:\n  - {name: a, listen: 127.0.0.1:1, mode: admin}\n  - {name: a, listen: 127.0.0.1:2, mode: admin}\n", "listeners[1].name: duplicate listener name 'a'"),
             ("listeners: [\n", "c.yaml: not valid YAML"),
+            ("pools:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    balance: random\nlisteners: []\n", "c.yaml:4: pools.app.balance: expected one of round_robin, least_conn, source_hash"),
+            ("pools:\n  app:\n    servers: []\nlisteners: []\n", "c.yaml:3: pools.app.servers: a pool has 1 to 64 servers"),
+            ("pools:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    health_check: {interval: 1s, timeout: 2s}\nlisteners: []\n", "pools.app.health_check.timeout: must not exceed the interval"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n    pool: nope\n", "c.yaml:4: listeners[0].pool: no pool named 'nope'"),
         ]
         for (text, expected) in cases {
             let e = error(text)
@@ -84,7 +109,7 @@ struct ConfigTests {
         defer { unlink(bad) }
         let result = try runCommand(igris, ["check", "-c", bad])
         #expect(result.status == 1)
-        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, listen, mode, name, send_proxy_protocol, upstream)\n")
+        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, listen, mode, name, pool, send_proxy_protocol, upstream)\n")
         let needsUsers = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n")
         defer { unlink(needsUsers) }
         let missing = try runCommand(igris, ["check", "-c", needsUsers])
@@ -154,7 +179,9 @@ struct AdminTests {
         // promtool (Debian's prometheus package) validates the exposition format and naming.
         let file = try writeTemporaryFile(metrics)
         defer { unlink(file) }
-        let promtool = try runShell("promtool check metrics < \(file)")
+        // `make test` unpacks promtool into .build/tools/bin.
+        let promtool = try runShell("PATH=\"\(DeployTests.root)/.build/tools/bin:$PATH\" promtool check metrics < \(file)")
+        #expect(promtool.2.contains("not found") == false, "promtool is missing: run `make test`, which fetches it")
         #expect(promtool.0 == 0, "promtool: \(promtool.1) \(promtool.2)")
 
         #expect(try Self.get(admin.address, "/healthz") == ("HTTP/1.1 200 OK", "ok\n"))
