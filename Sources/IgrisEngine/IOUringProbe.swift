@@ -37,6 +37,75 @@ public enum IOUringProbe {
         return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
     }
 
+    /// Everything `igris probe` reports, line by line: opcodes and setup flags IGRIS uses,
+    /// ring features, and the limits that decide how many connections fit.
+    public static func report() -> [String] {
+        var lines: [String] = []
+        let sysctl = disabledSysctl()
+        lines.append("kernel.io_uring_disabled: \(sysctl.map(String.init) ?? "absent (kernel < 6.6: io_uring allowed)")")
+        let ring = UnsafeMutablePointer<io_uring>.allocate(capacity: 1)
+        defer { ring.deallocate() }
+        var params = io_uring_params()
+        ring.initialize(to: io_uring())
+        let rc = io_uring_queue_init_params(8, ring, &params)
+        if rc == 0 {
+            let features: [(UInt32, String, String)] = [
+                (UInt32(IORING_FEAT_NODROP), "NODROP", "completions are never dropped on CQ overflow"),
+                (UInt32(IORING_FEAT_EXT_ARG), "EXT_ARG", "wait with a timeout in one io_uring_enter"),
+                (UInt32(IORING_FEAT_FAST_POLL), "FAST_POLL", "internal poll instead of io-wq for sockets"),
+            ]
+            for (bit, name, what) in features {
+                lines.append("feature \(name): \(params.features & bit != 0 ? "yes" : "no") (\(what))")
+            }
+            if let probe = io_uring_get_probe_ring(ring) {
+                let optional: [(UInt32, String, String)] = [
+                    (UInt32(IORING_OP_SPLICE.rawValue), "SPLICE", "--splice"),
+                    (UInt32(IORING_OP_SEND_ZC.rawValue), "SEND_ZC", "--send-zc"),
+                ]
+                for (op, name) in requiredOpcodes {
+                    lines.append("opcode \(name): \(io_uring_opcode_supported(probe, Int32(op)) != 0 ? "yes" : "NO (required)")")
+                }
+                for (op, name, flag) in optional {
+                    lines.append("opcode \(name): \(io_uring_opcode_supported(probe, Int32(op)) != 0 ? "yes" : "no (\(flag) falls back)")")
+                }
+                io_uring_free_probe(probe)
+            }
+            io_uring_queue_exit(ring)
+            let flags: [(UInt32, String)] = [
+                (UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_DEFER_TASKRUN), "SINGLE_ISSUER|DEFER_TASKRUN"),
+                (UInt32(IORING_SETUP_COOP_TASKRUN), "COOP_TASKRUN"),
+            ]
+            for (flag, name) in flags {
+                var p = io_uring_params()
+                p.flags = flag
+                ring.initialize(to: io_uring())
+                let ok = io_uring_queue_init_params(8, ring, &p) == 0
+                if ok { io_uring_queue_exit(ring) }
+                lines.append("setup \(name): \(ok ? "yes" : "no")")
+            }
+        } else {
+            lines.append("io_uring_setup: \(Errno.describe(-rc))")
+        }
+        func readSysctl(_ path: String) -> String {
+            let fd = igris_open_read(path)
+            guard fd >= 0 else { return "unavailable" }
+            defer { Syscall.close(fd) }
+            var buffer = [UInt8](repeating: 0, count: 128)
+            let n = read(fd, &buffer, buffer.count)
+            guard n > 0 else { return "unavailable" }
+            return String(decoding: buffer[0..<n], as: UTF8.self).split(separator: "\n").first.map { $0.replacingTabs() } ?? ""
+        }
+        for (name, path) in [("fs.pipe-max-size", "/proc/sys/fs/pipe-max-size"), ("fs.pipe-user-pages-soft", "/proc/sys/fs/pipe-user-pages-soft"),
+                             ("fs.nr_open", "/proc/sys/fs/nr_open"), ("net.core.somaxconn", "/proc/sys/net/core/somaxconn"),
+                             ("net.ipv4.ip_local_port_range", "/proc/sys/net/ipv4/ip_local_port_range"), ("net.ipv4.tcp_mem", "/proc/sys/net/ipv4/tcp_mem")] {
+            lines.append("\(name): \(readSysctl(path))")
+        }
+        var limit = rlimit()
+        getrlimit(__rlimit_resource_t(8), &limit)  // RLIMIT_MEMLOCK (hidden from Swift by the module map)
+        lines.append("RLIMIT_MEMLOCK: soft \(limit.rlim_cur == rlim_t.max ? "unlimited" : "\(limit.rlim_cur)"), hard \(limit.rlim_max == rlim_t.max ? "unlimited" : "\(limit.rlim_max)")")
+        return lines
+    }
+
     public static func run() -> Result {
         let sysctl = disabledSysctl()
         if sysctl == 2 {
@@ -78,4 +147,8 @@ public enum IOUringProbe {
         }
         return Result(usable: true, reason: "io_uring available on Linux \(kernelRelease()) with every opcode IGRIS uses")
     }
+}
+
+extension Substring {
+    func replacingTabs() -> String { String(map { $0 == "\t" ? " " : $0 }) }
 }

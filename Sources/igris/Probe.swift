@@ -11,6 +11,7 @@ struct Probe: ParsableCommand {
         out.write("kernel: Linux \(IOUringProbe.kernelRelease())\n")
         let probe = IOUringProbe.run()
         out.write("io_uring: \(probe.usable ? "usable" : "unusable") (\(probe.reason))\n")
+        for line in IOUringProbe.report() { out.write("  \(line)\n") }
         var limit = rlimit()
         getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
         out.write("RLIMIT_NOFILE: soft \(limit.rlim_cur), hard \(limit.rlim_max)\n")
