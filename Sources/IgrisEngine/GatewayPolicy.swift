@@ -83,3 +83,24 @@ public final class GatewayPolicy: Sendable {
 
     var accounts: [UserAccount] { authenticator?.directory.accounts ?? [] }
 }
+
+extension ListenerRule {
+    /// Everything that decides how this listener treats new connections, as text: two rules
+    /// with the same name and signature are the same listener across a reload.
+    var signature: String {
+        var parts = [listen.description, mode.name, "\(acceptProxyProtocol)", sendProxyProtocol?.rawValue ?? "-", "\(proxyHeaderTimeoutNanoseconds)"]
+        switch mode {
+        case .forward(let upstream): parts.append(upstream.description)
+        case .pool(let pool): parts.append(pool.signature)
+        case .socks5(let o), .httpConnect(let o): parts += ["\(o.requireAuthentication)", "\(o.handshakeTimeoutNanoseconds)"]
+        }
+        return parts.joined(separator: "|")
+    }
+}
+
+extension UpstreamPool {
+    var signature: String {
+        let check = healthCheck.map { "\($0.intervalNanoseconds),\($0.timeoutNanoseconds),\($0.rise),\($0.fall)" } ?? "-"
+        return "\(name);\(servers.map(\.description).joined(separator: ","));\(balance.rawValue);\(check);\(sendProxyProtocol?.rawValue ?? "-")"
+    }
+}

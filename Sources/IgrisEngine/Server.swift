@@ -93,6 +93,11 @@ public final class Server: Sendable {
     private let controls: [WorkerControl]
     /// listenFDs[worker][forward]
     private let listenFDs: [[Int32]]
+    /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
+    /// so the connections they accepted keep their per-listener counters).
+    private let listenerTable: Mutex<[ActiveListener]>
+    /// Per-listener counters are preallocated for this many listeners over the process's life.
+    public static let maxListeners = 256
     private let threads = Mutex<[pthread_t]>([])
     /// getaddrinfo / argon2id threads, when a SOCKS5 or HTTP CONNECT listener exists.
     private let offload: OffloadPool?
@@ -131,7 +136,8 @@ public final class Server: Sendable {
         }
         listenFDs = fds
         listenAddresses = addresses
-        statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: configuration.listeners.count) }
+        listenerTable = Mutex(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
+        statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: Self.maxListeners) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
         var controls: [WorkerControl] = []
         do {
@@ -141,7 +147,8 @@ public final class Server: Sendable {
             throw .worker(controls.count, error)
         }
         self.controls = controls
-        offload = configuration.hasGatewayListeners ? OffloadPool(threads: configuration.policy.offloadThreads) : nil
+        // Always there: a reload may add SOCKS5 / HTTP CONNECT listeners (two idle threads).
+        offload = OffloadPool(threads: configuration.policy.offloadThreads)
     }
 
     static func selectBackend(_ choice: BackendChoice) throws(ServerError) -> (BackendKind, String) {
@@ -302,6 +309,85 @@ public final class Server: Sendable {
         return (buckets, sum)
     }
 
+    /// Names of every listener so far, by index (the `listener` label of the metrics).
+    public var listenerNames: [String] { listenerTable.withLock { $0.map(\.rule.name) } }
+
+    /// The listeners accepting now, with the addresses they are bound to.
+    public var openListeners: [(rule: ListenerRule, address: SocketAddress)] {
+        listenerTable.withLock { $0.filter(\.open).map { ($0.rule, $0.address) } }
+    }
+
+    /// SIGHUP: makes `listeners` the set of open listeners. Unchanged ones (same name and the
+    /// same settings) keep their sockets; new or changed ones are bound first — any failure
+    /// leaves everything as it was and throws — then the workers switch at their next turn.
+    /// Connections already open are not touched, whatever happens to their listener.
+    public func reload(listeners: [ListenerRule], policy: GatewayPolicy) throws(ServerError) -> ReloadSummary {
+        for rule in listeners {
+            if let options = rule.mode.gatewayOptions, options.requireAuthentication, policy.authenticator == nil {
+                throw .configuration("\(rule.mode.name) listener \(rule.name) requires authentication but no users file is configured")
+            }
+        }
+        let current = listenerTable.withLock { $0 }
+        var keep: Set<Int> = []
+        var added: [ListenerRule] = []
+        for rule in listeners {
+            if let i = current.indices.first(where: { current[$0].open && current[$0].rule.name == rule.name && current[$0].rule.signature == rule.signature }) {
+                keep.insert(i)
+            } else {
+                added.append(rule)
+            }
+        }
+        let removed = current.indices.filter { current[$0].open && !keep.contains($0) }
+        guard current.count + added.count <= Self.maxListeners else {
+            throw .configuration("reload would make \(current.count + added.count) listeners over this process's life (at most \(Self.maxListeners)): restart instead")
+        }
+        // Bind everything new before changing anything.
+        var fds = Array(repeating: [Int32](), count: configuration.workers)
+        var addresses: [SocketAddress] = []
+        do {
+            for rule in added {
+                var address = rule.listen
+                for w in 0..<configuration.workers {
+                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog, text: rule.listen.description)
+                    if w == 0 {
+                        address = (try? Syscall.localAddress(fd)) ?? address
+                        addresses.append(address)
+                    }
+                    fds[w].append(fd)
+                }
+            }
+        } catch {
+            for list in fds { for fd in list { Syscall.close(fd) } }
+            throw error
+        }
+        listenerTable.withLock { table in
+            for i in removed { table[i].open = false }
+            for (rule, address) in zip(added, addresses) { table.append(ActiveListener(rule: rule, address: address, open: true)) }
+        }
+        for (w, control) in controls.enumerated() {
+            let add = zip(fds[w], added).map { fd, rule in
+                WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
+                               sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds)
+            }
+            control.requestReload(ReloadCommand(add: add, remove: removed, policy: policy))
+        }
+        return ReloadSummary(added: added.map(\.name), removed: removed.map { current[$0].rule.name }, kept: keep.sorted().map { current[$0].rule.name })
+    }
+
     /// Whether the workers are draining (SIGTERM): /readyz answers 503 from then on.
     public var isDraining: Bool { controls.contains { $0.isDrainRequested } }
+}
+
+/// A listener the server has had; `open` until a reload removes it.
+struct ActiveListener: Sendable {
+    var rule: ListenerRule
+    var address: SocketAddress
+    var open: Bool
+}
+
+/// What a reload did, by listener name.
+public struct ReloadSummary: Sendable, Equatable {
+    public var added: [String]
+    public var removed: [String]
+    public var kept: [String]
 }

@@ -89,7 +89,8 @@ final class Worker<Backend: IOBackend> {
     var accessInfo: [Int32: (client: String, destination: String)] = [:]
 
     // SOCKS5 / HTTP CONNECT (see Handshake.swift).
-    let policy: GatewayPolicy?
+    /// Replaced on reload (new ACL); users stay as loaded at start.
+    var policy: GatewayPolicy?
     let offload: OffloadPool?
     let mailbox: WorkerMailbox
     /// The users file's accounts, indexed by `ConnectionSlot.user`.
@@ -101,6 +102,8 @@ final class Worker<Backend: IOBackend> {
     var sessionAddresses: [UnsafeMutablePointer<sockaddr_storage>] = []
     /// Health checks this worker runs (see HealthChecks.swift).
     var probes: [HealthProbe] = []
+    /// Each listener's configuration, by index (grows on reload), to re-plan health checks.
+    var activeListenerConfigurations: [WorkerListener] = []
     var offloadResults: [OffloadResult] = []
     /// Where handshake bytes are peeked into: the largest HTTP head plus one.
     let scratchSize = HandshakeSession.httpHeadLimit + 1
@@ -135,6 +138,7 @@ final class Worker<Backend: IOBackend> {
         }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
+        activeListenerConfigurations = configuration.listeners
         probes = Self.makeProbes(listeners: configuration.listeners, worker: configuration.index,
                                  workers: configuration.workerCount, now: now)
     }
@@ -463,11 +467,40 @@ final class Worker<Backend: IOBackend> {
 
     func onWake() {
         backend.consumeWake(fd: control.wakeFD)
-        // The eventfd also wakes the loop for offloaded results (names, passwords).
+        // The eventfd also wakes the loop for offloaded results (names, passwords) and reloads.
         handleOffloadResults()
+        for command in control.takeReloads() { applyReload(command) }
         if control.isDrainRequested && !draining { beginDrain() }
         if control.isAbortRequested { drainDeadline = now }
         backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
+    }
+
+    /// SIGHUP: close removed listeners (their connections carry on), open added ones, take
+    /// the new policy for new connections, and re-plan health checks for the pools in use.
+    func applyReload(_ command: ReloadCommand) {
+        for i in command.remove where i < listeners.count && listeners[i].open {
+            listeners[i].open = false
+            backend.cancelAndClose(fd: listeners[i].fd, token: OperationToken(index: UInt32(i), generation: 0, kind: .closeListener))
+        }
+        for l in command.add {
+            var listener = Self.makeListener(l)
+            listener.acceptProxyProtocol = l.acceptProxyProtocol
+            listener.sendProxyProtocol = l.sendProxyProtocol
+            listener.proxyHeaderTimeoutNanoseconds = l.proxyHeaderTimeoutNanoseconds
+            listeners.append(listener)
+            listenersOpen += 1
+            activeListenerConfigurations.append(l)
+            if draining {
+                listeners[listeners.count - 1].open = false
+                backend.cancelAndClose(fd: l.fd, token: OperationToken(index: UInt32(listeners.count - 1), generation: 0, kind: .closeListener))
+            } else {
+                armAccept(listeners.count - 1)
+            }
+        }
+        policy = command.policy
+        stopHealthChecks()
+        let open = listeners.indices.filter { listeners[$0].open }.map { activeListenerConfigurations[$0] }
+        probes = Self.makeProbes(listeners: open, worker: configuration.index, workers: configuration.workerCount, now: now)
     }
 
     func beginDrain() {

@@ -6,6 +6,7 @@ import Synchronization
 public final class WorkerControl: Sendable {
     let wakeFD: Int32
     private let drainRequested = Atomic<Bool>(false)
+    private let reloads = Mutex<[ReloadCommand]>([])
     private let abortRequested = Atomic<Bool>(false)
 
     init() throws(SyscallError) {
@@ -25,6 +26,19 @@ public final class WorkerControl: Sendable {
         abortRequested.store(true, ordering: .releasing)
         drainRequested.store(true, ordering: .releasing)
         Syscall.signalEventFD(wakeFD)
+    }
+
+    /// SIGHUP: listeners to add and remove, the new policy; applied at the worker's next turn.
+    func requestReload(_ command: ReloadCommand) {
+        reloads.withLock { $0.append(command) }
+        Syscall.signalEventFD(wakeFD)
+    }
+
+    func takeReloads() -> [ReloadCommand] {
+        reloads.withLock { r in
+            defer { r.removeAll() }
+            return r
+        }
     }
 
     var isDrainRequested: Bool { drainRequested.load(ordering: .acquiring) }
@@ -50,4 +64,14 @@ public final class ConnectionBudget: Sendable {
     func release() { used.wrappingSubtract(1, ordering: .relaxed) }
 
     public var current: Int { used.load(ordering: .relaxed) }
+}
+
+/// What a configuration reload changes on one worker. Listeners are never renumbered: a
+/// removed one is closed and stays in the table (its open connections keep their index).
+struct ReloadCommand: Sendable {
+    /// New listeners with this worker's own SO_REUSEPORT sockets, in server index order.
+    var add: [WorkerListener]
+    /// Server listener indices to close.
+    var remove: [Int]
+    var policy: GatewayPolicy
 }

@@ -5,15 +5,13 @@ import IgrisPolicy
 /// summed here, at scrape time, so the workers only ever do relaxed stores.
 public struct MetricsRenderer: Sendable {
     public let server: Server
-    /// Listener names in the server's order (for the `listener` label).
-    public let listenerNames: [String]
-
-    public init(server: Server, listenerNames: [String]) {
+    public init(server: Server) {
         self.server = server
-        self.listenerNames = listenerNames
     }
 
     public func render() -> String {
+        // Every listener so far (reloads append), for the `listener` label.
+        let listenerNames = server.listenerNames
         var out = MetricsText()
         out.family("igris_build_info", "gauge", "Build and backend of this process (always 1).")
         out.sample("igris_build_info", ["backend": "\(server.backend)", "version": "0.1.0"], 1)
@@ -82,7 +80,7 @@ public struct MetricsRenderer: Sendable {
         out.sample("igris_upstream_connect_duration_seconds_count", [:], cumulative)
 
         var pools: [UpstreamPool] = []
-        for rule in server.configuration.listeners {
+        for (rule, _) in server.openListeners {
             if case .pool(let p) = rule.mode, !pools.contains(where: { $0 === p }) { pools.append(p) }
         }
         if !pools.isEmpty {

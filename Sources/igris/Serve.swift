@@ -4,6 +4,7 @@ import IgrisEngine
 import IgrisGateway
 import IgrisPolicy
 import Logging
+import Synchronization
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -133,7 +134,7 @@ struct Serve: ParsableCommand {
             }
             let admins = file.listeners.filter { $0.mode == .admin }.map { ($0.name, $0.listen) }
             try start(configuration: file.serverConfiguration(policy: policy), admins: admins,
-                      logLevel: Logger.Level(rawValue: file.logLevel) ?? .info)
+                      logLevel: Logger.Level(rawValue: file.logLevel) ?? .info, configPath: configFile)
             return
         }
         // Checked here, not in validate(), so an unknown flag is reported first.
@@ -171,11 +172,12 @@ struct Serve: ParsableCommand {
         if let admin {
             do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
         }
-        try start(configuration: configuration, admins: admins, logLevel: logLevel)
+        try start(configuration: configuration, admins: admins, logLevel: logLevel, configPath: nil)
     }
 
     /// Starts the workers and admin endpoints, then waits for signals until drained.
-    private func start(configuration: ServerConfiguration, admins: [(String, SocketAddress)], logLevel: Logger.Level) throws {
+    private func start(configuration: ServerConfiguration, admins: [(String, SocketAddress)], logLevel: Logger.Level,
+                       configPath: String?) throws {
         LoggingSystem.bootstrap { label in
             if label == "igris.access" { return LogfmtLogHandler(label: "access", level: logLevel) }
             var handler = StreamLogHandler.standardError(label: label)
@@ -188,7 +190,7 @@ struct Serve: ParsableCommand {
         let drainTimeout = DurationArgument(nanoseconds: configuration.drainTimeoutNanoseconds)
 
         // Signals go to the signal thread only: block them before any worker starts.
-        let signals = SignalWaiter(signals: [SIGINT, SIGTERM])
+        let signals = SignalWaiter(signals: [SIGINT, SIGTERM, SIGHUP])
         signal(SIGPIPE, SIG_IGN)
 
         let server: Server
@@ -203,7 +205,7 @@ struct Serve: ParsableCommand {
         var adminServers: [AdminServer] = []
         for (name, address) in admins {
             do {
-                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server, listenerNames: rules.map(\.name)))
+                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server))
                 a.start()
                 adminServers.append(a)
                 logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
@@ -229,7 +231,16 @@ struct Serve: ParsableCommand {
                 ])
             }
         }
-        signals.start { count, signal in
+        let stopSignals = Mutex(0)
+        signals.start { _, signal in
+            if signal == SIGHUP {
+                Self.reload(server: server, configPath: configPath, logger: logger)
+                return
+            }
+            let count = stopSignals.withLock { n -> Int in
+                n += 1
+                return n
+            }
             if count == 1 {
                 logger.info("draining: accepting stopped, open connections may finish",
                             metadata: ["signal": "\(signal)", "deadline": "\(drainTimeout)", "active": "\(server.total(.activeConnections))"])
@@ -249,6 +260,30 @@ struct Serve: ParsableCommand {
 }
 
 extension Serve {
+    /// SIGHUP: re-read the configuration file; listeners and pools that changed take effect,
+    /// open connections are untouched. A file that does not validate is logged and ignored.
+    /// The users file, global settings and admin listeners stay as started.
+    static func reload(server: Server, configPath: String?, logger: Logger) {
+        guard let configPath else {
+            logger.warning("SIGHUP ignored: igris was started with flags, not --config")
+            return
+        }
+        do {
+            let file = try ConfigFile.load(path: configPath)
+            let checked = try file.policy(configPath: configPath)
+            let running = server.configuration.policy
+            let policy = GatewayPolicy(acl: checked.acl, authenticator: running.authenticator, resolver: running.resolver,
+                                       offloadThreads: running.offloadThreads)
+            let summary = try server.reload(listeners: file.serverConfiguration(policy: policy).listeners, policy: policy)
+            logger.notice("configuration reloaded", metadata: [
+                "file": "\(configPath)", "added": "\(summary.added.joined(separator: ","))",
+                "removed": "\(summary.removed.joined(separator: ","))", "kept": "\(summary.kept.joined(separator: ","))",
+            ])
+        } catch {
+            logger.error("reload rejected; the running configuration stays", metadata: ["file": "\(configPath)", "error": "\(error)"])
+        }
+    }
+
     /// Users file and ACL rules; every error names what is wrong.
     func makePolicy() throws -> GatewayPolicy {
         var aclRules: [DestinationACL.Rule] = []

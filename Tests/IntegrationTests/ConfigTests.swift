@@ -147,7 +147,7 @@ struct AdminTests {
         var stopped = false
         defer { if !stopped { gateway.stop() } }
         let admin = try AdminServer(listen: try SocketAddress.resolve("127.0.0.1:0"),
-                                    metrics: MetricsRenderer(server: gateway.server, listenerNames: ["socks", "http"]))
+                                    metrics: MetricsRenderer(server: gateway.server))
         admin.start()
         defer { admin.stop() }
 

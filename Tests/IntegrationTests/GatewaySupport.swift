@@ -15,8 +15,8 @@ final class ProxyGateway: @unchecked Sendable {
          handshakeTimeout: UInt64 = 10_000_000_000, configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
         let options = GatewayOptions(requireAuthentication: auth, handshakeTimeoutNanoseconds: handshakeTimeout)
         var configuration = ServerConfiguration(listeners: [
-            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .socks5(options)),
-            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .httpConnect(options)),
+            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .socks5(options), name: "socks"),
+            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .httpConnect(options), name: "http"),
         ], workers: 2, backend: backend)
         let rules = try allow.map { try DestinationACL.parseRule(.allow, $0).get() }
         policy = GatewayPolicy(acl: DestinationACL(rules: rules), authenticator: try users.map { try Authenticator(directory: $0) })

@@ -251,7 +251,9 @@ struct SHA256 {
 }
 
 /// Sends `count` pattern bytes from `seed` and returns their SHA-256.
-func sendPattern(_ socket: TestSocket, seed: UInt64, count: Int, chunk: Int = 256 * 1024) -> (sent: Int, digest: [UInt8]) {
+/// `midway`: after `at` bytes (a multiple of `chunk`), call `wait` once before going on.
+func sendPattern(_ socket: TestSocket, seed: UInt64, count: Int, chunk: Int = 256 * 1024,
+                 midway: (at: Int, wait: () -> Void)? = nil) -> (sent: Int, digest: [UInt8]) {
     var stream = PatternStream(seed: seed)
     var hash = SHA256()
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
@@ -264,6 +266,7 @@ func sendPattern(_ socket: TestSocket, seed: UInt64, count: Int, chunk: Int = 25
         hash.update(UnsafeRawBufferPointer(part))
         if !socket.write(UnsafeRawBufferPointer(part)) { break }
         sent += n
+        if let midway, sent == midway.at { midway.wait() }
     }
     return (sent, hash.finish())
 }

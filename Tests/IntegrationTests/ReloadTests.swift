@@ -1,0 +1,133 @@
+import Dispatch
+import Foundation
+import Glibc
+import IgrisEngine
+import Testing
+
+/// SIGHUP: listeners come and go; open connections and transfers carry on; a bad file is
+/// rejected while the running configuration stays.
+@Suite("Reload (SIGHUP)", .serialized)
+struct ReloadTests {
+    /// Collects a child's stderr lines as they come.
+    final class LogLines: @unchecked Sendable {
+        let lines = SharedBox<[String]>([])
+        init(_ child: ChildProcess) {
+            let fd = child.stderr.fileHandleForReading.fileDescriptor
+            let box = lines
+            TestThread.detach {
+                var current: [UInt8] = []
+                var byte: UInt8 = 0
+                while Glibc.read(fd, &byte, 1) == 1 {
+                    if byte == 10 {
+                        let line = String(decoding: current, as: UTF8.self)
+                        box.update { $0.append(line) }
+                        current.removeAll()
+                    } else {
+                        current.append(byte)
+                    }
+                }
+            }
+        }
+
+        /// Waits (bounded, 10 s) until `count` lines contain `text`.
+        func wait(for text: String, count: Int = 1) -> Bool {
+            for _ in 0..<1000 {
+                if lines.value.filter({ $0.contains(text) }).count >= count { return true }
+                usleep(10_000)
+            }
+            return false
+        }
+    }
+
+    static func config(_ listeners: [(String, UInt16)], upstream: SocketAddress, broken: Bool = false) -> String {
+        var text = "workers: 2\nlisteners:\n"
+        for (name, port) in listeners {
+            text += "  - name: \(name)\n    listen: 127.0.0.1:\(port)\n    mode: forward\n    upstream: \(upstream)\n"
+        }
+        if broken { text += "  - name: oops\n    listen: 127.0.0.1:1\n    mode: teleport\n" }
+        return text
+    }
+
+    static func accepts(_ port: UInt16) -> Bool {
+        guard let s = try? TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(port)")) else { return false }
+        s.close()
+        return true
+    }
+
+    @Test("SIGHUP adds and removes listeners while a transfer on another runs intact; a bad file is rejected", arguments: engineBackends)
+    func reload(backend: BackendChoice) throws {
+        let upstream = try TestUpstream { socket in
+            // Echo everything (the transfer and the probes).
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+                if n <= 0 { break }
+                socket.write(Array(buffer[0..<n]))
+            }
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let (a, b) = (try unusedPort(), try unusedPort())
+        let path = try writeTemporaryFile(Self.config([("a", a)], upstream: upstream.address))
+        defer { unlink(path) }
+        let child = try ChildProcess(productPath("igris"), ["serve", "-c", path, "--backend", backend.rawValue])
+        defer { child.terminate() }
+        let log = LogLines(child)
+        #expect(log.wait(for: "forwarding"))
+
+        // A long transfer through "a", running across every reload below.
+        let transfer = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(a)"))
+        transfer.setReceiveTimeout(seconds: 30)
+        let total = 48 << 20
+        let received = SharedBox<(Int, [UInt8])>((0, []))
+        let reader = TestThread { received.update { $0 = { let r = receiveDigest(transfer); return (r.received, r.digest) }() } }
+        // Half goes now; the rest once every reload below is done, so the transfer spans them.
+        let reloadsDone = DispatchSemaphore(value: 0)
+        let halfSent = DispatchSemaphore(value: 0)
+        let writer = TestThread {
+            _ = sendPattern(transfer, seed: 42, count: total, chunk: 64 * 1024, midway: (total / 2, { halfSent.signal(); reloadsDone.wait() }))
+            transfer.shutdownWrite()
+        }
+        #expect(halfSent.wait(timeout: .now() + 10) == .success, "the first half was sent before the reloads")
+
+        // Add "b".
+        try Self.config([("a", a), ("b", b)], upstream: upstream.address).write(toFile: path, atomically: true, encoding: .utf8)
+        child.signal(SIGHUP)
+        #expect(log.wait(for: "configuration reloaded"))
+        #expect(log.lines.value.contains { $0.contains("added=b") && $0.contains("kept=a") })
+        let viaB = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(b)"))
+        viaB.setReceiveTimeout(seconds: 10)
+        viaB.write([9, 8, 7])
+        #expect(try viaB.readExactly(3) == [9, 8, 7])
+
+        // A broken file: rejected, both listeners keep working.
+        try Self.config([("a", a), ("b", b)], upstream: upstream.address, broken: true).write(toFile: path, atomically: true, encoding: .utf8)
+        child.signal(SIGHUP)
+        #expect(log.wait(for: "reload rejected"))
+        #expect(log.lines.value.contains { $0.contains("reload rejected") && $0.contains("listeners[2].mode") })
+        #expect(Self.accepts(a) && Self.accepts(b))
+
+        // Remove "a": it stops accepting; the transfer through it and b's open bridge go on.
+        try Self.config([("b", b)], upstream: upstream.address).write(toFile: path, atomically: true, encoding: .utf8)
+        child.signal(SIGHUP)
+        #expect(log.wait(for: "configuration reloaded", count: 2))
+        var refused = false
+        for _ in 0..<500 where !refused {
+            if Self.accepts(a) { usleep(10_000) } else { refused = true }
+        }
+        #expect(refused, "the removed listener still accepts")
+        viaB.write([1])
+        #expect(try viaB.readExactly(1) == [1])
+        viaB.close()
+
+        reloadsDone.signal()
+        writer.join()
+        reader.join()
+        transfer.close()
+        #expect(received.value.0 == total)
+        #expect(received.value.1 == patternDigest(seed: 42, count: total), "the transfer across three reloads arrived intact")
+
+        child.signal(SIGTERM)
+        #expect(log.wait(for: "stopped"))
+    }
+}
