@@ -94,6 +94,8 @@ struct ConnectionSlot {
     var server: Int16 = -1
     /// forward: servers already tried by this connection (bit per server).
     var triedServers: UInt64 = 0
+    /// The listener's splice setting, copied at accept (read per forwarded chunk).
+    var splice: SpliceMode = .never
 }
 
 /// The access log's `reason`.

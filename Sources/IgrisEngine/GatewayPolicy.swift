@@ -55,6 +55,13 @@ public struct ListenerRule: Sendable {
     public var sendProxyProtocol: ProxyProtocol.Version?
     /// How long a forward listener that accepts PROXY headers waits for one.
     public var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
+    /// Per-listener overrides of the server-wide settings (nil: the server's).
+    public var splice: SpliceMode?
+    public var connectTimeoutNanoseconds: UInt64?
+    /// .some(nil): no idle timeout on this listener even if the server has one.
+    public var idleTimeoutNanoseconds: UInt64??
+    /// Connections open at once through this listener, all workers together.
+    public var maxConnections: Int?
 
     public init(listen: SocketAddress, mode: ListenerMode, name: String? = nil) {
         self.listen = listen
@@ -88,7 +95,8 @@ extension ListenerRule {
     /// Everything that decides how this listener treats new connections, as text: two rules
     /// with the same name and signature are the same listener across a reload.
     var signature: String {
-        var parts = [listen.description, mode.name, "\(acceptProxyProtocol)", sendProxyProtocol?.rawValue ?? "-", "\(proxyHeaderTimeoutNanoseconds)"]
+        var parts = [listen.description, mode.name, "\(acceptProxyProtocol)", sendProxyProtocol?.rawValue ?? "-", "\(proxyHeaderTimeoutNanoseconds)",
+                     splice?.rawValue ?? "-", "\(connectTimeoutNanoseconds ?? 0)", "\(String(describing: idleTimeoutNanoseconds))", "\(maxConnections ?? 0)"]
         switch mode {
         case .forward(let upstream): parts.append(upstream.description)
         case .pool(let pool): parts.append(pool.signature)

@@ -166,7 +166,7 @@ extension Worker {
         p.pointee.state = .connecting
         p.pointee.lastActivity = now
         wheel.cancel(s, table: table)
-        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        wheel.schedule(s, deadline: now + listeners[Int(p.pointee.listener)].connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
             // Out of descriptors: this one does not wait (see startBridge for the one that may).
             statistics.add(.rejectedAtCapacity)
@@ -395,7 +395,7 @@ extension Worker {
         p.pointee.state = .connecting
         p.pointee.lastActivity = now  // connect latency is measured from here
         wheel.cancel(s, table: table)
-        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        wheel.schedule(s, deadline: now + listeners[Int(p.pointee.listener)].connectTimeoutNanoseconds, table: table)
         return connectNextCandidate(s, p)
     }
 
@@ -559,7 +559,7 @@ extension Worker {
     /// A bridge's one timer: the earliest of its idle deadline and its throttle pauses.
     func scheduleBridgeTimer(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
         var deadline = UInt64.max
-        if let idle = configuration.idleTimeoutNanoseconds { deadline = p.pointee.lastActivity + idle }
+        if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds { deadline = p.pointee.lastActivity + idle }
         if p.pointee.toUpstream.throttledUntil != 0 { deadline = min(deadline, p.pointee.toUpstream.throttledUntil) }
         if p.pointee.toClient.throttledUntil != 0 { deadline = min(deadline, p.pointee.toClient.throttledUntil) }
         guard deadline != .max else { return }

@@ -96,6 +96,8 @@ public final class Server: Sendable {
     /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
     /// so the connections they accepted keep their per-listener counters).
     private let listenerTable: Mutex<[ActiveListener]>
+    /// Each starting listener's own max_connections budget (nil: only the global one).
+    private let listenerBudgets: [ConnectionBudget?]
     /// Per-listener counters are preallocated for this many listeners over the process's life.
     public static let maxListeners = 256
     private let threads = Mutex<[pthread_t]>([])
@@ -137,6 +139,7 @@ public final class Server: Sendable {
         listenFDs = fds
         listenAddresses = addresses
         listenerTable = Mutex(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
+        listenerBudgets = configuration.listeners.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: Self.maxListeners) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
         var controls: [WorkerControl] = []
@@ -208,9 +211,8 @@ public final class Server: Sendable {
         for w in 0..<configuration.workers {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
-                listeners: zip(listenFDs[w], configuration.listeners).map { fd, rule in
-                    WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
-                                   sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds)
+                listeners: zip(listenFDs[w], configuration.listeners.indices).map { fd, k in
+                    workerListener(fd: fd, rule: configuration.listeners[k], budget: listenerBudgets[k])
                 },
                 backend: configuration.buffers,
                 connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
@@ -309,6 +311,16 @@ public final class Server: Sendable {
         return (buckets, sum)
     }
 
+    /// What a worker gets for one listener: its socket and its settings with the server's
+    /// defaults filled in.
+    private func workerListener(fd: Int32, rule: ListenerRule, budget: ConnectionBudget?) -> WorkerListener {
+        WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
+                       sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds,
+                       splice: rule.splice ?? configuration.splice,
+                       connectTimeoutNanoseconds: rule.connectTimeoutNanoseconds ?? configuration.connectTimeoutNanoseconds,
+                       idleTimeoutNanoseconds: rule.idleTimeoutNanoseconds ?? configuration.idleTimeoutNanoseconds, budget: budget)
+    }
+
     /// Names of every listener so far, by index (the `listener` label of the metrics).
     public var listenerNames: [String] { listenerTable.withLock { $0.map(\.rule.name) } }
 
@@ -360,15 +372,13 @@ public final class Server: Sendable {
             for list in fds { for fd in list { Syscall.close(fd) } }
             throw error
         }
+        let addedBudgets = added.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         listenerTable.withLock { table in
             for i in removed { table[i].open = false }
             for (rule, address) in zip(added, addresses) { table.append(ActiveListener(rule: rule, address: address, open: true)) }
         }
         for (w, control) in controls.enumerated() {
-            let add = zip(fds[w], added).map { fd, rule in
-                WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
-                               sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds)
-            }
+            let add = zip(fds[w], added.indices).map { fd, k in workerListener(fd: fd, rule: added[k], budget: addedBudgets[k]) }
             control.requestReload(ReloadCommand(add: add, remove: removed, policy: policy))
         }
         return ReloadSummary(added: added.map(\.name), removed: removed.map { current[$0].rule.name }, kept: keep.sorted().map { current[$0].rule.name })

@@ -13,6 +13,12 @@ public struct WorkerListener: Sendable {
     public var acceptProxyProtocol = false
     public var sendProxyProtocol: ProxyProtocol.Version?
     public var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
+    /// The listener's settings, the server's filled in where it has none of its own.
+    public var splice: SpliceMode = .auto
+    public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
+    public var idleTimeoutNanoseconds: UInt64?
+    /// Shared by the workers: this listener's max_connections.
+    public var budget: ConnectionBudget?
 }
 
 /// Per-worker settings.
@@ -51,6 +57,10 @@ final class Worker<Backend: IOBackend> {
         var acceptProxyProtocol = false
         var sendProxyProtocol: ProxyProtocol.Version?
         var proxyHeaderTimeoutNanoseconds: UInt64 = 10_000_000_000
+        var splice: SpliceMode = .auto
+        var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
+        var idleTimeoutNanoseconds: UInt64?
+        var budget: ConnectionBudget?
         var open = true
         var acceptArmed = false
         var pausedUntil: UInt64 = 0
@@ -129,13 +139,7 @@ final class Worker<Backend: IOBackend> {
         pipes = PipePool(requestedSize: configuration.pipeSize, limit: configuration.maxPipes)
         now = Syscall.monotonicNanoseconds()
         wheel = TimerWheel(now: now)
-        listeners = configuration.listeners.map { l in
-            var listener = Self.makeListener(l)
-            listener.acceptProxyProtocol = l.acceptProxyProtocol
-            listener.sendProxyProtocol = l.sendProxyProtocol
-            listener.proxyHeaderTimeoutNanoseconds = l.proxyHeaderTimeoutNanoseconds
-            return listener
-        }
+        listeners = configuration.listeners.map { Self.makeListener($0) }
         listenersOpen = listeners.count
         bufferWaiters.reserveCapacity(256)
         activeListenerConfigurations = configuration.listeners
@@ -144,6 +148,18 @@ final class Worker<Backend: IOBackend> {
     }
 
     private static func makeListener(_ l: WorkerListener) -> Listener {
+        var listener = makeListenerForMode(l)
+        listener.acceptProxyProtocol = l.acceptProxyProtocol
+        listener.sendProxyProtocol = l.sendProxyProtocol
+        listener.proxyHeaderTimeoutNanoseconds = l.proxyHeaderTimeoutNanoseconds
+        listener.splice = l.splice
+        listener.connectTimeoutNanoseconds = l.connectTimeoutNanoseconds
+        listener.idleTimeoutNanoseconds = l.idleTimeoutNanoseconds
+        listener.budget = l.budget
+        return listener
+    }
+
+    private static func makeListenerForMode(_ l: WorkerListener) -> Listener {
         switch l.mode {
         case .forward(let upstream):
             return Listener(fd: l.fd, name: l.name, pool: UpstreamPool(name: l.name, servers: [upstream]))
@@ -317,8 +333,15 @@ final class Worker<Backend: IOBackend> {
             Syscall.close(client)
             return
         }
+        if let listenerBudget = listeners[i].budget, !listenerBudget.tryAcquire() {
+            budget.release()
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
         guard let s = table.allocate() else {
             budget.release()
+            listeners[i].budget?.release()
             statistics.add(.rejectedAtCapacity)
             Syscall.close(client)
             return
@@ -330,6 +353,7 @@ final class Worker<Backend: IOBackend> {
         let p = table.pointer(s)
         p.pointee.state = .connecting
         p.pointee.listener = UInt16(i)
+        p.pointee.splice = listeners[i].splice
         p.pointee.client = client
         p.pointee.openedAt = now
         p.pointee.lastActivity = now
@@ -350,7 +374,7 @@ final class Worker<Backend: IOBackend> {
             return
         }
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
-        wheel.schedule(s, deadline: now + configuration.connectTimeoutNanoseconds, table: table)
+        wheel.schedule(s, deadline: now + listeners[i].connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
             if hasSlotAwaitingDescriptor() {
                 // One waiter at a time: if every descriptor were held by waiting clients, none
@@ -483,11 +507,7 @@ final class Worker<Backend: IOBackend> {
             backend.cancelAndClose(fd: listeners[i].fd, token: OperationToken(index: UInt32(i), generation: 0, kind: .closeListener))
         }
         for l in command.add {
-            var listener = Self.makeListener(l)
-            listener.acceptProxyProtocol = l.acceptProxyProtocol
-            listener.sendProxyProtocol = l.sendProxyProtocol
-            listener.proxyHeaderTimeoutNanoseconds = l.proxyHeaderTimeoutNanoseconds
-            listeners.append(listener)
+            listeners.append(Self.makeListener(l))
             listenersOpen += 1
             activeListenerConfigurations.append(l)
             if draining {
@@ -597,11 +617,11 @@ final class Worker<Backend: IOBackend> {
         statistics.recordConnectLatency(now &- p.pointee.lastActivity)
         p.pointee.state = .bridging
         p.pointee.lastActivity = now
-        if let idle = configuration.idleTimeoutNanoseconds {
+        if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds {
             wheel.schedule(s, deadline: now + idle, table: table)
         }
         // A rate-limited user's bytes must pass through user space to be paced.
-        let splicing = configuration.splice == .always && !p.pointee.rateLimited
+        let splicing = p.pointee.splice == .always && !p.pointee.rateLimited
         p.pointee.toUpstream.splicing = splicing
         p.pointee.toClient.splicing = splicing
         armReadSide(s, p, 0)
@@ -624,7 +644,7 @@ final class Worker<Backend: IOBackend> {
             closeSlot(s, abort: false, reason: .connectTimeout)
         case .bridging:
             if p.pointee.rateLimited { resumeThrottled(s, p) }
-            if let idle = configuration.idleTimeoutNanoseconds, now &- p.pointee.lastActivity >= idle {
+            if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds, now &- p.pointee.lastActivity >= idle {
                 statistics.add(.idleTimeouts)
                 closeSlot(s, abort: false, reason: .idleTimeout)
                 return
@@ -666,7 +686,7 @@ final class Worker<Backend: IOBackend> {
             statistics.add(listener: Int(p.pointee.listener), d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
             p.pointee.lastActivity = now
             let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
-            if configuration.splice == .auto && !dir.pointee.wantSplice && !p.pointee.rateLimited {
+            if p.pointee.splice == .auto && !dir.pointee.wantSplice && !p.pointee.rateLimited {
                 // Bulk is recognised by reads that fill whole buffers, several in a row;
                 // interactive traffic rarely does and stays on copy.
                 if Int(n) == backend.buffers.size {
@@ -990,6 +1010,7 @@ final class Worker<Backend: IOBackend> {
             p.pointee.server = -1
         }
         statistics.add(listener: Int(p.pointee.listener), .active, -1)
+        listeners[Int(p.pointee.listener)].budget?.release()
         table.release(s)
         budget.release()
         statistics.add(.activeConnections, -1)

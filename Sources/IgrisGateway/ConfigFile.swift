@@ -28,6 +28,12 @@ public struct ConfigFile: Sendable {
         public var acceptProxyProtocol = false
         /// forward: send a PROXY header to the upstream.
         public var sendProxyProtocol: ProxyProtocol.Version?
+        /// Overrides of the file's global settings for this listener.
+        public var splice: SpliceMode?
+        public var connectTimeoutNanoseconds: UInt64?
+        public var idleTimeoutNanoseconds: UInt64??
+        public var handshakeTimeoutNanoseconds: UInt64?
+        public var maxConnections: Int?
     }
 
     public var workers: Int?
@@ -86,7 +92,8 @@ public struct ConfigFile: Sendable {
     /// The engine's configuration: every listener except admin ones (served by `AdminServer`).
     public func serverConfiguration(policy: GatewayPolicy) -> ServerConfiguration {
         let options = { (l: Listener) in
-            GatewayOptions(requireAuthentication: l.requireAuthentication, handshakeTimeoutNanoseconds: handshakeTimeoutNanoseconds)
+            GatewayOptions(requireAuthentication: l.requireAuthentication,
+                           handshakeTimeoutNanoseconds: l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds)
         }
         let rules: [ListenerRule] = listeners.compactMap { l in
             var rule: ListenerRule
@@ -103,7 +110,11 @@ public struct ConfigFile: Sendable {
             }
             rule.acceptProxyProtocol = l.acceptProxyProtocol
             rule.sendProxyProtocol = l.sendProxyProtocol
-            rule.proxyHeaderTimeoutNanoseconds = handshakeTimeoutNanoseconds
+            rule.proxyHeaderTimeoutNanoseconds = l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds
+            rule.splice = l.splice
+            rule.connectTimeoutNanoseconds = l.connectTimeoutNanoseconds
+            rule.idleTimeoutNanoseconds = l.idleTimeoutNanoseconds
+            rule.maxConnections = l.maxConnections
             return rule
         }
         var c = ServerConfiguration(listeners: rules, workers: workers ?? Syscall.onlineCPUs(), backend: backend)
@@ -251,7 +262,8 @@ private struct ListenerEntry: Decodable {
     var value: ConfigFile.Listener
 
     init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "send_proxy_protocol"])
+        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "send_proxy_protocol",
+                                       "splice", "connect_timeout", "idle_timeout", "handshake_timeout", "max_connections"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -287,6 +299,31 @@ private struct ListenerEntry: Decodable {
         if let accept = try c.decodeIfPresent(Bool.self, forKey: key("accept_proxy_protocol")) {
             guard mode != .admin else { throw fail("accept_proxy_protocol", "admin listeners do not take PROXY headers") }
             value.acceptProxyProtocol = accept
+        }
+        if mode != .admin {
+            if let text = try c.decodeIfPresent(String.self, forKey: key("splice")) {
+                guard let v = SpliceMode(rawValue: text) else { throw fail("splice", "expected auto, always or never, got '\(text)'") }
+                value.splice = v
+            }
+            func duration(_ k: String, allowNone: Bool = false) throws -> UInt64?? {
+                guard let text = try c.decodeIfPresent(String.self, forKey: key(k)) else { return nil }
+                if allowNone && (text == "none" || text == "off") { return .some(nil) }
+                guard let ns = DurationText.parse(text), ns > 0 else {
+                    throw fail(k, "expected a duration such as 500ms, 5s, 2m or 1h\(allowNone ? " (or none)" : ""), got '\(text)'")
+                }
+                return .some(ns)
+            }
+            value.connectTimeoutNanoseconds = try duration("connect_timeout") ?? nil
+            value.idleTimeoutNanoseconds = try duration("idle_timeout", allowNone: true)
+            value.handshakeTimeoutNanoseconds = try duration("handshake_timeout") ?? nil
+            if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
+                guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
+                value.maxConnections = m
+            }
+        } else {
+            for k in ["splice", "connect_timeout", "idle_timeout", "handshake_timeout", "max_connections"] where c.contains(key(k)) {
+                throw fail(k, "admin listeners have no \(k)")
+            }
         }
         if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
             guard mode == .forward else { throw fail("send_proxy_protocol", "only forward listeners send PROXY headers upstream") }

@@ -55,6 +55,25 @@ struct ConfigTests {
         #expect(used === pool)
     }
 
+    @Test("listener overrides: splice, timeouts, max_connections")
+    func listenerOverrides() throws {
+        let c = try ConfigFile.parse("""
+            idle_timeout: 10m
+            listeners:
+              - {name: a, listen: "127.0.0.1:0", mode: forward, upstream: "127.0.0.1:9", splice: never, connect_timeout: 2s, idle_timeout: none, max_connections: 10}
+              - {name: b, listen: "127.0.0.1:0", mode: socks5, auth: none, handshake_timeout: 3s, idle_timeout: 1h}
+            """, file: "o.yaml")
+        let rules = c.serverConfiguration(policy: try c.policy(configPath: "o.yaml")).listeners
+        #expect(rules[0].splice == .never && rules[0].connectTimeoutNanoseconds == 2_000_000_000 && rules[0].maxConnections == 10)
+        #expect(rules[0].idleTimeoutNanoseconds == .some(nil), "none overrides the global idle timeout")
+        #expect(rules[1].idleTimeoutNanoseconds == .some(3_600_000_000_000))
+        guard case .socks5(let o) = rules[1].mode else { Issue.record(); return }
+        #expect(o.handshakeTimeoutNanoseconds == 3_000_000_000)
+        #expect(throws: YAMLFileError.self) {
+            _ = try ConfigFile.parse("listeners:\n  - {listen: \"127.0.0.1:0\", mode: admin, splice: never}\n", file: "x.yaml")
+        }
+    }
+
     @Test("a valid file becomes listeners, timeouts and ACL rules")
     func parsesValid() throws {
         let c = try ConfigFile.parse(Self.valid, file: "igris.yaml")
@@ -74,7 +93,7 @@ struct ConfigTests {
             do { _ = try ConfigFile.parse(text, file: "c.yaml"); return "no error" } catch { return error.description }
         }
         let cases: [(String, String)] = [
-            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    splice: always\n", "c.yaml:4: listeners[0].splice: unknown key 'splice'"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    splise: always\n", "c.yaml:4: listeners[0].splise: unknown key 'splise'"),
             ("listeners:\n  - listen: 127.0.0.1\n    mode: socks5\n", "c.yaml:2: listeners[0].listen: malformed address '127.0.0.1'"),
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: tunnel\n", "c.yaml:3: listeners[0].mode: expected one of forward, socks5, http_connect, admin"),
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n", "listeners[0].upstream: required key 'upstream' is missing"),
@@ -109,7 +128,7 @@ struct ConfigTests {
         defer { unlink(bad) }
         let result = try runCommand(igris, ["check", "-c", bad])
         #expect(result.status == 1)
-        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, listen, mode, name, pool, send_proxy_protocol, upstream)\n")
+        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, connect_timeout, handshake_timeout, idle_timeout, listen, max_connections, mode, name, pool, send_proxy_protocol, splice, upstream)\n")
         let needsUsers = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n")
         defer { unlink(needsUsers) }
         let missing = try runCommand(igris, ["check", "-c", needsUsers])

@@ -131,3 +131,55 @@ struct PoolTests {
         #expect(server.total(.serversDown) == 1 && server.total(.serversUp) == 1)
     }
 }
+
+/// Settings a listener overrides: splice, idle timeout, max_connections.
+@Suite("Per-listener settings", .serialized)
+struct ListenerSettingsTests {
+    @Test("max_connections, idle_timeout and splice apply to their listener only", arguments: engineBackends)
+    func overrides(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        var strict = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .forward(upstream: upstream.address), name: "strict")
+        strict.maxConnections = 1
+        strict.idleTimeoutNanoseconds = .some(200_000_000)
+        strict.splice = .always
+        let relaxed = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .forward(upstream: upstream.address), name: "relaxed")
+        var c = ServerConfiguration(listeners: [strict, relaxed], workers: 2, backend: backend)
+        c.splice = .never
+        let server = try Server(configuration: c)
+        try server.start()
+        defer { server.beginDrain(); server.wait() }
+        let (strictAddress, relaxedAddress) = (server.listenAddresses[0], server.listenAddresses[1])
+
+        let first = try TestSocket.connect(strictAddress)
+        first.setReceiveTimeout(seconds: 10)
+        first.write(Array(repeating: 1, count: 300_000))
+        #expect(try first.readExactly(300_000) == Array(repeating: 1, count: 300_000))
+        #expect(server.total(.spliceBytes) >= 600_000, "strict splices")
+        let second = try TestSocket.connect(strictAddress)
+        second.setReceiveTimeout(seconds: 10)
+        #expect(second.readOneByte() <= 0, "strict holds one connection at a time")
+        second.close()
+
+        let spliced = server.total(.spliceBytes)
+        var relaxedSockets: [TestSocket] = []
+        for _ in 0..<3 {
+            let s = try TestSocket.connect(relaxedAddress)
+            s.setReceiveTimeout(seconds: 10)
+            s.write(Array(repeating: 2, count: 300_000))
+            #expect(try s.readExactly(300_000) == Array(repeating: 2, count: 300_000))
+            relaxedSockets.append(s)
+        }
+        #expect(server.total(.spliceBytes) == spliced, "relaxed copies")
+
+        // strict's idle connection is closed after 200 ms; relaxed's stay open.
+        #expect(first.readOneByte() == 0)
+        #expect(server.total(.idleTimeouts) == 1)
+        for s in relaxedSockets {
+            s.write([3])
+            #expect(try s.readExactly(1) == [3])
+            s.close()
+        }
+        first.close()
+    }
+}
