@@ -61,24 +61,27 @@ enum SlotState: UInt8 {
 /// A connection's whole user-space state: fixed size, preallocated, indexed by slot number.
 /// An idle bridge holds just this (216 bytes) and its two sockets.
 struct ConnectionSlot {
+    // Small fields first and together: the layout follows declaration order, and this keeps
+    // padding out of a struct there is one of per connection.
     var generation: UInt32 = 0
     var state: SlotState = .free
+    var aborted = false
     var listener: UInt16 = 0
     /// Operations submitted and not yet completed (final completions only).
     var inflight: UInt16 = 0
+    /// The user has a bandwidth limit: this bridge stays on the copy path and paces recvs.
+    var rateLimited = false
+    /// Why it closed, for the access log (set where the decision is made).
+    var closeReason: CloseReason = .unknown
     var client: Int32 = -1
     var upstream: Int32 = -1
-    /// [0]: client → upstream, [1]: upstream → client.
-    var toUpstream = Direction()
-    var toClient = Direction()
-    var aborted = false
+    /// forward: the pool server connected to (counted in its active connections), -1 none.
+    var server: Int16 = -1
+    /// The listener's splice setting, copied at accept (read per forwarded chunk).
+    var splice: SpliceMode = .never
     var timerBucket: Int32 = -1
     var timerNext: Int32 = -1
     var timerPrevious: Int32 = -1
-    var timerDeadline: UInt64 = 0
-    /// Last time bytes moved (ns, loop clock), for the idle timeout.
-    var lastActivity: UInt64 = 0
-    var openedAt: UInt64 = 0
     /// Free-list / ENOBUFS-queue link.
     var nextFree: Int32 = -1
     var nextWaiter: Int32 = -1
@@ -86,16 +89,15 @@ struct ConnectionSlot {
     var session: Int32 = -1
     /// The authenticated user (index into the users file), holding one of its connections.
     var user: Int32 = -1
-    /// The user has a bandwidth limit: this bridge stays on the copy path and paces recvs.
-    var rateLimited = false
-    /// Why it closed, for the access log (set where the decision is made).
-    var closeReason: CloseReason = .unknown
-    /// forward: the pool server connected to (counted in its active connections), -1 none.
-    var server: Int16 = -1
+    var timerDeadline: UInt64 = 0
+    /// Last time bytes moved (ns, loop clock), for the idle timeout.
+    var lastActivity: UInt64 = 0
+    var openedAt: UInt64 = 0
     /// forward: servers already tried by this connection (bit per server).
     var triedServers: UInt64 = 0
-    /// The listener's splice setting, copied at accept (read per forwarded chunk).
-    var splice: SpliceMode = .never
+    /// [0]: client → upstream, [1]: upstream → client.
+    var toUpstream = Direction()
+    var toClient = Direction()
 }
 
 /// The access log's `reason`.
