@@ -131,3 +131,59 @@ struct ReloadTests {
         #expect(log.wait(for: "stopped"))
     }
 }
+
+@Suite("SIGTERM with the admin endpoint", .serialized)
+struct DrainTests {
+    @Test("SIGTERM: /readyz turns 503 at once, the transfer in flight finishes intact, then exit 0", arguments: engineBackends)
+    func drain(backend: BackendChoice) throws {
+        let reply = 8 << 20
+        let upstream = try TestUpstream { socket in
+            _ = receiveDigest(socket)
+            _ = sendPattern(socket, seed: 5, count: reply)
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let (port, adminPort) = (try unusedPort(), try unusedPort())
+        let path = try writeTemporaryFile("""
+            backend: \(backend.rawValue)
+            drain_timeout: 20s
+            listeners:
+              - {name: web, listen: "127.0.0.1:\(port)", mode: forward, upstream: "\(upstream.address)"}
+              - {name: admin, listen: "127.0.0.1:\(adminPort)", mode: admin}
+            """)
+        defer { unlink(path) }
+        let child = try ChildProcess(productPath("igris"), ["serve", "-c", path])
+        defer { child.terminate() }
+        let log = ReloadTests.LogLines(child)
+        #expect(log.wait(for: "mode=admin"))
+        let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
+        #expect(try AdminTests.get(admin, "/readyz") == ("HTTP/1.1 200 OK", "ready\n"))
+
+        // The client sends its request, then reads the 8 MiB answer slowly enough that the
+        // drain starts while it is still in flight: it waits for readyz to fail first.
+        let client = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(port)"))
+        client.setReceiveTimeout(seconds: 20)
+        _ = sendPattern(client, seed: 4, count: 1 << 20)
+        client.shutdownWrite()
+        let first = try client.readExactly(1)
+        child.signal(SIGTERM)
+        #expect(log.wait(for: "draining"))
+        #expect(try AdminTests.get(admin, "/readyz") == ("HTTP/1.1 503 Service Unavailable", "draining\n"))
+        var hash = SHA256()
+        first.withUnsafeBytes { hash.update($0) }
+        var got = 1
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { client.read(into: $0) }
+            if n <= 0 { break }
+            buffer.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            got += n
+        }
+        client.close()
+        #expect(got == reply)
+        #expect(hash.finish() == patternDigest(seed: 5, count: reply))
+        #expect(log.wait(for: "stopped"))
+        let (status, _) = child.finish()
+        #expect(status == 0)
+    }
+}
