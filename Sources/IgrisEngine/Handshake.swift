@@ -629,6 +629,7 @@ extension Worker {
             client = info.client
             destination = info.destination
         }
+        if p.pointee.server >= 0 { destination = serverName(p) }
         if p.pointee.session >= 0 {
             let h = Int(p.pointee.session)
             // Still in the handshake: what the session knows (the balancer's client, if any).

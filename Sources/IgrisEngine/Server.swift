@@ -42,8 +42,10 @@ public struct ServerConfiguration: Sendable {
     public var pipeSize: Int = 1 << 20
     /// Pipes per worker at most (each is two descriptors while it exists).
     public var maxPipes: Int = 4096
-    /// One logfmt line per closed connection on the `igris.access` logger (info level).
-    public var accessLog = true
+    /// One logfmt line per closed connection on the `igris.access` logger (info level). Off
+    /// for embedders unless asked for; `igris serve` turns it on (`--no-access-log`,
+    /// `log.access_log: false`).
+    public var accessLog = false
 
     public init(listeners: [ListenerRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
         self.listeners = listeners
@@ -117,25 +119,8 @@ public final class Server: Sendable {
         backend = kind
         backendReason = reason
 
-        var fds = Array(repeating: [Int32](), count: configuration.workers)
-        var addresses: [SocketAddress] = []
-        do {
-            for rule in configuration.listeners {
-                var address = rule.listen
-                for w in 0..<configuration.workers {
-                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog, text: rule.listen.description)
-                    if w == 0 {
-                        // Port 0: the other workers join whatever port the kernel picked.
-                        address = (try? Syscall.localAddress(fd)) ?? address
-                        addresses.append(address)
-                    }
-                    fds[w].append(fd)
-                }
-            }
-        } catch {
-            for list in fds { for fd in list { Syscall.close(fd) } }
-            throw error
-        }
+        let (fds, addresses) = try Self.bindListeners(configuration.listeners, workers: configuration.workers,
+                                                      backlog: configuration.listenBacklog)
         listenFDs = fds
         listenAddresses = addresses
         listenerTable = Mutex(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
@@ -166,6 +151,31 @@ public final class Server: Sendable {
             let probe = IOUringProbe.run()
             return probe.usable ? (.ioUring, probe.reason) : (.epoll, "io_uring unusable: \(probe.reason)")
         }
+    }
+
+    /// One SO_REUSEPORT socket per worker for each rule: fds[worker][rule], and the address
+    /// each rule got. All or nothing: on a failure the sockets bound so far are closed.
+    private static func bindListeners(_ rules: [ListenerRule], workers: Int, backlog: Int32) throws(ServerError) -> ([[Int32]], [SocketAddress]) {
+        var fds = Array(repeating: [Int32](), count: workers)
+        var addresses: [SocketAddress] = []
+        do {
+            for rule in rules {
+                var address = rule.listen
+                for w in 0..<workers {
+                    let fd = try makeListener(address, backlog: backlog, text: rule.listen.description)
+                    if w == 0 {
+                        // Port 0: the other workers join whatever port the kernel picked.
+                        address = (try? Syscall.localAddress(fd)) ?? address
+                        addresses.append(address)
+                    }
+                    fds[w].append(fd)
+                }
+            }
+        } catch {
+            for list in fds { for fd in list { Syscall.close(fd) } }
+            throw error
+        }
+        return (fds, addresses)
     }
 
     private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String) throws(ServerError) -> Int32 {
@@ -354,24 +364,7 @@ public final class Server: Sendable {
             throw .configuration("reload would make \(current.count + added.count) listeners over this process's life (at most \(Self.maxListeners)): restart instead")
         }
         // Bind everything new before changing anything.
-        var fds = Array(repeating: [Int32](), count: configuration.workers)
-        var addresses: [SocketAddress] = []
-        do {
-            for rule in added {
-                var address = rule.listen
-                for w in 0..<configuration.workers {
-                    let fd = try Self.makeListener(address, backlog: configuration.listenBacklog, text: rule.listen.description)
-                    if w == 0 {
-                        address = (try? Syscall.localAddress(fd)) ?? address
-                        addresses.append(address)
-                    }
-                    fds[w].append(fd)
-                }
-            }
-        } catch {
-            for list in fds { for fd in list { Syscall.close(fd) } }
-            throw error
-        }
+        let (fds, addresses) = try Self.bindListeners(added, workers: configuration.workers, backlog: configuration.listenBacklog)
         let addedBudgets = added.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         listenerTable.withLock { table in
             for i in removed { table[i].open = false }

@@ -85,12 +85,7 @@ struct CommandLineTests {
         let child = try ChildProcess(igris, ["--socks5", "127.0.0.1:\(port)", "--users", users, "--allow", "127.0.0.1/32:\(files.port)",
                                              "--backend", backend.rawValue, "--workers", "1"])
         defer { child.terminate() }
-        // Ready once the port accepts (bounded).
-        var ready = false
-        for _ in 0..<500 where !ready {
-            if let s = try? TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(port)")) { s.close(); ready = true } else { usleep(10_000) }
-        }
-        #expect(ready)
+        #expect(waitUntilAccepting("127.0.0.1:\(port)"))
         let good = try curl(["-x", "socks5h://alice:hunter2@127.0.0.1:\(port)", "http://127.0.0.1:\(files.port)/blob"])
         #expect(good.status == 0 && good.digest == files.digest, "\(good.stderr)")
         let bad = try curl(["-x", "socks5h://alice:hunter3@127.0.0.1:\(port)", "http://127.0.0.1:\(files.port)/blob"])

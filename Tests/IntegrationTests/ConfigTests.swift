@@ -259,11 +259,7 @@ struct ServeConfigTests {
         let child = try ChildProcess(productPath("igris"), ["serve", "-c", config])
         defer { child.terminate() }
         let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
-        var ready = false
-        for _ in 0..<500 where !ready {
-            if let s = try? TestSocket.connect(admin) { s.close(); ready = true } else { usleep(10_000) }
-        }
-        #expect(ready)
+        #expect(waitUntilAccepting("127.0.0.1:\(adminPort)"))
         let f = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(forwardPort)"))
         f.setReceiveTimeout(seconds: 10)
         f.write(Array("hello".utf8))

@@ -34,12 +34,7 @@ final class ProxyGateway: @unchecked Sendable {
     func total(_ counter: WorkerStatistics.Counter) -> Int64 { server.total(counter) }
 
     func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if condition() { return true }
-            usleep(2000)
-        }
-        return condition()
+        IntegrationTests.eventually(seconds: seconds, condition)
     }
 }
 

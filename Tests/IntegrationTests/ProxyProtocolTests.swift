@@ -18,13 +18,7 @@ struct ProxyProtocolIntegrationTests {
                 if case .header(let h) = event { seen.update { $0.append(h) }; break }
                 if case .failure = event { socket.close(); return }
             }
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-                if n <= 0 { break }
-                socket.write(Array(buffer[0..<n]))
-            }
-            socket.close()
+            echo(socket)
         }
     }
 
@@ -131,11 +125,7 @@ struct ProxyProtocolIntegrationTests {
         defer { unlink(config) }
         let haproxy = try ChildProcess("/usr/sbin/haproxy", ["-f", config, "-db"])
         defer { haproxy.terminate() }
-        var ready = false
-        for _ in 0..<500 where !ready {
-            if let probe = try? TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(httpPort)")) { probe.close(); ready = true } else { usleep(10_000) }
-        }
-        if !ready {
+        if !waitUntilAccepting("127.0.0.1:\(httpPort)") {
             haproxy.signal(SIGTERM)
             Issue.record("haproxy did not start: \(haproxy.finish().stderr.replacingOccurrences(of: "\n", with: " | "))")
             return

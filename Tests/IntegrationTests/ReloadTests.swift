@@ -56,16 +56,7 @@ struct ReloadTests {
 
     @Test("SIGHUP adds and removes listeners while a transfer on another runs intact; a bad file is rejected", arguments: engineBackends)
     func reload(backend: BackendChoice) throws {
-        let upstream = try TestUpstream { socket in
-            // Echo everything (the transfer and the probes).
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-                if n <= 0 { break }
-                socket.write(Array(buffer[0..<n]))
-            }
-            socket.close()
-        }
+        let upstream = try echoUpstream()
         defer { upstream.stop() }
         let (a, b) = (try unusedPort(), try unusedPort())
         let path = try writeTemporaryFile(Self.config([("a", a)], upstream: upstream.address))

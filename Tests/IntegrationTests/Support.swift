@@ -202,12 +202,7 @@ final class Gateway: @unchecked Sendable {
 
     /// Waits (bounded) until `condition` holds; returns whether it did.
     func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if condition() { return true }
-            usleep(2000)
-        }
-        return condition()
+        IntegrationTests.eventually(seconds: seconds, condition)
     }
 
     var active: Int64 { server.total(.activeConnections) }
@@ -367,14 +362,36 @@ func unusedPort() throws -> UInt16 {
 
 /// An in-process upstream that echoes every connection until EOF.
 func echoUpstream() throws -> TestUpstream {
-    try TestUpstream { socket in
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-            if n <= 0 { break }
-            socket.write(Array(buffer[0..<n]))
-        }
-        socket.close()
+    try TestUpstream { echo($0) }
+}
+
+/// Echoes what arrives until EOF, then closes.
+func echo(_ socket: TestSocket) {
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+        if n <= 0 { break }
+        socket.write(Array(buffer[0..<n]))
+    }
+    socket.close()
+}
+
+/// Waits (bounded, 10 s) until `condition` holds; returns whether it did.
+func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(2000)
+    }
+    return condition()
+}
+
+/// Waits (bounded) until something accepts on `address` — a child process has started.
+func waitUntilAccepting(_ address: String) -> Bool {
+    eventually {
+        guard let s = try? TestSocket.connect(try SocketAddress.resolve(address)) else { return false }
+        s.close()
+        return true
     }
 }
 
