@@ -399,8 +399,9 @@ def main():
     ap.add_argument("--idle", type=int)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--targets", help="comma-separated subset (default: all, or the quick set)")
-    ap.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--output", help="default: Benchmarks/RESULTS.md (--quick: RESULTS-quick.md, so the committed full run stays)")
     a = ap.parse_args()
+    a.output = a.output or os.path.join(HERE, "RESULTS-quick.md" if a.quick else "RESULTS.md")
     a.duration = a.duration or (1.0 if a.quick else 3)
     a.rr_count = a.rr_count or (3000 if a.quick else 20000)
     a.churn_duration = a.churn_duration or (0.7 if a.quick else 2)
@@ -427,9 +428,10 @@ def main():
                 log(f"[{rep + 1}/{a.repeat}] {t} done ({time.time() - t0:.0f} s)")
     finally:
         sink.kill(); echo.kill()
-    with open(os.path.join(os.path.dirname(a.output), "results.json"), "w") as f:
+    stem = "results-quick" if a.quick else "results"
+    with open(os.path.join(os.path.dirname(a.output), f"{stem}.json"), "w") as f:
         json.dump({"targets": targets, "results": results}, f, indent=1)
-    png = chart(targets, results, os.path.join(os.path.dirname(a.output), "results.png"))
+    png = chart(targets, results, os.path.join(os.path.dirname(a.output), f"{stem}.png"))
     text = write_results(a, targets, results, started, time.time() - t0, png)
     with open(a.output, "w") as f:
         f.write(text)
