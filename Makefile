@@ -15,7 +15,7 @@ SWIFT_BUILD_FLAGS ?=
 #   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
 RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000 --admin 127.0.0.1:9100
 
-.PHONY: all deps build build-debug run test bench bench-quick microbench clean
+.PHONY: all deps build build-debug run test soak test-asan test-tsan fuzz bench bench-quick microbench clean
 
 all: build
 
@@ -50,6 +50,40 @@ test: build-debug $(TOOLS)/bin/promtool
 	@service haproxy stop >/dev/null 2>&1 || true  # the package starts one; tests run their own
 	ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH" swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
+# The soak test alone, longer: each backend × copy/splice for SOAK_SECONDS (`make test` runs
+# it for 5 s each).
+SOAK_SECONDS ?= 60
+soak: build-debug
+	ulimit -n $$(ulimit -Hn) && IGRIS_SOAK_SECONDS=$(SOAK_SECONDS) swift test --skip-build --no-parallel --disable-xctest --filter SoakTests
+
+# The same suite under AddressSanitizer / ThreadSanitizer, each in a build folder of its own.
+# IGRIS_SANITIZED skips the malloc-counting test (the sanitizer owns malloc); see Tests/README.md.
+SANITIZED_TEST = ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH"
+test-asan: deps $(TOOLS)/bin/promtool
+	swift build --build-tests --scratch-path .build-asan -Xswiftc -sanitize=address -Xcc -fsanitize=address -Xswiftc -DIGRIS_SANITIZED -Xcc -DIGRIS_SANITIZED
+	$(SANITIZED_TEST) ASAN_OPTIONS=detect_leaks=0 swift test --skip-build --scratch-path .build-asan --no-parallel --disable-xctest
+
+test-tsan: deps $(TOOLS)/bin/promtool
+	swift build --build-tests --scratch-path .build-tsan -Xswiftc -sanitize=thread -Xcc -fsanitize=thread -Xswiftc -DIGRIS_SANITIZED -Xcc -DIGRIS_SANITIZED
+	$(SANITIZED_TEST) TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" swift test --skip-build --scratch-path .build-tsan --no-parallel --disable-xctest
+
+# libFuzzer on the SOCKS5, HTTP head, PROXY v1/v2 and config parsers (Fuzz/ is its own
+# package), FUZZ_SECONDS each, from the committed seed corpus (new inputs go to
+# Fuzz/.build/corpus; crashes to Fuzz/.build/crashes, and fail the run).
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := FuzzSocks5:socks5 FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config
+fuzz: deps
+	cd Fuzz && swift build -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library
+	@for t in $(FUZZ_TARGETS); do \
+	  name=$${t%%:*}; corpus=$${t##*:}; \
+	  mkdir -p Fuzz/.build/corpus/$$corpus Fuzz/.build/crashes; \
+	  echo "== $$name, $(FUZZ_SECONDS) s"; \
+	  Fuzz/.build/release/$$name -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=Fuzz/.build/crashes/$$name- Fuzz/.build/corpus/$$corpus Fuzz/Corpus/$$corpus 2>&1 \
+	    | grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|.*Done [0-9]+ runs)' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
 # End-to-end comparison with HAProxy, nginx stream, microsocks and dante (installed from apt
 # when missing), written to Benchmarks/RESULTS.md and results.png: `make bench` (~10 min on
 # 2 cores), `make bench-quick` (fewer targets, shorter runs, < 3 min).
@@ -66,4 +100,4 @@ microbench: deps
 	cd Benchmarks && ulimit -n $$(ulimit -Hn) && swift package --disable-sandbox benchmark --no-progress
 
 clean:
-	rm -rf .build Benchmarks/.build
+	rm -rf .build .build-asan .build-tsan Benchmarks/.build Fuzz/.build

@@ -11,6 +11,8 @@ let package = Package(
         .executable(name: "igris-load", targets: ["igris-load"]),
         .library(name: "IgrisEngine", targets: ["IgrisEngine"]),
         .library(name: "IgrisProtocols", targets: ["IgrisProtocols"]),
+        .library(name: "IgrisPolicy", targets: ["IgrisPolicy"]),
+        .library(name: "IgrisGateway", targets: ["IgrisGateway"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

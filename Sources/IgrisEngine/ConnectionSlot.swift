@@ -79,6 +79,9 @@ struct ConnectionSlot {
     var server: Int16 = -1
     /// The listener's splice setting, copied at accept (read per forwarded chunk).
     var splice: SpliceMode = .never
+    /// Closing waits for a splice still reading from this socket (see Worker.closeSocket).
+    var clientCloseDeferred = false
+    var upstreamCloseDeferred = false
     var timerBucket: Int32 = -1
     var timerNext: Int32 = -1
     var timerPrevious: Int32 = -1

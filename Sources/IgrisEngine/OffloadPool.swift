@@ -1,4 +1,5 @@
 import Glibc
+import IgrisPolicy
 import Synchronization
 
 /// A few threads for work a worker must never block on: getaddrinfo and argon2id. Jobs are
@@ -33,7 +34,7 @@ public final class OffloadPool: Sendable {
             var stopping = false
         }
 
-        private let queue = Mutex<Queue>(Queue())
+        private let queue = Locked<Queue>(Queue())
         /// Posted once per job (and once per thread at shutdown); threads sleep on it.
         private let available: UnsafeMutablePointer<sem_t>
 
@@ -85,7 +86,7 @@ public final class OffloadPool: Sendable {
 /// Results of offloaded work waiting for one worker, and how it is woken: the worker's
 /// eventfd, which its loop already polls.
 final class WorkerMailbox: Sendable {
-    private let results = Mutex<[OffloadResult]>([])
+    private let results = Locked<[OffloadResult]>([])
     private let control: WorkerControl
 
     init(control: WorkerControl) { self.control = control }

@@ -33,7 +33,7 @@ public final class Resolver: Sendable {
         var expires: UInt64
     }
 
-    private let cache = Mutex<[String: Entry]>([:])
+    private let cache = Locked<[String: Entry]>([:])
     private let lookupCount = Atomic<Int64>(0)
     private let hitCount = Atomic<Int64>(0)
 

@@ -97,12 +97,12 @@ public final class Server: Sendable {
     private let listenFDs: [[Int32]]
     /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
     /// so the connections they accepted keep their per-listener counters).
-    private let listenerTable: Mutex<[ActiveListener]>
+    private let listenerTable: Locked<[ActiveListener]>
     /// Each starting listener's own max_connections budget (nil: only the global one).
     private let listenerBudgets: [ConnectionBudget?]
     /// Per-listener counters are preallocated for this many listeners over the process's life.
     public static let maxListeners = 256
-    private let threads = Mutex<[pthread_t]>([])
+    private let threads = Locked<[pthread_t]>([])
     /// getaddrinfo / argon2id threads, when a SOCKS5 or HTTP CONNECT listener exists.
     private let offload: OffloadPool?
     private let logger: Logger
@@ -123,7 +123,7 @@ public final class Server: Sendable {
                                                       backlog: configuration.listenBacklog)
         listenFDs = fds
         listenAddresses = addresses
-        listenerTable = Mutex(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
+        listenerTable = Locked(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
         listenerBudgets = configuration.listeners.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: Self.maxListeners) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
@@ -215,7 +215,7 @@ public final class Server: Sendable {
         // send() uses MSG_NOSIGNAL, but splice() into a reset socket has no such flag and
         // would raise SIGPIPE: the gateway must see EPIPE instead (as swift-nio does).
         signal(SIGPIPE, SIG_IGN)
-        let failures = Mutex<[ServerError]>([])
+        let failures = Locked<[ServerError]>([])
         let ready = DispatchSemaphore(value: 0)
         let slotsPerWorker = configuration.maxConnections
         for w in 0..<configuration.workers {

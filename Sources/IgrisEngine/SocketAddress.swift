@@ -72,6 +72,10 @@ public enum AddressError: Error, CustomStringConvertible, Sendable, Equatable {
 }
 
 extension SocketAddress {
+    /// When set, `resolve` accepts only numeric hosts (no DNS): the configuration fuzzer sets
+    /// it so random host names don't each wait on a resolver. Set once, before any thread.
+    nonisolated(unsafe) public static var numericHostsOnly = false
+
     /// Splits `HOST:PORT` / `[V6]:PORT` into host and port, validating the port.
     public static func split(_ text: String) throws(AddressError) -> (host: String, port: UInt16) {
         let host: Substring
@@ -103,7 +107,7 @@ extension SocketAddress {
         let (host, port) = try split(text)
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)
+        hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) | (numericHostsOnly ? AI_NUMERICHOST : 0)
         var result: UnsafeMutablePointer<addrinfo>?
         let rc = getaddrinfo(host, String(port), &hints, &result)
         guard rc == 0, let first = result else {

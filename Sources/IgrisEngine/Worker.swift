@@ -836,7 +836,10 @@ final class Worker<Backend: IOBackend> {
         dir.pointee.spliceInArmed = false
         // Kept exact even while closing: it decides whether the pipe may be reused.
         if result > 0 { dir.pointee.pipeBytes += UInt32(result) }
-        guard p.pointee.state == .bridging else { return }
+        guard p.pointee.state == .bridging else {
+            closeDeferredSockets(s, p)
+            return
+        }
         if result > 0 {
             let n = UInt32(result)
             dir.pointee.bytes &+= UInt64(n)
@@ -870,7 +873,10 @@ final class Worker<Backend: IOBackend> {
         let dir = direction(p, d)
         dir.pointee.spliceOutArmed = false
         if result > 0 { dir.pointee.pipeBytes -= UInt32(result) }
-        guard p.pointee.state == .bridging else { return }
+        guard p.pointee.state == .bridging else {
+            closeDeferredSockets(s, p)
+            return
+        }
         if result > 0 {
             statistics.add(.spliceBytes, Int64(result))
             if dir.pointee.pipeBytes > 0 {
@@ -976,15 +982,51 @@ final class Worker<Backend: IOBackend> {
         }
         if p.pointee.client >= 0 {
             if abort { Syscall.setLingerZero(p.pointee.client) }
-            p.pointee.inflight += 1
-            backend.cancelAndClose(fd: p.pointee.client, token: token(s, .closeClient))
+            closeSocket(s, p, 0)
         }
         if p.pointee.upstream >= 0 {
             if abort { Syscall.setLingerZero(p.pointee.upstream) }
-            p.pointee.inflight += 1
-            backend.cancelAndClose(fd: p.pointee.upstream, token: token(s, .closeUpstream))
+            closeSocket(s, p, 1)
         }
         if p.pointee.inflight == 0 { finish(s) }
+    }
+
+    /// Closes the client (`side` 0) or upstream (1) socket.
+    ///
+    /// Not while a splice uses it: io_uring runs splices on io-wq threads and looks their
+    /// descriptors up by number only then, not at submission. Closed early, the number could
+    /// be reused by a new connection's socket before the splice runs, which would then move
+    /// bytes into or out of the wrong connection (the soak test caught streams starting with
+    /// another connection's bytes). So the socket is shut down — a pending splice finds EOF or
+    /// EPIPE at once — and the close waits for the splice's completion (`closeDeferredSockets`).
+    private func closeSocket(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ side: Int) {
+        let fd = side == 0 ? p.pointee.client : p.pointee.upstream
+        if socketHasSplice(p, side) {
+            _ = Syscall.shutdown(fd, Int32(SHUT_RDWR))
+            if side == 0 { p.pointee.clientCloseDeferred = true } else { p.pointee.upstreamCloseDeferred = true }
+            return
+        }
+        p.pointee.inflight += 1
+        backend.cancelAndClose(fd: fd, token: token(s, side == 0 ? .closeClient : .closeUpstream))
+    }
+
+    /// A splice reading from this socket (its own direction's splice-in) or writing to it
+    /// (the other direction's splice-out) is in flight.
+    @inline(__always)
+    private func socketHasSplice(_ p: UnsafeMutablePointer<ConnectionSlot>, _ side: Int) -> Bool {
+        direction(p, side).pointee.spliceInArmed || direction(p, 1 - side).pointee.spliceOutArmed
+    }
+
+    /// After a splice completes on a closing slot: the closes it held back.
+    private func closeDeferredSockets(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        if p.pointee.clientCloseDeferred && !socketHasSplice(p, 0) {
+            p.pointee.clientCloseDeferred = false
+            closeSocket(s, p, 0)
+        }
+        if p.pointee.upstreamCloseDeferred && !socketHasSplice(p, 1) {
+            p.pointee.upstreamCloseDeferred = false
+            closeSocket(s, p, 1)
+        }
     }
 
     func finish(_ s: Int32) {

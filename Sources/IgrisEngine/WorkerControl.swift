@@ -1,4 +1,5 @@
 import Glibc
+import IgrisPolicy
 import Synchronization
 
 /// How the main thread talks to a running worker: flags plus an eventfd the worker polls.
@@ -6,7 +7,7 @@ import Synchronization
 public final class WorkerControl: Sendable {
     let wakeFD: Int32
     private let drainRequested = Atomic<Bool>(false)
-    private let reloads = Mutex<[ReloadCommand]>([])
+    private let reloads = Locked<[ReloadCommand]>([])
     private let abortRequested = Atomic<Bool>(false)
 
     init() throws(SyscallError) {

@@ -40,8 +40,8 @@ public final class Authenticator: Sendable {
     }
 
     private let cacheKey: [UInt8]
-    private let successes = Mutex<[String: CachedSuccess]>([:])
-    private let failures = Mutex<[IPAddress: FailureWindow]>([:])
+    private let successes = Locked<[String: CachedSuccess]>([:])
+    private let failures = Locked<[IPAddress: FailureWindow]>([:])
     private let counters = Counters()
     /// A real hash to verify against for unknown users, so the answer takes as long as for a
     /// known user with a wrong password.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import IgrisPolicy
 import Histogram
 import IgrisEngine
 import Synchronization
@@ -239,7 +240,7 @@ struct PingPong: ParsableCommand {
         let sockets = try (0..<connections).map { _ in try route.open() }
         let perConnection = count
         let size = self.size
-        let histograms = Mutex<[Histogram<UInt64>]>([])
+        let histograms = Locked<[Histogram<UInt64>]>([])
         let done = Progress()
         let start = Syscall.monotonicNanoseconds()
         let expected = Double(count)

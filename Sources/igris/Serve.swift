@@ -231,7 +231,7 @@ struct Serve: ParsableCommand {
                 ])
             }
         }
-        let stopSignals = Mutex(0)
+        let stopSignals = Locked(0)
         signals.start { _, signal in
             if signal == SIGHUP {
                 Self.reload(server: server, configPath: configPath, logger: logger)

@@ -2,6 +2,7 @@ import CSodium
 import Dispatch
 import Foundation
 import Glibc
+import IgrisPolicy
 import IgrisEngine
 import Synchronization
 import Testing
@@ -139,7 +140,7 @@ final class SharedCounter: Sendable {
 
 /// A value written by one thread and read by another after a join/barrier (tests only).
 final class SharedBox<T>: @unchecked Sendable {
-    private let lock = Mutex<Void>(())
+    private let lock = Locked<Void>(())
     private var stored: T
     init(_ v: T) { stored = v }
     var value: T {
