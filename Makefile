@@ -73,7 +73,7 @@ test-tsan: deps $(TOOLS)/bin/promtool
 FUZZ_SECONDS ?= 30
 FUZZ_TARGETS := FuzzSocks5:socks5 FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config
 fuzz: deps
-	cd Fuzz && swift build -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library
+	cd Fuzz && swift build -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -use-ld=lld
 	@for t in $(FUZZ_TARGETS); do \
 	  name=$${t%%:*}; corpus=$${t##*:}; \
 	  mkdir -p Fuzz/.build/corpus/$$corpus Fuzz/.build/crashes; \

@@ -1,11 +1,12 @@
+import Glibc
+import FuzzDriver
 import IgrisEngine
 import IgrisGateway
 import IgrisPolicy
 
 /// Random text as a configuration file and as a users file. Invariant: an error, never a
 /// crash (Yams, the strict decoders, the semantic checks, the line lookup).
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     guard size < 16384 else { return 0 }
     // Random host names must not each wait on a resolver.
     SocketAddress.numericHostsOnly = true
@@ -13,4 +14,15 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     _ = try? ConfigFile.parse(text, file: "fuzz.yaml")
     _ = try? UserDirectory.parse(text, file: "fuzz.yaml")
     return 0
+}
+
+@main
+enum Main {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            fuzz(data ?? UnsafePointer(bitPattern: 1)!, size)
+        })
+    }
 }

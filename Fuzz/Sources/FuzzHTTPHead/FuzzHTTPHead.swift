@@ -1,10 +1,11 @@
+import Glibc
+import FuzzDriver
 import IgrisProtocols
 
 /// Random bytes through the HTTP head parser (CONNECT and the admin endpoint's GETs) in
 /// random-sized pieces. Invariants: no crash, never more than the 8 KiB limit buffered, and a
 /// parsed head always yields a CONNECT request or a failure with a status.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     guard size > 1 else { return 0 }
     let chunk = Int(data[0]) * 4 + 1
     var parser = HTTPHeadParser(limit: 8192)
@@ -31,4 +32,15 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         }
     }
     return 0
+}
+
+@main
+enum Main {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            fuzz(data ?? UnsafePointer(bitPattern: 1)!, size)
+        })
+    }
 }

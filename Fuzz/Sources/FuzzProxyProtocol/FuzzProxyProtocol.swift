@@ -1,10 +1,11 @@
+import Glibc
+import FuzzDriver
 import IgrisProtocols
 
 /// Random bytes through the PROXY v1/v2 parser. Invariants: no crash, never more than a
 /// header's worth taken, and what parses re-encodes (both versions) to something that
 /// parses to the same header.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     var parser = ProxyProtocol.Parser()
     let (consumed, event) = parser.feed(UnsafeRawBufferPointer(start: data, count: size))
     precondition(consumed <= 16 + 1024)
@@ -22,4 +23,15 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         precondition(back == .header(header), "\(version) round trip changed the header")
     }
     return 0
+}
+
+@main
+enum Main {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            fuzz(data ?? UnsafePointer(bitPattern: 1)!, size)
+        })
+    }
 }

@@ -1,10 +1,11 @@
+import Glibc
+import FuzzDriver
 import IgrisProtocols
 
 /// Random bytes through the SOCKS5 server handshake in random-sized pieces, answering as the
 /// worker does. Invariants: no crash, every call takes at least one byte until the handshake
 /// ends, never more than it was given.
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     guard size > 1 else { return 0 }
     let chunk = Int(data[0] % 16) + 1
     let requireAuth = data[0] & 0x80 != 0
@@ -33,4 +34,15 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         }
     }
     return 0
+}
+
+@main
+enum Main {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
+            fuzz(data ?? UnsafePointer(bitPattern: 1)!, size)
+        })
+    }
 }
