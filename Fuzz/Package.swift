@@ -14,11 +14,12 @@ let package = Package(
     ],
     targets: [
         .target(name: "FuzzDriver"),
-        .executableTarget(name: "FuzzSocks5", dependencies: ["FuzzDriver", .product(name: "IgrisProtocols", package: "igris")]),
-        .executableTarget(name: "FuzzHTTPHead", dependencies: ["FuzzDriver", .product(name: "IgrisProtocols", package: "igris")]),
-        .executableTarget(name: "FuzzProxyProtocol", dependencies: ["FuzzDriver", .product(name: "IgrisProtocols", package: "igris")]),
+        .target(name: "FuzzSupport", dependencies: ["FuzzDriver"]),
+        .executableTarget(name: "FuzzSocks5", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
+        .executableTarget(name: "FuzzHTTPHead", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
+        .executableTarget(name: "FuzzProxyProtocol", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzConfig", dependencies: [
-            "FuzzDriver",
+            "FuzzSupport",
             .product(name: "IgrisEngine", package: "igris"),
             .product(name: "IgrisGateway", package: "igris"),
             .product(name: "IgrisPolicy", package: "igris"),

@@ -1,5 +1,4 @@
-import Glibc
-import FuzzDriver
+import FuzzSupport
 import IgrisProtocols
 
 /// Random bytes through the SOCKS5 server handshake in random-sized pieces, answering as the
@@ -38,11 +37,5 @@ func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
 
 @main
 enum Main {
-    static func main() {
-        var argc = CommandLine.argc
-        var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
-        exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
-            fuzz(data ?? UnsafePointer(bitPattern: 1)!, size)
-        })
-    }
+    static func main() { runFuzzer(fuzz) }
 }
