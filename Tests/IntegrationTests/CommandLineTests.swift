@@ -106,11 +106,7 @@ struct CommandLineTests {
     @Test("SIGTERM: stop accepting, let the open transfer finish, exit 0", arguments: engineBackends)
     func sigtermDrains(backend: BackendChoice) throws {
         let reply = 4 << 20
-        let upstream = try TestUpstream { socket in
-            _ = receiveDigest(socket)
-            _ = sendPattern(socket, seed: 11, count: reply)
-            socket.close()
-        }
+        let upstream = try answeringUpstream(seed: 11, count: reply)
         defer { upstream.stop() }
         let port = try unusedPort()
         let child = try ChildProcess(igris, ["--listen", "127.0.0.1:\(port)", "--upstream", "\(upstream.address)",

@@ -128,11 +128,7 @@ struct DrainTests {
     @Test("SIGTERM: /readyz turns 503 at once, the transfer in flight finishes intact, then exit 0", arguments: engineBackends)
     func drain(backend: BackendChoice) throws {
         let reply = 8 << 20
-        let upstream = try TestUpstream { socket in
-            _ = receiveDigest(socket)
-            _ = sendPattern(socket, seed: 5, count: reply)
-            socket.close()
-        }
+        let upstream = try answeringUpstream(seed: 5, count: reply)
         defer { upstream.stop() }
         let (port, adminPort) = (try unusedPort(), try unusedPort())
         let path = try writeTemporaryFile("""

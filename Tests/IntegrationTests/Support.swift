@@ -367,6 +367,15 @@ func echoUpstream() throws -> TestUpstream {
     try TestUpstream { echo($0) }
 }
 
+/// An upstream that reads each request to EOF, then answers `count` pattern bytes (`seed`).
+func answeringUpstream(seed: UInt64, count: Int) throws -> TestUpstream {
+    try TestUpstream { socket in
+        _ = receiveDigest(socket)
+        _ = sendPattern(socket, seed: seed, count: count)
+        socket.close()
+    }
+}
+
 /// Echoes what arrives until EOF, then closes.
 func echo(_ socket: TestSocket) {
     var buffer = [UInt8](repeating: 0, count: 65536)
