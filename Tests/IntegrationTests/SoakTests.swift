@@ -55,7 +55,11 @@ struct SoakTests {
     @Test("mixed workload with faults: intact, nothing left open, back to baseline, idle",
           arguments: [(BackendChoice.ioUring, "never"), (.ioUring, "always"), (.epoll, "never"), (.epoll, "always")])
     func soak(backend: BackendChoice, splice: String) throws {
-        let stable = try echoUpstream()
+        // No receive timeout on the stable upstream: its idle connections must outlive the run.
+        let stable = try TestUpstream { socket in
+            socket.setReceiveTimeout(seconds: 0)
+            echo(socket)
+        }
         defer { stable.stop() }
         // An upstream that resets each connection after 100 KB.
         let flaky = try TestUpstream { socket in
