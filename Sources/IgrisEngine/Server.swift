@@ -225,11 +225,8 @@ public final class Server: Sendable {
                     workerListener(fd: fd, rule: configuration.listeners[k], budget: listenerBudgets[k])
                 },
                 backend: configuration.buffers,
-                connectTimeoutNanoseconds: configuration.connectTimeoutNanoseconds,
-                idleTimeoutNanoseconds: configuration.idleTimeoutNanoseconds,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
                 slotCapacity: slotsPerWorker,
-                splice: configuration.splice,
                 spliceThreshold: configuration.spliceThreshold,
                 pipeSize: configuration.pipeSize,
                 maxPipes: configuration.maxPipes,

@@ -26,12 +26,9 @@ public struct WorkerConfiguration: Sendable {
     public var index: Int
     public var listeners: [WorkerListener]
     public var backend: BackendConfiguration
-    public var connectTimeoutNanoseconds: UInt64
-    public var idleTimeoutNanoseconds: UInt64?
     public var drainTimeoutNanoseconds: UInt64
     /// Slots in this worker's connection table.
     public var slotCapacity: Int
-    public var splice: SpliceMode = .never
     /// auto: consecutive full-buffer reads that move a direction to splice.
     public var spliceThreshold: Int = 4
     public var pipeSize: Int = 1 << 20
