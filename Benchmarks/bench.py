@@ -66,30 +66,39 @@ def tree(pid):
     return out
 
 
-def tree_cpu(pid):
-    """CPU seconds of the process tree (live processes, plus children already reaped)."""
-    total = 0.0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / TICK
-        except OSError:
-            pass
-    return total
-
-
-def tree_rss_kib(pid):
+def tree_sum(pid, per_process):
+    """per_process(pid) summed over the process tree; processes gone meanwhile count 0."""
     total = 0
     for p in tree(pid):
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+            total += per_process(p)
         except OSError:
             pass
     return total
+
+
+def process_cpu(p):
+    """utime+stime of a process and of its reaped children, in seconds."""
+    with open(f"/proc/{p}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / TICK
+
+
+def process_rss_kib(p):
+    with open(f"/proc/{p}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_cpu(pid):
+    """CPU seconds of the process tree (live processes, plus children already reaped)."""
+    return tree_sum(pid, process_cpu)
+
+
+def tree_rss_kib(pid):
+    return tree_sum(pid, process_rss_kib)
 
 
 def wait_port(port, timeout=10):

@@ -42,16 +42,8 @@ public struct LogfmtLogHandler: LogHandler {
 
     static func quote(_ value: String) -> String {
         guard value.isEmpty || value.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" || $0.isNewline }) else { return value }
-        var out = "\""
-        for c in value {
-            switch c {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            default: out.append(c)
-            }
-        }
-        return out + "\""
+        // The same escapes as a Prometheus label value: backslash, double quote, newline.
+        return "\"" + MetricsText.escape(value) + "\""
     }
 
     /// RFC 3339 UTC with milliseconds.

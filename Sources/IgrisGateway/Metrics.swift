@@ -145,6 +145,7 @@ struct MetricsText {
 
     mutating func line(_ s: String) { text += s + "\n" }
 
+    /// Backslash, double quote and newline escaped (label values; logfmt quoted values).
     static func escape(_ s: String) -> String {
         var out = ""
         for c in s {
