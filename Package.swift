@@ -12,7 +12,8 @@ let package = Package(
         .library(name: "IgrisEngine", targets: ["IgrisEngine"]),
         .library(name: "IgrisProtocols", targets: ["IgrisProtocols"]),
         .library(name: "IgrisPolicy", targets: ["IgrisPolicy"]),
-        .library(name: "IgrisGateway", targets: ["IgrisGateway"]),
+        .library(name: "IgrisNegotiation", targets: ["IgrisNegotiation"]),
+        .library(name: "IgrisOperations", targets: ["IgrisOperations"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,10 +22,9 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
-        .target(
-            name: "CURing",
-            linkerSettings: [.linkedLibrary("uring")]
-        ),
+        // liburing glue (io_uring only); CLinux: the other Linux calls Swift can't make as is.
+        .systemLibrary(name: "CURing"),
+        .target(name: "CLinux"),
         .systemLibrary(name: "CSodium", pkgConfig: "libsodium"),
         // Pure byte-level codecs, no I/O: SOCKS5, HTTP/1.1 request heads.
         .target(name: "IgrisProtocols"),
@@ -38,17 +38,26 @@ let package = Package(
             name: "IgrisEngine",
             dependencies: [
                 "CURing",
+                "CLinux",
                 "IgrisProtocols",
                 "IgrisPolicy",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // Modes and operations on top of the engine: the configuration file, the admin
-        // endpoint (metrics, health), access logging.
+        // What a SOCKS5 / HTTP CONNECT client or a balancer's PROXY header negotiates before
+        // the engine connects: the negotiators, the resolver, the offload threads.
         .target(
-            name: "IgrisGateway",
+            name: "IgrisNegotiation",
             dependencies: [
                 "IgrisEngine", "IgrisPolicy", "IgrisProtocols",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Running it: the configuration file, the admin endpoint (metrics, health), logfmt.
+        .target(
+            name: "IgrisOperations",
+            dependencies: [
+                "IgrisEngine", "IgrisNegotiation", "IgrisPolicy", "IgrisProtocols",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]
@@ -57,7 +66,8 @@ let package = Package(
             name: "igris",
             dependencies: [
                 "IgrisEngine",
-                "IgrisGateway",
+                "IgrisNegotiation",
+                "IgrisOperations",
                 "IgrisPolicy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -66,6 +76,7 @@ let package = Package(
         .executableTarget(
             name: "igris-load",
             dependencies: [
+                "CLinux",
                 "IgrisEngine",
                 "IgrisPolicy",
                 "IgrisProtocols",
@@ -75,7 +86,11 @@ let package = Package(
         ),
         .testTarget(
             name: "IgrisEngineTests",
-            dependencies: ["IgrisEngine"]
+            dependencies: ["IgrisEngine", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "IgrisNegotiationTests",
+            dependencies: ["IgrisNegotiation", "IgrisEngine", "IgrisPolicy", "IgrisProtocols"]
         ),
         .testTarget(
             name: "IgrisProtocolsTests",
@@ -90,7 +105,7 @@ let package = Package(
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "IgrisGateway", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "IgrisNegotiation", "IgrisOperations", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

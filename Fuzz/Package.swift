@@ -21,7 +21,7 @@ let package = Package(
         .executableTarget(name: "FuzzConfig", dependencies: [
             "FuzzSupport",
             .product(name: "IgrisEngine", package: "igris"),
-            .product(name: "IgrisGateway", package: "igris"),
+            .product(name: "IgrisOperations", package: "igris"),
             .product(name: "IgrisPolicy", package: "igris"),
         ]),
     ],

@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 
 /// A worker's fixed-size buffers: one anonymous mmap of `count * size` bytes.
 ///

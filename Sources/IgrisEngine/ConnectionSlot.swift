@@ -1,57 +1,100 @@
 import Glibc
-/// One direction of a bridge: bytes read from one socket and written to the other.
+/// One direction of a bridge: bytes read from `source` and written to `destination`
+/// (direction 0: client → upstream, 1: upstream → client).
 ///
-/// At most one recv and one send are in flight, and at most two buffers are held: the one
-/// being sent and one received while it was sent (`queued`). Nothing else is ever buffered,
-/// so a slow reader stalls its writer instead of growing memory.
+/// At most one read-side and one write-side operation are in flight, and on the copy path at
+/// most two buffers are held: the one being sent and one received meanwhile (`queued`).
+/// Nothing else is ever buffered, so a slow reader stalls its writer instead of growing
+/// memory. A direction is on one path at a time and only changes path when the other has
+/// nothing in flight, so bytes never reorder.
 struct Direction {
     static let noBuffer: UInt16 = .max
 
-    var recvArmed = false
-    var sendArmed = false
-    /// The read side reached EOF.
-    var readEOF = false
-    /// shutdown(SHUT_WR) queued on the write side.
-    var shutdownQueued = false
-    /// shutdown(SHUT_WR) completed: this direction is finished.
-    var finished = false
-    /// Waiting in the worker's ENOBUFS queue for a buffer.
-    var waitingForBuffer = false
-    var sendBuffer: UInt16 = noBuffer
-    var sendOffset: UInt32 = 0
-    var sendRemaining: UInt32 = 0
-    var queuedBuffer: UInt16 = noBuffer
-    var queuedLength: UInt32 = 0
-    var bytes: UInt64 = 0
-    /// A zero-copy send's result, held until its notification frees the buffer.
-    var zeroCopyResult: Int32 = 0
+    /// What the read side is doing.
+    enum Reading: UInt8 {
+        /// Nothing armed: a buffer is queued behind the send, the user's rate limit paused
+        /// it, or the copy path is draining before the move to splice.
+        case idle
+        case recv
+        /// In the worker's ENOBUFS queue, waiting for a pool buffer.
+        case waitingForBuffer
+        /// Splice path: waiting for the source to have input before taking a pipe.
+        case pollIn
+        case spliceIn
+        /// The source reached EOF; nothing more is read.
+        case eof
+    }
 
-    // Splice path (socket → pipe → socket). A direction is on one path at a time and only
-    // changes path when the other has nothing in flight, so bytes never reorder.
-    /// This direction moves bytes through a pipe.
-    var splicing = false
-    /// auto: switch to splice once the copy path is flushed.
-    var wantSplice = false
+    /// What the write side is doing.
+    enum Writing: UInt8 {
+        case idle
+        case send
+        case spliceOut
+        /// Splice path: waiting for room in the destination.
+        case pollOut
+        /// shutdown(SHUT_WR) queued after the source's EOF.
+        case shutdown
+        /// The shutdown completed: this direction is finished.
+        case finished
+    }
+
+    enum Path: UInt8 {
+        case copy
+        /// auto: bulk was seen; the copy path drains, then the direction splices.
+        case copyThenSplice
+        case splice
+    }
+
+    var source: Int32 = -1
+    var destination: Int32 = -1
+    var reading: Reading = .idle
+    var writing: Writing = .idle
+    var path: Path = .copy
     /// auto: consecutive recvs that filled a whole buffer.
     var fullReads: UInt8 = 0
-    var pollInArmed = false
-    var pollOutArmed = false
-    var spliceInArmed = false
-    var spliceOutArmed = false
-    /// Borrowed only while bytes are in flight; -1 otherwise.
+    var sendBuffer: UInt16 = noBuffer
+    var queuedBuffer: UInt16 = noBuffer
+    var sendOffset: UInt32 = 0
+    var sendRemaining: UInt32 = 0
+    var queuedLength: UInt32 = 0
+    /// Splice path: borrowed only while bytes are in flight; -1 otherwise.
     var pipeRead: Int32 = -1
     var pipeWrite: Int32 = -1
     var pipeBytes: UInt32 = 0
-    /// A rate-limited user's direction ran ahead of its budget: no recv until then (loop
+    var bytes: UInt64 = 0
+    /// A rate-limited user's direction ran ahead of its budget: no read until then (loop
     /// clock, ns; 0 when not throttled).
     var throttledUntil: UInt64 = 0
+
+    /// The operation in flight on the read side (source socket), for a close to cancel.
+    @inline(__always)
+    func pendingRead(_ base: OperationToken) -> OperationToken {
+        switch reading {
+        case .recv: return OperationToken(raw: base.raw | UInt64(OperationKind.recv.rawValue))
+        case .pollIn: return OperationToken(raw: base.raw | UInt64(OperationKind.pollIn.rawValue))
+        case .spliceIn: return OperationToken(raw: base.raw | UInt64(OperationKind.spliceIn.rawValue))
+        case .idle, .waitingForBuffer, .eof: return .ignored
+        }
+    }
+
+    /// The operation in flight on the write side (destination socket).
+    @inline(__always)
+    func pendingWrite(_ base: OperationToken) -> OperationToken {
+        switch writing {
+        case .send: return OperationToken(raw: base.raw | UInt64(OperationKind.send.rawValue))
+        case .pollOut: return OperationToken(raw: base.raw | UInt64(OperationKind.pollOut.rawValue))
+        case .spliceOut: return OperationToken(raw: base.raw | UInt64(OperationKind.spliceOut.rawValue))
+        case .shutdown: return OperationToken(raw: base.raw | UInt64(OperationKind.shutdown.rawValue))
+        case .idle, .finished: return .ignored
+        }
+    }
 }
 
 enum SlotState: UInt8 {
     case free
-    /// SOCKS5 / HTTP CONNECT: reading the client's handshake (or waiting for its name to
-    /// resolve, its password to verify).
-    case handshake
+    /// SOCKS5 / HTTP CONNECT / PROXY header: the connection's negotiator reads the client
+    /// (or waits for a name to resolve, a password to verify).
+    case negotiating
     case connecting
     case bridging
     /// Both sockets are being closed; the slot is reused when nothing is in flight.
@@ -59,13 +102,16 @@ enum SlotState: UInt8 {
 }
 
 /// A connection's whole user-space state: fixed size, preallocated, indexed by slot number.
-/// An idle bridge holds just this (216 bytes) and its two sockets.
+/// An idle bridge holds just this (see `slotStaysSmall`) and its two sockets.
 struct ConnectionSlot {
     // Small fields first and together: the layout follows declaration order, and this keeps
     // padding out of a struct there is one of per connection.
     var generation: UInt32 = 0
     var state: SlotState = .free
-    var aborted = false
+    /// A negotiation poll is in flight on the client.
+    var negotiationPollArmed = false
+    /// The upstream connect is in flight.
+    var connectArmed = false
     var listener: UInt16 = 0
     /// Operations submitted and not yet completed (final completions only).
     var inflight: UInt16 = 0
@@ -73,22 +119,16 @@ struct ConnectionSlot {
     var rateLimited = false
     /// Why it closed, for the access log (set where the decision is made).
     var closeReason: CloseReason = .unknown
-    var client: Int32 = -1
-    var upstream: Int32 = -1
     /// forward: the pool server connected to (counted in its active connections), -1 none.
     var server: Int16 = -1
     /// The listener's splice setting, copied at accept (read per forwarded chunk).
     var splice: SpliceMode = .never
-    /// Closing waits for a splice still reading from this socket (see Worker.closeSocket).
-    var clientCloseDeferred = false
-    var upstreamCloseDeferred = false
     var timerBucket: Int32 = -1
     var timerNext: Int32 = -1
     var timerPrevious: Int32 = -1
-    /// Free-list / ENOBUFS-queue link.
+    /// Free-list link.
     var nextFree: Int32 = -1
-    var nextWaiter: Int32 = -1
-    /// The handshake state of a SOCKS5 / HTTP CONNECT connection until it bridges; -1 after.
+    /// The negotiation (SOCKS5, HTTP CONNECT, PROXY header) until it bridges; -1 after.
     var session: Int32 = -1
     /// The authenticated user (index into the users file), holding one of its connections.
     var user: Int32 = -1
@@ -101,44 +141,18 @@ struct ConnectionSlot {
     /// [0]: client → upstream, [1]: upstream → client.
     var toUpstream = Direction()
     var toClient = Direction()
-}
 
-/// The access log's `reason`.
-enum CloseReason: UInt8 {
-    case unknown
-    /// Both directions ended with EOF and were shut down: the normal end.
-    case eof
-    /// A reset or error on one side aborted the other.
-    case reset
-    case idleTimeout
-    case connectFailed
-    case connectTimeout
-    case handshakeTimeout
-    /// A handshake or PROXY header that was refused (malformed, unauthenticated, denied).
-    case refused
-    /// The client went away during the handshake.
-    case clientGone
-    case drainDeadline
-    /// No descriptor or slot for it.
-    case capacity
-    /// forward: every server of the pool is down or was tried.
-    case noServer
+    var client: Int32 { toUpstream.source }
+    var upstream: Int32 { toClient.source }
 
-    var text: String {
-        switch self {
-        case .unknown: return "closed"
-        case .eof: return "eof"
-        case .reset: return "reset"
-        case .idleTimeout: return "idle_timeout"
-        case .connectFailed: return "connect_failed"
-        case .connectTimeout: return "connect_timeout"
-        case .handshakeTimeout: return "handshake_timeout"
-        case .refused: return "refused"
-        case .clientGone: return "client_gone"
-        case .drainDeadline: return "drain_deadline"
-        case .capacity: return "capacity"
-        case .noServer: return "no_server"
-        }
+    mutating func setClient(_ fd: Int32) {
+        toUpstream.source = fd
+        toClient.destination = fd
+    }
+
+    mutating func setUpstream(_ fd: Int32) {
+        toClient.source = fd
+        toUpstream.destination = fd
     }
 }
 
@@ -197,11 +211,4 @@ enum CloseReason: UInt8 {
 
     /// Every slot ever handed out (for drain: abort what's left).
     var used: Int32 { highWater }
-}
-
-/// Byte offsets of the two directions inside a slot, computed once: a key path evaluated
-/// per operation would allocate.
-enum SlotLayout {
-    static let toUpstreamOffset = MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toUpstream)!
-    static let toClientOffset = MemoryLayout<ConnectionSlot>.offset(of: \ConnectionSlot.toClient)!
 }

@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 
 /// The epoll backend: emulates completions with edge-triggered readiness and
 /// non-blocking syscalls, so the worker runs the same state machine on both backends.
@@ -7,11 +7,12 @@ import CURing
 /// Every fd is registered once (IN|OUT|RDHUP, edge-triggered) when its first operation is
 /// queued; what epoll last said about it is kept per fd (`readable`, `writable`), so a recv
 /// or send queued while the fd is known ready runs at once, and one queued while it is not
-/// waits for the next edge. Results are queued as completions and handed out by the next
-/// `drainCompletions`, never from inside the call that queued the operation.
+/// waits for the next edge. The cache is only right because this backend issues every read
+/// and write on its sockets itself (the synchronous calls included): whichever of them sees
+/// EAGAIN clears the flag, and only an edge sets it again. Results are queued as completions
+/// and handed out by the next `drainCompletions`, never from inside the call that queued the
+/// operation.
 public final class EpollBackend: IOBackend {
-    public static let kind = BackendKind.epoll
-
     public let buffers: BufferPool
     public let completionOverflows: UInt64 = 0
 
@@ -106,20 +107,18 @@ public final class EpollBackend: IOBackend {
                 if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
                 return
             }
-            do {
-                guard let c = try Syscall.accept(fd, flags: Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)) else {
-                    fds[i].readable = false  // EAGAIN: the backlog is empty
-                    return
-                }
+            let c = Syscall.accept(fd)
+            if c >= 0 {
                 accepted += 1
                 complete(fds[i].acceptToken, c, more: true)
-            } catch where error.errno == ECONNABORTED {
-                continue
-            } catch {
+            } else if c == -EAGAIN {
+                fds[i].readable = false  // the backlog is empty
+                return
+            } else if c != -ECONNABORTED {
                 // Like io_uring's multishot accept, an error ends the multishot.
                 let token = fds[i].acceptToken
                 fds[i].acceptToken = 0
-                complete(token, -error.errno)
+                complete(token, c)
                 return
             }
         }
@@ -127,14 +126,11 @@ public final class EpollBackend: IOBackend {
 
     public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
         let i = state(fd)
-        do {
-            if try Syscall.connect(fd, address, length) {
-                complete(token.raw, 0)
-            } else {
-                fds[i].connectToken = token.raw
-            }
-        } catch {
-            complete(token.raw, -error.errno)
+        let rc = Syscall.connect(fd, address, length)
+        if rc == -EINPROGRESS {
+            fds[i].connectToken = token.raw
+        } else {
+            complete(token.raw, rc)
         }
     }
 
@@ -186,7 +182,12 @@ public final class EpollBackend: IOBackend {
         complete(token.raw, Syscall.shutdown(fd, Int32(SHUT_WR)))
     }
 
-    public func cancel(fd: Int32) {
+    public func stopAccepting(listener fd: Int32, token: OperationToken) {
+        cancelAll(fd)
+    }
+
+    /// Completes whatever waits on `fd` with -ECANCELED.
+    private func cancelAll(_ fd: Int32) {
         let i = Int(fd)
         guard i < fds.count else { return }
         for t in [fds[i].acceptToken, fds[i].recvToken, fds[i].sendToken, fds[i].connectToken, fds[i].pollToken,
@@ -205,10 +206,13 @@ public final class EpollBackend: IOBackend {
         }
     }
 
-    public func cancelAndClose(fd: Int32, token: OperationToken) {
-        cancel(fd: fd)
+    /// Everything pending on `fd` is known here, so `pending` is not needed to find it.
+    public func close(fd: Int32, pending: PendingOperations, abort: Bool, token: OperationToken) {
+        cancelAll(fd)
         if Int(fd) < fds.count { fds[Int(fd)] = FDState() }
-        // close() removes the fd from the epoll set (IGRIS never dups sockets).
+        if abort { Syscall.setLingerZero(fd) }
+        // close() removes the fd from the epoll set (IGRIS never dups sockets). Splices run
+        // inline here, so none can be pending on it.
         Syscall.close(fd)
         complete(token.raw, 0)
     }
@@ -231,17 +235,47 @@ public final class EpollBackend: IOBackend {
         }
     }
 
+    public func peek(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
+        let n = Syscall.peek(fd, buffer, length)
+        if n == -Int(EAGAIN) { noteDrained(fd) }
+        return n
+    }
+
+    public func receiveNow(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
+        let n = Syscall.recv(fd, buffer, length, flags: Int32(MSG_DONTWAIT))
+        if n == -Int(EAGAIN) { noteDrained(fd) }
+        return n
+    }
+
+    public func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int {
+        let n = Syscall.send(fd, bytes.baseAddress!, bytes.count)
+        if n == -Int(EAGAIN), Int(fd) < fds.count { fds[Int(fd)].writable = false }
+        return n
+    }
+
+    public func shutdown(fd: Int32, how: Int32) -> Int32 {
+        Syscall.shutdown(fd, how)
+    }
+
+    @inline(__always)
+    private func noteDrained(_ fd: Int32) {
+        if Int(fd) < fds.count { fds[Int(fd)].readable = false }
+    }
+
     public func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken) {
         let i = state(socket)
-        let n = igris_splice(socket, pipe, length)
-        // Called with room in the pipe, so EAGAIN means the socket is drained.
-        if n == -Int(EAGAIN) { fds[i].readable = false }
+        let n = Syscall.splice(from: socket, to: pipe, length: length)
+        // EAGAIN is either side: an empty socket, or a pipe whose slots are all taken (each
+        // holds a fragment, so a pipe can be full with fewer bytes than its size). Only the
+        // first means no edge-worthy input is left; clearing the flag for the second would
+        // wait for an edge that never comes (the data is already queued).
+        if n == -Int(EAGAIN) && Syscall.bytesQueued(socket) == 0 { fds[i].readable = false }
         complete(token.raw, Int32(n))
     }
 
     public func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken) {
         let i = state(socket)
-        let n = igris_splice(pipe, socket, length)
+        let n = Syscall.splice(from: pipe, to: socket, length: length)
         if n == -Int(EAGAIN) { fds[i].writable = false }
         complete(token.raw, Int32(n))
     }

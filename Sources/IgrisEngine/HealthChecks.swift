@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 
 /// One server's active health check, run by one worker: a non-blocking connect through the
 /// worker's own backend every interval, bounded by a timeout. Never blocks the loop.
@@ -7,6 +7,7 @@ struct HealthProbe {
     let pool: UpstreamPool
     let server: Int
     var fd: Int32 = -1
+    var connectPending = false
     /// Identifies the connect in flight (its token's generation): a late completion for an
     /// earlier attempt is ignored.
     var sequence: UInt32 = 0
@@ -18,10 +19,10 @@ struct HealthProbe {
 
 extension Worker {
     /// The pools this worker checks: each pool is checked by exactly one worker.
-    static func makeProbes(listeners: [WorkerListener], worker: Int, workers: Int, now: UInt64) -> [HealthProbe] {
+    static func makeProbes(listeners: [ListenerRule], worker: Int, workers: Int, now: UInt64) -> [HealthProbe] {
         var pools: [UpstreamPool] = []
         for l in listeners {
-            if case .pool(let pool) = l.mode, pool.healthCheck != nil, !pools.contains(where: { $0 === pool }) { pools.append(pool) }
+            if let pool = l.pool, pool.healthCheck != nil, !pools.contains(where: { $0 === pool }) { pools.append(pool) }
         }
         pools.sort { $0.name < $1.name }
         var probes: [HealthProbe] = []
@@ -68,14 +69,14 @@ extension Worker {
         let pool = probes[k].pool
         let server = probes[k].server
         probes[k].nextAt = now + check.intervalNanoseconds
-        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
-        guard let fd = try? Syscall.socket(family: pool.servers[server].family, type: type) else {
+        guard let fd = try? Syscall.streamSocket(family: pool.servers[server].family) else {
             return  // out of descriptors: try again next interval, without judging the server
         }
         probes[k].fd = fd
         probes[k].sequence = (probes[k].sequence &+ 1) & 0xFF_FFFF
         probes[k].deadline = now + check.timeoutNanoseconds
-        let token = OperationToken(index: UInt32(k), generation: probes[k].sequence, kind: .healthConnect)
+        let token = connectToken(k)
+        probes[k].connectPending = true
         (pool.addresses + server).withMemoryRebound(to: sockaddr.self, capacity: 1) {
             backend.connect(fd: fd, address: $0, length: pool.servers[server].length, token: token)
         }
@@ -84,14 +85,21 @@ extension Worker {
     func onHealthConnect(_ c: Completion) {
         let k = Int(c.token.index)
         guard k < probes.count, probes[k].fd >= 0, probes[k].sequence == c.token.generation else { return }
+        probes[k].connectPending = false
         endProbe(k)
         record(k, success: c.result >= 0, why: c.result >= 0 ? "" : Errno.describe(-c.result))
     }
 
     /// Closes the probe's socket (cancelling its connect if still pending).
     private func endProbe(_ k: Int) {
-        backend.cancelAndClose(fd: probes[k].fd, token: OperationToken(index: UInt32(k), generation: 0, kind: .healthClose))
+        let pending = probes[k].connectPending ? PendingOperations(write: connectToken(k)) : .none
+        backend.close(fd: probes[k].fd, pending: pending, abort: false, token: OperationToken(index: UInt32(k), generation: 0, kind: .healthClose))
         probes[k].fd = -1
+        probes[k].connectPending = false
+    }
+
+    private func connectToken(_ k: Int) -> OperationToken {
+        OperationToken(index: UInt32(k), generation: probes[k].sequence, kind: .healthConnect)
     }
 
     /// rise/fall: only a run of results changes a server's state.

@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 
 /// Which kernel interface a worker drives.
 public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible {
@@ -38,52 +38,67 @@ public struct BackendConfiguration: Sendable {
     }
 }
 
-/// The completion-style interface a `Worker` drives. Operations are queued with a token;
-/// `waitForCompletions` submits everything queued (one kernel entry on io_uring) and waits
-/// up to a timeout; `drainCompletions` then hands back each finished operation.
+/// The completion-style interface a `Worker` drives, and the only way the engine touches a
+/// socket once a backend owns it: every read, write, poll, shutdown and close goes through
+/// here, so a backend's view of a socket (epoll's readiness cache, io_uring's splices in
+/// flight) is never stale. Each operation means the same on both backends.
+///
+/// Queued operations complete with their token: `waitForCompletions` submits everything
+/// queued (one kernel entry on io_uring) and waits up to a timeout; `drainCompletions` then
+/// hands back each finished operation. The synchronous calls (`peek`, `receiveNow`,
+/// `sendNow`, `shutdown`) never block and return bytes or -errno at once.
 ///
 /// Buffers: `recv` never takes a buffer up front. The backend picks one from the worker's
-/// `BufferPool` only when bytes are there (provided buffer ring on io_uring, a free list on
-/// epoll) and reports it in `Completion.bufferID`; the worker returns it with
-/// `releaseBuffer` once the bytes are sent. No free buffer → the recv completes `-ENOBUFS`.
+/// `BufferPool` only when bytes are there and reports it in `Completion.bufferID`; the worker
+/// returns it with `releaseBuffer` once the bytes are sent. No free buffer → the recv
+/// completes `-ENOBUFS`.
 ///
-/// Implementations are final classes confined to their worker thread; the worker is generic
-/// over them, so every call is statically dispatched.
+/// Every socket handed to a backend is O_NONBLOCK (a splice into a socket honours only the
+/// socket's own flag). Implementations are final classes confined to their worker thread;
+/// the worker is generic over them, so every call is statically dispatched.
 public protocol IOBackend: AnyObject {
-    static var kind: BackendKind { get }
-    // Every socket handed to a backend is O_NONBLOCK: epoll needs it, and on io_uring a
-    // splice into a socket honours only the socket's O_NONBLOCK (not SPLICE_F_NONBLOCK), so a
-    // blocking socket would park an io-wq thread on a slow reader.
-
     var buffers: BufferPool { get }
 
-    /// Multishot accept: completes once per accepted fd with `more` set while armed.
+    /// Multishot accept: completes once per accepted fd with `more` set while armed; an
+    /// error ends it.
     func accept(listener fd: Int32, token: OperationToken)
+    /// Ends the multishot accept armed with `token` (it completes -ECANCELED); the
+    /// listener stays open and its backlog keeps filling.
+    func stopAccepting(listener fd: Int32, token: OperationToken)
     /// Connect; `address` must stay valid until the completion.
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken)
-    /// Receive into a buffer the backend selects from the pool.
+    /// Receive into a buffer the backend selects from the pool: bytes, 0 at EOF, -errno.
     func recv(fd: Int32, token: OperationToken)
-    /// Send `length` bytes of pool buffer `buffer` starting at `offset`.
+    /// Send `length` bytes of pool buffer `buffer` starting at `offset`: bytes sent (maybe
+    /// fewer), or -errno. Completes once the buffer may be reused (SEND_ZC included).
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken)
-    /// shutdown(fd, SHUT_WR).
+    /// shutdown(fd, SHUT_WR), queued: 0 or -errno.
     func shutdownWrite(fd: Int32, token: OperationToken)
-    /// Cancels every operation pending on `fd` (each completes, typically -ECANCELED),
-    /// then closes it. The close completes with `token`.
-    func cancelAndClose(fd: Int32, token: OperationToken)
-    /// Cancels every operation pending on `fd` without closing it (each completes
-    /// -ECANCELED). Used to stop a multishot accept while accepting is paused.
-    func cancel(fd: Int32)
-    /// Completes once when `fd` is readable (epoll: at once unless a read on it last saw EAGAIN).
+    /// Completes once `fd` has input: bytes, EOF or an error (a peek would not say EAGAIN).
     func pollReadable(fd: Int32, token: OperationToken)
-    /// Completes once when `fd` is writable (epoll: at once unless a write last saw EAGAIN).
+    /// Completes once `fd` has room to write (or an error).
     func pollWritable(fd: Int32, token: OperationToken)
-    /// splice(socket → pipe) of at most `length` bytes with SPLICE_F_NONBLOCK: bytes moved,
-    /// 0 at EOF, -EAGAIN when the socket had nothing (poll first; io_uring runs splices on
-    /// io-wq threads, and a non-blocking one never parks a thread on an idle socket).
+    /// splice(socket → pipe) of at most `length` bytes, non-blocking: bytes moved, 0 at EOF,
+    /// -EAGAIN when the socket had nothing or the pipe had no room.
     func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken)
-    /// splice(pipe → socket) of at most `length` bytes with SPLICE_F_NONBLOCK; -EAGAIN when
-    /// the socket's send buffer is full.
+    /// splice(pipe → socket) of at most `length` bytes; -EAGAIN when the socket is full.
     func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken)
+    /// Cancels `pending` (each completes, typically -ECANCELED), then closes `fd` — sending
+    /// RST instead of FIN when `abort` — and completes with `token` once the descriptor is
+    /// closed. A splice still running on `fd` delays the close, never the other way round:
+    /// a descriptor number is only reused once nothing can touch it.
+    func close(fd: Int32, pending: PendingOperations, abort: Bool, token: OperationToken)
+
+    /// Copies up to `length` queued bytes without taking them: bytes, 0 at EOF, -EAGAIN.
+    func peek(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int
+    /// Takes up to `length` queued bytes: bytes, 0 at EOF, -EAGAIN.
+    func receiveNow(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int
+    /// Sends a small message (a handshake reply, a PROXY header) from caller memory: bytes
+    /// sent or -errno. Meant for a socket's first bytes, which its send buffer takes whole.
+    func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int
+    /// shutdown(fd, how) at once: 0 or -errno.
+    func shutdown(fd: Int32, how: Int32) -> Int32
+
     /// Empties the worker's wake eventfd after its poll completed.
     func consumeWake(fd: Int32)
     /// Returns a buffer to the pool (and, on io_uring, to the kernel's buffer ring).

@@ -1,5 +1,6 @@
 import Glibc
 import CURing
+import CLinux
 
 /// Can this process use io_uring the way IGRIS does? Answers with a reason either way, for
 /// `--backend auto` and for `igris probe`.

@@ -1,4 +1,4 @@
-import CURing
+import CLinux
 import Glibc
 
 /// A worker's pipes for the splice path: socket → pipe → socket.

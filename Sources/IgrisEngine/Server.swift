@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 import Dispatch
 import Logging
 import Synchronization
@@ -25,8 +25,8 @@ public struct ForwardRule: Sendable {
 
 public struct ServerConfiguration: Sendable {
     public var listeners: [ListenerRule]
-    /// ACL, users and resolver for the SOCKS5 / HTTP CONNECT listeners.
-    public var policy = GatewayPolicy()
+    /// The users file's accounts: negotiations name them, bridges count and pace their bytes.
+    public var accounts: [UserAccount] = []
     public var workers: Int
     public var backend: BackendChoice
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
@@ -54,11 +54,18 @@ public struct ServerConfiguration: Sendable {
     }
 
     public init(forwards: [ForwardRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
-        self.init(listeners: forwards.map { ListenerRule(listen: $0.listen, mode: .forward(upstream: $0.upstream)) },
+        self.init(listeners: forwards.map { ListenerRule(listen: $0.listen, upstream: $0.upstream) },
                   workers: workers, backend: backend)
     }
 
-    var hasGatewayListeners: Bool { listeners.contains { $0.mode.gatewayOptions != nil } }
+    /// `rule` with this configuration's defaults wherever it has no setting of its own.
+    func resolved(_ rule: ListenerRule) -> ListenerRule {
+        var r = rule
+        r.splice = rule.splice ?? splice
+        r.connectTimeoutNanoseconds = rule.connectTimeoutNanoseconds ?? connectTimeoutNanoseconds
+        r.idleTimeoutNanoseconds = .some(rule.idleTimeoutNanoseconds ?? idleTimeoutNanoseconds)
+        return r
+    }
 }
 
 /// A start-up failure, with the one line an operator sees.
@@ -103,17 +110,13 @@ public final class Server: Sendable {
     /// Per-listener counters are preallocated for this many listeners over the process's life.
     public static let maxListeners = 256
     private let threads = Locked<[pthread_t]>([])
-    /// getaddrinfo / argon2id threads, when a SOCKS5 or HTTP CONNECT listener exists.
-    private let offload: OffloadPool?
     private let logger: Logger
 
     public init(configuration: ServerConfiguration, logger: Logger = Logger(label: "igris")) throws(ServerError) {
         self.configuration = configuration
         self.logger = logger
-        for rule in configuration.listeners {
-            if let options = rule.mode.gatewayOptions, options.requireAuthentication, configuration.policy.authenticator == nil {
-                throw .configuration("\(rule.mode.name) listener \(rule.listen) requires authentication but no users file is configured (give --users FILE, or --no-auth)")
-            }
+        for rule in configuration.listeners where rule.pool == nil && rule.negotiator == nil {
+            throw .configuration("listener \(rule.name) has neither an upstream nor a negotiation")
         }
         let (kind, reason) = try Self.selectBackend(configuration.backend)
         backend = kind
@@ -135,8 +138,6 @@ public final class Server: Sendable {
             throw .worker(controls.count, error)
         }
         self.controls = controls
-        // Always there: a reload may add SOCKS5 / HTTP CONNECT listeners (two idle threads).
-        offload = OffloadPool(threads: configuration.policy.offloadThreads)
     }
 
     static func selectBackend(_ choice: BackendChoice) throws(ServerError) -> (BackendKind, String) {
@@ -179,9 +180,8 @@ public final class Server: Sendable {
     }
 
     private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String) throws(ServerError) -> Int32 {
-        let type = Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue)
         let fd: Int32
-        do { fd = try Syscall.socket(family: address.family, type: type) } catch { throw .listen(text, error) }
+        do { fd = try Syscall.streamSocket(family: address.family) } catch { throw .listen(text, error) }
         do {
             try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
             try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
@@ -222,7 +222,7 @@ public final class Server: Sendable {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
                 listeners: zip(listenFDs[w], configuration.listeners.indices).map { fd, k in
-                    workerListener(fd: fd, rule: configuration.listeners[k], budget: listenerBudgets[k])
+                    BoundListener(fd: fd, rule: configuration.resolved(configuration.listeners[k]), budget: listenerBudgets[k])
                 },
                 backend: configuration.buffers,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
@@ -230,13 +230,12 @@ public final class Server: Sendable {
                 spliceThreshold: configuration.spliceThreshold,
                 pipeSize: configuration.pipeSize,
                 maxPipes: configuration.maxPipes,
-                workerCount: configuration.workers)
+                workerCount: configuration.workers,
+                accounts: configuration.accounts)
             let kind = backend
             let control = controls[w]
             let stats = statistics[w]
             let budget = budget
-            let policy = configuration.policy
-            let offload = offload
             let accessLogger: Logger? = configuration.accessLog ? Logger(label: "igris.access") : nil
             var log = logger
             log[metadataKey: "worker"] = "\(w)"
@@ -252,15 +251,13 @@ public final class Server: Sendable {
                             ])
                         }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger,
-                                            policy: policy, offload: offload, accessLogger: accessLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger, accessLogger: accessLogger)
                         ready.signal()
                         try worker.run()
                     case .epoll:
                         let backend = try EpollBackend(configuration: workerConfiguration.backend)
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger,
-                                            policy: policy, offload: offload, accessLogger: accessLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger, accessLogger: accessLogger)
                         ready.signal()
                         try worker.run()
                     }
@@ -294,7 +291,6 @@ public final class Server: Sendable {
             return copy
         }
         for t in list { pthread_join(t, nil) }
-        offload?.shutdown()
     }
 
     public func total(_ counter: WorkerStatistics.Counter) -> Int64 {
@@ -318,16 +314,6 @@ public final class Server: Sendable {
         return (buckets, sum)
     }
 
-    /// What a worker gets for one listener: its socket and its settings with the server's
-    /// defaults filled in.
-    private func workerListener(fd: Int32, rule: ListenerRule, budget: ConnectionBudget?) -> WorkerListener {
-        WorkerListener(fd: fd, name: rule.name, mode: rule.mode, acceptProxyProtocol: rule.acceptProxyProtocol,
-                       sendProxyProtocol: rule.sendProxyProtocol, proxyHeaderTimeoutNanoseconds: rule.proxyHeaderTimeoutNanoseconds,
-                       splice: rule.splice ?? configuration.splice,
-                       connectTimeoutNanoseconds: rule.connectTimeoutNanoseconds ?? configuration.connectTimeoutNanoseconds,
-                       idleTimeoutNanoseconds: rule.idleTimeoutNanoseconds ?? configuration.idleTimeoutNanoseconds, budget: budget)
-    }
-
     /// Names of every listener so far, by index (the `listener` label of the metrics).
     public var listenerNames: [String] { listenerTable.withLock { $0.map(\.rule.name) } }
 
@@ -340,11 +326,9 @@ public final class Server: Sendable {
     /// same settings) keep their sockets; new or changed ones are bound first — any failure
     /// leaves everything as it was and throws — then the workers switch at their next turn.
     /// Connections already open are not touched, whatever happens to their listener.
-    public func reload(listeners: [ListenerRule], policy: GatewayPolicy) throws(ServerError) -> ReloadSummary {
-        for rule in listeners {
-            if let options = rule.mode.gatewayOptions, options.requireAuthentication, policy.authenticator == nil {
-                throw .configuration("\(rule.mode.name) listener \(rule.name) requires authentication but no users file is configured")
-            }
+    public func reload(listeners: [ListenerRule]) throws(ServerError) -> ReloadSummary {
+        for rule in listeners where rule.pool == nil && rule.negotiator == nil {
+            throw .configuration("listener \(rule.name) has neither an upstream nor a negotiation")
         }
         let current = listenerTable.withLock { $0 }
         var keep: Set<Int> = []
@@ -368,8 +352,10 @@ public final class Server: Sendable {
             for (rule, address) in zip(added, addresses) { table.append(ActiveListener(rule: rule, address: address, open: true)) }
         }
         for (w, control) in controls.enumerated() {
-            let add = zip(fds[w], added.indices).map { fd, k in workerListener(fd: fd, rule: added[k], budget: addedBudgets[k]) }
-            control.requestReload(ReloadCommand(add: add, remove: removed, policy: policy))
+            let add = zip(fds[w], added.indices).map { fd, k in
+                BoundListener(fd: fd, rule: configuration.resolved(added[k]), budget: addedBudgets[k])
+            }
+            control.requestReload(ReloadCommand(add: add, remove: removed))
         }
         return ReloadSummary(added: added.map(\.name), removed: removed.map { current[$0].rule.name }, kept: keep.sorted().map { current[$0].rule.name })
     }

@@ -1,116 +1,87 @@
 import Glibc
-import CURing
+import CLinux
 
-/// The syscalls IGRIS issues directly, each wrapped once: `EINTR` is retried here, errno is
-/// read immediately after the call (the wrappers are `@inline(never)` as in swift-nio, so no
-/// retain/release can run in between) and becomes a `SyscallError` naming the operation.
+/// The syscalls IGRIS issues directly, each wrapped once, in the manner of swift-nio's
+/// `NIOPosix/System.swift`:
+/// - `retrying` is the one place EINTR is retried and errno is read (right after the call:
+///   the wrappers are `@inline(never)`, so no retain/release can run in between);
+/// - hot paths (data, handshake bytes) return io_uring-style `-errno`; cold paths (setup,
+///   addresses, options) throw a typed `SyscallError` naming the operation;
+/// - EBADF and EFAULT trap: they mean IGRIS passed a descriptor or pointer it does not own,
+///   the class of bug that moves one connection's bytes into another's (Kernel-notes).
 public enum Syscall {
+    /// Runs `body` until it does not fail with EINTR: its result, or -errno.
+    @inline(__always)
+    static func retrying<T: SignedInteger>(_ name: StaticString, _ body: () -> T) -> T {
+        while true {
+            let rc = body()
+            if rc >= 0 { return rc }
+            let e = igris_errno()
+            if e == EINTR { continue }
+            if e == EBADF || e == EFAULT { descriptorBug(name, e) }
+            return -T(e)
+        }
+    }
+
+    /// `retrying`, throwing the failure (cold paths).
+    @inline(__always)
+    static func checked<T: SignedInteger>(_ name: StaticString, _ body: () -> T) throws(SyscallError) -> T {
+        let rc = retrying(name, body)
+        if rc < 0 { throw SyscallError("\(name)", errno: Int32(-rc)) }
+        return rc
+    }
+
+    private static func descriptorBug(_ name: StaticString, _ e: Int32) -> Never {
+        fatalError("\(name): \(Errno.describe(e)) — a descriptor or buffer IGRIS does not own")
+    }
+
+    /// The one stream-socket constructor: TCP, close-on-exec, non-blocking unless asked
+    /// (every socket a backend owns must be; test clients and blocking tools may not be).
     @inline(never)
-    public static func socket(family: Int32, type: Int32) throws(SyscallError) -> Int32 {
-        let fd = Glibc.socket(family, type, 0)
-        if fd < 0 { throw SyscallError("socket", errno: igris_errno()) }
-        return fd
+    public static func streamSocket(family: Int32, nonBlocking: Bool = true) throws(SyscallError) -> Int32 {
+        var type = SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue
+        if nonBlocking { type |= SOCK_NONBLOCK.rawValue }
+        return try checked("socket") { Glibc.socket(family, Int32(type), 0) }
     }
 
     @inline(never)
     public static func close(_ fd: Int32) {
-        // Linux closes the descriptor even when close() reports EINTR; never retry.
-        _ = Glibc.close(fd)
+        // Linux closes the descriptor even when close() reports EINTR: never retry.
+        if Glibc.close(fd) != 0 && igris_errno() == EBADF { descriptorBug("close", EBADF) }
     }
 
     @inline(never)
     public static func setIntOption(_ fd: Int32, level: Int32, name: Int32, value: Int32, _ what: String) throws(SyscallError) {
         var v = value
-        if setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) != 0 {
-            throw SyscallError("setsockopt(\(what))", errno: igris_errno())
-        }
+        let rc = retrying("setsockopt") { setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) }
+        if rc < 0 { throw SyscallError("setsockopt(\(what))", errno: -rc) }
     }
 
     /// SO_LINGER {on, 0}: the next close() sends RST instead of FIN (used to abort).
     @inline(never)
     public static func setLingerZero(_ fd: Int32) {
         var l = linger(l_onoff: 1, l_linger: 0)
-        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+        _ = retrying("setsockopt(SO_LINGER)") { setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size)) }
     }
 
     @inline(never)
     public static func bind(_ fd: Int32, _ address: SocketAddress) throws(SyscallError) {
-        let rc = address.withSockAddr { Glibc.bind(fd, $0, $1) }
-        if rc != 0 { throw SyscallError("bind", errno: igris_errno()) }
+        _ = try checked("bind") { address.withSockAddr { Glibc.bind(fd, $0, $1) } }
     }
 
     @inline(never)
     public static func listen(_ fd: Int32, backlog: Int32) throws(SyscallError) {
-        if Glibc.listen(fd, backlog) != 0 { throw SyscallError("listen", errno: igris_errno()) }
+        _ = try checked("listen") { Glibc.listen(fd, backlog) }
     }
 
     @inline(never)
     public static func localAddress(_ fd: Int32) throws(SyscallError) -> SocketAddress {
         var storage = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let rc = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        _ = try checked("getsockname") {
+            withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         }
-        if rc != 0 { throw SyscallError("getsockname", errno: igris_errno()) }
         return SocketAddress(storage: storage, length: len)
-    }
-
-    /// accept4; returns nil on EAGAIN.
-    @inline(never)
-    public static func accept(_ fd: Int32, flags: Int32) throws(SyscallError) -> Int32? {
-        while true {
-            let c = igris_accept4(fd, flags)
-            if c >= 0 { return c }
-            let e = igris_errno()
-            if e == EINTR { continue }
-            if e == EAGAIN || e == EWOULDBLOCK { return nil }
-            throw SyscallError("accept", errno: e)
-        }
-    }
-
-    /// Non-blocking connect: returns true when connected at once, false when in progress.
-    @inline(never)
-    public static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t) throws(SyscallError) -> Bool {
-        while true {
-            if Glibc.connect(fd, address, length) == 0 { return true }
-            let e = igris_errno()
-            if e == EINTR { continue }
-            if e == EINPROGRESS || e == EALREADY { return false }
-            throw SyscallError("connect", errno: e)
-        }
-    }
-
-    /// The pending error of a socket (SO_ERROR), 0 when none.
-    @inline(never)
-    public static func socketError(_ fd: Int32) -> Int32 {
-        var err: Int32 = 0
-        var len = socklen_t(MemoryLayout<Int32>.size)
-        if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 { return igris_errno() }
-        return err
-    }
-
-    /// recv: bytes read (0 = EOF), or -errno. EINTR retried; EAGAIN returned as -EAGAIN.
-    @inline(never)
-    public static func recv(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int) -> Int {
-        while true {
-            let n = Glibc.recv(fd, buffer, length, 0)
-            if n >= 0 { return n }
-            let e = igris_errno()
-            if e == EINTR { continue }
-            return -Int(e)
-        }
-    }
-
-    /// recv with MSG_PEEK | MSG_DONTWAIT: looks at what is queued without taking it.
-    @inline(never)
-    public static func peek(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int) -> Int {
-        while true {
-            let n = Glibc.recv(fd, buffer, length, Int32(MSG_PEEK | MSG_DONTWAIT))
-            if n >= 0 { return n }
-            let e = igris_errno()
-            if e == EINTR { continue }
-            return -Int(e)
-        }
     }
 
     /// The peer of a connected socket.
@@ -118,51 +89,89 @@ public enum Syscall {
     public static func peerAddress(_ fd: Int32) throws(SyscallError) -> SocketAddress {
         var storage = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let rc = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) }
+        _ = try checked("getpeername") {
+            withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
         }
-        if rc != 0 { throw SyscallError("getpeername", errno: igris_errno()) }
         return SocketAddress(storage: storage, length: len)
+    }
+
+    /// accept4 (non-blocking, close-on-exec): the new fd, or -errno (-EAGAIN: backlog empty).
+    @inline(never)
+    public static func accept(_ fd: Int32, nonBlocking: Bool = true) -> Int32 {
+        let flags = nonBlocking ? SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue : SOCK_CLOEXEC.rawValue
+        return retrying("accept4") { igris_accept4(fd, Int32(flags)) }
+    }
+
+    /// Non-blocking connect: 0 when connected at once, -EINPROGRESS while it runs, -errno.
+    @inline(never)
+    public static func connect(_ fd: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t) -> Int32 {
+        let rc = retrying("connect") { Glibc.connect(fd, address, length) }
+        return rc == -EALREADY ? -EINPROGRESS : rc
+    }
+
+    /// The pending error of a socket (SO_ERROR), 0 when none.
+    @inline(never)
+    public static func socketError(_ fd: Int32) -> Int32 {
+        var err: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        let rc = retrying("getsockopt(SO_ERROR)") { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
+        return rc < 0 ? -rc : err
+    }
+
+    /// recv: bytes read (0 = EOF), or -errno (-EAGAIN on a non-blocking socket with nothing).
+    @inline(never)
+    public static func recv(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int, flags: Int32 = 0) -> Int {
+        retrying("recv") { Glibc.recv(fd, buffer, length, flags) }
+    }
+
+    /// recv with MSG_PEEK | MSG_DONTWAIT: looks at what is queued without taking it.
+    @inline(__always)
+    public static func peek(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int) -> Int {
+        recv(fd, buffer, length, flags: Int32(MSG_PEEK | MSG_DONTWAIT))
     }
 
     /// send with MSG_NOSIGNAL: bytes written, or -errno.
     @inline(never)
     public static func send(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int) -> Int {
-        while true {
-            let n = Glibc.send(fd, buffer, length, Int32(MSG_NOSIGNAL))
-            if n >= 0 { return n }
-            let e = igris_errno()
-            if e == EINTR { continue }
-            return -Int(e)
-        }
+        retrying("send") { Glibc.send(fd, buffer, length, Int32(MSG_NOSIGNAL)) }
     }
 
     /// shutdown: 0 or -errno.
     @inline(never)
     public static func shutdown(_ fd: Int32, _ how: Int32) -> Int32 {
-        if Glibc.shutdown(fd, how) == 0 { return 0 }
-        return -igris_errno()
+        retrying("shutdown") { Glibc.shutdown(fd, how) }
+    }
+
+    /// splice(2) between a socket and a pipe, non-blocking: bytes moved, or -errno.
+    @inline(never)
+    public static func splice(from source: Int32, to destination: Int32, length: Int) -> Int {
+        retrying("splice") { igris_splice(source, destination, length) }
+    }
+
+    /// Bytes queued to read on a socket or pipe (FIONREAD), 0 on error.
+    @inline(never)
+    public static func bytesQueued(_ fd: Int32) -> Int {
+        let n = retrying("ioctl(FIONREAD)") { igris_bytes_queued(fd) }
+        return max(0, Int(n))
     }
 
     @inline(never)
     public static func eventfd() throws(SyscallError) -> Int32 {
-        let fd = CURing.eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
-        if fd < 0 { throw SyscallError("eventfd", errno: igris_errno()) }
-        return fd
+        try checked("eventfd") { CLinux.eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC)) }
     }
 
     /// Adds one to an eventfd counter (wakes whoever polls it).
     @inline(never)
     public static func signalEventFD(_ fd: Int32) {
         var one: UInt64 = 1
-        _ = Glibc.write(fd, &one, 8)
+        _ = retrying("write(eventfd)") { Glibc.write(fd, &one, 8) }
     }
 
     /// Resets an eventfd counter; EAGAIN (already zero) is fine.
     @inline(never)
     public static func drainEventFD(_ fd: Int32) {
         var value: UInt64 = 0
-        _ = Glibc.read(fd, &value, 8)
+        _ = retrying("read(eventfd)") { Glibc.read(fd, &value, 8) }
     }
 
     /// CLOCK_MONOTONIC in nanoseconds.

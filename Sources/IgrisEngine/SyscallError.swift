@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import CLinux
 
 /// A failed system call: which operation, and the errno it left.
 ///

@@ -1,5 +1,6 @@
 import Glibc
 import CURing
+import CLinux
 
 /// The io_uring backend: one ring per worker, created on the worker's own thread.
 ///
@@ -10,9 +11,16 @@ import CURing
 /// - recv selects from a provided buffer ring (group 0) holding every pool buffer; a send
 ///   goes out of the same buffer; the buffer returns to the ring when the send completes.
 /// - Each loop turn is one `io_uring_enter` that both submits and waits.
+/// - Closing cancels the operations its caller names by their user_data: a lookup, where
+///   cancelling by descriptor scans every pending request of the ring (O(open connections)
+///   per close).
+/// - io_uring runs splices on io-wq threads and looks their descriptors up by number only
+///   then, not at submission. A socket closed while a splice on it is queued could have its
+///   number reused by a new connection's socket, and the splice would then move bytes into
+///   or out of the wrong connection. So splices carry this backend's own user_data (bit 63,
+///   the socket, the side), and a close waits for the socket's splices: the socket is shut
+///   down at once (a pending splice finds EOF or EPIPE), the close follows the last splice.
 public final class URingBackend: IOBackend {
-    public static let kind = BackendKind.ioUring
-
     public let buffers: BufferPool
     /// Set-up flags the kernel accepted, for the start-up log.
     public let setupDescription: String
@@ -31,6 +39,21 @@ public final class URingBackend: IOBackend {
     private var poolRegistered = false
     /// Why zero-copy sends are off or how they run, for the start-up log.
     public private(set) var zeroCopyDescription = "off"
+
+    /// Per socket with splices: the worker's tokens of its splice in flight from it (in) and
+    /// into it (out), and a close waiting for them. Indexed by descriptor; grows with the
+    /// highest one that spliced.
+    private struct SpliceRecord {
+        var inToken: UInt64 = 0
+        var outToken: UInt64 = 0
+        var closeToken: UInt64 = 0
+        var closeDeferred = false
+    }
+    private var splices: [SpliceRecord] = []
+    private static let spliceTag: UInt64 = 1 << 63
+    /// SEND_ZC: a send's result, held from its first completion until the notification
+    /// that the kernel let go of the buffer (capacity reserved: no allocation per send).
+    private var zeroCopyResults: [UInt64: Int32] = [:]
 
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         ring = .allocate(capacity: 1)
@@ -84,6 +107,7 @@ public final class URingBackend: IOBackend {
                                UInt32(configuration.bufferSize), UInt32(configuration.bufferCount))
         batch = .allocate(capacity: Int(batchCapacity))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
+        zeroCopyResults.reserveCapacity(configuration.bufferCount)
         if configuration.zeroCopySendThreshold != nil {
             // Registered buffers count against RLIMIT_MEMLOCK: without room, SEND_ZC still
             // works from unregistered memory (the kernel pins pages per send instead).
@@ -117,20 +141,20 @@ public final class URingBackend: IOBackend {
     public func accept(listener fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_connect(sqe, fd, address, length)
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func recv(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_recv(sqe, fd, nil, 0, 0)
         igris_sqe_select_buffer(sqe, bufferGroup)
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
@@ -144,56 +168,119 @@ public final class URingBackend: IOBackend {
         } else {
             io_uring_prep_send(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL))
         }
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func shutdownWrite(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_shutdown(sqe, fd, Int32(SHUT_WR))
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
-    public func cancelAndClose(fd: Int32, token: OperationToken) {
-        // A pending recv holds its own reference to the file, so close alone would leave it
-        // (and the socket) alive; cancel everything on the fd, then close, hard-linked so the
-        // close runs whether or not there was anything to cancel.
-        let cancel = nextSQE(2)
-        io_uring_prep_cancel_fd(cancel, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-        igris_sqe_hardlink(cancel)
-        igris_sqe_set_data64(cancel, OperationToken.ignored.raw)
-        let close = io_uring_get_sqe(ring)!
-        io_uring_prep_close(close, fd)
-        igris_sqe_set_data64(close, token.raw)
+    public func stopAccepting(listener fd: Int32, token: OperationToken) {
+        cancel(token)
     }
 
-    public func cancel(fd: Int32) {
+    @inline(__always)
+    private func cancel(_ token: OperationToken) {
+        guard !token.isNone else { return }
         let sqe = nextSQE()
-        io_uring_prep_cancel_fd(sqe, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-        igris_sqe_set_data64(sqe, OperationToken.ignored.raw)
+        io_uring_prep_cancel64(sqe, token.raw, 0)
+        io_uring_sqe_set_data64(sqe, OperationToken.ignored.raw)
+    }
+
+    public func close(fd: Int32, pending: PendingOperations, abort: Bool, token: OperationToken) {
+        // A pending recv or poll holds its own reference to the file: close alone would leave
+        // it (and the socket) alive. Cancelled first, in the same submission.
+        cancel(pending.read)
+        cancel(pending.write)
+        if abort { Syscall.setLingerZero(fd) }
+        let i = Int(fd)
+        if i < splices.count && (splices[i].inToken != 0 || splices[i].outToken != 0) {
+            _ = Syscall.shutdown(fd, Int32(SHUT_RDWR))
+            splices[i].closeDeferred = true
+            splices[i].closeToken = token.raw
+            return
+        }
+        submitClose(fd, token.raw)
+    }
+
+    private func submitClose(_ fd: Int32, _ token: UInt64) {
+        let sqe = nextSQE()
+        io_uring_prep_close(sqe, fd)
+        io_uring_sqe_set_data64(sqe, token)
+    }
+
+    public func peek(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
+        Syscall.peek(fd, buffer, length)
+    }
+
+    public func receiveNow(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
+        Syscall.recv(fd, buffer, length, flags: Int32(MSG_DONTWAIT))
+    }
+
+    public func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int {
+        Syscall.send(fd, bytes.baseAddress!, bytes.count)
+    }
+
+    public func shutdown(fd: Int32, how: Int32) -> Int32 {
+        Syscall.shutdown(fd, how)
     }
 
     public func pollReadable(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLIN))
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func pollWritable(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLOUT))
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken) {
+        recordSplice(socket, out: false, token)
         let sqe = nextSQE()
         io_uring_prep_splice(sqe, socket, -1, pipe, -1, UInt32(length), igris_splice_flags())
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, Self.spliceTag | UInt64(UInt32(bitPattern: socket)) << 1)
     }
 
     public func spliceOut(pipe: Int32, socket: Int32, length: Int, token: OperationToken) {
+        recordSplice(socket, out: true, token)
         let sqe = nextSQE()
         io_uring_prep_splice(sqe, pipe, -1, socket, -1, UInt32(length), igris_splice_flags())
-        igris_sqe_set_data64(sqe, token.raw)
+        io_uring_sqe_set_data64(sqe, Self.spliceTag | UInt64(UInt32(bitPattern: socket)) << 1 | 1)
+    }
+
+    @inline(__always)
+    private func recordSplice(_ socket: Int32, out: Bool, _ token: OperationToken) {
+        let i = Int(socket)
+        if i >= splices.count {
+            splices.append(contentsOf: repeatElement(SpliceRecord(), count: max(i + 1 - splices.count, 256)))
+        }
+        if out { splices[i].outToken = token.raw } else { splices[i].inToken = token.raw }
+    }
+
+    /// A splice completed: the worker's token for it, and the socket's deferred close once
+    /// no splice is left on it.
+    @inline(__always)
+    private func spliceCompleted(_ userData: UInt64) -> UInt64 {
+        let fd = Int32(truncatingIfNeeded: (userData & ~Self.spliceTag) >> 1)
+        let i = Int(fd)
+        let token: UInt64
+        if userData & 1 == 1 {
+            token = splices[i].outToken
+            splices[i].outToken = 0
+        } else {
+            token = splices[i].inToken
+            splices[i].inToken = 0
+        }
+        if splices[i].closeDeferred && splices[i].inToken == 0 && splices[i].outToken == 0 {
+            splices[i].closeDeferred = false
+            submitClose(fd, splices[i].closeToken)
+        }
+        return token
     }
 
     public func consumeWake(fd: Int32) {
@@ -232,15 +319,28 @@ public final class URingBackend: IOBackend {
             let n = igris_uring_take_completions(ring, batch, batchCapacity)
             for i in 0..<Int(n) {
                 let c = batch[i]
-                // 0: the cancel half of cancel+close; all ones: liburing's own timeout SQE.
+                // 0: a cancellation; all ones: liburing's own timeout SQE.
                 if c.user_data == 0 || c.user_data == UInt64.max { continue }
+                var result = c.res
+                if c.user_data & Self.spliceTag != 0 {
+                    body(Completion(token: OperationToken(raw: spliceCompleted(c.user_data)), result: result))
+                    continue
+                }
+                if c.flags & notifFlag != 0 {
+                    // SEND_ZC's second completion: the buffer is free, the send is done.
+                    result = zeroCopyResults.removeValue(forKey: c.user_data) ?? 0
+                } else if c.flags & moreFlag != 0 && OperationToken(raw: c.user_data).kind == .send {
+                    // SEND_ZC's first: bytes sent, the kernel still reads the buffer.
+                    zeroCopyResults[c.user_data] = c.res
+                    continue
+                }
                 var bufferID: UInt16? = nil
                 if c.flags & bufferFlag != 0 {
                     bufferID = UInt16(truncatingIfNeeded: c.flags >> shift)
                     buffers.markLent()
                 }
-                body(Completion(token: OperationToken(raw: c.user_data), result: c.res, bufferID: bufferID,
-                                more: c.flags & moreFlag != 0, notification: c.flags & notifFlag != 0))
+                body(Completion(token: OperationToken(raw: c.user_data), result: result, bufferID: bufferID,
+                                more: c.flags & moreFlag != 0))
             }
             if n < batchCapacity { break }
         }

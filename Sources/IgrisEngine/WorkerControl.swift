@@ -29,7 +29,7 @@ public final class WorkerControl: Sendable {
         Syscall.signalEventFD(wakeFD)
     }
 
-    /// SIGHUP: listeners to add and remove, the new policy; applied at the worker's next turn.
+    /// SIGHUP: listeners to add and remove; applied at the worker's next turn.
     func requestReload(_ command: ReloadCommand) {
         reloads.withLock { $0.append(command) }
         Syscall.signalEventFD(wakeFD)
@@ -71,8 +71,34 @@ public final class ConnectionBudget: Sendable {
 /// removed one is closed and stays in the table (its open connections keep their index).
 struct ReloadCommand: Sendable {
     /// New listeners with this worker's own SO_REUSEPORT sockets, in server index order.
-    var add: [WorkerListener]
+    var add: [BoundListener]
     /// Server listener indices to close.
     var remove: [Int]
-    var policy: GatewayPolicy
+}
+
+/// Values posted to one worker from other threads (negotiation results), and how it is
+/// woken: the worker's eventfd, which its loop already polls.
+final class WorkerMailbox: Sendable {
+    private let items = Locked<[MailboxItem]>([])
+    private let control: WorkerControl
+
+    init(control: WorkerControl) { self.control = control }
+
+    func post(_ item: MailboxItem) {
+        items.withLock { $0.append(item) }
+        Syscall.signalEventFD(control.wakeFD)
+    }
+
+    /// Moves everything posted so far into `into` (whose storage is reused).
+    func take(into out: inout [MailboxItem]) {
+        items.withLock { swap(&$0, &out) }
+    }
+}
+
+/// A posted value, tagged with the slot it is for and the slot's generation, so a value
+/// for a connection that has since closed is dropped.
+struct MailboxItem: Sendable {
+    var slot: Int32
+    var generation: UInt32
+    var value: any Sendable
 }

@@ -1,16 +1,16 @@
 import Glibc
-import CURing
+import CLinux
 
 /// A plain pthread for a worker (the loop blocks in the kernel, so it must not run on a
 /// Swift concurrency or Dispatch thread).
-enum WorkerThread {
+public enum WorkerThread {
     private final class Body {
         let run: @Sendable () -> Void
         let name: String
         init(_ run: @escaping @Sendable () -> Void, name: String) { self.run = run; self.name = name }
     }
 
-    static func spawn(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {
+    public static func spawn(name: String, _ body: @escaping @Sendable () -> Void) -> pthread_t {
         var thread = pthread_t()
         let context = Unmanaged.passRetained(Body(body, name: name)).toOpaque()
         let rc = pthread_create(&thread, nil, { raw in

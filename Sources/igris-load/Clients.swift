@@ -12,7 +12,7 @@ struct ClientSocket {
     /// `source`: bind here first (a loopback address of its own gives the connection a fresh
     /// 64K-port range, so tens of thousands of connections to one target don't run out).
     init(_ address: SocketAddress, source: SocketAddress? = nil) throws {
-        fd = try Syscall.socket(family: address.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        fd = try Syscall.streamSocket(family: address.family, nonBlocking: false)
         if let source {
             do { try Syscall.bind(fd, source) } catch { Glibc.close(fd); throw error }
         }

@@ -1,5 +1,5 @@
 import ArgumentParser
-import CURing
+import CLinux
 import Glibc
 import IgrisEngine
 
@@ -25,7 +25,7 @@ struct EchoServer: ParsableCommand {
         var fds: [Int32] = []
         var bound = address
         for i in 0..<max(1, threads) {
-            let fd = try Syscall.socket(family: bound.family, type: Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
+            let fd = try Syscall.streamSocket(family: bound.family)
             try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
             try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
             try Syscall.bind(fd, bound)
@@ -72,11 +72,12 @@ private func echoLoop(listener: Int32, sink: Bool) {
     let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: 256)
     while true {
         let n = epoll_wait(ep, events, 256, -1)
-        if n < 0 { if igris_errno() == EINTR { continue }; return }
+        if n < 0 { if errno == EINTR { continue }; return }
         for k in 0..<Int(n) {
             let fd = Int32(truncatingIfNeeded: events[k].data.u64)
             if fd == listener {
-                while let c = try? Syscall.accept(listener, flags: Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)) {
+                while case let c = Syscall.accept(listener), c >= 0 || c == -ECONNABORTED {
+                    if c < 0 { continue }
                     _ = try? Syscall.setIntOption(c, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
                     var e = epoll_event()
                     e.events = EPOLLIN.rawValue | EPOLLRDHUP.rawValue

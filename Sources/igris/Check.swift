@@ -1,5 +1,6 @@
 import ArgumentParser
-import IgrisGateway
+import IgrisNegotiation
+import IgrisOperations
 
 /// `igris check -c FILE`: validates a configuration (and the users file it names) without
 /// starting anything; each error names its key path and line; non-zero exit when invalid.
@@ -13,9 +14,11 @@ struct Check: ParsableCommand {
         let file: ConfigFile
         do {
             file = try ConfigFile.load(path: configFile)
-            _ = try file.policy(configPath: configFile)
+            let gateway = Gateway(policy: try file.policy(configPath: configFile), offloadThreads: 1)
+            defer { gateway.shutdown() }
+            _ = try file.listenerRules(gateway: gateway)
         } catch {
-            throw CommandFailure(error.description)
+            throw CommandFailure(String(describing: error))
         }
         let modes = file.listeners.map { "\($0.name) (\($0.mode.rawValue) on \($0.listenText))" }.joined(separator: ", ")
         print("\(configFile): ok — \(file.listeners.count) listener\(file.listeners.count == 1 ? "" : "s"): \(modes)")

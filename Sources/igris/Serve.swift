@@ -1,7 +1,8 @@
 import ArgumentParser
 import Glibc
 import IgrisEngine
-import IgrisGateway
+import IgrisNegotiation
+import IgrisOperations
 import IgrisPolicy
 import Logging
 import Synchronization
@@ -133,7 +134,10 @@ struct Serve: ParsableCommand {
                 throw CommandFailure(error.description)
             }
             let admins = file.listeners.filter { $0.mode == .admin }.map { ($0.name, $0.listen) }
-            try start(configuration: file.serverConfiguration(policy: policy), admins: admins,
+            let gateway = Gateway(policy: policy)
+            let configuration: ServerConfiguration
+            do { configuration = try file.serverConfiguration(gateway: gateway) } catch { throw CommandFailure(error.description) }
+            try start(configuration: configuration, gateway: gateway, admins: admins,
                       logLevel: Logger.Level(rawValue: file.logLevel) ?? .info, configPath: configFile)
             return
         }
@@ -144,20 +148,23 @@ struct Serve: ParsableCommand {
         if !(socks5.isEmpty && httpConnect.isEmpty) && !noAuth && usersFile == nil {
             throw ValidationError("--socks5/--http-connect need --users FILE, or --no-auth to let anyone in")
         }
+        let gateway = Gateway(policy: try makePolicy())
         var rules: [ListenerRule] = []
         do {
             for (l, u) in zip(listen, upstream) {
-                rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true),
-                                          mode: .forward(upstream: try SocketAddress.resolve(u))))
+                rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), upstream: try SocketAddress.resolve(u)))
             }
             let options = GatewayOptions(requireAuthentication: !noAuth, handshakeTimeoutNanoseconds: handshakeTimeout.nanoseconds)
-            for l in socks5 { rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), mode: .socks5(options))) }
-            for l in httpConnect { rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), mode: .httpConnect(options))) }
-        } catch {
+            for (mode, addresses) in [(ListenerMode.socks5, socks5), (.httpConnect, httpConnect)] {
+                for l in addresses { rules.append(try gateway.rule(listen: try SocketAddress.resolve(l, passive: true), mode: mode, options: options)) }
+            }
+        } catch let error as GatewayError {
             throw CommandFailure(error.description)
+        } catch {
+            throw CommandFailure("\(error)")
         }
         var configuration = ServerConfiguration(listeners: rules, workers: workers, backend: backend)
-        configuration.policy = try makePolicy()
+        configuration.accounts = gateway.policy.accounts
         configuration.connectTimeoutNanoseconds = connectTimeout.nanoseconds
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
@@ -172,12 +179,13 @@ struct Serve: ParsableCommand {
         if let admin {
             do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
         }
-        try start(configuration: configuration, admins: admins, logLevel: logLevel, configPath: nil)
+        try start(configuration: configuration, gateway: gateway, admins: admins, logLevel: logLevel, configPath: nil)
     }
 
     /// Starts the workers and admin endpoints, then waits for signals until drained.
-    private func start(configuration: ServerConfiguration, admins: [(String, SocketAddress)], logLevel: Logger.Level,
+    private func start(configuration: ServerConfiguration, gateway: Gateway, admins: [(String, SocketAddress)], logLevel: Logger.Level,
                        configPath: String?) throws {
+        defer { gateway.shutdown() }
         LoggingSystem.bootstrap { label in
             if label == "igris.access" { return LogfmtLogHandler(label: "access", level: logLevel) }
             var handler = StreamLogHandler.standardError(label: label)
@@ -205,7 +213,7 @@ struct Serve: ParsableCommand {
         var adminServers: [AdminServer] = []
         for (name, address) in admins {
             do {
-                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server))
+                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server, gateway: gateway))
                 a.start()
                 adminServers.append(a)
                 logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
@@ -216,25 +224,22 @@ struct Serve: ParsableCommand {
             }
         }
         for (rule, address) in zip(rules, server.listenAddresses) {
-            switch rule.mode {
-            case .forward(let upstream):
-                logger.info("forwarding", metadata: ["listen": "\(address)", "upstream": "\(upstream)", "workers": "\(workers)"])
-            case .pool(let pool):
+            if let pool = rule.pool {
                 logger.info("forwarding", metadata: [
-                    "name": "\(rule.name)", "listen": "\(address)", "pool": "\(pool.name)", "servers": "\(pool.servers.count)",
-                    "balance": "\(pool.balance.rawValue)",
-                ])
-            case .socks5(let o), .httpConnect(let o):
-                logger.info("listening", metadata: [
-                    "mode": "\(rule.mode.name)", "name": "\(rule.name)", "listen": "\(address)", "auth": "\(o.requireAuthentication ? "password" : "none")",
+                    "name": "\(rule.name)", "listen": "\(address)", "pool": "\(pool.name)",
+                    "upstream": "\(pool.servers.map(\.description).joined(separator: ","))", "balance": "\(pool.balance.rawValue)",
                     "workers": "\(workers)",
+                ])
+            } else {
+                logger.info("listening", metadata: [
+                    "mode": "\(rule.modeName)", "name": "\(rule.name)", "listen": "\(address)", "workers": "\(workers)",
                 ])
             }
         }
         let stopSignals = Locked(0)
         signals.start { _, signal in
             if signal == SIGHUP {
-                Self.reload(server: server, configPath: configPath, logger: logger)
+                Self.reload(server: server, gateway: gateway, configPath: configPath, logger: logger)
                 return
             }
             let count = stopSignals.withLock { n -> Int in
@@ -263,7 +268,7 @@ extension Serve {
     /// SIGHUP: re-read the configuration file; listeners and pools that changed take effect,
     /// open connections are untouched. A file that does not validate is logged and ignored.
     /// The users file, global settings and admin listeners stay as started.
-    static func reload(server: Server, configPath: String?, logger: Logger) {
+    static func reload(server: Server, gateway: Gateway, configPath: String?, logger: Logger) {
         guard let configPath else {
             logger.warning("SIGHUP ignored: igris was started with flags, not --config")
             return
@@ -271,10 +276,11 @@ extension Serve {
         do {
             let file = try ConfigFile.load(path: configPath)
             let checked = try file.policy(configPath: configPath)
-            let running = server.configuration.policy
-            let policy = GatewayPolicy(acl: checked.acl, authenticator: running.authenticator, resolver: running.resolver,
-                                       offloadThreads: running.offloadThreads)
-            let summary = try server.reload(listeners: file.serverConfiguration(policy: policy).listeners, policy: policy)
+            var policy = gateway.policy
+            policy.acl = checked.acl
+            let rules = try file.listenerRules(gateway: gateway)
+            let summary = try server.reload(listeners: rules)
+            gateway.update(policy)
             logger.notice("configuration reloaded", metadata: [
                 "file": "\(configPath)", "added": "\(summary.added.joined(separator: ","))",
                 "removed": "\(summary.removed.joined(separator: ","))", "kept": "\(summary.kept.joined(separator: ","))",

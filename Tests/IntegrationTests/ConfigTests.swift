@@ -1,7 +1,8 @@
 import Foundation
 import Glibc
 import IgrisEngine
-import IgrisGateway
+import IgrisNegotiation
+import IgrisOperations
 import IgrisPolicy
 import IgrisProtocols
 import Testing
@@ -50,9 +51,8 @@ struct ConfigTests {
         #expect(pool.servers.map(\.description) == ["127.0.0.1:9001", "[::1]:9002"])
         #expect(pool.balance == .leastConn && pool.sendProxyProtocol == .v2)
         #expect(pool.healthCheck == HealthCheck(intervalNanoseconds: 2_000_000_000, timeoutNanoseconds: 500_000_000, rise: 3, fall: 2))
-        let server = c.serverConfiguration(policy: try c.policy(configPath: "p.yaml"))
-        guard case .pool(let used) = server.listeners[0].mode else { Issue.record("not a pool listener"); return }
-        #expect(used === pool)
+        let server = try c.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try c.policy(configPath: "p.yaml")))
+        #expect(server.listeners[0].pool === pool)
     }
 
     @Test("listener overrides: splice, timeouts, max_connections")
@@ -63,12 +63,12 @@ struct ConfigTests {
               - {name: a, listen: "127.0.0.1:0", mode: forward, upstream: "127.0.0.1:9", splice: never, connect_timeout: 2s, idle_timeout: none, max_connections: 10}
               - {name: b, listen: "127.0.0.1:0", mode: socks5, auth: none, handshake_timeout: 3s, idle_timeout: 1h}
             """, file: "o.yaml")
-        let rules = c.serverConfiguration(policy: try c.policy(configPath: "o.yaml")).listeners
+        let rules = try c.listenerRules(gateway: IgrisNegotiation.Gateway(policy: try c.policy(configPath: "o.yaml")))
         #expect(rules[0].splice == .never && rules[0].connectTimeoutNanoseconds == 2_000_000_000 && rules[0].maxConnections == 10)
         #expect(rules[0].idleTimeoutNanoseconds == .some(nil), "none overrides the global idle timeout")
         #expect(rules[1].idleTimeoutNanoseconds == .some(3_600_000_000_000))
-        guard case .socks5(let o) = rules[1].mode else { Issue.record(); return }
-        #expect(o.handshakeTimeoutNanoseconds == 3_000_000_000)
+        #expect(rules[1].modeName == "socks5")
+        #expect(rules[1].negotiator?.timeoutNanoseconds == 3_000_000_000)
         #expect(throws: YAMLFileError.self) {
             _ = try ConfigFile.parse("listeners:\n  - {listen: \"127.0.0.1:0\", mode: admin, splice: never}\n", file: "x.yaml")
         }
@@ -82,7 +82,7 @@ struct ConfigTests {
         #expect(c.listeners[1].requireAuthentication == false)
         #expect(c.connectTimeoutNanoseconds == 3_000_000_000 && c.idleTimeoutNanoseconds == 600_000_000_000)
         #expect(c.aclRules.map(\.description) == ["deny 10.0.0.0/8", "allow 127.0.0.1/32:8000"])
-        let server = c.serverConfiguration(policy: try c.policy(configPath: "igris.yaml"))
+        let server = try c.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try c.policy(configPath: "igris.yaml")))
         #expect(server.listeners.count == 2, "admin listeners are not engine listeners")
         #expect(server.workers == 2)
     }

@@ -1,26 +1,29 @@
 import Foundation
 import Glibc
 import IgrisEngine
+import IgrisNegotiation
 import IgrisPolicy
 import IgrisProtocols
 
 /// An in-process gateway with one SOCKS5 and one HTTP CONNECT listener on free loopback ports.
 final class ProxyGateway: @unchecked Sendable {
     let server: Server
-    let policy: GatewayPolicy
+    let gateway: IgrisNegotiation.Gateway
+    var policy: GatewayPolicy { gateway.policy }
     var socks5: SocketAddress { server.listenAddresses[0] }
     var http: SocketAddress { server.listenAddresses[1] }
 
     init(backend: BackendChoice, auth: Bool = false, allow: [String] = [], users: UserDirectory? = nil,
          handshakeTimeout: UInt64 = 10_000_000_000, configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
         let options = GatewayOptions(requireAuthentication: auth, handshakeTimeoutNanoseconds: handshakeTimeout)
-        var configuration = ServerConfiguration(listeners: [
-            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .socks5(options), name: "socks"),
-            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .httpConnect(options), name: "http"),
-        ], workers: 2, backend: backend)
         let rules = try allow.map { try DestinationACL.parseRule(.allow, $0).get() }
-        policy = GatewayPolicy(acl: DestinationACL(rules: rules), authenticator: try users.map { try Authenticator(directory: $0) })
-        configuration.policy = policy
+        gateway = IgrisNegotiation.Gateway(policy: GatewayPolicy(acl: DestinationACL(rules: rules),
+                                                                 authenticator: try users.map { try Authenticator(directory: $0) }))
+        var configuration = ServerConfiguration(listeners: [
+            try gateway.rule(listen: try SocketAddress.resolve("127.0.0.1:0"), name: "socks", mode: .socks5, options: options),
+            try gateway.rule(listen: try SocketAddress.resolve("127.0.0.1:0"), name: "http", mode: .httpConnect, options: options),
+        ], workers: 2, backend: backend)
+        configuration.accounts = gateway.policy.accounts
         configure(&configuration)
         server = try Server(configuration: configuration)
         try server.start()
@@ -29,6 +32,7 @@ final class ProxyGateway: @unchecked Sendable {
     func stop() {
         server.beginDrain()
         server.wait()
+        gateway.shutdown()
     }
 
     func total(_ counter: WorkerStatistics.Counter) -> Int64 { server.total(counter) }
@@ -141,3 +145,14 @@ func runShell(_ command: String) throws -> (Int32, String, String) {
     let (status, err) = child.finish()
     return (status, out, err)
 }
+
+/// A forward listener behind a balancer: its connections must start with a PROXY header.
+func acceptingProxyHeaders(_ rule: ListenerRule) throws -> ListenerRule {
+    var accepting = try proxyHeaderGateway.rule(listen: rule.listen, name: rule.name, mode: .forward, pool: rule.pool,
+                                                options: GatewayOptions(requireAuthentication: false), acceptProxyProtocol: true)
+    accepting.sendProxyProtocol = rule.sendProxyProtocol
+    return accepting
+}
+
+/// Negotiation threads for PROXY-accepting test listeners (no users, default ACL).
+let proxyHeaderGateway = IgrisNegotiation.Gateway(policy: GatewayPolicy(), offloadThreads: 1)

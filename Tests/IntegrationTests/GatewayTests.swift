@@ -313,7 +313,7 @@ struct GatewayTests {
         var fillers: [Int32] = []
         defer { for f in fillers { Glibc.close(f) } }
         for _ in 0..<4 {
-            let f = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue))
+            let f = try Syscall.streamSocket(family: AF_INET)
             _ = fullAddress.withSockAddr { Glibc.connect(f, $0, $1) }
             fillers.append(f)
         }

@@ -19,7 +19,7 @@ struct PoolTests {
     }
 
     static func start(_ pool: UpstreamPool, backend: BackendChoice, configure: (inout ServerConfiguration) -> Void = { _ in }) throws -> Server {
-        var c = ServerConfiguration(listeners: [ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .pool(pool), name: "web")],
+        var c = ServerConfiguration(listeners: [ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), name: "web", pool: pool)],
                                     workers: 2, backend: backend)
         configure(&c)
         let server = try Server(configuration: c)
@@ -30,7 +30,7 @@ struct PoolTests {
     /// Which server answers a new connection (from `source`, when given); the connection is
     /// kept open when `keep` is set.
     static func ask(_ address: SocketAddress, from source: String? = nil, keep: inout [TestSocket]) throws -> UInt8 {
-        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let fd = try Syscall.streamSocket(family: AF_INET, nonBlocking: false)
         if let source { try Syscall.bind(fd, try SocketAddress.resolve("\(source):0")) }
         guard address.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0 else { Glibc.close(fd); throw TestFailure("connect failed") }
         let s = TestSocket(fd: fd)
@@ -139,11 +139,11 @@ struct ListenerSettingsTests {
     func overrides(backend: BackendChoice) throws {
         let upstream = try echoUpstream()
         defer { upstream.stop() }
-        var strict = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .forward(upstream: upstream.address), name: "strict")
+        var strict = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: upstream.address, name: "strict")
         strict.maxConnections = 1
         strict.idleTimeoutNanoseconds = .some(200_000_000)
         strict.splice = .always
-        let relaxed = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), mode: .forward(upstream: upstream.address), name: "relaxed")
+        let relaxed = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: upstream.address, name: "relaxed")
         var c = ServerConfiguration(listeners: [strict, relaxed], workers: 2, backend: backend)
         c.splice = .never
         let server = try Server(configuration: c)

@@ -29,8 +29,8 @@ struct ProxyProtocolIntegrationTests {
         defer { upstream.stop() }
         for (incoming, outgoing) in [(ProxyProtocol.Version.v1, ProxyProtocol.Version.v2), (.v2, .v1)] {
             let gateway = try Gateway(backend: backend, upstream: upstream.address) {
-                $0.listeners[0].acceptProxyProtocol = true
                 $0.listeners[0].sendProxyProtocol = outgoing
+                $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0])
             }
             defer { gateway.stop() }
             let original = ProxyProtocol.Header.proxied(source: .init(address: [203, 0, 113, 7], port: 51234),
@@ -94,8 +94,8 @@ struct ProxyProtocolIntegrationTests {
         let inbound = try unusedPort()
         let httpPort = try unusedPort()
         let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(httpPort)")) {
-            $0.listeners[0].acceptProxyProtocol = true
             $0.listeners[0].sendProxyProtocol = .v2
+            $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0])
         }
         defer { gateway.stop() }
         let config = try writeTemporaryFile("""
@@ -132,7 +132,7 @@ struct ProxyProtocolIntegrationTests {
         }
 
         // The client connects from 127.0.0.77 so its address is recognisable at the far end.
-        let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let fd = try Syscall.streamSocket(family: AF_INET, nonBlocking: false)
         try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.77:0"))
         let target = try SocketAddress.resolve("127.0.0.1:\(inbound)")
         #expect(target.withSockAddr { Glibc.connect(fd, $0, $1) } == 0)

@@ -26,7 +26,7 @@ final class TestSocket: @unchecked Sendable {
     init(fd: Int32) { self.fd = fd }
 
     static func connect(_ address: SocketAddress) throws -> TestSocket {
-        let fd = try Syscall.socket(family: address.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let fd = try Syscall.streamSocket(family: address.family, nonBlocking: false)
         let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let e = errno
@@ -356,7 +356,7 @@ func runCommand(_ path: String, _ arguments: [String], timeout: Double = 20) thr
 
 /// A free loopback port (bound then released; nothing listens on it afterwards).
 func unusedPort() throws -> UInt16 {
-    let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue))
+    let fd = try Syscall.streamSocket(family: AF_INET, nonBlocking: false)
     defer { Glibc.close(fd) }
     try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
     return try Syscall.localAddress(fd).port
@@ -410,7 +410,7 @@ func waitUntilAccepting(_ address: String) -> Bool {
 /// The caller closes the fd.
 func listeningSocket(_ address: String, backlog: Int32) throws -> (fd: Int32, address: SocketAddress) {
     let wanted = try SocketAddress.resolve(address)
-    let fd = try Syscall.socket(family: wanted.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+    let fd = try Syscall.streamSocket(family: wanted.family, nonBlocking: false)
     do {
         try Syscall.bind(fd, wanted)
         try Syscall.listen(fd, backlog: backlog)

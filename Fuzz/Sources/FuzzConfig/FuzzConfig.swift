@@ -1,6 +1,6 @@
 import FuzzSupport
 import IgrisEngine
-import IgrisGateway
+import IgrisOperations
 import IgrisPolicy
 
 /// Random text as a configuration file and as a users file. Invariant: an error, never a

@@ -1,4 +1,5 @@
 import IgrisEngine
+import IgrisNegotiation
 import IgrisPolicy
 import IgrisProtocols
 
@@ -7,13 +8,6 @@ import IgrisProtocols
 /// Every key is optional except `listeners`; unknown keys are errors, and every error names
 /// its key path and line. See deploy/ for complete examples.
 public struct ConfigFile: Sendable {
-    public enum ListenerMode: String, Sendable, CaseIterable {
-        case forward
-        case socks5
-        case httpConnect = "http_connect"
-        case admin
-    }
-
     public struct Listener: Sendable {
         public var name: String
         public var listen: SocketAddress
@@ -89,36 +83,33 @@ public struct ConfigFile: Sendable {
         return GatewayPolicy(acl: DestinationACL(rules: aclRules), authenticator: authenticator)
     }
 
-    /// The engine's configuration: every listener except admin ones (served by `AdminServer`).
-    public func serverConfiguration(policy: GatewayPolicy) -> ServerConfiguration {
-        let options = { (l: Listener) in
-            GatewayOptions(requireAuthentication: l.requireAuthentication,
-                           handshakeTimeoutNanoseconds: l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds)
-        }
-        let rules: [ListenerRule] = listeners.compactMap { l in
-            var rule: ListenerRule
-            switch l.mode {
-            case .forward:
-                if let name = l.pool, let pool = pools[name] {
-                    rule = ListenerRule(listen: l.listen, mode: .pool(pool), name: l.name)
-                } else {
-                    rule = ListenerRule(listen: l.listen, mode: .forward(upstream: l.upstream!), name: l.name)
-                }
-            case .socks5: rule = ListenerRule(listen: l.listen, mode: .socks5(options(l)), name: l.name)
-            case .httpConnect: rule = ListenerRule(listen: l.listen, mode: .httpConnect(options(l)), name: l.name)
-            case .admin: return nil
+    /// The engine's listeners: every one except admin ones (served by `AdminServer`), their
+    /// negotiations bound to `gateway`.
+    public func listenerRules(gateway: Gateway) throws(GatewayError) -> [ListenerRule] {
+        var rules: [ListenerRule] = []
+        for l in listeners where l.mode != .admin {
+            let options = GatewayOptions(requireAuthentication: l.requireAuthentication,
+                                         handshakeTimeoutNanoseconds: l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds)
+            var pool: UpstreamPool? = nil
+            if l.mode == .forward {
+                pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0]) }
             }
-            rule.acceptProxyProtocol = l.acceptProxyProtocol
+            var rule = try gateway.rule(listen: l.listen, name: l.name, mode: l.mode, pool: pool, options: options,
+                                        acceptProxyProtocol: l.acceptProxyProtocol)
             rule.sendProxyProtocol = l.sendProxyProtocol
-            rule.proxyHeaderTimeoutNanoseconds = l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds
             rule.splice = l.splice
             rule.connectTimeoutNanoseconds = l.connectTimeoutNanoseconds
             rule.idleTimeoutNanoseconds = l.idleTimeoutNanoseconds
             rule.maxConnections = l.maxConnections
-            return rule
+            rules.append(rule)
         }
-        var c = ServerConfiguration(listeners: rules, workers: workers ?? Syscall.onlineCPUs(), backend: backend)
-        c.policy = policy
+        return rules
+    }
+
+    /// The engine's configuration, with `listenerRules(gateway:)` and the users' accounts.
+    public func serverConfiguration(gateway: Gateway) throws(GatewayError) -> ServerConfiguration {
+        var c = ServerConfiguration(listeners: try listenerRules(gateway: gateway), workers: workers ?? Syscall.onlineCPUs(), backend: backend)
+        c.accounts = gateway.policy.accounts
         c.maxConnections = maxConnections
         c.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers)
         c.splice = splice
@@ -270,8 +261,8 @@ private struct ListenerEntry: Decodable {
             .dataCorrupted(.init(codingPath: c.codingPath + [key(k)], debugDescription: message))
         }
         let modeText = try c.decode(String.self, forKey: key("mode"))
-        guard let mode = ConfigFile.ListenerMode(rawValue: modeText) else {
-            throw fail("mode", "expected one of \(ConfigFile.ListenerMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(modeText)'")
+        guard let mode = ListenerMode(rawValue: modeText) else {
+            throw fail("mode", "expected one of \(ListenerMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(modeText)'")
         }
         let listenText = try c.decode(String.self, forKey: key("listen"))
         let listen: SocketAddress

@@ -1,12 +1,17 @@
 import IgrisEngine
+import IgrisNegotiation
 import IgrisPolicy
 
 /// Prometheus text exposition (format 0.0.4) of a running server: per-worker counters are
 /// summed here, at scrape time, so the workers only ever do relaxed stores.
 public struct MetricsRenderer: Sendable {
     public let server: Server
-    public init(server: Server) {
+    /// The negotiations' users and resolver (nil: a server of plain forwards only).
+    public let gateway: Gateway?
+
+    public init(server: Server, gateway: Gateway? = nil) {
         self.server = server
+        self.gateway = gateway
     }
 
     public func render() -> String {
@@ -81,7 +86,7 @@ public struct MetricsRenderer: Sendable {
 
         var pools: [UpstreamPool] = []
         for (rule, _) in server.openListeners {
-            if case .pool(let p) = rule.mode, !pools.contains(where: { $0 === p }) { pools.append(p) }
+            if let p = rule.pool, !pools.contains(where: { $0 === p }) { pools.append(p) }
         }
         if !pools.isEmpty {
             out.family("igris_upstream_up", "gauge", "1 while a pool server is in rotation (health checks), per pool and server.")
@@ -94,7 +99,7 @@ public struct MetricsRenderer: Sendable {
         out.family("igris_servers_up_total", "counter", "Times health checks put a server back.")
         out.sample("igris_servers_up_total", [:], server.total(.serversUp))
 
-        let accounts = server.configuration.policy.authenticator?.directory.accounts ?? []
+        let accounts = server.configuration.accounts
         if !accounts.isEmpty {
             out.family("igris_user_connections_active", "gauge", "Connections open now, per user.")
             for a in accounts { out.sample("igris_user_connections_active", ["user": a.name], Int64(a.activeConnections)) }
@@ -106,11 +111,12 @@ public struct MetricsRenderer: Sendable {
                 out.sample("igris_user_bytes_total", ["user": a.name, "direction": "upstream_to_client"], a.bytesToClient)
             }
         }
-        if let auth = server.configuration.policy.authenticator {
+        guard let policy = gateway?.policy else { return out.text }
+        if let auth = policy.authenticator {
             out.family("igris_auth_kdf_runs_total", "counter", "argon2id verifications run (cache misses).")
             out.sample("igris_auth_kdf_runs_total", [:], auth.kdfRunCount)
         }
-        let resolver = server.configuration.policy.resolver
+        let resolver = policy.resolver
         out.family("igris_resolver_lookups_total", "counter", "getaddrinfo calls (cache misses).")
         out.sample("igris_resolver_lookups_total", [:], resolver.lookups)
         out.family("igris_resolver_cache_hits_total", "counter", "Names answered from the resolver cache.")

@@ -1,11 +1,11 @@
-// The few CURing helpers that need headers or feature macros Swift's Glibc module lacks;
-// the rest is static inline in include/CURing.h so Swift inlines it.
+// The CLinux helpers that need _GNU_SOURCE or headers Swift's Glibc module lacks.
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sys/socket.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <sys/utsname.h>
-#include "CURing.h"
+#include "CLinux.h"
 
 int igris_kernel_release(char *out, size_t size) {
     struct utsname u;
@@ -25,11 +25,7 @@ int igris_accept4(int fd, int flags) {
 }
 
 long igris_splice(int fd_in, int fd_out, size_t len) {
-    for (;;) {
-        ssize_t n = splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
-        if (n >= 0) return (long)n;
-        if (errno != EINTR) return -errno;
-    }
+    return (long)splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
 }
 
 int igris_make_pipe(int fds[2], int *size) {

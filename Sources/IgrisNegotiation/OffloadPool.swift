@@ -1,4 +1,5 @@
 import Glibc
+import IgrisEngine
 import IgrisPolicy
 import Synchronization
 
@@ -83,36 +84,3 @@ public final class OffloadPool: Sendable {
     }
 }
 
-/// Results of offloaded work waiting for one worker, and how it is woken: the worker's
-/// eventfd, which its loop already polls.
-final class WorkerMailbox: Sendable {
-    private let results = Locked<[OffloadResult]>([])
-    private let control: WorkerControl
-
-    init(control: WorkerControl) { self.control = control }
-
-    func post(_ result: OffloadResult) {
-        results.withLock { $0.append(result) }
-        Syscall.signalEventFD(control.wakeFD)
-    }
-
-    /// Moves everything posted so far into `into` (whose storage is reused).
-    func take(into out: inout [OffloadResult]) {
-        results.withLock { r in
-            swap(&r, &out)
-        }
-    }
-}
-
-/// What an offloaded job hands back, tagged with the slot that asked (and its generation,
-/// so an answer for a connection that has since closed is dropped).
-struct OffloadResult: Sendable {
-    enum Payload: Sendable {
-        case resolved(Result<[SocketAddress], ResolveFailure>)
-        case authenticated(AuthenticationOutcome)
-    }
-
-    var slot: Int32
-    var generation: UInt32
-    var payload: Payload
-}

@@ -1,5 +1,5 @@
 import Glibc
-import CURing
+import IgrisEngine
 import IgrisPolicy
 import Synchronization
 
@@ -82,7 +82,7 @@ public final class Resolver: Sendable {
             // EAI_NODATA (-5) and EAI_ADDRFAMILY (-9) are glibc extensions the module map hides.
             case EAI_NONAME, -5, -9: return .failure(.notFound)
             case EAI_AGAIN: return .failure(.temporary)
-            case EAI_SYSTEM: return .failure(.other(Errno.describe(igris_errno())))
+            case EAI_SYSTEM: return .failure(.other(Errno.describe(errno)))
             default: return .failure(.other(String(cString: gai_strerror(rc))))
             }
         }
@@ -104,51 +104,3 @@ public final class Resolver: Sendable {
     }
 }
 
-extension SocketAddress {
-    /// The address as 16 bytes (IPv4 in mapped form), for the ACL.
-    public var ipAddress: IPAddress {
-        withSockAddr { sa, _ in
-            if Int32(sa.pointee.sa_family) == AF_INET6 {
-                return sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { p in
-                    withUnsafeBytes(of: p.pointee.sin6_addr) { IPAddress(ipv6: $0) }
-                }
-            }
-            return sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { p in
-                let v = UInt32(bigEndian: p.pointee.sin_addr.s_addr)
-                return IPAddress(ipv4: UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF))
-            }
-        }
-    }
-
-    /// An IPv4 (when mapped) or IPv6 socket address.
-    public init(ip: IPAddress, port: UInt16) {
-        var storage = sockaddr_storage()
-        if ip.isIPv4Mapped {
-            var sin = sockaddr_in()
-            sin.sin_family = sa_family_t(AF_INET)
-            sin.sin_port = port.bigEndian
-            sin.sin_addr.s_addr = UInt32(truncatingIfNeeded: ip.low).bigEndian
-            withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin) { dst.copyMemory(from: $0) } }
-            self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in>.size))
-        } else {
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = port.bigEndian
-            withUnsafeMutableBytes(of: &sin6.sin6_addr) { dst in
-                for i in 0..<8 { dst[i] = UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i))) }
-                for i in 0..<8 { dst[8 + i] = UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i))) }
-            }
-            withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin6) { dst.copyMemory(from: $0) } }
-            self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
-        }
-    }
-
-    public func withPort(_ port: UInt16) -> SocketAddress {
-        var copy = self
-        withUnsafeMutableBytes(of: &copy.storage) { raw in
-            // sin_port and sin6_port sit at the same offset.
-            raw.storeBytes(of: port.bigEndian, toByteOffset: MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_port)!, as: UInt16.self)
-        }
-        return copy
-    }
-}

@@ -1,8 +1,8 @@
 // CURing: the thin C layer IGRIS needs over Debian's liburing 2.3.
 //
 // Swift calls liburing's static-inline io_uring_prep_* helpers directly. This header holds
-// only what Swift cannot reach or what liburing 2.3 lacks: flag macros built from enums,
-// CQE batch iteration, provided-buffer-ring helpers, and SQE fields newer than the headers.
+// only liburing glue Swift cannot reach or liburing 2.3 lacks: flag macros built from enums,
+// CQE batch iteration, provided-buffer-ring helpers, SQE fields. Other Linux calls are CLinux's.
 #ifndef IGRIS_CURING_H
 #define IGRIS_CURING_H
 
@@ -14,11 +14,8 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <liburing.h>
-#include <errno.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <stddef.h>
 
 /// One completion as IGRIS consumes it: the three fields of a CQE, copied out so the
@@ -55,8 +52,6 @@ static inline unsigned igris_uring_cq_overflow(const struct io_uring *ring) {
 static inline int igris_uring_sq_cq_overflow_flag(const struct io_uring *ring) {
     return (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW) != 0;
 }
-
-static inline void igris_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data) { sqe->user_data = data; }
 
 /// recv that picks its buffer from provided-buffer group `group`.
 static inline void igris_sqe_select_buffer(struct io_uring_sqe *sqe, uint16_t group) {
@@ -106,33 +101,6 @@ static inline int igris_uring_register_region(struct io_uring *ring, void *base,
     struct iovec iov = { .iov_base = base, .iov_len = length };
     return io_uring_register_buffers(ring, &iov, 1);
 }
-
-/// errno as an lvalue-free read, for the Swift syscall wrappers.
-static inline int igris_errno(void) { return errno; }
-
-/// accept4 without a peer address (Swift can't pass NULL for glibc's transparent union).
-/// (In shim.c: accept4 needs _GNU_SOURCE.)
-int igris_accept4(int fd, int flags);
-
-/// splice(2) between a socket and a pipe with SPLICE_F_NONBLOCK|SPLICE_F_MOVE: bytes moved,
-/// or -errno (in shim.c: splice needs _GNU_SOURCE).
-long igris_splice(int fd_in, int fd_out, size_t len);
-
-/// A non-blocking close-on-exec pipe sized with F_SETPIPE_SZ; 0, or -errno of the step that
-/// failed (the pipe is closed then). `size` is updated to the size the kernel granted.
-int igris_make_pipe(int fds[2], int *size);
-
-/// The SPLICE_F_* flags IGRIS uses for io_uring splices.
-static inline unsigned igris_splice_flags(void) { return 2u /* SPLICE_F_NONBLOCK */ | 1u /* SPLICE_F_MOVE */; }
-
-/// open(2) for reading (the variadic form is not callable from Swift).
-static inline int igris_open_read(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }
-
-/// uname(2)'s release string, e.g. "6.18.44" (in shim.c: <sys/utsname.h> clashes with Glibc's module).
-int igris_kernel_release(char *out, size_t size);
-
-/// Names the calling thread (pthread_setname_np needs _GNU_SOURCE, set in shim.c).
-void igris_set_thread_name(const char *name);
 
 /// Raw io_uring_setup(2), for probing without touching liburing state.
 static inline int igris_sys_io_uring_setup(unsigned entries, struct io_uring_params *p) {

@@ -18,7 +18,7 @@ public final class AdminServer: Sendable {
     public init(listen: SocketAddress, metrics: MetricsRenderer) throws(ServerError) {
         self.metrics = metrics
         do throws(SyscallError) {
-            let fd = try Syscall.socket(family: listen.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+            let fd = try Syscall.streamSocket(family: listen.family, nonBlocking: false)
             do {
                 try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
                 try Syscall.bind(fd, listen)
@@ -38,17 +38,17 @@ public final class AdminServer: Sendable {
         let fd = listener
         AdminThread.detach { [self] in
             while true {
-                let c: Int32
-                do throws(SyscallError) {
-                    guard let accepted = try Syscall.accept(fd, flags: Int32(SOCK_CLOEXEC.rawValue)) else { continue }
-                    c = accepted
-                } catch where error.errno == ECONNABORTED {
-                    continue
-                } catch where error.errno == EMFILE || error.errno == ENFILE {
+                let c = Syscall.accept(fd, nonBlocking: false)
+                if c == -ECONNABORTED || c == -EAGAIN { continue }
+                if c == -EMFILE || c == -ENFILE {
                     usleep(100_000)  // out of descriptors: the data plane comes first
                     continue
-                } catch {
-                    return  // shut down
+                }
+                if c < 0 {
+                    // stop() shut the listener down; it is closed here, by the only thread
+                    // using it, so its number can't be reused under a pending accept.
+                    Syscall.close(fd)
+                    return
                 }
                 if inFlight.wrappingAdd(1, ordering: .relaxed).newValue > Self.maxConcurrentRequests {
                     inFlight.wrappingSubtract(1, ordering: .relaxed)
@@ -66,8 +66,7 @@ public final class AdminServer: Sendable {
 
     /// Stops accepting (requests being answered finish on their own threads).
     public func stop() {
-        _ = Glibc.shutdown(listener, Int32(SHUT_RDWR))
-        Syscall.close(listener)
+        _ = Syscall.shutdown(listener, Int32(SHUT_RDWR))
     }
 
     public var requestsServed: Int64 { servedCount.load(ordering: .relaxed) }

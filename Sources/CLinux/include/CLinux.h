@@ -1,0 +1,48 @@
+// CLinux: the Linux calls Swift's Glibc module cannot reach as they are — functions that
+// need _GNU_SOURCE, variadic ones, errno as a plain read — and the epoll/eventfd headers.
+#ifndef IGRIS_CLINUX_H
+#define IGRIS_CLINUX_H
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+
+/// errno as an lvalue-free read, for the Swift syscall wrappers.
+static inline int igris_errno(void) { return errno; }
+
+/// accept4 without a peer address (Swift can't pass NULL for glibc's transparent union);
+/// the fd, or -1 with errno set.
+int igris_accept4(int fd, int flags);
+
+/// splice(2) between a socket and a pipe with SPLICE_F_NONBLOCK|SPLICE_F_MOVE: bytes moved,
+/// or -1 with errno set.
+long igris_splice(int fd_in, int fd_out, size_t len);
+
+/// The SPLICE_F_* flags IGRIS uses for splices (io_uring's too).
+static inline unsigned igris_splice_flags(void) { return 2u /* SPLICE_F_NONBLOCK */ | 1u /* SPLICE_F_MOVE */; }
+
+/// FIONREAD: bytes queued to read, or -1 with errno set.
+static inline int igris_bytes_queued(int fd) {
+    int n = 0;
+    return ioctl(fd, FIONREAD, &n) == 0 ? n : -1;
+}
+
+/// A non-blocking close-on-exec pipe sized with F_SETPIPE_SZ; 0, or -errno of the step that
+/// failed (the pipe is closed then). `size` is updated to the size the kernel granted.
+int igris_make_pipe(int fds[2], int *size);
+
+/// open(2) for reading (the variadic form is not callable from Swift).
+static inline int igris_open_read(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }
+
+/// uname(2)'s release string, e.g. "6.18.44" (<sys/utsname.h> clashes with Glibc's module).
+int igris_kernel_release(char *out, size_t size);
+
+/// Names the calling thread (pthread_setname_np needs _GNU_SOURCE).
+void igris_set_thread_name(const char *name);
+
+#endif

@@ -1,0 +1,170 @@
+import Glibc
+
+/// Accepting: the multishot accept per listener, admission (max_connections, slots), the
+/// pause when descriptors run out, and the one accepted connection that may wait for one.
+extension Worker {
+    @inline(__always)
+    func acceptToken(_ i: Int) -> OperationToken {
+        OperationToken(index: UInt32(i), generation: 0, kind: .accept)
+    }
+
+    func armAccept(_ i: Int) {
+        guard listeners[i].open, !draining else { return }
+        listeners[i].acceptArmed = true
+        listeners[i].pausedUntil = 0
+        backend.accept(listener: listeners[i].fd, token: acceptToken(i))
+    }
+
+    func closeListener(_ i: Int) {
+        listeners[i].open = false
+        let pending = listeners[i].acceptArmed ? PendingOperations(read: acceptToken(i)) : .none
+        backend.close(fd: listeners[i].fd, pending: pending, abort: false,
+                      token: OperationToken(index: UInt32(i), generation: 0, kind: .closeListener))
+    }
+
+    func resumePausedListeners() {
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
+                if !awaitingDescriptor.isEmpty {
+                    // Connections already accepted come first: stay paused while one waits
+                    // for a descriptor.
+                    listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                } else if !listeners[i].acceptArmed {
+                    armAccept(i)
+                }
+            }
+            i += 1
+        }
+    }
+
+    func onAccept(listener i: Int, _ c: Completion) {
+        if !c.more { listeners[i].acceptArmed = false }
+        if c.result >= 0 {
+            admit(client: c.result, listener: i)
+            if !c.more { armAccept(i) }
+            return
+        }
+        let e = -c.result
+        if e == ECANCELED || !listeners[i].open { return }
+        if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
+            // Out of descriptors or memory: connections wait in the backlog while some close.
+            // Re-arm on a timer instead of spinning on the same error.
+            pauseAccepting(errno: e)
+            return
+        }
+        statistics.add(.acceptErrors)
+        if e == ECONNABORTED || e == EINTR || e == EAGAIN {
+            if !c.more { armAccept(i) }
+            return
+        }
+        logger.warning("accept failed", metadata: ["listener": "\(listeners[i].name)", "error": "\(Errno.describe(e))"])
+        if !c.more { listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds }
+    }
+
+    /// Stops every listener of this worker for 100 ms (descriptors are per process, so all
+    /// of them are out). Ending the multishot accepts keeps the kernel from accepting
+    /// connections there would be no descriptor to bridge.
+    func pauseAccepting(errno e: Int32) {
+        statistics.add(.acceptPauses)
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open {
+                listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                if listeners[i].acceptArmed { backend.stopAccepting(listener: listeners[i].fd, token: acceptToken(i)) }
+            }
+            i += 1
+        }
+        // Once a second at most: the condition lasts as long as the shortage does.
+        if now &- lastPauseLog >= 1_000_000_000 {
+            lastPauseLog = now
+            logger.warning("accept paused for 100 ms", metadata: [
+                "error": "\(Errno.describe(e))", "pauses": "\(statistics.load(.acceptPauses))",
+            ])
+        }
+    }
+
+    /// An accepted client: a slot if the budgets allow, then its negotiation or its connect.
+    /// Until the slot holds it, the socket is no backend's, so refusing it is a plain close.
+    func admit(client: Int32, listener i: Int) {
+        if draining { Syscall.close(client); return }
+        guard budget.tryAcquire() else {
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        if let listenerBudget = listeners[i].bound.budget, !listenerBudget.tryAcquire() {
+            budget.release()
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        guard let s = table.allocate() else {
+            budget.release()
+            listeners[i].bound.budget?.release()
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        statistics.add(.acceptedTotal)
+        statistics.add(.activeConnections)
+        statistics.add(listener: i, .accepted)
+        statistics.add(listener: i, .active)
+        let p = table.pointer(s)
+        p.pointee.state = .connecting
+        p.pointee.listener = UInt16(i)
+        p.pointee.splice = listeners[i].splice
+        p.pointee.setClient(client)
+        p.pointee.openedAt = now
+        p.pointee.lastActivity = now
+        // Forwarded bytes go out as they arrive; Nagle would only add latency here.
+        _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        if let factory = listeners[i].bound.rule.negotiator {
+            startNegotiation(s, p, factory)
+            return
+        }
+        if accessLogger != nil {
+            let peer = (try? Syscall.peerAddress(client))?.description ?? "-"
+            accessInfo[s] = (peer, listeners[i].pool?.name ?? "-")
+        }
+        // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
+        wheel.schedule(s, deadline: now + listeners[i].connectTimeoutNanoseconds, table: table)
+        if !connectUpstream(s) {
+            if hasSlotAwaitingDescriptor() {
+                // One waiter at a time: if every descriptor were held by waiting clients, none
+                // would ever come back. Closing this one frees a descriptor for the oldest.
+                statistics.add(.rejectedAtCapacity)
+                closeSlot(s, abort: false, reason: .capacity)
+            } else {
+                awaitingDescriptor.append((s, p.pointee.generation))
+            }
+        }
+    }
+
+    func hasSlotAwaitingDescriptor() -> Bool {
+        var k = 0
+        while k < awaitingDescriptor.count {
+            if stillAwaitingDescriptor(awaitingDescriptor[k]) { return true }
+            k += 1
+        }
+        return false
+    }
+
+    /// An entry of `awaitingDescriptor` whose slot has not since timed out, closed or been reused.
+    @inline(__always)
+    func stillAwaitingDescriptor(_ entry: (slot: Int32, generation: UInt32)) -> Bool {
+        let p = table.pointer(entry.slot)
+        return p.pointee.generation == entry.generation && p.pointee.state == .connecting && p.pointee.upstream < 0
+    }
+
+    /// Once per loop turn while slots wait for a descriptor: oldest first, until one fails.
+    func connectWaitingSlots() {
+        var k = 0
+        while k < awaitingDescriptor.count {
+            let entry = awaitingDescriptor[k]
+            if stillAwaitingDescriptor(entry) && !connectUpstream(entry.slot) { break }
+            k += 1
+        }
+        awaitingDescriptor.removeFirst(k)
+    }
+}

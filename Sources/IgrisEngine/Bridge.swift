@@ -1,0 +1,273 @@
+import Glibc
+
+/// The bridge: the copy path of each direction (recv into a pool buffer, send it on),
+/// backpressure, half-close, per-user pacing, and closing a connection.
+extension Worker {
+    @inline(__always)
+    func armReadSide(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        if direction(p, d).pointee.path == .splice { armPollIn(s, p, d) } else { armRecv(s, p, d) }
+    }
+
+    @inline(__always)
+    func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.reading = .recv
+        p.pointee.inflight += 1
+        backend.recv(fd: dir.pointee.source, token: token(s, .recv, d))
+    }
+
+    @inline(__always)
+    func armSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.writing = .send
+        p.pointee.inflight += 1
+        backend.send(fd: dir.pointee.destination, buffer: dir.pointee.sendBuffer, offset: Int(dir.pointee.sendOffset),
+                     length: Int(dir.pointee.sendRemaining), token: token(s, .send, d))
+    }
+
+    func onRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ c: Completion) {
+        let dir = direction(p, d)
+        dir.pointee.reading = .idle
+        guard p.pointee.state == .bridging else {
+            if let b = c.bufferID { returnBuffer(b) }
+            return
+        }
+        guard c.result > 0, let b = c.bufferID else {
+            if c.result == 0 {
+                dir.pointee.reading = .eof
+                if dir.pointee.writing == .idle { queueShutdown(s, p, d) }
+            } else if c.result == -ENOBUFS {
+                statistics.add(.bufferExhaustions)
+                dir.pointee.reading = .waitingForBuffer
+                bufferWaiters.append((Int32(s) << 1 | Int32(d), p.pointee.generation))
+            } else {
+                closeSlot(s, abort: true)  // ECONNRESET, ETIMEDOUT, …: the peer is gone
+            }
+            return
+        }
+        let n = UInt32(c.result)
+        countBytes(s, p, d, n)
+        let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
+        if p.pointee.splice == .auto && dir.pointee.path == .copy && !p.pointee.rateLimited {
+            // Bulk is recognised by reads that fill whole buffers, several in a row;
+            // interactive traffic rarely does and stays on copy.
+            if Int(n) == backend.buffers.size {
+                dir.pointee.fullReads &+= 1
+                if Int(dir.pointee.fullReads) >= configuration.spliceThreshold { dir.pointee.path = .copyThenSplice }
+            } else {
+                dir.pointee.fullReads = 0
+            }
+        }
+        if dir.pointee.writing == .send {
+            dir.pointee.queuedBuffer = b
+            dir.pointee.queuedLength = n
+            return
+        }
+        dir.pointee.sendBuffer = b
+        dir.pointee.sendOffset = 0
+        dir.pointee.sendRemaining = n
+        armSend(s, p, d)
+        // One buffer in flight to the writer, one recv ahead of it (unless this direction
+        // is about to move to splice: then the copy path drains first).
+        if dir.pointee.path == .copy && !throttled { armRecv(s, p, d) }
+    }
+
+    func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        let dir = direction(p, d)
+        dir.pointee.writing = .idle
+        guard p.pointee.state == .bridging, result > 0 else {
+            returnBuffer(dir.pointee.sendBuffer)
+            dir.pointee.sendBuffer = Direction.noBuffer
+            if p.pointee.state == .bridging { closeSlot(s, abort: true) }  // EPIPE, ECONNRESET
+            return
+        }
+        let n = UInt32(result)
+        if n < dir.pointee.sendRemaining {
+            dir.pointee.sendOffset += n
+            dir.pointee.sendRemaining -= n
+            armSend(s, p, d)
+            return
+        }
+        returnBuffer(dir.pointee.sendBuffer)
+        dir.pointee.sendBuffer = Direction.noBuffer
+        if dir.pointee.queuedBuffer != Direction.noBuffer {
+            dir.pointee.sendBuffer = dir.pointee.queuedBuffer
+            dir.pointee.sendOffset = 0
+            dir.pointee.sendRemaining = dir.pointee.queuedLength
+            dir.pointee.queuedBuffer = Direction.noBuffer
+            armSend(s, p, d)
+            if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 { armRecv(s, p, d) }
+        } else if dir.pointee.reading == .eof {
+            queueShutdown(s, p, d)
+        } else if dir.pointee.path == .copyThenSplice && dir.pointee.reading == .idle {
+            // The copy path is empty: from here on this direction splices.
+            dir.pointee.path = .splice
+            statistics.add(.spliceSwitches)
+            armPollIn(s, p, d)
+        }
+    }
+
+    /// Bytes that moved on direction `d`: counters, and the idle clock.
+    @inline(__always)
+    func countBytes(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ n: UInt32) {
+        direction(p, d).pointee.bytes &+= UInt64(n)
+        statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+        statistics.add(listener: Int(p.pointee.listener), d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+        p.pointee.lastActivity = now
+    }
+
+    func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        guard dir.pointee.writing != .shutdown && dir.pointee.writing != .finished else { return }
+        dir.pointee.writing = .shutdown
+        p.pointee.inflight += 1
+        backend.shutdownWrite(fd: dir.pointee.destination, token: token(s, .shutdown, d))
+    }
+
+    func onShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        direction(p, d).pointee.writing = .finished
+        guard p.pointee.state == .bridging else { return }
+        if p.pointee.toUpstream.writing == .finished && p.pointee.toClient.writing == .finished {
+            statistics.add(.closedGracefully)
+            closeSlot(s, abort: false, reason: .eof)
+        }
+    }
+
+    @inline(__always)
+    func returnBuffer(_ b: UInt16) {
+        guard b != Direction.noBuffer else { return }
+        backend.releaseBuffer(b)
+    }
+
+    /// Once per loop turn: re-arm the recv of as many ENOBUFS waiters (oldest first) as there
+    /// are free buffers. Not one waiter per returned buffer: a woken recv that finds no data
+    /// (io_uring picks the buffer before it looks for data, so ENOBUFS does not prove bytes
+    /// were waiting) takes no buffer, and the rest of the queue must not wait on it.
+    func wakeBufferWaiters() {
+        var budget = backend.buffers.available
+        while budget > 0 && bufferWaitersHead < bufferWaiters.count {
+            let (entry, generation) = bufferWaiters[bufferWaitersHead]
+            bufferWaitersHead += 1
+            let ws = entry >> 1
+            let wd = Int(entry & 1)
+            let wp = table.pointer(ws)
+            if wp.pointee.generation == generation && wp.pointee.state == .bridging && direction(wp, wd).pointee.reading == .waitingForBuffer {
+                armRecv(ws, wp, wd)
+                budget -= 1
+            }
+        }
+        if bufferWaitersHead == bufferWaiters.count {
+            bufferWaiters.removeAll(keepingCapacity: true)
+            bufferWaitersHead = 0
+        }
+    }
+
+    // MARK: - Per-user accounting and bandwidth
+
+    /// Counts a user's bytes; for a rate-limited user, charges the direction's bucket and
+    /// returns true when its read side must pause (the wheel wakes it).
+    @inline(__always)
+    func accountBytes(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ n: Int) -> Bool {
+        let account = accounts[Int(p.pointee.user)]
+        if d == 0 { account.addBytes(toDestination: n) } else { account.addBytes(toClient: n) }
+        guard let limiter = d == 0 ? account.upload : account.download else { return false }
+        let wait = limiter.charge(n, now: now)
+        guard wait > 0 else { return false }
+        direction(p, d).pointee.throttledUntil = now + wait
+        statistics.add(.throttlePauses)
+        scheduleBridgeTimer(s, p)
+        return true
+    }
+
+    /// Re-arms the recv of directions whose pause is over.
+    func resumeThrottled(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        for d in 0..<2 {
+            let dir = direction(p, d)
+            guard dir.pointee.throttledUntil != 0, dir.pointee.throttledUntil <= now else { continue }
+            dir.pointee.throttledUntil = 0
+            // With a buffer still queued, the send completion re-arms the recv.
+            if dir.pointee.reading == .idle && dir.pointee.queuedBuffer == Direction.noBuffer { armRecv(s, p, d) }
+        }
+    }
+
+    /// A bridge's one timer: the earliest of its idle deadline and its throttle pauses.
+    func scheduleBridgeTimer(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        var deadline = UInt64.max
+        if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds { deadline = p.pointee.lastActivity + idle }
+        if p.pointee.toUpstream.throttledUntil != 0 { deadline = min(deadline, p.pointee.toUpstream.throttledUntil) }
+        if p.pointee.toClient.throttledUntil != 0 { deadline = min(deadline, p.pointee.toClient.throttledUntil) }
+        guard deadline != .max else { return }
+        if p.pointee.timerBucket >= 0 {
+            if p.pointee.timerDeadline <= deadline { return }
+            wheel.cancel(s, table: table)
+        }
+        wheel.schedule(s, deadline: deadline, table: table)
+    }
+
+    // MARK: - Closing
+
+    /// Closes both sockets (RST when `abort`), cancelling what is pending on them; the slot
+    /// is reused once every operation on it has completed.
+    func closeSlot(_ s: Int32, abort: Bool, reason: CloseReason? = nil) {
+        let p = table.pointer(s)
+        guard p.pointee.state != .closing && p.pointee.state != .free else { return }
+        if p.pointee.closeReason == .unknown {
+            p.pointee.closeReason = reason ?? (abort ? .reset : p.pointee.state == .negotiating ? .clientGone : .unknown)
+        }
+        if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
+        if abort && p.pointee.state == .bridging { statistics.add(.closedAborted) }
+        p.pointee.state = .closing
+        for d in 0..<2 {
+            let dir = direction(p, d)
+            if dir.pointee.reading == .waitingForBuffer { dir.pointee.reading = .idle }
+            returnBuffer(dir.pointee.queuedBuffer)
+            dir.pointee.queuedBuffer = Direction.noBuffer
+            // A buffer being sent goes back when its send completes (the kernel reads it).
+        }
+        if p.pointee.client >= 0 { closeSocket(s, p, 0, abort: abort) }
+        if p.pointee.upstream >= 0 { closeSocket(s, p, 1, abort: abort) }
+        if p.pointee.inflight == 0 { finish(s) }
+    }
+
+    /// Closes the client (`side` 0) or upstream (1) socket, naming what is pending on it so
+    /// the backend can cancel exactly that: the read side of the direction it is the source
+    /// of, the write side of the one it is the destination of, a negotiation poll or connect.
+    private func closeSocket(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ side: Int, abort: Bool) {
+        let fd = side == 0 ? p.pointee.client : p.pointee.upstream
+        var pending = PendingOperations(read: direction(p, side).pointee.pendingRead(token(s, .none, side)),
+                                        write: direction(p, 1 - side).pointee.pendingWrite(token(s, .none, 1 - side)))
+        if side == 0 && p.pointee.negotiationPollArmed { pending.read = token(s, .negotiationReadable) }
+        if side == 1 && p.pointee.connectArmed { pending.write = token(s, .connect) }
+        p.pointee.inflight += 1
+        backend.close(fd: fd, pending: pending, abort: abort, token: token(s, .close, side))
+    }
+
+    func finish(_ s: Int32) {
+        let p = table.pointer(s)
+        if let accessLogger { logAccess(s, p, accessLogger) }
+        for d in 0..<2 {
+            let dir = direction(p, d)
+            guard dir.pointee.pipeRead >= 0 else { continue }
+            // Nothing is in flight now. Bytes left in the pipe of an aborted bridge are lost
+            // with it: counted, and the pipe is closed rather than reused.
+            if dir.pointee.pipeBytes > 0 { statistics.add(.spliceBytesDropped, Int64(dir.pointee.pipeBytes)) }
+            pipes.giveBack(PipePool.Pipe(read: dir.pointee.pipeRead, write: dir.pointee.pipeWrite), empty: dir.pointee.pipeBytes == 0)
+            dir.pointee.pipeRead = -1
+            dir.pointee.pipeWrite = -1
+        }
+        if p.pointee.session >= 0 { releaseNegotiation(p) }
+        if p.pointee.user >= 0 {
+            accounts[Int(p.pointee.user)].releaseConnection()
+            p.pointee.user = -1
+        }
+        if p.pointee.server >= 0 {
+            listeners[Int(p.pointee.listener)].pool?.release(Int(p.pointee.server))
+            p.pointee.server = -1
+        }
+        statistics.add(listener: Int(p.pointee.listener), .active, -1)
+        listeners[Int(p.pointee.listener)].bound.budget?.release()
+        table.release(s)
+        budget.release()
+        statistics.add(.activeConnections, -1)
+    }
+}

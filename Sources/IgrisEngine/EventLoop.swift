@@ -1,0 +1,150 @@
+/// The worker's loop: wait for completions, route them, fire timers, then the once-per-turn
+/// chores (health checks, paused listeners, buffer waiters); wake-ups from other threads
+/// (reload, drain, negotiation results) and the drain itself.
+extension Worker {
+    func run() throws(SyscallError) {
+        start()
+        while try turn() {}
+    }
+
+    /// Arms the listeners and the wake-up poll.
+    func start() {
+        for i in listeners.indices { armAccept(i) }
+        armWake()
+    }
+
+    /// One loop turn; false once drained (nothing open, no listener left).
+    func turn() throws(SyscallError) -> Bool {
+        try backend.waitForCompletions(timeoutNanoseconds: nextTimeout())
+        now = Syscall.monotonicNanoseconds()
+        backend.drainCompletions { handle($0) }
+        wheel.expire(now: now, table: table, into: &expired)
+        if !expired.isEmpty {
+            for s in expired { timerFired(s) }
+            expired.removeAll(keepingCapacity: true)
+        }
+        if !probes.isEmpty { runHealthChecks() }
+        resumePausedListeners()
+        if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
+        if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
+        publishGauges()
+        if draining {
+            if now >= drainDeadline && !abortedAtDeadline { abortAllAtDeadline() }
+            if table.active == 0 && listenersOpen == 0 { return false }
+        }
+        return true
+    }
+
+    @inline(__always)
+    func handle(_ c: Completion) {
+        switch c.token.kind {
+        case .accept: onAccept(listener: Int(c.token.index), c)
+        case .wake: onWake()
+        case .closeListener: listenersOpen -= 1
+        case .healthConnect: onHealthConnect(c)
+        case .healthClose, .none: break
+        default: onSlotCompletion(c)
+        }
+    }
+
+    func nextTimeout() -> UInt64? {
+        var timeout = wheel.nanosecondsUntilNextTimer(now: now)
+        // Index loops: runs every turn, and iterating an array of structs that hold strings
+        // allocates in unoptimised builds.
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].open && !listeners[i].acceptArmed && listeners[i].pausedUntil > 0 {
+                let t = listeners[i].pausedUntil > now ? listeners[i].pausedUntil - now : 0
+                timeout = min(timeout ?? t, t)
+            }
+            i += 1
+        }
+        if draining && !abortedAtDeadline {
+            let t = drainDeadline > now ? drainDeadline - now : 0
+            timeout = min(timeout ?? t, t)
+        }
+        if !probes.isEmpty, let at = nextHealthCheckEvent() {
+            let t = at > now ? at - now : 0
+            timeout = min(timeout ?? t, t)
+        }
+        return timeout
+    }
+
+    private func publishGauges() {
+        statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
+        statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
+        statistics.set(.completionOverflows, Int64(backend.completionOverflows))
+        statistics.set(.pipesInUse, Int64(pipes.inUse))
+        statistics.set(.pipesPeak, Int64(pipes.peakInUse))
+    }
+
+    private func armWake() {
+        backend.pollReadable(fd: control.wakeFD, token: OperationToken(index: 0, generation: 0, kind: .wake))
+    }
+
+    func onWake() {
+        backend.consumeWake(fd: control.wakeFD)
+        // The eventfd also wakes the loop for negotiation results (names, passwords) and reloads.
+        deliverMailbox()
+        for command in control.takeReloads() { applyReload(command) }
+        if control.isDrainRequested && !draining { beginDrain() }
+        if control.isAbortRequested { drainDeadline = now }
+        armWake()
+    }
+
+    /// SIGHUP: close removed listeners (their connections carry on), open added ones, and
+    /// re-plan health checks for the pools in use.
+    func applyReload(_ command: ReloadCommand) {
+        for i in command.remove where i < listeners.count && listeners[i].open { closeListener(i) }
+        for l in command.add {
+            listeners.append(Listener(bound: l))
+            listenersOpen += 1
+            if draining { closeListener(listeners.count - 1) } else { armAccept(listeners.count - 1) }
+        }
+        stopHealthChecks()
+        let open = listeners.indices.filter { listeners[$0].open }.map { listeners[$0].bound.rule }
+        probes = Self.makeProbes(listeners: open, worker: configuration.index, workers: configuration.workerCount, now: now)
+    }
+
+    func beginDrain() {
+        draining = true
+        stopHealthChecks()
+        drainDeadline = now + configuration.drainTimeoutNanoseconds
+        for i in listeners.indices where listeners[i].open { closeListener(i) }
+    }
+
+    func abortAllAtDeadline() {
+        abortedAtDeadline = true
+        var s: Int32 = 0
+        while s < table.used {
+            let state = table.pointer(s).pointee.state
+            if state == .negotiating || state == .connecting || state == .bridging {
+                statistics.add(.drainAborted)
+                closeSlot(s, abort: true, reason: .drainDeadline)
+            }
+            s += 1
+        }
+    }
+
+    func timerFired(_ s: Int32) {
+        let p = table.pointer(s)
+        switch p.pointee.state {
+        case .negotiating:
+            statistics.add(.handshakeTimeouts)
+            closeSlot(s, abort: false, reason: .handshakeTimeout)
+        case .connecting:
+            statistics.add(.connectTimeouts)
+            connectTimedOut(s, p)
+        case .bridging:
+            if p.pointee.rateLimited { resumeThrottled(s, p) }
+            if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds, now &- p.pointee.lastActivity >= idle {
+                statistics.add(.idleTimeouts)
+                closeSlot(s, abort: false, reason: .idleTimeout)
+                return
+            }
+            scheduleBridgeTimer(s, p)
+        default:
+            break
+        }
+    }
+}

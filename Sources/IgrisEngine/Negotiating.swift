@@ -1,0 +1,176 @@
+import Glibc
+import CLinux
+import Logging
+
+/// The engine's side of a negotiation: peek the client's bytes, hand them to the listener's
+/// `Negotiation`, take exactly what it consumed, and carry out its action (reply, wait,
+/// connect, bridge, close). The protocols themselves live in IgrisNegotiation.
+extension Worker {
+    func startNegotiation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ factory: any NegotiatorFactory) {
+        let h: Int32
+        if let free = freeNegotiations.popLast() {
+            h = free
+        } else {
+            h = Int32(negotiations.count)
+            negotiations.append(nil)
+            connectAddresses.append(.allocate(capacity: 1))
+        }
+        let context = NegotiationContext(
+            client: try? Syscall.peerAddress(p.pointee.client), listener: listeners[Int(p.pointee.listener)].name,
+            statistics: statistics, logger: logger,
+            resume: NegotiationResumer(mailbox: mailbox, slot: s, generation: p.pointee.generation))
+        negotiations[Int(h)] = factory.makeNegotiation(context)
+        p.pointee.session = h
+        p.pointee.state = .negotiating
+        wheel.schedule(s, deadline: now + factory.timeoutNanoseconds, table: table)
+        // Clients send their greeting right after connecting, so it has often arrived by the
+        // time the accept is handled: look now, and poll only if nothing is there yet.
+        onNegotiationReadable(s, p, 0)
+    }
+
+    func releaseNegotiation(_ p: UnsafeMutablePointer<ConnectionSlot>) {
+        negotiations[Int(p.pointee.session)] = nil
+        freeNegotiations.append(p.pointee.session)
+        p.pointee.session = -1
+    }
+
+    private func armNegotiationRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        p.pointee.negotiationPollArmed = true
+        p.pointee.inflight += 1
+        backend.pollReadable(fd: p.pointee.client, token: token(s, .negotiationReadable))
+    }
+
+    /// The client's bytes are peeked and fed to the negotiation message by message; only
+    /// what it consumed is then taken off the socket, so whatever follows the request (a
+    /// client that sends data before the reply) stays queued for the bridge.
+    func onNegotiationReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
+        p.pointee.negotiationPollArmed = false
+        guard p.pointee.state == .negotiating, p.pointee.session >= 0, let negotiation = negotiations[Int(p.pointee.session)] else { return }
+        if result < 0 { closeSlot(s, abort: false); return }
+        let n = backend.peek(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
+        if n == 0 { closeSlot(s, abort: false); return }  // the client gave up
+        if n < 0 {
+            if n == -Int(EAGAIN) { armNegotiationRead(s, p) } else { closeSlot(s, abort: true) }
+            return
+        }
+        var offset = 0
+        var action = NegotiationAction.read
+        while offset < n {
+            let (consumed, next) = negotiation.received(UnsafeRawBufferPointer(start: scratch + offset, count: n - offset))
+            offset += consumed
+            action = next
+            guard action.next == .read else { break }
+            sendReply(p, action.reply)
+            action.reply = []
+            if consumed == 0 { break }
+        }
+        // Take what was consumed (it is queued: this cannot block or come up short).
+        if offset > 0 { _ = backend.receiveNow(fd: p.pointee.client, into: scratch, length: offset) }
+        perform(s, p, action)
+    }
+
+    /// Carries out a negotiation's answer.
+    func perform(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ action: NegotiationAction) {
+        sendReply(p, action.reply)
+        switch action.next {
+        case .read:
+            armNegotiationRead(s, p)
+        case .wait:
+            break
+        case .connect(let address):
+            beginConnecting(s, p)
+            connectNegotiated(s, p, to: address)
+        case .connectListenerPool:
+            beginConnecting(s, p)
+            if !connectUpstream(s) {
+                // Out of descriptors: this one does not wait (see `admit` for the one that may).
+                statistics.add(.rejectedAtCapacity)
+                closeSlot(s, abort: false, reason: .capacity)
+            }
+        case .bridge:
+            statistics.add(.handshakesCompleted)
+            startBridging(s, p)
+        case .close(let reason):
+            closeAfterReply(s, p, reason)
+        }
+    }
+
+    /// The negotiation is over: the connect timeout runs from here, and the account the
+    /// connection belongs to (if any) is now the slot's to release.
+    private func beginConnecting(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        if p.pointee.user < 0, let account = negotiations[Int(p.pointee.session)]?.account, account >= 0 {
+            p.pointee.user = account
+            p.pointee.rateLimited = accounts[Int(account)].isRateLimited
+        }
+        guard p.pointee.state == .negotiating else { return }
+        p.pointee.state = .connecting
+        p.pointee.lastActivity = now  // connect latency is measured from here
+        wheel.cancel(s, table: table)
+        wheel.schedule(s, deadline: now + listeners[Int(p.pointee.listener)].connectTimeoutNanoseconds, table: table)
+    }
+
+    /// Replies are a few hundred bytes at most, the first the socket sends: its send buffer
+    /// takes them whole (a failure means the client is gone, and the next read or the close
+    /// finds out).
+    private func sendReply(_ p: UnsafeMutablePointer<ConnectionSlot>, _ bytes: [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        _ = bytes.withUnsafeBytes { backend.sendNow(fd: p.pointee.client, $0) }
+    }
+
+    /// Closes after a failure reply with a FIN, not a reset: unread input would make
+    /// close() send RST, which can destroy the reply before the client reads it.
+    func closeAfterReply(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ reason: CloseReason) {
+        var drained = 0
+        while drained < 65536 {
+            let n = backend.receiveNow(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
+            if n <= 0 { break }
+            drained += n
+        }
+        _ = backend.shutdown(fd: p.pointee.client, how: Int32(SHUT_WR))
+        closeSlot(s, abort: false, reason: reason)
+    }
+
+    /// Results of work negotiations handed off (names resolved, passwords checked).
+    func deliverMailbox() {
+        mailbox.take(into: &mailboxItems)
+        guard !mailboxItems.isEmpty else { return }
+        for item in mailboxItems {
+            guard Int(item.slot) < table.capacity, item.slot < table.used else { continue }
+            let p = table.pointer(item.slot)
+            // The connection may have timed out or closed while its answer was computed.
+            guard p.pointee.generation == item.generation, p.pointee.state == .negotiating, p.pointee.session >= 0,
+                  let negotiation = negotiations[Int(p.pointee.session)] else { continue }
+            perform(item.slot, p, negotiation.resumed(item.value))
+        }
+        mailboxItems.removeAll(keepingCapacity: true)
+    }
+
+    /// The access log line of a connection being released: listener, client, destination,
+    /// user, bytes each way, duration, why it closed. logfmt keys; values never hold secrets.
+    func logAccess(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ log: Logger) {
+        var client = "-"
+        var destination = "-"
+        if let info = accessInfo.removeValue(forKey: s) {
+            client = info.client
+            destination = info.destination
+        }
+        if p.pointee.session >= 0, let n = negotiations[Int(p.pointee.session)] {
+            // Still negotiating: what the negotiation knows (the balancer's client, if any).
+            if !n.clientDescription.isEmpty { client = n.clientDescription }
+            if !n.destinationDescription.isEmpty { destination = n.destinationDescription }
+        }
+        if p.pointee.server >= 0 { destination = serverName(p) }
+        let user = p.pointee.user >= 0 ? accounts[Int(p.pointee.user)].name : "-"
+        let duration = Double(now &- p.pointee.openedAt) / 1e9
+        log.info("closed", metadata: [
+            "listener": "\(listeners[Int(p.pointee.listener)].name)",
+            "client": "\(client)",
+            "destination": "\(destination)",
+            "user": "\(user)",
+            "bytes_up": "\(p.pointee.toUpstream.bytes)",
+            "bytes_down": "\(p.pointee.toClient.bytes)",
+            "duration": "\((duration * 1000).rounded() / 1000)s",
+            "reason": "\(p.pointee.closeReason.text)",
+        ])
+    }
+}

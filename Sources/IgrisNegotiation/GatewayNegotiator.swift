@@ -1,0 +1,356 @@
+import Glibc
+import IgrisEngine
+import IgrisPolicy
+import IgrisProtocols
+import Logging
+
+/// A listener's negotiation: SOCKS5 or HTTP CONNECT (each optionally behind a balancer's
+/// PROXY header), or a PROXY header alone before a plain forward.
+final class GatewayNegotiator: NegotiatorFactory {
+    enum Kind: String, Sendable {
+        case socks5
+        case httpConnect = "http_connect"
+        /// A forward listener reading its balancer's PROXY header before connecting its pool.
+        case proxyHeaderOnly = "proxy_header"
+    }
+
+    let kind: Kind
+    let options: GatewayOptions
+    let acceptProxyProtocol: Bool
+    let gateway: Gateway
+
+    init(protocol kind: Kind, options: GatewayOptions, acceptProxyProtocol: Bool, gateway: Gateway) {
+        self.kind = kind
+        self.options = options
+        self.acceptProxyProtocol = acceptProxyProtocol
+        self.gateway = gateway
+    }
+
+    var name: String { kind.rawValue }
+    var signature: String { "\(options.requireAuthentication),\(options.handshakeTimeoutNanoseconds),\(acceptProxyProtocol)" }
+    var timeoutNanoseconds: UInt64 { options.handshakeTimeoutNanoseconds }
+
+    func makeNegotiation(_ context: NegotiationContext) -> any Negotiation {
+        GatewayNegotiation(factory: self, context: context)
+    }
+}
+
+/// What an offload thread hands back to a negotiation.
+enum OffloadAnswer: Sendable {
+    case authenticated(Authenticator.Outcome)
+    case resolved(Result<[SocketAddress], ResolveFailure>)
+}
+
+/// One connection's negotiation. Parsing is the IgrisProtocols codecs'; this decides: which
+/// method, who the user is (argon2id off the worker), where to (name resolved off the
+/// worker, every address through the ACL, the user's connection limit), and which reply.
+final class GatewayNegotiation: Negotiation {
+    static let httpHeadLimit = 8192
+
+    let factory: GatewayNegotiator
+    let context: NegotiationContext
+    /// The policy as it was when the connection arrived (a reload changes later ones).
+    let policy: GatewayPolicy
+    var socks = Socks5ServerHandshake()
+    var http = HTTPHeadParser(limit: GatewayNegotiation.httpHeadLimit)
+    var proxy = ProxyProtocol.Parser()
+    var expectProxyHeader: Bool
+    var client: IPAddress
+    var clientDescription: String
+    var destinationDescription = ""
+    var proxied: (source: SocketAddress, destination: SocketAddress)?
+    /// Authenticated account; the engine takes it over at the first connect.
+    var account: Int32 = -1
+    /// HTTP: the CONNECT request waiting for its credentials to be verified.
+    var pendingHost = ""
+    var pendingPort: UInt16 = 0
+    var candidates: [SocketAddress] = []
+    var nextCandidate = 0
+    var lastConnectError: Int32 = 0
+
+    init(factory: GatewayNegotiator, context: NegotiationContext) {
+        self.factory = factory
+        self.context = context
+        policy = factory.gateway.policy
+        expectProxyHeader = factory.acceptProxyProtocol
+        client = context.client?.ipAddress ?? IPAddress(high: 0, low: 0)
+        clientDescription = context.client?.description ?? "-"
+    }
+
+    var statistics: WorkerStatistics { context.statistics }
+
+    func received(_ bytes: UnsafeRawBufferPointer) -> (consumed: Int, action: NegotiationAction) {
+        if expectProxyHeader { return feedProxyHeader(bytes) }
+        switch factory.kind {
+        case .socks5: return feedSocks5(bytes)
+        case .httpConnect: return feedHTTP(bytes)
+        case .proxyHeaderOnly: return (0, NegotiationAction(.connectListenerPool))
+        }
+    }
+
+    /// accept_proxy_protocol: the balancer's header names the real client (used for logs,
+    /// the auth failure limit and a PROXY header sent onwards). Strict: no valid header, no
+    /// connection.
+    private func feedProxyHeader(_ bytes: UnsafeRawBufferPointer) -> (Int, NegotiationAction) {
+        let (consumed, event) = proxy.feed(bytes)
+        switch event {
+        case .needMore:
+            return (consumed, .read)
+        case .header(let header):
+            expectProxyHeader = false
+            if case .proxied(let source, let destination) = header {
+                let address = SocketAddress(endpoint: source)
+                proxied = (address, SocketAddress(endpoint: destination))
+                client = address.ipAddress
+                clientDescription = address.description
+            }
+            return (consumed, factory.kind == .proxyHeaderOnly ? NegotiationAction(.connectListenerPool) : .read)
+        case .failure(let failure):
+            statistics.add(.proxyHeaderRejected)
+            context.logger.info("connection without a valid PROXY header closed", metadata: [
+                "listener": "\(context.listener)", "client": "\(clientDescription)", "error": "\(failure)",
+            ])
+            return (consumed, NegotiationAction(.close(.refused)))
+        }
+    }
+
+    private func feedSocks5(_ bytes: UnsafeRawBufferPointer) -> (Int, NegotiationAction) {
+        let (consumed, event) = socks.feed(bytes)
+        switch event {
+        case .needMore:
+            return (consumed, .read)
+        case .greeting(let methods):
+            let method: Socks5.Method
+            if factory.options.requireAuthentication {
+                method = methods.contains(Socks5.Method.usernamePassword.rawValue) ? .usernamePassword : .noAcceptableMethods
+            } else {
+                method = methods.contains(Socks5.Method.noAuthentication.rawValue) ? .noAuthentication : .noAcceptableMethods
+            }
+            socks.select(method)
+            if method == .noAcceptableMethods {
+                failed("no acceptable authentication method", detail: methods.description)
+                return (consumed, NegotiationAction(reply: Socks5.methodSelection(method), .close(.refused)))
+            }
+            return (consumed, NegotiationAction(reply: Socks5.methodSelection(method), .read))
+        case .credentials(let username, let password):
+            return (consumed, authenticate(username: username, password: password))
+        case .request(let request):
+            let host: String
+            switch request.address {
+            case .ipv4, .ipv6: host = request.address.description.trimmingCharacters(in: "[]")
+            case .domain(let name): host = name
+            }
+            return (consumed, route(host: host, port: request.port))
+        case .failure(let failure):
+            failed("malformed SOCKS5 handshake", detail: "\(failure)")
+            return (consumed, NegotiationAction(reply: failure.reply, .close(.refused)))
+        }
+    }
+
+    private func feedHTTP(_ bytes: UnsafeRawBufferPointer) -> (Int, NegotiationAction) {
+        let (consumed, event) = http.feed(bytes)
+        switch event {
+        case .needMore:
+            return (consumed, .read)
+        case .failure(let error):
+            failed("malformed HTTP request head", detail: "\(error)")
+            return (consumed, NegotiationAction(reply: HTTPConnect.response(.badRequest), .close(.refused)))
+        case .head(let head):
+            switch HTTPConnect.request(from: head) {
+            case .failure(let failure):
+                failed("unusable HTTP request", detail: "\(failure)")
+                return (consumed, NegotiationAction(reply: HTTPConnect.response(failure.status), .close(.refused)))
+            case .success(let request):
+                guard factory.options.requireAuthentication else { return (consumed, route(host: request.host, port: request.port)) }
+                guard let credentials = request.credentials else {
+                    statistics.add(.handshakeFailures)
+                    return (consumed, NegotiationAction(reply: HTTPConnect.response(.proxyAuthenticationRequired), .close(.refused)))
+                }
+                pendingHost = request.host
+                pendingPort = request.port
+                return (consumed, authenticate(username: credentials.username, password: credentials.password))
+            }
+        }
+    }
+
+    private func failed(_ what: String, detail: String) {
+        statistics.add(.handshakeFailures)
+        context.logger.debug("\(what)", metadata: ["client": "\(clientDescription)", "detail": "\(detail)"])
+    }
+
+    // MARK: - Offloaded work
+
+    private func authenticate(username: [UInt8], password: [UInt8]) -> NegotiationAction {
+        guard let authenticator = policy.authenticator else { return failure(socks: .generalFailure, http: .badGateway) }
+        let client = client
+        let resume = context.resume
+        factory.gateway.offload.submit {
+            let outcome = authenticator.verify(username: username, password: password, client: client, now: Syscall.monotonicNanoseconds())
+            resume(OffloadAnswer.authenticated(outcome))
+        }
+        return .wait
+    }
+
+    /// An IP literal goes straight to the ACL; a name is resolved off the worker first.
+    private func route(host: String, port: UInt16) -> NegotiationAction {
+        destinationDescription = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        if let literal = IPAddress(Substring(host)) {
+            candidates = [SocketAddress(ip: literal, port: port)]
+            return beginConnecting()
+        }
+        let resolver = policy.resolver
+        let resume = context.resume
+        factory.gateway.offload.submit {
+            resume(OffloadAnswer.resolved(resolver.resolve(host, port: port)))
+        }
+        return .wait
+    }
+
+    func resumed(_ value: any Sendable) -> NegotiationAction {
+        guard let answer = value as? OffloadAnswer else { return failure(socks: .generalFailure, http: .badGateway) }
+        switch answer {
+        case .authenticated(.accepted(let index)):
+            account = Int32(index)
+            if factory.kind == .socks5 {
+                socks.authenticated()
+                return NegotiationAction(reply: Socks5.authenticationStatus(succeeded: true), .read)
+            }
+            return route(host: pendingHost, port: pendingPort)
+        case .authenticated(.rejected(let why)):
+            statistics.add(.authFailures)
+            // Never the password: who, from where, why.
+            context.logger.warning("authentication failed", metadata: [
+                "listener": "\(context.listener)", "client": "\(clientDescription)", "reason": "\(why.rawValue)",
+            ])
+            let reply = factory.kind == .socks5 ? Socks5.authenticationStatus(succeeded: false) : HTTPConnect.response(.proxyAuthenticationRequired)
+            return NegotiationAction(reply: reply, .close(.refused))
+        case .resolved(.success(let addresses)):
+            candidates = addresses
+            return beginConnecting()
+        case .resolved(.failure(let failure)):
+            statistics.add(.resolveFailures)
+            context.logger.debug("name resolution failed", metadata: [
+                "client": "\(clientDescription)", "destination": "\(destinationDescription)", "error": "\(failure)",
+            ])
+            return self.failure(socks: .hostUnreachable, http: .badGateway)
+        }
+    }
+
+    // MARK: - Connecting
+
+    /// The ACL on every resolved address, the user's connection limit, then the first connect.
+    private func beginConnecting() -> NegotiationAction {
+        let asked = candidates
+        candidates = asked.filter { policy.acl.permits($0.ipAddress, port: $0.port) }
+        if candidates.isEmpty {
+            statistics.add(.aclDenied)
+            context.logger.info("destination denied by ACL", metadata: [
+                "client": "\(clientDescription)", "destination": "\(destinationDescription)",
+                "addresses": "\(asked.map(\.description).joined(separator: ","))",
+            ])
+            return failure(socks: .notAllowedByRuleset, http: .forbidden)
+        }
+        if account >= 0 {
+            let user = policy.accounts[Int(account)]
+            guard user.tryAcquireConnection() else {
+                statistics.add(.userLimitRejections)
+                context.logger.info("user at max_connections", metadata: ["user": "\(user.name)", "client": "\(clientDescription)"])
+                account = -1  // holds none of its connections
+                return failure(socks: .notAllowedByRuleset, http: .tooManyRequests)
+            }
+        }
+        return connectNext()
+    }
+
+    private func connectNext() -> NegotiationAction {
+        if nextCandidate < candidates.count {
+            nextCandidate += 1
+            return NegotiationAction(.connect(candidates[nextCandidate - 1]))
+        }
+        statistics.add(.connectFailures)
+        let e = lastConnectError
+        context.logger.debug("destination connect failed", metadata: [
+            "client": "\(clientDescription)", "destination": "\(destinationDescription)", "error": "\(Errno.describe(e))",
+        ])
+        var action = failure(socks: Self.socksReply(connectErrno: e), http: e == ETIMEDOUT ? .gatewayTimeout : .badGateway)
+        action.next = .close(.connectFailed)
+        return action
+    }
+
+    /// How a failed connect reads to a SOCKS5 client (RFC 1928 §6).
+    static func socksReply(connectErrno e: Int32) -> Socks5.Reply {
+        switch e {
+        case ECONNREFUSED: return .connectionRefused
+        case ENETUNREACH, ENETDOWN: return .networkUnreachable
+        case EHOSTUNREACH, EHOSTDOWN: return .hostUnreachable
+        case ETIMEDOUT: return .ttlExpired
+        default: return .generalFailure
+        }
+    }
+
+    func connected(error: Int32, local: SocketAddress?) -> NegotiationAction {
+        guard error == 0 else {
+            lastConnectError = error
+            return connectNext()
+        }
+        let address = candidates[nextCandidate - 1]
+        destinationDescription = "\(destinationDescription) (\(address))"
+        switch factory.kind {
+        case .socks5:
+            let bound = local.map { Socks5.Address($0.ipAddress) } ?? .ipv4(0, 0, 0, 0)
+            return NegotiationAction(reply: Socks5.reply(.succeeded, bound: bound, port: local?.port ?? 0), .bridge)
+        case .httpConnect:
+            return NegotiationAction(reply: HTTPConnect.response(.established), .bridge)
+        case .proxyHeaderOnly:
+            return NegotiationAction(.bridge)
+        }
+    }
+
+    func connectTimedOut() -> [UInt8] {
+        context.logger.debug("destination connect timed out", metadata: [
+            "client": "\(clientDescription)", "destination": "\(destinationDescription)",
+        ])
+        return failure(socks: .ttlExpired, http: .gatewayTimeout).reply
+    }
+
+    /// A failure reply in the listener's protocol, then close.
+    private func failure(socks: Socks5.Reply, http: HTTPConnect.Status) -> NegotiationAction {
+        switch factory.kind {
+        case .socks5: return NegotiationAction(reply: Socks5.reply(socks), .close(.refused))
+        case .httpConnect: return NegotiationAction(reply: HTTPConnect.response(http), .close(.refused))
+        case .proxyHeaderOnly: return NegotiationAction(.close(.refused))
+        }
+    }
+}
+
+extension Socks5.Address {
+    init(_ ip: IPAddress) {
+        if ip.isIPv4Mapped {
+            let v = UInt32(truncatingIfNeeded: ip.low)
+            self = .ipv4(UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF))
+        } else {
+            var bytes: [UInt8] = []
+            for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i)))) }
+            for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i)))) }
+            self = .ipv6(bytes)
+        }
+    }
+}
+
+extension String {
+    func trimmingCharacters(in set: String) -> String {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s = s.dropFirst() }
+        while let l = s.last, set.contains(l) { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+extension SocketAddress {
+    init(endpoint: ProxyProtocol.Endpoint) {
+        let ip = endpoint.address.count == 4
+            ? IPAddress(ipv4: endpoint.address[0], endpoint.address[1], endpoint.address[2], endpoint.address[3])
+            : IPAddress(ipv6: endpoint.address)
+        self.init(ip: ip, port: endpoint.port)
+    }
+}

@@ -1,0 +1,191 @@
+import Glibc
+@_spi(Benchmarks) @testable import IgrisEngine
+import Logging
+import Testing
+
+/// A worker with one forward listener on a `ScriptedBackend`.
+final class ScriptedWorker {
+    let backend: ScriptedBackend
+    let worker: Worker<ScriptedBackend>
+    let statistics = WorkerStatistics(listeners: 1)
+
+    init(buffers: Int = 4, splice: SpliceMode = .never) throws {
+        backend = try ScriptedBackend(bufferCount: buffers)
+        let listener = try Syscall.streamSocket(family: AF_INET)
+        var rule = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: try SocketAddress.resolve("127.0.0.1:9"), name: "t")
+        rule.splice = splice
+        rule.connectTimeoutNanoseconds = 60_000_000_000
+        rule.idleTimeoutNanoseconds = .some(nil)
+        let configuration = WorkerConfiguration(index: 0, listeners: [BoundListener(fd: listener, rule: rule, budget: nil)],
+                                                backend: BackendConfiguration(), drainTimeoutNanoseconds: 1_000_000_000, slotCapacity: 8)
+        worker = Worker(backend: backend, configuration: configuration, control: try WorkerControl(), statistics: statistics,
+                        budget: ConnectionBudget(limit: 100), logger: Logger(label: "scripted"))
+        worker.start()
+        _ = backend.take { if case .pollReadable = $0 { return true } else { return false } }  // the wake-up poll
+    }
+
+    func turn() { _ = try! worker.turn() }
+
+    /// Accepts a client and completes its upstream connect: a bridging connection.
+    func bridge() throws -> (client: Int32, upstream: Int32) {
+        let client = try Syscall.streamSocket(family: AF_INET)
+        let accept = try #require(backend.submitted.first { if case .accept = $0.operation { return true } else { return false } })
+        backend.complete(accept.token, client, more: true)
+        turn()
+        let connect = try #require(backend.takeOne { if case .connect = $0 { return true } else { return false } })
+        guard case .connect(let upstream) = connect.operation else { throw TestError() }
+        backend.complete(connect.token, 0)
+        turn()
+        return (client, upstream)
+    }
+
+    func take(_ operation: ScriptedBackend.Operation) -> OperationToken? { backend.takeOne { $0 == operation }?.token }
+
+    var active: Int { worker.table.active }
+}
+
+struct TestError: Error {}
+
+@Suite("Bridge state machine (scripted backend)")
+struct BridgeStateMachineTests {
+    @Test("half-close: the shutdown waits for the send in flight; both EOFs close the bridge cleanly")
+    func halfCloseOrdering() throws {
+        let w = try ScriptedWorker()
+        let (client, upstream) = try w.bridge()
+        let recvClient = try #require(w.take(.recv(client)))
+        let recvUpstream = try #require(w.take(.recv(upstream)))
+
+        w.backend.completeRecv(recvClient, Array(repeating: 7, count: 100))
+        w.turn()
+        let send = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 100) = $0 { return true } else { return false } })
+        let recvClient2 = try #require(w.take(.recv(client)), "one recv ahead of the send")
+
+        w.backend.complete(recvClient2, 0)  // client EOF while its bytes are still being sent
+        w.turn()
+        #expect(w.take(.shutdownWrite(upstream)) == nil, "no FIN before the bytes ahead of it")
+        w.backend.complete(send.token, 100)
+        w.turn()
+        let shutdownUpstream = try #require(w.take(.shutdownWrite(upstream)))
+        w.backend.complete(shutdownUpstream, 0)
+        w.turn()
+        #expect(w.active == 1, "the other direction still flows")
+
+        w.backend.complete(recvUpstream, 0)
+        w.turn()
+        let shutdownClient = try #require(w.take(.shutdownWrite(client)))
+        w.backend.complete(shutdownClient, 0)
+        w.turn()
+        #expect(w.backend.take { if case .close(_, _, false) = $0 { return true } else { return false } }.count == 2)
+        w.turn()
+        #expect(w.active == 0)
+        #expect(w.statistics.load(.closedGracefully) == 1)
+        #expect(w.backend.buffers.inUse == 0)
+    }
+
+    @Test("ENOBUFS: the direction waits without a recv armed, and is re-armed once a buffer returns")
+    func bufferExhaustionWaitsAndRearms() throws {
+        let w = try ScriptedWorker(buffers: 1)
+        let (client, upstream) = try w.bridge()
+        let recv = try #require(w.take(.recv(client)))
+        w.backend.completeRecv(recv, [1, 2, 3])
+        w.turn()
+        let send = try #require(w.backend.takeOne { if case .send(upstream, _, _, 3) = $0 { return true } else { return false } })
+        let recv2 = try #require(w.take(.recv(client)))
+        w.backend.completeRecv(recv2, [4])  // the pool's only buffer is being sent: -ENOBUFS
+        w.turn()
+        #expect(w.take(.recv(client)) == nil, "no recv while no buffer can be had")
+        #expect(w.statistics.load(.bufferExhaustions) == 1)
+        w.backend.complete(send.token, 3)
+        w.turn()
+        #expect(w.take(.recv(client)) != nil, "re-armed in the turn the buffer came back")
+    }
+
+    @Test("a short send is resumed from where it stopped, in the same buffer")
+    func shortSends() throws {
+        let w = try ScriptedWorker()
+        let (client, upstream) = try w.bridge()
+        let recv = try #require(w.take(.recv(client)))
+        w.backend.completeRecv(recv, Array(repeating: 9, count: 1000))
+        w.turn()
+        let first = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        guard case .send(_, let buffer, _, _) = first.operation else { throw TestError() }
+        w.backend.complete(first.token, 300)
+        w.turn()
+        let rest = try #require(w.take(.send(fd: upstream, buffer: buffer, offset: 300, length: 700)))
+        #expect(w.backend.buffers.inUse == 1)
+        w.backend.complete(rest, 700)
+        w.turn()
+        #expect(w.backend.buffers.inUse == 0, "the buffer goes back once every byte is sent")
+    }
+
+    @Test("an abort names the splice in flight to the backend and keeps the slot until it completes")
+    func closeWaitsForSplice() throws {
+        let w = try ScriptedWorker(splice: .always)
+        let (client, upstream) = try w.bridge()
+        let pollClient = try #require(w.take(.pollReadable(client)))
+        let pollUpstream = try #require(w.take(.pollReadable(upstream)))
+        w.backend.complete(pollClient, Int32(POLLIN))
+        w.turn()
+        let splice = try #require(w.backend.takeOne { if case .spliceIn(client, _) = $0 { return true } else { return false } })
+        w.backend.complete(pollUpstream, -ECONNRESET)
+        w.turn()
+        let closes = w.backend.take { if case .close = $0 { return true } else { return false } }.map(\.operation)
+        #expect(closes.contains(.close(fd: client, pending: [.spliceIn], abort: true)))
+        #expect(closes.contains(.close(fd: upstream, pending: [], abort: true)))
+        w.turn()
+        #expect(w.active == 1, "the slot is held while the splice is in flight")
+        w.backend.complete(splice.token, 500)
+        w.turn()
+        #expect(w.active == 0)
+        #expect(w.statistics.load(.spliceBytesDropped) == 500, "bytes left in the pipe of an aborted bridge are counted")
+    }
+
+    @Test("a late completion for a slot that was since reused is dropped, and its buffer returned")
+    func staleCompletionForReusedSlot() throws {
+        let w = try ScriptedWorker()
+        let (client, upstream) = try w.bridge()
+        let staleRecv = try #require(w.take(.recv(upstream)))
+        let recv = try #require(w.take(.recv(client)))
+        w.backend.complete(recv, -ECONNRESET)
+        w.turn()
+        let closes = w.backend.take { if case .close = $0 { return true } else { return false } }.map(\.operation)
+        #expect(closes.contains(.close(fd: upstream, pending: [.recv], abort: true)))
+        w.turn()
+        #expect(w.active == 1, "held until the cancelled recv completes")
+        w.backend.complete(staleRecv, -ECANCELED)
+        w.turn()
+        #expect(w.active == 0)
+
+        let (client2, upstream2) = try w.bridge()
+        #expect(OperationToken(raw: try #require(w.take(.recv(client2))).raw).index == staleRecv.index, "the slot was reused")
+        _ = w.take(.recv(upstream2))
+        // The old recv's token again, now with bytes: an older generation, so it is dropped.
+        w.backend.completeRecv(staleRecv, [1, 2, 3])
+        w.turn()
+        #expect(w.backend.buffers.inUse == 0, "the stale completion's buffer went back")
+        let armed = w.backend.submitted.filter { if case .accept = $0.operation { return false } else { return true } }
+        #expect(armed.isEmpty, "nothing was sent or armed for it: \(armed.map(\.operation))")
+        #expect(w.active == 1)
+    }
+
+    @Test("a burst of completions in one turn (as after a CQ overflow is flushed) loses none")
+    func completionBurst() throws {
+        let w = try ScriptedWorker(buffers: 16)
+        var bridges: [(Int32, Int32)] = []
+        for _ in 0..<4 { bridges.append(try w.bridge()) }
+        var sends = 0
+        for (client, upstream) in bridges {
+            w.backend.completeRecv(try #require(w.take(.recv(client))), [1])
+            w.backend.completeRecv(try #require(w.take(.recv(upstream))), [2, 2])
+        }
+        w.backend.completionOverflows = 3
+        w.turn()
+        for (client, upstream) in bridges {
+            sends += w.backend.take { if case .send(upstream, _, 0, 1) = $0 { return true } else { return false } }.count
+            sends += w.backend.take { if case .send(client, _, 0, 2) = $0 { return true } else { return false } }.count
+        }
+        #expect(sends == 8)
+        #expect(w.statistics.load(.completionOverflows) == 3)
+        #expect(w.backend.buffers.inUse == 8)
+    }
+}

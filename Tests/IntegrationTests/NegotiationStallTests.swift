@@ -1,0 +1,83 @@
+import Foundation
+import Glibc
+import IgrisEngine
+import IgrisProtocols
+import Testing
+
+/// A client that sends part of its handshake and then waits must cost nothing while it
+/// waits. (epoll once spun a core here: the negotiation peeked around the backend, so its
+/// readiness cache stayed "readable" after the socket was drained.)
+@Suite("Stalled negotiations", .serialized)
+struct NegotiationStallTests {
+    enum Stall: String, CaseIterable, CustomTestStringConvertible {
+        case socks5Greeting, socks5Request, httpHead, proxyV1, proxyV2
+        var testDescription: String { rawValue }
+    }
+
+    @Test("a partial handshake waiting for its next byte uses < 0.1 s of worker CPU in 2 s",
+          arguments: engineBackends, Stall.allCases)
+    func stalledNegotiationIsIdle(backend: BackendChoice, stall: Stall) throws {
+        let gatewayStop: () -> Void
+        let listen: SocketAddress
+        switch stall {
+        case .socks5Greeting, .socks5Request, .httpHead:
+            let gateway = try ProxyGateway(backend: backend)
+            gatewayStop = gateway.stop
+            listen = stall == .httpHead ? gateway.http : gateway.socks5
+        case .proxyV1, .proxyV2:
+            let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(try unusedPort())")) {
+                $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0])
+            }
+            gatewayStop = gateway.stop
+            listen = gateway.address
+        }
+        defer { gatewayStop() }
+        let client = try TestSocket.connect(listen)
+        defer { client.close() }
+        client.setReceiveTimeout(seconds: 10)
+        let partial: [UInt8]
+        switch stall {
+        case .socks5Greeting:
+            partial = [5]
+        case .socks5Request:
+            client.write([5, 1, 0])
+            #expect(try client.readExactly(2) == [5, 0])
+            partial = [5, 1, 0, 1, 127]
+        case .httpHead:
+            partial = Array("CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1".utf8)
+        case .proxyV1:
+            partial = Array("PROXY TCP4 203.0.113.7".utf8)
+        case .proxyV2:
+            let header = ProxyProtocol.encode(.proxied(source: .init(address: [203, 0, 113, 7], port: 1),
+                                                       destination: .init(address: [192, 0, 2, 1], port: 2)), version: .v2)
+            partial = Array(header.prefix(14))
+        }
+        // Two drips, as a slow client sends them: the first is consumed, the second waits.
+        client.write(Array(partial.prefix(1)))
+        client.write(Array(partial.dropFirst()))
+        let before = workerCPUSeconds()
+        usleep(2_000_000)  // the measurement window, not a synchronisation
+        let used = workerCPUSeconds() - before
+        #expect(used < 0.1, "worker threads used \(used) s of CPU while the client waited")
+        // Still negotiating: the connection is open, nothing was answered or closed.
+        var pending = pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pending, 1, 0) == 0, "the gateway neither replied nor closed")
+    }
+}
+
+/// User + system CPU of this process's worker threads (named igris-w*), from /proc.
+func workerCPUSeconds() -> Double {
+    let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+    var total = 0.0
+    guard let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") else { return 0 }
+    for task in tasks {
+        guard let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
+              let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")") else { continue }
+        guard stat[stat.index(after: open)..<close].hasPrefix("igris-w") else { continue }
+        // Fields after the name: state is field 3, utime 14, stime 15.
+        let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { continue }
+        total += (user + system) / ticks
+    }
+    return total
+}
