@@ -15,7 +15,7 @@ SWIFT_BUILD_FLAGS ?=
 #   make run RUN_ARGS="--listen 0.0.0.0:443 --upstream 10.0.0.5:443"
 RUN_ARGS ?= --socks5 127.0.0.1:1080 --no-auth --allow 127.0.0.1/32:8000 --admin 127.0.0.1:9100
 
-.PHONY: all deps build build-debug run test soak test-asan test-tsan fuzz bench bench-quick microbench clean
+.PHONY: all deps build build-debug build-allocation-probe run test soak test-asan test-tsan fuzz bench bench-quick microbench clean
 
 all: build
 
@@ -41,12 +41,16 @@ build: deps
 build-debug: deps
 	swift build --build-tests $(SWIFT_BUILD_FLAGS)
 
+# The allocation test judges the release build (see Tests/IntegrationTests/AllocationTests.swift).
+build-allocation-probe: deps
+	swift build -c release --product igris-allocations $(SWIFT_BUILD_FLAGS)
+
 run: build
 	./.build/release/igris serve $(RUN_ARGS)
 
 # The scale test holds 15,000 descriptors in the test process: raise the soft limit to the
 # hard one. Tests share loopback ports and the fd budget, so they run one at a time.
-test: build-debug $(TOOLS)/bin/promtool
+test: build-debug build-allocation-probe $(TOOLS)/bin/promtool
 	@service haproxy stop >/dev/null 2>&1 || true  # the package starts one; tests run their own
 	ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH" swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 

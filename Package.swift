@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "igris", targets: ["igris"]),
         .executable(name: "igris-load", targets: ["igris-load"]),
+        .executable(name: "igris-allocations", targets: ["igris-allocations"]),
         .library(name: "IgrisEngine", targets: ["IgrisEngine"]),
         .library(name: "IgrisProtocols", targets: ["IgrisProtocols"]),
         .library(name: "IgrisPolicy", targets: ["IgrisPolicy"]),
@@ -84,6 +85,11 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Counts mallocs while a gateway forwards; `make test` runs its release build.
+        .executableTarget(
+            name: "igris-allocations",
+            dependencies: ["IgrisEngine", "CMallocCounter"]
+        ),
         .testTarget(
             name: "IgrisEngineTests",
             dependencies: ["IgrisEngine", .product(name: "Logging", package: "swift-log")]
@@ -105,7 +111,7 @@ let package = Package(
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "IgrisNegotiation", "IgrisOperations", "IgrisPolicy", "IgrisProtocols", "CSodium", "CMallocCounter", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "IgrisNegotiation", "IgrisOperations", "IgrisPolicy", "IgrisProtocols", "CSodium", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -48,6 +48,11 @@ extension Worker {
     }
 
     func nextTimeout() -> UInt64? {
+        // Buffer waiters left while buffers are free: the ones woken this turn may have found
+        // no data (on io_uring such a recv takes no buffer and does not complete), so the rest
+        // must not wait for some unrelated completion. Each turn wakes at least one; the queue
+        // only grows again when a recv finds the pool empty.
+        if bufferWaitersHead < bufferWaiters.count && backend.buffers.available > 0 { return 0 }
         var timeout = wheel.nanosecondsUntilNextTimer(now: now)
         // Index loops: runs every turn, and iterating an array of structs that hold strings
         // allocates in unoptimised builds.

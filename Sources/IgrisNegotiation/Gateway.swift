@@ -56,11 +56,23 @@ public struct GatewayError: Error, CustomStringConvertible, Sendable {
 /// that run getaddrinfo and argon2id off the workers.
 public final class Gateway: Sendable {
     private let current: Locked<GatewayPolicy>
-    let offload: OffloadPool
+    private let offloadThreads: Int
+    /// Started by the first job: a gateway that never resolves a name or checks a password
+    /// (plain forwards, `igris check`) never has the threads.
+    private let pool = Locked<OffloadPool?>(nil)
 
     public init(policy: GatewayPolicy, offloadThreads: Int = 2) {
         current = Locked(policy)
-        offload = OffloadPool(threads: offloadThreads)
+        self.offloadThreads = offloadThreads
+    }
+
+    /// Runs `job` on an offload thread.
+    func offload(_ job: @escaping OffloadPool.Job) {
+        let threads = offloadThreads
+        pool.withLock { p in
+            if p == nil { p = OffloadPool(threads: threads) }
+            return p!
+        }.submit(job)
     }
 
     public var policy: GatewayPolicy { current.withLock { $0 } }
@@ -69,7 +81,7 @@ public final class Gateway: Sendable {
     public func update(_ policy: GatewayPolicy) { current.withLock { $0 = policy } }
 
     /// Joins the offload threads (after the server stopped).
-    public func shutdown() { offload.shutdown() }
+    public func shutdown() { pool.withLock { $0 }?.shutdown() }
 
     /// The engine's rule for a listener. forward: to `pool` (after a balancer's PROXY header
     /// when `acceptProxyProtocol`); socks5 / http_connect: negotiated with `options`.

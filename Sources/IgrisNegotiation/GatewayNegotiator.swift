@@ -184,7 +184,7 @@ final class GatewayNegotiation: Negotiation {
         guard let authenticator = policy.authenticator else { return failure(socks: .generalFailure, http: .badGateway) }
         let client = client
         let resume = context.resume
-        factory.gateway.offload.submit {
+        factory.gateway.offload {
             let outcome = authenticator.verify(username: username, password: password, client: client, now: Syscall.monotonicNanoseconds())
             resume(OffloadAnswer.authenticated(outcome))
         }
@@ -200,7 +200,7 @@ final class GatewayNegotiation: Negotiation {
         }
         let resolver = policy.resolver
         let resume = context.resume
-        factory.gateway.offload.submit {
+        factory.gateway.offload {
             resume(OffloadAnswer.resolved(resolver.resolve(host, port: port)))
         }
         return .wait

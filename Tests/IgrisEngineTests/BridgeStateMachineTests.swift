@@ -100,6 +100,35 @@ struct BridgeStateMachineTests {
         #expect(w.take(.recv(client)) != nil, "re-armed in the turn the buffer came back")
     }
 
+    @Test("buffer waiters woken without data do not leave the rest waiting while buffers are free")
+    func bufferWaitersDrainWithoutOtherCompletions() throws {
+        let w = try ScriptedWorker(buffers: 1)
+        var clients: [Int32] = []
+        var upstreams: [Int32] = []
+        for _ in 0..<3 {
+            let (client, upstream) = try w.bridge()
+            clients.append(client)
+            upstreams.append(upstream)
+        }
+        // The first client's bytes take the only buffer; the other two find the pool empty.
+        w.backend.completeRecv(try #require(w.take(.recv(clients[0]))), [1])
+        w.turn()
+        let send = try #require(w.backend.takeOne { if case .send(upstreams[0], _, _, 1) = $0 { return true } else { return false } })
+        w.backend.completeRecv(try #require(w.take(.recv(clients[1]))), [2])
+        w.backend.completeRecv(try #require(w.take(.recv(clients[2]))), [3])
+        w.turn()
+        #expect(w.statistics.load(.bufferExhaustions) == 2)
+        // The buffer comes back: one waiter is woken (its recv may find nothing and never
+        // complete); the loop must come round again at once for the other.
+        w.backend.complete(send.token, 1)
+        w.turn()
+        #expect(w.take(.recv(clients[1])) != nil)
+        #expect(w.worker.nextTimeout() == 0, "a waiter is left and a buffer is free")
+        w.turn()
+        #expect(w.take(.recv(clients[2])) != nil)
+        #expect(w.worker.nextTimeout() != 0, "nothing left to wake")
+    }
+
     @Test("a short send is resumed from where it stopped, in the same buffer")
     func shortSends() throws {
         let w = try ScriptedWorker()

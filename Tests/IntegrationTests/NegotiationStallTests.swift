@@ -38,7 +38,7 @@ struct NegotiationStallTests {
         let partial: [UInt8]
         switch stall {
         case .socks5Greeting:
-            partial = [5]
+            partial = [5, 1]  // version, one method to come
         case .socks5Request:
             client.write([5, 1, 0])
             #expect(try client.readExactly(2) == [5, 0])
@@ -52,9 +52,13 @@ struct NegotiationStallTests {
                                                        destination: .init(address: [192, 0, 2, 1], port: 2)), version: .v2)
             partial = Array(header.prefix(14))
         }
-        // Two drips, as a slow client sends them: the first is consumed, the second waits.
+        // Two drips, as a slow client sends them: the first is taken off the socket while the
+        // gateway waits for more, then the second arrives on a socket it was polling.
         client.write(Array(partial.prefix(1)))
+        let local = try Syscall.localAddress(client.fd)
+        #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the first byte was consumed")
         client.write(Array(partial.dropFirst()))
+        #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the second drip was consumed")
         let before = workerCPUSeconds()
         usleep(2_000_000)  // the measurement window, not a synchronisation
         let used = workerCPUSeconds() - before
@@ -80,4 +84,36 @@ func workerCPUSeconds() -> Double {
         total += (user + system) / ticks
     }
     return total
+}
+
+/// Bytes queued to read on the IPv4 loopback socket with these ports (the gateway's side of
+/// a test connection), from /proc/net/tcp; nil when there is no such socket.
+func receiveQueue(localPort: UInt16, remotePort: UInt16) -> Int? {
+    guard let table = readProcFile("/proc/net/tcp") else { return nil }
+    let local = String(format: ":%04X", localPort)
+    let remote = String(format: ":%04X", remotePort)
+    for line in table.split(separator: "\n").dropFirst() {
+        let fields = line.split(separator: " ")
+        guard fields.count > 4, fields[1].hasSuffix(local), fields[2].hasSuffix(remote) else { continue }
+        // tx_queue:rx_queue, hexadecimal.
+        let queues = fields[4].split(separator: ":")
+        return queues.count == 2 ? Int(queues[1], radix: 16) : nil
+    }
+    return nil
+}
+
+/// A /proc file read to its end (they report size 0, and a large one comes in several reads).
+func readProcFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        bytes += chunk[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }

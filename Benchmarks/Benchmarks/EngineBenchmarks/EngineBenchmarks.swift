@@ -11,7 +11,7 @@ private struct RoundTripClient {
     let back: UnsafeMutableRawPointer
 
     init(_ address: SocketAddress, size: Int) throws {
-        let socket = try Syscall.socket(family: address.family, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+        let socket = try Syscall.streamSocket(family: address.family, nonBlocking: false)
         fd = socket
         let rc = address.withSockAddr { Glibc.connect(socket, $0, $1) }
         if rc != 0 { throw SyscallError("connect", errno: errno) }
@@ -32,7 +32,7 @@ private struct RoundTripClient {
 
 /// An upstream echo on its own thread (raw syscalls, no allocation per byte).
 private func startEcho() throws -> SocketAddress {
-    let fd = try Syscall.socket(family: AF_INET, type: Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue))
+    let fd = try Syscall.streamSocket(family: AF_INET, nonBlocking: false)
     try Syscall.bind(fd, try SocketAddress.resolve("127.0.0.1:0"))
     try Syscall.listen(fd, backlog: 64)
     let address = try Syscall.localAddress(fd)
@@ -78,7 +78,7 @@ let benchmarks: @Sendable () -> Void = {
     Benchmark("OperationToken encode+decode", configuration: .init(scalingFactor: .mega)) { benchmark in
         var sum: UInt64 = 0
         for i in benchmark.scaledIterations {
-            let t = OperationToken(index: UInt32(truncatingIfNeeded: i), generation: UInt32(truncatingIfNeeded: i), kind: .recvClient)
+            let t = OperationToken(index: UInt32(truncatingIfNeeded: i), generation: UInt32(truncatingIfNeeded: i), kind: .recv, direction: 1)
             sum &+= UInt64(t.index) &+ UInt64(t.generation) &+ UInt64(t.kind.rawValue)
         }
         blackHole(sum)
