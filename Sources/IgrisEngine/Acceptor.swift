@@ -8,15 +8,68 @@ extension Worker {
         OperationToken(index: UInt32(i), generation: 0, kind: .accept)
     }
 
+    /// Below this much room, accepts are armed one at a time: a multishot accept takes a
+    /// whole burst from the backlog, and what is past the capacity would only be closed.
+    static var multishotRoom: Int { 64 }
+
+    /// Connections listener `i` may still take: global and per-listener max_connections, slots.
+    func room(_ i: Int) -> Int {
+        var room = min(budget.limit - budget.current, table.capacity - table.active)
+        if let own = listeners[i].bound.budget { room = min(room, own.limit - own.current) }
+        return room
+    }
+
+    /// Arms the accept of listener `i` if there is room; without room connections wait in
+    /// the kernel's backlog (never accepted only to be closed) until a slot frees here, or —
+    /// the global budget is shared with the other workers — the 100 ms recheck finds room.
     func armAccept(_ i: Int) {
         guard listeners[i].open, !draining else { return }
+        if listeners[i].heldClient >= 0 {
+            guard room(i) > 0 else {
+                listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                return
+            }
+            let client = listeners[i].heldClient
+            listeners[i].heldClient = -1
+            admit(client: client, listener: i)
+            if listeners[i].heldClient >= 0 { return }
+        }
+        let room = room(i)
+        guard room > 0 else {
+            listeners[i].waitingForRoom = true
+            listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+            return
+        }
+        listeners[i].waitingForRoom = false
         listeners[i].acceptArmed = true
+        listeners[i].acceptMultishot = room > Self.multishotRoom
         listeners[i].pausedUntil = 0
-        backend.accept(listener: listeners[i].fd, token: acceptToken(i))
+        backend.accept(listener: listeners[i].fd, multishot: listeners[i].acceptMultishot, token: acceptToken(i))
+    }
+
+    /// After an admission: a multishot accept whose room ran short goes on one at a time.
+    private func narrowAcceptIfShort(_ i: Int) {
+        guard listeners[i].acceptArmed, listeners[i].acceptMultishot, !listeners[i].narrowingAccept,
+              room(i) <= Self.multishotRoom else { return }
+        listeners[i].narrowingAccept = true
+        backend.stopAccepting(listener: listeners[i].fd, token: acceptToken(i))
+    }
+
+    /// A slot was released: listeners waiting for room look again at the end of this turn.
+    func roomFreed() {
+        var i = 0
+        while i < listeners.count {
+            if listeners[i].waitingForRoom && listeners[i].open { listeners[i].pausedUntil = now }
+            i += 1
+        }
     }
 
     func closeListener(_ i: Int) {
         listeners[i].open = false
+        if listeners[i].heldClient >= 0 {
+            Syscall.close(listeners[i].heldClient)
+            listeners[i].heldClient = -1
+        }
         let pending = listeners[i].acceptArmed ? PendingOperations(read: acceptToken(i)) : .none
         backend.close(fd: listeners[i].fd, pending: pending, abort: false,
                       token: OperationToken(index: UInt32(i), generation: 0, kind: .closeListener))
@@ -46,6 +99,11 @@ extension Worker {
             return
         }
         let e = -c.result
+        if e == ECANCELED && listeners[i].narrowingAccept {
+            listeners[i].narrowingAccept = false
+            if listeners[i].pausedUntil == 0 { armAccept(i) }  // unless accepting paused meanwhile
+            return
+        }
         if e == ECANCELED || !listeners[i].open { return }
         if e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM {
             // Out of descriptors or memory: connections wait in the backlog while some close.
@@ -67,6 +125,7 @@ extension Worker {
     /// connections there would be no descriptor to bridge.
     func pauseAccepting(errno e: Int32) {
         statistics.add(.acceptPauses)
+        lastPause = now
         var i = 0
         while i < listeners.count {
             if listeners[i].open {
@@ -89,23 +148,21 @@ extension Worker {
     func admit(client: Int32, listener i: Int) {
         if draining { Syscall.close(client); return }
         guard budget.tryAcquire() else {
-            statistics.add(.rejectedAtCapacity)
-            Syscall.close(client)
+            noRoom(client, listener: i)
             return
         }
         if let listenerBudget = listeners[i].bound.budget, !listenerBudget.tryAcquire() {
             budget.release()
-            statistics.add(.rejectedAtCapacity)
-            Syscall.close(client)
+            noRoom(client, listener: i)
             return
         }
         guard let s = table.allocate() else {
             budget.release()
             listeners[i].bound.budget?.release()
-            statistics.add(.rejectedAtCapacity)
-            Syscall.close(client)
+            noRoom(client, listener: i)
             return
         }
+        narrowAcceptIfShort(i)
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
         statistics.add(listener: i, .accepted)
@@ -138,6 +195,23 @@ extension Worker {
             } else {
                 awaitingDescriptor.append((s, p.pointee.generation))
             }
+        }
+    }
+
+    /// An accepted connection there is no room for: held until there is (see `heldClient`);
+    /// only one of a multishot burst past the capacity, if any, is closed and counted.
+    private func noRoom(_ client: Int32, listener i: Int) {
+        guard listeners[i].heldClient < 0 else {
+            statistics.add(.rejectedAtCapacity)
+            Syscall.close(client)
+            return
+        }
+        listeners[i].heldClient = client
+        listeners[i].waitingForRoom = true
+        listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+        if listeners[i].acceptArmed && listeners[i].acceptMultishot && !listeners[i].narrowingAccept {
+            listeners[i].narrowingAccept = true
+            backend.stopAccepting(listener: listeners[i].fd, token: acceptToken(i))
         }
     }
 

@@ -41,7 +41,7 @@ extension Worker {
                 dir.pointee.reading = .waitingForBuffer
                 bufferWaiters.append((Int32(s) << 1 | Int32(d), p.pointee.generation))
             } else {
-                closeSlot(s, abort: true)  // ECONNRESET, ETIMEDOUT, …: the peer is gone
+                peerFailed(s, c.result)
             }
             return
         }
@@ -78,7 +78,7 @@ extension Worker {
         guard p.pointee.state == .bridging, result > 0 else {
             returnBuffer(dir.pointee.sendBuffer)
             dir.pointee.sendBuffer = Direction.noBuffer
-            if p.pointee.state == .bridging { closeSlot(s, abort: true) }  // EPIPE, ECONNRESET
+            if p.pointee.state == .bridging { peerFailed(s, result) }
             return
         }
         let n = UInt32(result)
@@ -206,6 +206,18 @@ extension Worker {
 
     // MARK: - Closing
 
+    /// A socket of a bridging connection failed (reset, broken pipe, or a dead peer: keepalive
+    /// and TCP_USER_TIMEOUT report ETIMEDOUT, or the route's error): abort the other side too.
+    func peerFailed(_ s: Int32, _ result: Int32) {
+        let e = -result
+        if e == ETIMEDOUT || e == EHOSTUNREACH || e == ENETUNREACH || e == EHOSTDOWN {
+            statistics.add(.deadPeers)
+            closeSlot(s, abort: true, reason: .deadPeer)
+        } else {
+            closeSlot(s, abort: true)
+        }
+    }
+
     /// Closes both sockets (RST when `abort`), cancelling what is pending on them; the slot
     /// is reused once every operation on it has completed.
     func closeSlot(_ s: Int32, abort: Bool, reason: CloseReason? = nil) {
@@ -269,5 +281,6 @@ extension Worker {
         table.release(s)
         budget.release()
         statistics.add(.activeConnections, -1)
+        roomFreed()
     }
 }

@@ -72,6 +72,9 @@ extension Worker {
                                _ address: UnsafePointer<sockaddr>, _ length: socklen_t) {
         p.pointee.setUpstream(fd)
         _ = try? Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        if let timeout = listeners[Int(p.pointee.listener)].deadPeerTimeoutNanoseconds {
+            _ = try? Syscall.setDeadPeerTimeout(fd, nanoseconds: timeout)
+        }
         p.pointee.connectArmed = true
         p.pointee.inflight += 1
         backend.connect(fd: fd, address: address, length: length, token: token(s, .connect))

@@ -22,6 +22,7 @@ public final class EpollBackend: IOBackend {
         var readable = false
         var writable = false
         var acceptToken: UInt64 = 0
+        var acceptOnce = false
         var recvToken: UInt64 = 0
         var sendToken: UInt64 = 0
         var connectToken: UInt64 = 0
@@ -92,9 +93,10 @@ public final class EpollBackend: IOBackend {
         ready.append(Completion(token: OperationToken(raw: token), result: result, bufferID: buffer, more: more))
     }
 
-    public func accept(listener fd: Int32, token: OperationToken) {
+    public func accept(listener fd: Int32, multishot: Bool, token: OperationToken) {
         let i = state(fd)
         fds[i].acceptToken = token.raw
+        fds[i].acceptOnce = !multishot
         // A re-armed listener may already hold connections whose edge was consumed.
         runAccepts(fd)
     }
@@ -110,6 +112,12 @@ public final class EpollBackend: IOBackend {
             let c = Syscall.accept(fd)
             if c >= 0 {
                 accepted += 1
+                if fds[i].acceptOnce {
+                    let token = fds[i].acceptToken
+                    fds[i].acceptToken = 0
+                    complete(token, c)
+                    return
+                }
                 complete(fds[i].acceptToken, c, more: true)
             } else if c == -EAGAIN {
                 fds[i].readable = false  // the backlog is empty

@@ -68,6 +68,11 @@ extension Worker {
             let t = drainDeadline > now ? drainDeadline - now : 0
             timeout = min(timeout ?? t, t)
         }
+        if acceptRecentlyPaused {
+            // Wake once the "accepting paused" state ages out, so readiness comes back.
+            let t = lastPause &+ Self.pausedStateNanoseconds &- now
+            timeout = min(timeout ?? t, t)
+        }
         if !probes.isEmpty, let at = nextHealthCheckEvent() {
             let t = at > now ? at - now : 0
             timeout = min(timeout ?? t, t)
@@ -75,7 +80,14 @@ extension Worker {
         return timeout
     }
 
+    /// How long after its last pause a worker still reports accepting as paused: pauses last
+    /// 100 ms and repeat while the shortage lasts, so readiness does not flicker with them.
+    static var pausedStateNanoseconds: UInt64 { 1_000_000_000 }
+
+    var acceptRecentlyPaused: Bool { lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds }
+
     private func publishGauges() {
+        statistics.set(.acceptPaused, acceptRecentlyPaused ? 1 : 0)
         statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
         statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
         statistics.set(.completionOverflows, Int64(backend.completionOverflows))

@@ -59,9 +59,11 @@ public struct BackendConfiguration: Sendable {
 public protocol IOBackend: AnyObject {
     var buffers: BufferPool { get }
 
-    /// Multishot accept: completes once per accepted fd with `more` set while armed; an
-    /// error ends it.
-    func accept(listener fd: Int32, token: OperationToken)
+    /// Accept. `multishot`: completes once per accepted fd with `more` set while armed, and
+    /// an error ends it; otherwise it completes once, for one connection (the worker arms
+    /// single accepts when it has room for only a few more, so that connections beyond its
+    /// capacity stay in the kernel's backlog instead of being accepted only to be closed).
+    func accept(listener fd: Int32, multishot: Bool, token: OperationToken)
     /// Ends the multishot accept armed with `token` (it completes -ECANCELED); the
     /// listener stays open and its backlog keeps filling.
     func stopAccepting(listener fd: Int32, token: OperationToken)

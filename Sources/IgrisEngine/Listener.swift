@@ -20,6 +20,9 @@ public struct ListenerRule: Sendable {
     public var connectTimeoutNanoseconds: UInt64?
     /// .some(nil): no idle timeout on this listener even if the server has one.
     public var idleTimeoutNanoseconds: UInt64??
+    /// How long a peer may stay silent to TCP keepalive probes, or leave sent bytes
+    /// unacknowledged, before its bridge is closed (.some(nil): never).
+    public var deadPeerTimeoutNanoseconds: UInt64??
     /// Connections open at once through this listener, all workers together.
     public var maxConnections: Int?
 
@@ -43,7 +46,8 @@ public struct ListenerRule: Sendable {
     var signature: String {
         [listen.description, pool?.signature ?? "-", negotiator.map { "\($0.name):\($0.signature)" } ?? "-",
          sendProxyProtocol?.rawValue ?? "-", splice?.rawValue ?? "-", "\(connectTimeoutNanoseconds ?? 0)",
-         "\(String(describing: idleTimeoutNanoseconds))", "\(maxConnections ?? 0)"].joined(separator: "|")
+         "\(String(describing: idleTimeoutNanoseconds))", "\(String(describing: deadPeerTimeoutNanoseconds))",
+         "\(maxConnections ?? 0)"].joined(separator: "|")
     }
 }
 

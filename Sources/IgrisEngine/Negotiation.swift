@@ -115,6 +115,8 @@ public enum CloseReason: UInt8, Sendable {
     case capacity
     /// forward: every server of the pool is down or was tried.
     case noServer
+    /// A peer stopped answering keepalive probes or acknowledging bytes (dead_peer_timeout).
+    case deadPeer
 
     var text: String {
         switch self {
@@ -130,6 +132,7 @@ public enum CloseReason: UInt8, Sendable {
         case .drainDeadline: return "drain_deadline"
         case .capacity: return "capacity"
         case .noServer: return "no_server"
+        case .deadPeer: return "dead_peer"
         }
     }
 }

@@ -31,6 +31,9 @@ public struct ServerConfiguration: Sendable {
     public var backend: BackendChoice
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64? = nil
+    /// Dead peers (a phone out of coverage, a NAT that dropped its mapping: no FIN, no RST):
+    /// TCP keepalive and TCP_USER_TIMEOUT close their bridges within about this long. nil: off.
+    public var deadPeerTimeoutNanoseconds: UInt64? = 120_000_000_000
     public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
     public var maxConnections: Int = 65536
     public var buffers = BackendConfiguration()
@@ -64,6 +67,7 @@ public struct ServerConfiguration: Sendable {
         r.splice = rule.splice ?? splice
         r.connectTimeoutNanoseconds = rule.connectTimeoutNanoseconds ?? connectTimeoutNanoseconds
         r.idleTimeoutNanoseconds = .some(rule.idleTimeoutNanoseconds ?? idleTimeoutNanoseconds)
+        r.deadPeerTimeoutNanoseconds = .some(rule.deadPeerTimeoutNanoseconds ?? deadPeerTimeoutNanoseconds)
         return r
     }
 }
@@ -122,7 +126,7 @@ public final class Server: Sendable {
         backend = kind
         backendReason = reason
 
-        let (fds, addresses) = try Self.bindListeners(configuration.listeners, workers: configuration.workers,
+        let (fds, addresses) = try Self.bindListeners(configuration.listeners.map(configuration.resolved), workers: configuration.workers,
                                                       backlog: configuration.listenBacklog)
         listenFDs = fds
         listenAddresses = addresses
@@ -154,8 +158,8 @@ public final class Server: Sendable {
         }
     }
 
-    /// One SO_REUSEPORT socket per worker for each rule: fds[worker][rule], and the address
-    /// each rule got. All or nothing: on a failure the sockets bound so far are closed.
+    /// One SO_REUSEPORT socket per worker for each (resolved) rule: fds[worker][rule], and the
+    /// address each rule got. All or nothing: on a failure the sockets bound so far are closed.
     private static func bindListeners(_ rules: [ListenerRule], workers: Int, backlog: Int32) throws(ServerError) -> ([[Int32]], [SocketAddress]) {
         var fds = Array(repeating: [Int32](), count: workers)
         var addresses: [SocketAddress] = []
@@ -163,7 +167,8 @@ public final class Server: Sendable {
             for rule in rules {
                 var address = rule.listen
                 for w in 0..<workers {
-                    let fd = try makeListener(address, backlog: backlog, text: rule.listen.description)
+                    let fd = try makeListener(address, backlog: backlog, text: rule.listen.description,
+                                              deadPeerTimeout: rule.deadPeerTimeoutNanoseconds ?? nil)
                     if w == 0 {
                         // Port 0: the other workers join whatever port the kernel picked.
                         address = (try? Syscall.localAddress(fd)) ?? address
@@ -179,7 +184,8 @@ public final class Server: Sendable {
         return (fds, addresses)
     }
 
-    private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String) throws(ServerError) -> Int32 {
+    private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String,
+                                     deadPeerTimeout: UInt64?) throws(ServerError) -> Int32 {
         let fd: Int32
         do { fd = try Syscall.streamSocket(family: address.family) } catch { throw .listen(text, error) }
         do {
@@ -189,6 +195,8 @@ public final class Server: Sendable {
                 // [::]:P and 0.0.0.0:P are separate listeners, as in nginx and HAProxy.
                 try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
             }
+            // Accepted sockets inherit the keepalive settings: no syscalls per connection.
+            if let deadPeerTimeout { try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout) }
             try Syscall.bind(fd, address)
             try Syscall.listen(fd, backlog: backlog)
         } catch {
@@ -345,7 +353,8 @@ public final class Server: Sendable {
             throw .configuration("reload would make \(current.count + added.count) listeners over this process's life (at most \(Self.maxListeners)): restart instead")
         }
         // Bind everything new before changing anything.
-        let (fds, addresses) = try Self.bindListeners(added, workers: configuration.workers, backlog: configuration.listenBacklog)
+        let (fds, addresses) = try Self.bindListeners(added.map(configuration.resolved), workers: configuration.workers,
+                                                      backlog: configuration.listenBacklog)
         let addedBudgets = added.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         listenerTable.withLock { table in
             for i in removed { table[i].open = false }
@@ -359,6 +368,10 @@ public final class Server: Sendable {
         }
         return ReloadSummary(added: added.map(\.name), removed: removed.map { current[$0].rule.name }, kept: keep.sorted().map { current[$0].rule.name })
     }
+
+    /// Whether a worker paused accepting for lack of descriptors (or memory) in the last
+    /// second: /readyz answers 503 and /healthz says so while it lasts.
+    public var isAcceptingPaused: Bool { statistics.contains { $0.load(.acceptPaused) != 0 } }
 
     /// Whether the workers are draining (SIGTERM): /readyz answers 503 from then on.
     public var isDraining: Bool { controls.contains { $0.isDrainRequested } }

@@ -49,7 +49,7 @@ extension Worker {
         let dir = direction(p, d)
         dir.pointee.reading = .idle
         guard p.pointee.state == .bridging else { return }
-        if result < 0 { closeSlot(s, abort: true); return }
+        if result < 0 { peerFailed(s, result); return }
         if dir.pointee.pipeRead < 0 {
             guard let pipe = pipes.borrow() else {
                 // No pipe to be had (budget, descriptors, pipe-user-pages-soft): this
@@ -88,7 +88,7 @@ extension Worker {
             return
         }
         guard result == -EAGAIN else {
-            closeSlot(s, abort: true)
+            peerFailed(s, result)
             return
         }
         statistics.add(.spliceWouldBlock)
@@ -124,13 +124,13 @@ extension Worker {
             armPollOut(s, p, d)
             return
         }
-        closeSlot(s, abort: true)  // EPIPE, ECONNRESET, or 0 with bytes still in the pipe
+        peerFailed(s, result)  // EPIPE, ECONNRESET, a dead peer, or 0 with bytes still in the pipe
     }
 
     func onPollOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         direction(p, d).pointee.writing = .idle
         guard p.pointee.state == .bridging else { return }
-        if result < 0 { closeSlot(s, abort: true); return }
+        if result < 0 { peerFailed(s, result); return }
         armSpliceOut(s, p, d)
     }
 }

@@ -57,6 +57,22 @@ public enum Syscall {
         if rc < 0 { throw SyscallError("setsockopt(\(what))", errno: -rc) }
     }
 
+    /// TCP keepalive and TCP_USER_TIMEOUT so that a peer gone without FIN or RST is noticed
+    /// within about `nanoseconds`: probes start after half of it, four more follow an eighth
+    /// apart (at least a second: the kernel counts keepalive in seconds), and bytes left
+    /// unacknowledged that long abort the connection too. A peer that answers probes is never
+    /// affected, however long it stays idle.
+    @inline(never)
+    public static func setDeadPeerTimeout(_ fd: Int32, nanoseconds: UInt64) throws(SyscallError) {
+        let seconds = max(1, Int32(min(nanoseconds / 1_000_000_000, 1 << 20)))
+        try setIntOption(fd, level: SOL_SOCKET, name: SO_KEEPALIVE, value: 1, "SO_KEEPALIVE")
+        try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_KEEPIDLE, value: max(1, seconds / 2), "TCP_KEEPIDLE")
+        try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_KEEPINTVL, value: max(1, seconds / 8), "TCP_KEEPINTVL")
+        try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_KEEPCNT, value: 4, "TCP_KEEPCNT")
+        try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT,
+                         value: Int32(min(nanoseconds / 1_000_000, UInt64(Int32.max))), "TCP_USER_TIMEOUT")
+    }
+
     /// SO_LINGER {on, 0}: the next close() sends RST instead of FIN (used to abort).
     @inline(never)
     public static func setLingerZero(_ fd: Int32) {

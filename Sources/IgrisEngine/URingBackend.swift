@@ -54,6 +54,10 @@ public final class URingBackend: IOBackend {
     /// SEND_ZC: a send's result, held from its first completion until the notification
     /// that the kernel let go of the buffer (capacity reserved: no allocation per send).
     private var zeroCopyResults: [UInt64: Int32] = [:]
+    /// Operations done with a plain syscall, delivered by the next drain (never from inside
+    /// the call that queued them), and the batch being delivered.
+    private var immediate: [Completion] = []
+    private var delivering: [Completion] = []
 
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         ring = .allocate(capacity: 1)
@@ -108,6 +112,8 @@ public final class URingBackend: IOBackend {
         batch = .allocate(capacity: Int(batchCapacity))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
         zeroCopyResults.reserveCapacity(configuration.bufferCount)
+        immediate.reserveCapacity(1024)
+        delivering.reserveCapacity(1024)
         if configuration.zeroCopySendThreshold != nil {
             // Registered buffers count against RLIMIT_MEMLOCK: without room, SEND_ZC still
             // works from unregistered memory (the kernel pins pages per send instead).
@@ -138,9 +144,13 @@ public final class URingBackend: IOBackend {
         return io_uring_get_sqe(ring)!
     }
 
-    public func accept(listener fd: Int32, token: OperationToken) {
+    public func accept(listener fd: Int32, multishot: Bool, token: OperationToken) {
         let sqe = nextSQE()
-        io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
+        if multishot {
+            io_uring_prep_multishot_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
+        } else {
+            io_uring_prep_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
+        }
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
@@ -171,10 +181,11 @@ public final class URingBackend: IOBackend {
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
+    /// Run at once, completed at the next drain: IORING_OP_SHUTDOWN is always punted to an
+    /// io-wq thread (a context switch or two per half-close), while shutdown(SHUT_WR) on a TCP
+    /// socket never blocks. The caller queues it only once nothing is being sent on `fd`.
     public func shutdownWrite(fd: Int32, token: OperationToken) {
-        let sqe = nextSQE()
-        io_uring_prep_shutdown(sqe, fd, Int32(SHUT_WR))
-        io_uring_sqe_set_data64(sqe, token.raw)
+        immediate.append(Completion(token: token, result: Syscall.shutdown(fd, Int32(SHUT_WR))))
     }
 
     public func stopAccepting(listener fd: Int32, token: OperationToken) {
@@ -295,7 +306,7 @@ public final class URingBackend: IOBackend {
 
     public func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {
         let rc: Int32
-        switch timeoutNanoseconds {
+        switch immediate.isEmpty ? timeoutNanoseconds : 0 {
         case .some(0):
             rc = io_uring_submit_and_get_events(ring)
         case .none:
@@ -315,6 +326,15 @@ public final class URingBackend: IOBackend {
         let moreFlag = igris_cqe_flag_more()
         let notifFlag = igris_cqe_flag_notif()
         let shift = igris_cqe_buffer_shift()
+        if !immediate.isEmpty {
+            swap(&immediate, &delivering)
+            var k = 0
+            while k < delivering.count {
+                body(delivering[k])
+                k += 1
+            }
+            delivering.removeAll(keepingCapacity: true)
+        }
         while true {
             let n = igris_uring_take_completions(ring, batch, batchCapacity)
             for i in 0..<Int(n) {

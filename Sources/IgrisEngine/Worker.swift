@@ -33,6 +33,16 @@ final class Worker<Backend: IOBackend> {
         var bound: BoundListener
         var open = true
         var acceptArmed = false
+        /// The armed accept is multishot (room for many more) rather than one at a time.
+        var acceptMultishot = false
+        /// A multishot accept is being cancelled to go on one at a time (room is short).
+        var narrowingAccept = false
+        /// No room (max_connections, slots): connections wait in the backlog until a slot frees.
+        var waitingForRoom = false
+        /// A connection accepted when another worker took the last place first (the budgets
+        /// are shared): it waits here for room, unanswered like those in the backlog, rather
+        /// than being closed. At most one per listener: no accept is armed while it waits.
+        var heldClient: Int32 = -1
         var pausedUntil: UInt64 = 0
 
         var fd: Int32 { bound.fd }
@@ -41,6 +51,7 @@ final class Worker<Backend: IOBackend> {
         var splice: SpliceMode { bound.rule.splice ?? .auto }
         var connectTimeoutNanoseconds: UInt64 { bound.rule.connectTimeoutNanoseconds ?? 5_000_000_000 }
         var idleTimeoutNanoseconds: UInt64? { bound.rule.idleTimeoutNanoseconds ?? nil }
+        var deadPeerTimeoutNanoseconds: UInt64? { bound.rule.deadPeerTimeoutNanoseconds ?? nil }
     }
 
     static var acceptPauseNanoseconds: UInt64 { 100_000_000 }
@@ -67,6 +78,8 @@ final class Worker<Backend: IOBackend> {
     /// Accepted connections waiting for a descriptor for their upstream socket.
     var awaitingDescriptor: [(slot: Int32, generation: UInt32)] = []
     var lastPauseLog: UInt64 = 0
+    /// When accepting last paused for lack of descriptors or memory (0: never).
+    var lastPause: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
     var expired: [Int32] = []
 

@@ -11,10 +11,12 @@ public final class WorkerStatistics: Sendable {
         case acceptedTotal
         case rejectedAtCapacity
         case acceptPauses            // EMFILE/ENFILE: accepting paused ~100 ms
+        case acceptPaused            // gauge: 1 while accepting pauses for lack of descriptors (last second)
         case acceptErrors
         case connectFailures         // refused, unreachable, …
         case connectTimeouts
         case idleTimeouts
+        case deadPeers               // closed because a peer stopped answering (dead_peer_timeout)
         case closedGracefully
         case closedAborted           // RST/error on one side aborted the other
         case bytesClientToUpstream

@@ -37,17 +37,27 @@ public final class AdminServer: Sendable {
     public func start() {
         let fd = listener
         AdminThread.detach { [self] in
+            // One descriptor held in reserve: when the data plane has taken every other one
+            // (exactly when an operator wants /metrics), it is given up for one scrape.
+            var reserve = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
             while true {
-                let c = Syscall.accept(fd, nonBlocking: false)
+                if reserve < 0 { reserve = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC) }
+                var c = Syscall.accept(fd, nonBlocking: false)
+                if (c == -EMFILE || c == -ENFILE) && reserve >= 0 {
+                    Syscall.close(reserve)
+                    reserve = -1
+                    c = Syscall.accept(fd, nonBlocking: false)
+                }
                 if c == -ECONNABORTED || c == -EAGAIN { continue }
                 if c == -EMFILE || c == -ENFILE {
-                    usleep(100_000)  // out of descriptors: the data plane comes first
+                    usleep(100_000)  // the reserve was taken meanwhile: the data plane comes first
                     continue
                 }
                 if c < 0 {
                     // stop() shut the listener down; it is closed here, by the only thread
                     // using it, so its number can't be reused under a pending accept.
                     Syscall.close(fd)
+                    if reserve >= 0 { Syscall.close(reserve) }
                     return
                 }
                 if inFlight.wrappingAdd(1, ordering: .relaxed).newValue > Self.maxConcurrentRequests {
@@ -55,9 +65,10 @@ public final class AdminServer: Sendable {
                     Syscall.close(c)
                     continue
                 }
+                let connection = c
                 AdminThread.detach { [self] in
-                    serve(c)
-                    Syscall.close(c)
+                    serve(connection)
+                    Syscall.close(connection)
                     inFlight.wrappingSubtract(1, ordering: .relaxed)
                 }
             }
@@ -100,10 +111,14 @@ public final class AdminServer: Sendable {
         case "/metrics":
             respond(c, 200, "OK", metrics.render(), type: "text/plain; version=0.0.4; charset=utf-8", bodyless: bodyless)
         case "/healthz":
-            respond(c, 200, "OK", "ok\n", bodyless: bodyless)
+            // Alive either way; the body says what an operator needs to know.
+            let body = metrics.server.isAcceptingPaused ? "ok; accepting paused: out of descriptors or memory\n" : "ok\n"
+            respond(c, 200, "OK", body, bodyless: bodyless)
         case "/readyz":
             if metrics.server.isDraining {
                 respond(c, 503, "Service Unavailable", "draining\n", bodyless: bodyless)
+            } else if metrics.server.isAcceptingPaused {
+                respond(c, 503, "Service Unavailable", "accepting paused: out of descriptors or memory\n", bodyless: bodyless)
             } else {
                 respond(c, 200, "OK", "ready\n", bodyless: bodyless)
             }

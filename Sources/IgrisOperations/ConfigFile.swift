@@ -26,6 +26,7 @@ public struct ConfigFile: Sendable {
         public var splice: SpliceMode?
         public var connectTimeoutNanoseconds: UInt64?
         public var idleTimeoutNanoseconds: UInt64??
+        public var deadPeerTimeoutNanoseconds: UInt64??
         public var handshakeTimeoutNanoseconds: UInt64?
         public var maxConnections: Int?
     }
@@ -38,6 +39,8 @@ public struct ConfigFile: Sendable {
     public var splice: SpliceMode = .auto
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64?
+    /// Keepalive + TCP_USER_TIMEOUT bound for peers gone without FIN or RST (nil: off).
+    public var deadPeerTimeoutNanoseconds: UInt64? = 120_000_000_000
     public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
     public var handshakeTimeoutNanoseconds: UInt64 = 10_000_000_000
     public var usersFile: String?
@@ -100,6 +103,7 @@ public struct ConfigFile: Sendable {
             rule.splice = l.splice
             rule.connectTimeoutNanoseconds = l.connectTimeoutNanoseconds
             rule.idleTimeoutNanoseconds = l.idleTimeoutNanoseconds
+            rule.deadPeerTimeoutNanoseconds = l.deadPeerTimeoutNanoseconds
             rule.maxConnections = l.maxConnections
             rules.append(rule)
         }
@@ -115,6 +119,7 @@ public struct ConfigFile: Sendable {
         c.splice = splice
         c.connectTimeoutNanoseconds = connectTimeoutNanoseconds
         c.idleTimeoutNanoseconds = idleTimeoutNanoseconds
+        c.deadPeerTimeoutNanoseconds = deadPeerTimeoutNanoseconds
         c.drainTimeoutNanoseconds = drainTimeoutNanoseconds
         c.accessLog = accessLog
         return c
@@ -127,7 +132,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "splice", "connect_timeout", "idle_timeout",
+        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -168,6 +173,11 @@ private struct Decoded: Decodable {
         }
         if let d = try duration("connect_timeout") { config.connectTimeoutNanoseconds = d }
         config.idleTimeoutNanoseconds = try duration("idle_timeout")
+        if let text = try c.decodeIfPresent(String.self, forKey: key("dead_peer_timeout")), text == "none" || text == "off" {
+            config.deadPeerTimeoutNanoseconds = nil
+        } else if let d = try duration("dead_peer_timeout") {
+            config.deadPeerTimeoutNanoseconds = d
+        }
         if let d = try duration("drain_timeout", allowZero: true) { config.drainTimeoutNanoseconds = d }
         if let d = try duration("handshake_timeout") { config.handshakeTimeoutNanoseconds = d }
         config.usersFile = try c.decodeIfPresent(String.self, forKey: key("users_file"))
@@ -254,7 +264,8 @@ private struct ListenerEntry: Decodable {
 
     init(from decoder: Decoder) throws {
         try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "send_proxy_protocol",
-                                       "splice", "connect_timeout", "idle_timeout", "handshake_timeout", "max_connections"])
+                                       "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout", "handshake_timeout",
+                                       "max_connections"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -306,13 +317,14 @@ private struct ListenerEntry: Decodable {
             }
             value.connectTimeoutNanoseconds = try duration("connect_timeout") ?? nil
             value.idleTimeoutNanoseconds = try duration("idle_timeout", allowNone: true)
+            value.deadPeerTimeoutNanoseconds = try duration("dead_peer_timeout", allowNone: true)
             value.handshakeTimeoutNanoseconds = try duration("handshake_timeout") ?? nil
             if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
                 guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
                 value.maxConnections = m
             }
         } else {
-            for k in ["splice", "connect_timeout", "idle_timeout", "handshake_timeout", "max_connections"] where c.contains(key(k)) {
+            for k in ["splice", "connect_timeout", "idle_timeout", "dead_peer_timeout", "handshake_timeout", "max_connections"] where c.contains(key(k)) {
                 throw fail(k, "admin listeners have no \(k)")
             }
         }

@@ -42,6 +42,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_connect_failures_total", .connectFailures, "Upstream or destination connects that failed (refused, unreachable)."),
             ("igris_connect_timeouts_total", .connectTimeouts, "Upstream or destination connects that timed out."),
             ("igris_idle_timeouts_total", .idleTimeouts, "Bridges closed by the idle timeout."),
+            ("igris_dead_peers_total", .deadPeers, "Bridges closed because a peer stopped answering keepalive probes or acknowledging bytes."),
             ("igris_closed_graceful_total", .closedGracefully, "Bridges that ended with both directions shut down cleanly."),
             ("igris_closed_aborted_total", .closedAborted, "Bridges aborted by a reset or error on one side."),
             ("igris_drain_aborted_total", .drainAborted, "Connections still open at the drain deadline."),
@@ -67,6 +68,8 @@ public struct MetricsRenderer: Sendable {
 
         out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
+        out.family("igris_accept_paused", "gauge", "1 while a worker's accepting is paused for lack of descriptors or memory (within the last second).")
+        for (w, s) in server.statistics.enumerated() { out.sample("igris_accept_paused", ["worker": "\(w)"], s.load(.acceptPaused)) }
         out.family("igris_buffers", "gauge", "Pool buffers per worker.")
         out.sample("igris_buffers", [:], Int64(server.configuration.buffers.bufferCount))
         out.family("igris_pipes_in_use", "gauge", "Splice pipes borrowed, per worker.")

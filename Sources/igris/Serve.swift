@@ -65,6 +65,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("idle-timeout"), help: "Close a bridge with no traffic for this long (default: never).")
     var idleTimeout: DurationArgument?
 
+    @Option(name: .customLong("dead-peer-timeout"),
+            help: "Close bridges whose peer vanished without FIN or RST (keepalive + TCP_USER_TIMEOUT) within about this long; 0: never.")
+    var deadPeerTimeout: DurationArgument = DurationArgument(argument: "2m")!
+
     @Option(name: .customLong("drain-timeout"), help: "On SIGTERM, how long open bridges may finish.")
     var drainTimeout: DurationArgument = DurationArgument(argument: "30s")!
 
@@ -167,6 +171,7 @@ struct Serve: ParsableCommand {
         configuration.accounts = gateway.policy.accounts
         configuration.connectTimeoutNanoseconds = connectTimeout.nanoseconds
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
+        configuration.deadPeerTimeoutNanoseconds = deadPeerTimeout.nanoseconds == 0 ? nil : deadPeerTimeout.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.maxConnections = maxConnections
         configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers, zeroCopySendThreshold: sendZeroCopy)

@@ -60,7 +60,7 @@ final class ScriptedBackend: IOBackend {
         submitted.append(Submitted(operation: operation, token: token))
     }
 
-    func accept(listener fd: Int32, token: OperationToken) { record(.accept(fd), token) }
+    func accept(listener fd: Int32, multishot: Bool, token: OperationToken) { record(.accept(fd), token) }
     func stopAccepting(listener fd: Int32, token: OperationToken) { record(.stopAccepting(fd), token) }
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) { record(.connect(fd), token) }
     func recv(fd: Int32, token: OperationToken) { record(.recv(fd), token) }

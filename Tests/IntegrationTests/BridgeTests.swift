@@ -209,28 +209,41 @@ struct BridgeTests {
         expectClosedByGateway(client, gateway, counting: .idleTimeouts)
     }
 
-    @Test("--max-connections: the connection past the cap is closed, the others keep working", arguments: engineBackends)
+    @Test("--max-connections: connections past the cap wait in the backlog, none is accepted only to be closed",
+          arguments: engineBackends)
     func maxConnections(backend: BackendChoice) throws {
         let upstream = try echoUpstream()
         defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, upstream: upstream.address) { $0.maxConnections = 2 }
+        // One worker: with several, two could each take the last place at once (the global
+        // budget is shared) and one of them would have to close its connection.
+        let gateway = try Gateway(backend: backend, upstream: upstream.address, workers: 1) { $0.maxConnections = 4 }
         defer { gateway.stop() }
-        let a = try TestSocket.connect(gateway.address)
-        let b = try TestSocket.connect(gateway.address)
-        for s in [a, b] {
-            s.setReceiveTimeout(seconds: 5)
-            s.write([7])
-            #expect(try s.readExactly(1) == [7])
+        let first = try (0..<4).map { i in
+            let s = try TestSocket.connect(gateway.address)
+            s.setReceiveTimeout(seconds: 10)
+            s.write([UInt8(i)])
+            #expect(try s.readExactly(1) == [UInt8(i)])
+            return s
         }
-        let c = try TestSocket.connect(gateway.address)
-        c.setReceiveTimeout(seconds: 5)
-        #expect(c.readOneByte() <= 0)
-        c.close()
-        #expect(gateway.server.total(.rejectedAtCapacity) == 1)
-        a.write([8])
-        #expect(try a.readExactly(1) == [8])
-        a.close()
-        b.close()
+        // Eight more: the kernel completes their handshakes, the gateway leaves them queued.
+        let waiting = try (0..<8).map { i in
+            let s = try TestSocket.connect(gateway.address)
+            s.setReceiveTimeout(seconds: 10)
+            s.write([UInt8(100 + i)])
+            return s
+        }
+        #expect(gateway.server.total(.acceptedTotal) == 4)
+        first[0].write([9])
+        #expect(try first[0].readExactly(1) == [9], "the bridges under the cap keep working")
+        // Each place that frees lets one waiting connection in, in order; all are served.
+        for s in first { s.close() }
+        for (i, s) in waiting.enumerated() {
+            #expect(try s.readExactly(1) == [UInt8(100 + i)], "waiting connection \(i) served")
+            if i < 4 { s.close() }
+        }
+        #expect(gateway.server.total(.rejectedAtCapacity) == 0, "none was accepted only to be closed")
+        #expect(gateway.server.total(.acceptedTotal) == 12)
+        for s in waiting.dropFirst(4) { s.close() }
         #expect(gateway.eventually { gateway.active == 0 })
     }
 

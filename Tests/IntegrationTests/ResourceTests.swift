@@ -81,10 +81,11 @@ struct ResourceTests {
         defer { echo.terminate() }
         let upstream = String(try #require(echo.readLine().split(separator: " ").last))
         let port = try unusedPort()
+        let adminPort = try unusedPort()
         // 40 descriptors: a dozen or so bridges fit, the rest must wait in the backlog.
         let child = try ChildProcess("/usr/bin/prlimit", ["--nofile=40:40", productPath("igris"),
             "--listen", "127.0.0.1:\(port)", "--upstream", upstream, "--workers", "1", "--backend", backend.rawValue,
-            "--connect-timeout", "60s"])
+            "--connect-timeout", "60s", "--admin", "127.0.0.1:\(adminPort)"])
         defer { child.terminate() }
         let address = try SocketAddress.resolve("127.0.0.1:\(port)")
         var first: TestSocket?
@@ -122,6 +123,13 @@ struct ResourceTests {
         usleep(2_000_000)  // the scenario: 2 s out of descriptors with clients waiting
         let cpuSpent = processCPUSeconds(pid) - cpuBefore
         #expect(cpuSpent < 0.5, "igris burnt \(cpuSpent) s of CPU in 2 s while out of descriptors")
+        // The admin endpoint still answers (it keeps a descriptor in reserve), and says so.
+        let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
+        let health = try httpGet(admin, "/healthz")
+        #expect(health.hasPrefix("HTTP/1.1 200") && health.contains("accepting paused"), "\(health)")
+        #expect(try httpGet(admin, "/readyz").hasPrefix("HTTP/1.1 503"), "not ready while accepting is paused")
+        let metrics = try httpGet(admin, "/metrics")
+        #expect(metrics.hasPrefix("HTTP/1.1 200") && metrics.contains("igris_accept_paused{worker=\"0\"} 1"), "\(metrics.prefix(200))")
 
         // Free descriptors: waiting clients are accepted and served, or were closed at the
         // boundary (a burst accepted with the last descriptors: one waits for a descriptor,
@@ -139,6 +147,7 @@ struct ResourceTests {
             #expect(try c.readExactly(1) == [UInt8(i)])
             c.close()
         }
+        #expect(eventually { (try? httpGet(admin, "/readyz"))?.hasPrefix("HTTP/1.1 200") == true }, "ready again")
         child.signal(SIGTERM)
         let result = child.finish()
         #expect(result.status == 0)
@@ -153,4 +162,20 @@ func processCPUSeconds(_ pid: Int32) -> Double {
     let fields = text[text.index(after: close)...].split(separator: " ")
     let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
     return ((Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)) / ticks
+}
+
+/// One HTTP/1.1 GET over a fresh connection: the whole response as text.
+func httpGet(_ address: SocketAddress, _ path: String) throws -> String {
+    let s = try TestSocket.connect(address)
+    defer { s.close() }
+    s.setReceiveTimeout(seconds: 10)
+    s.write(Array("GET \(path) HTTP/1.1\r\nHost: igris\r\nConnection: close\r\n\r\n".utf8))
+    var response: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { s.read(into: $0) }
+        if n <= 0 { break }
+        response += buffer[0..<n]
+    }
+    return String(decoding: response, as: UTF8.self)
 }
