@@ -81,8 +81,9 @@ extension Worker {
             if listeners[i].open && listeners[i].pausedUntil > 0 && listeners[i].pausedUntil <= now {
                 if !awaitingDescriptor.isEmpty {
                     // Connections already accepted come first: stay paused while one waits
-                    // for a descriptor.
+                    // for a descriptor (still out of them, as far as readiness goes).
                     listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                    lastPause = now
                 } else if !listeners[i].acceptArmed {
                     armAccept(i)
                 }

@@ -67,9 +67,9 @@ extension Worker {
         dir.pointee.sendOffset = 0
         dir.pointee.sendRemaining = n
         armSend(s, p, d)
-        // One buffer in flight to the writer, one recv ahead of it (unless this direction
-        // is about to move to splice: then the copy path drains first).
-        if dir.pointee.path == .copy && !throttled { armRecv(s, p, d) }
+        // One buffer in flight to the writer, one recv ahead of it — unless the writer is
+        // congested, or this direction is about to move to splice (the copy path drains first).
+        if dir.pointee.path == .copy && !throttled && !dir.pointee.congested { armRecv(s, p, d) }
     }
 
     func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
@@ -83,11 +83,14 @@ extension Worker {
         }
         let n = UInt32(result)
         if n < dir.pointee.sendRemaining {
+            dir.pointee.congested = true
             dir.pointee.sendOffset += n
             dir.pointee.sendRemaining -= n
             armSend(s, p, d)
             return
         }
+        // A whole buffer taken at the first try: the destination keeps up again.
+        if dir.pointee.sendOffset == 0 { dir.pointee.congested = false }
         returnBuffer(dir.pointee.sendBuffer)
         dir.pointee.sendBuffer = Direction.noBuffer
         if dir.pointee.queuedBuffer != Direction.noBuffer {
@@ -96,9 +99,14 @@ extension Worker {
             dir.pointee.sendRemaining = dir.pointee.queuedLength
             dir.pointee.queuedBuffer = Direction.noBuffer
             armSend(s, p, d)
-            if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 { armRecv(s, p, d) }
+            if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 && !dir.pointee.congested {
+                armRecv(s, p, d)
+            }
         } else if dir.pointee.reading == .eof {
             queueShutdown(s, p, d)
+        } else if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 {
+            // Not read ahead (congested): the destination has taken everything, read on.
+            armRecv(s, p, d)
         } else if dir.pointee.path == .copyThenSplice && dir.pointee.reading == .idle {
             // The copy path is empty: from here on this direction splices.
             dir.pointee.path = .splice

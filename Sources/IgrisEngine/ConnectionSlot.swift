@@ -52,6 +52,10 @@ struct Direction {
     var path: Path = .copy
     /// auto: consecutive recvs that filled a whole buffer.
     var fullReads: UInt8 = 0
+    /// The destination took less than a whole send: no reading ahead until it takes one
+    /// whole again, so a slow reader's direction holds one buffer, not two, and its bytes
+    /// wait in the source socket's receive queue (the kernel's memory, with TCP backpressure).
+    var congested = false
     var sendBuffer: UInt16 = noBuffer
     var queuedBuffer: UInt16 = noBuffer
     var sendOffset: UInt32 = 0

@@ -68,7 +68,7 @@ extension Worker {
             let t = drainDeadline > now ? drainDeadline - now : 0
             timeout = min(timeout ?? t, t)
         }
-        if acceptRecentlyPaused {
+        if lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds {
             // Wake once the "accepting paused" state ages out, so readiness comes back.
             let t = lastPause &+ Self.pausedStateNanoseconds &- now
             timeout = min(timeout ?? t, t)
@@ -84,7 +84,11 @@ extension Worker {
     /// 100 ms and repeat while the shortage lasts, so readiness does not flicker with them.
     static var pausedStateNanoseconds: UInt64 { 1_000_000_000 }
 
-    var acceptRecentlyPaused: Bool { lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds }
+    /// Out of descriptors, as readiness sees it: accepting paused in the last second, or an
+    /// accepted client still waits for a descriptor for its upstream.
+    var acceptRecentlyPaused: Bool {
+        (lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds) || !awaitingDescriptor.isEmpty
+    }
 
     private func publishGauges() {
         statistics.set(.acceptPaused, acceptRecentlyPaused ? 1 : 0)

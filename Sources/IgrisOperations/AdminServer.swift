@@ -37,16 +37,28 @@ public final class AdminServer: Sendable {
     public func start() {
         let fd = listener
         AdminThread.detach { [self] in
-            // One descriptor held in reserve: when the data plane has taken every other one
-            // (exactly when an operator wants /metrics), it is given up for one scrape.
-            var reserve = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC)
+            // One descriptor held in reserve (a duplicate of the listener): when the data plane
+            // has taken every other one — exactly when an operator wants /metrics — it is given
+            // up to accept one scrape, which is served here; then dup2 turns the connection's
+            // number back into the reserve without ever freeing it, so a worker can't take it.
+            var reserve = fcntl(fd, F_DUPFD_CLOEXEC, 0)
             while true {
-                if reserve < 0 { reserve = Glibc.open("/dev/null", O_RDONLY | O_CLOEXEC) }
+                if reserve < 0 { reserve = fcntl(fd, F_DUPFD_CLOEXEC, 0) }
                 var c = Syscall.accept(fd, nonBlocking: false)
                 if (c == -EMFILE || c == -ENFILE) && reserve >= 0 {
                     Syscall.close(reserve)
                     reserve = -1
                     c = Syscall.accept(fd, nonBlocking: false)
+                    if c >= 0 {
+                        serve(c)
+                        if Glibc.dup2(fd, c) == c {
+                            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                            reserve = c
+                        } else {
+                            Syscall.close(c)
+                        }
+                        continue
+                    }
                 }
                 if c == -ECONNABORTED || c == -EAGAIN { continue }
                 if c == -EMFILE || c == -ENFILE {

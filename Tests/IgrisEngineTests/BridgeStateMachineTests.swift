@@ -147,6 +147,33 @@ struct BridgeStateMachineTests {
         #expect(w.backend.buffers.inUse == 0, "the buffer goes back once every byte is sent")
     }
 
+    @Test("a destination that takes less than a whole send stops the read-ahead until it takes one whole again")
+    func congestedDestinationStopsReadAhead() throws {
+        let w = try ScriptedWorker()
+        let (client, upstream) = try w.bridge()
+        w.backend.completeRecv(try #require(w.take(.recv(client))), Array(repeating: 1, count: 1000))
+        w.turn()
+        let first = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        let ahead = try #require(w.take(.recv(client)), "reads ahead while the destination keeps up")
+        w.backend.complete(first.token, 400)  // a slow reader: part of it
+        w.turn()
+        let rest = try #require(w.backend.takeOne { if case .send(upstream, _, 400, 600) = $0 { return true } else { return false } })
+        w.backend.completeRecv(ahead, Array(repeating: 2, count: 1000))  // read before the congestion showed
+        w.turn()
+        w.backend.complete(rest.token, 600)
+        w.turn()
+        let queued = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        #expect(w.take(.recv(client)) == nil, "congested: no read-ahead, the bytes wait in the client's socket")
+        #expect(w.backend.buffers.inUse == 1, "one buffer, the one being sent")
+        w.backend.complete(queued.token, 1000)  // taken whole at the first try
+        w.turn()
+        let next = try #require(w.take(.recv(client)), "the destination keeps up again: read on")
+        w.backend.completeRecv(next, [3])
+        w.turn()
+        _ = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1) = $0 { return true } else { return false } })
+        #expect(w.take(.recv(client)) != nil, "and ahead again")
+    }
+
     @Test("an abort names the splice in flight to the backend and keeps the slot until it completes")
     func closeWaitsForSplice() throws {
         let w = try ScriptedWorker(splice: .always)

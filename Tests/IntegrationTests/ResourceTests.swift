@@ -81,13 +81,17 @@ struct ResourceTests {
         defer { echo.terminate() }
         let upstream = String(try #require(echo.readLine().split(separator: " ").last))
         let port = try unusedPort()
-        let adminPort = try unusedPort()
+        var adminPort = try unusedPort()
+        while adminPort == port { adminPort = try unusedPort() }
         // 40 descriptors: a dozen or so bridges fit, the rest must wait in the backlog.
         let child = try ChildProcess("/usr/bin/prlimit", ["--nofile=40:40", productPath("igris"),
             "--listen", "127.0.0.1:\(port)", "--upstream", upstream, "--workers", "1", "--backend", backend.rawValue,
             "--connect-timeout", "60s", "--admin", "127.0.0.1:\(adminPort)"])
         defer { child.terminate() }
         let address = try SocketAddress.resolve("127.0.0.1:\(port)")
+        // The admin endpoint binds last: once it answers, no client of ours can take its
+        // (ephemeral-range) port first.
+        #expect(waitUntilAccepting("127.0.0.1:\(adminPort)"))
         var first: TestSocket?
         for _ in 0..<500 where first == nil {
             first = try? TestSocket.connect(address)
@@ -123,13 +127,23 @@ struct ResourceTests {
         usleep(2_000_000)  // the scenario: 2 s out of descriptors with clients waiting
         let cpuSpent = processCPUSeconds(pid) - cpuBefore
         #expect(cpuSpent < 0.5, "igris burnt \(cpuSpent) s of CPU in 2 s while out of descriptors")
-        // The admin endpoint still answers (it keeps a descriptor in reserve), and says so.
+        // One more client finds the gateway out of descriptors. The admin endpoint still answers
+        // (it keeps a descriptor in reserve), and says so.
+        // More clients until the gateway is out of descriptors again (those already here may
+        // have been served or closed by now), bounded. The admin endpoint still answers (it
+        // keeps a descriptor in reserve), and says so.
         let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
-        let health = try httpGet(admin, "/healthz")
-        #expect(health.hasPrefix("HTTP/1.1 200") && health.contains("accepting paused"), "\(health)")
-        #expect(try httpGet(admin, "/readyz").hasPrefix("HTTP/1.1 503"), "not ready while accepting is paused")
-        let metrics = try httpGet(admin, "/metrics")
-        #expect(metrics.hasPrefix("HTTP/1.1 200") && metrics.contains("igris_accept_paused{worker=\"0\"} 1"), "\(metrics.prefix(200))")
+        var extra: [TestSocket] = []
+        var paused = false
+        while !paused && extra.count < 40 {
+            extra.append(try TestSocket.connect(address))
+            paused = eventually(seconds: 1) { (try? AdminTests.get(admin, "/healthz"))?.body.contains("accepting paused") == true }
+        }
+        #expect(paused, "/healthz answers and says accepting is paused")
+        #expect(try AdminTests.get(admin, "/readyz").status.contains(" 503 "), "not ready while accepting is paused")
+        let metrics = try AdminTests.get(admin, "/metrics")
+        #expect(metrics.status.contains(" 200 ") && metrics.body.contains("igris_accept_paused{worker=\"0\"} 1"), "\(metrics.body.prefix(200))")
+        for c in extra { c.close() }
 
         // Free descriptors: waiting clients are accepted and served, or were closed at the
         // boundary (a burst accepted with the last descriptors: one waits for a descriptor,
@@ -147,7 +161,7 @@ struct ResourceTests {
             #expect(try c.readExactly(1) == [UInt8(i)])
             c.close()
         }
-        #expect(eventually { (try? httpGet(admin, "/readyz"))?.hasPrefix("HTTP/1.1 200") == true }, "ready again")
+        #expect(eventually { (try? AdminTests.get(admin, "/readyz"))?.status.contains(" 200 ") == true }, "ready again")
         child.signal(SIGTERM)
         let result = child.finish()
         #expect(result.status == 0)
@@ -162,20 +176,4 @@ func processCPUSeconds(_ pid: Int32) -> Double {
     let fields = text[text.index(after: close)...].split(separator: " ")
     let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
     return ((Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)) / ticks
-}
-
-/// One HTTP/1.1 GET over a fresh connection: the whole response as text.
-func httpGet(_ address: SocketAddress, _ path: String) throws -> String {
-    let s = try TestSocket.connect(address)
-    defer { s.close() }
-    s.setReceiveTimeout(seconds: 10)
-    s.write(Array("GET \(path) HTTP/1.1\r\nHost: igris\r\nConnection: close\r\n\r\n".utf8))
-    var response: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = buffer.withUnsafeMutableBytes { s.read(into: $0) }
-        if n <= 0 { break }
-        response += buffer[0..<n]
-    }
-    return String(decoding: response, as: UTF8.self)
 }
