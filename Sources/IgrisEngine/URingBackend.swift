@@ -321,6 +321,8 @@ public final class URingBackend: IOBackend {
         }
     }
 
+    private static var overflowFlushesPerTurn: Int { 64 }
+
     public func drainCompletions(_ body: (Completion) -> Void) {
         let bufferFlag = igris_cqe_flag_buffer()
         let moreFlag = igris_cqe_flag_more()
@@ -335,6 +337,12 @@ public final class URingBackend: IOBackend {
             }
             delivering.removeAll(keepingCapacity: true)
         }
+        // Batches until the CQ is empty; then, while the kernel holds completions back because
+        // the CQ was full (IORING_FEAT_NODROP keeps them), count the event, have them flushed
+        // into the CQ and take them too. A loop, not recursion: a tiny CQ under load overflows
+        // again and again (ASan caught the recursion overflowing the stack). Bounded per turn;
+        // what is left is flushed by the next io_uring_enter.
+        var flushes = 0
         while true {
             let n = igris_uring_take_completions(ring, batch, batchCapacity)
             for i in 0..<Int(n) {
@@ -362,15 +370,11 @@ public final class URingBackend: IOBackend {
                 body(Completion(token: OperationToken(raw: c.user_data), result: result, bufferID: bufferID,
                                 more: c.flags & moreFlag != 0))
             }
-            if n < batchCapacity { break }
-        }
-        // The kernel held completions back because the CQ was full (IORING_FEAT_NODROP keeps
-        // them): count the event, have them flushed into the CQ, and take them too.
-        if igris_uring_sq_cq_overflow_flag(ring) != 0 {
+            if n == batchCapacity { continue }
+            guard igris_uring_sq_cq_overflow_flag(ring) != 0, flushes < Self.overflowFlushesPerTurn else { break }
+            flushes += 1
             completionOverflows &+= 1
             _ = io_uring_get_events(ring)
-            drainCompletions(body)
-            return
         }
         let dropped = igris_uring_cq_overflow(ring)
         if dropped != droppedSeen {
