@@ -25,7 +25,7 @@ int igris_accept4(int fd, int flags) {
 }
 
 long igris_splice(int fd_in, int fd_out, size_t len) {
-    return (long)splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+    return (long)splice(fd_in, NULL, fd_out, NULL, len, igris_splice_flags());
 }
 
 int igris_make_pipe(int fds[2], int *size) {

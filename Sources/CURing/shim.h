@@ -14,8 +14,6 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <liburing.h>
-#include <unistd.h>
-#include <sys/syscall.h>
 #include <stddef.h>
 
 /// One completion as IGRIS consumes it: the three fields of a CQE, copied out so the
@@ -59,9 +57,6 @@ static inline void igris_sqe_select_buffer(struct io_uring_sqe *sqe, uint16_t gr
     sqe->buf_group = group;
 }
 
-/// Makes the next SQE run after this one even if this one fails (cancel -> close).
-static inline void igris_sqe_hardlink(struct io_uring_sqe *sqe) { sqe->flags |= IOSQE_IO_HARDLINK; }
-
 static inline uint32_t igris_cqe_flag_buffer(void) { return IORING_CQE_F_BUFFER; }
 static inline uint32_t igris_cqe_flag_more(void) { return IORING_CQE_F_MORE; }
 static inline uint32_t igris_cqe_flag_notif(void) { return IORING_CQE_F_NOTIF; }
@@ -100,11 +95,6 @@ static inline void igris_buf_ring_add_all(void *ring_memory, unsigned entries, c
 static inline int igris_uring_register_region(struct io_uring *ring, void *base, size_t length) {
     struct iovec iov = { .iov_base = base, .iov_len = length };
     return io_uring_register_buffers(ring, &iov, 1);
-}
-
-/// Raw io_uring_setup(2), for probing without touching liburing state.
-static inline int igris_sys_io_uring_setup(unsigned entries, struct io_uring_params *p) {
-    return (int)syscall(__NR_io_uring_setup, entries, p);
 }
 
 #endif

@@ -47,10 +47,10 @@ extension Worker {
         backend.accept(listener: listeners[i].fd, multishot: listeners[i].acceptMultishot, token: acceptToken(i))
     }
 
-    /// After an admission: a multishot accept whose room ran short goes on one at a time.
-    private func narrowAcceptIfShort(_ i: Int) {
-        guard listeners[i].acceptArmed, listeners[i].acceptMultishot, !listeners[i].narrowingAccept,
-              room(i) <= Self.multishotRoom else { return }
+    /// Ends an armed multishot accept so that accepting goes on one at a time (the
+    /// cancellation's completion re-arms it, unless accepting paused meanwhile).
+    private func narrowAccept(_ i: Int) {
+        guard listeners[i].acceptArmed, listeners[i].acceptMultishot, !listeners[i].narrowingAccept else { return }
         listeners[i].narrowingAccept = true
         backend.stopAccepting(listener: listeners[i].fd, token: acceptToken(i))
     }
@@ -163,7 +163,8 @@ extension Worker {
             noRoom(client, listener: i)
             return
         }
-        narrowAcceptIfShort(i)
+        // A multishot accept whose room ran short goes on one at a time.
+        if room(i) <= Self.multishotRoom { narrowAccept(i) }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
         statistics.add(listener: i, .accepted)
@@ -210,10 +211,7 @@ extension Worker {
         listeners[i].heldClient = client
         listeners[i].waitingForRoom = true
         listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
-        if listeners[i].acceptArmed && listeners[i].acceptMultishot && !listeners[i].narrowingAccept {
-            listeners[i].narrowingAccept = true
-            backend.stopAccepting(listener: listeners[i].fd, token: acceptToken(i))
-        }
+        narrowAccept(i)
     }
 
     func hasSlotAwaitingDescriptor() -> Bool {

@@ -68,7 +68,7 @@ extension Worker {
             let t = drainDeadline > now ? drainDeadline - now : 0
             timeout = min(timeout ?? t, t)
         }
-        if lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds {
+        if pausedInLastSecond {
             // Wake once the "accepting paused" state ages out, so readiness comes back.
             let t = lastPause &+ Self.pausedStateNanoseconds &- now
             timeout = min(timeout ?? t, t)
@@ -86,9 +86,9 @@ extension Worker {
 
     /// Out of descriptors, as readiness sees it: accepting paused in the last second, or an
     /// accepted client still waits for a descriptor for its upstream.
-    var acceptRecentlyPaused: Bool {
-        (lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds) || !awaitingDescriptor.isEmpty
-    }
+    var acceptRecentlyPaused: Bool { pausedInLastSecond || !awaitingDescriptor.isEmpty }
+
+    private var pausedInLastSecond: Bool { lastPause != 0 && now &- lastPause < Self.pausedStateNanoseconds }
 
     private func publishGauges() {
         statistics.set(.acceptPaused, acceptRecentlyPaused ? 1 : 0)

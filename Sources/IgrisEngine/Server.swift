@@ -119,9 +119,7 @@ public final class Server: Sendable {
     public init(configuration: ServerConfiguration, logger: Logger = Logger(label: "igris")) throws(ServerError) {
         self.configuration = configuration
         self.logger = logger
-        for rule in configuration.listeners where rule.pool == nil && rule.negotiator == nil {
-            throw .configuration("listener \(rule.name) has neither an upstream nor a negotiation")
-        }
+        try Self.check(configuration.listeners)
         let (kind, reason) = try Self.selectBackend(configuration.backend)
         backend = kind
         backendReason = reason
@@ -155,6 +153,13 @@ public final class Server: Sendable {
         case .auto:
             let probe = IOUringProbe.run()
             return probe.usable ? (.ioUring, probe.reason) : (.epoll, "io_uring unusable: \(probe.reason)")
+        }
+    }
+
+    /// Every listener needs somewhere to send its connections.
+    private static func check(_ rules: [ListenerRule]) throws(ServerError) {
+        for rule in rules where rule.pool == nil && rule.negotiator == nil {
+            throw .configuration("listener \(rule.name) has neither an upstream nor a negotiation")
         }
     }
 
@@ -226,11 +231,12 @@ public final class Server: Sendable {
         let failures = Locked<[ServerError]>([])
         let ready = DispatchSemaphore(value: 0)
         let slotsPerWorker = configuration.maxConnections
+        let rules = configuration.listeners.map(configuration.resolved)
         for w in 0..<configuration.workers {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
-                listeners: zip(listenFDs[w], configuration.listeners.indices).map { fd, k in
-                    BoundListener(fd: fd, rule: configuration.resolved(configuration.listeners[k]), budget: listenerBudgets[k])
+                listeners: zip(listenFDs[w], rules.indices).map { fd, k in
+                    BoundListener(fd: fd, rule: rules[k], budget: listenerBudgets[k])
                 },
                 backend: configuration.buffers,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
@@ -335,9 +341,7 @@ public final class Server: Sendable {
     /// leaves everything as it was and throws — then the workers switch at their next turn.
     /// Connections already open are not touched, whatever happens to their listener.
     public func reload(listeners: [ListenerRule]) throws(ServerError) -> ReloadSummary {
-        for rule in listeners where rule.pool == nil && rule.negotiator == nil {
-            throw .configuration("listener \(rule.name) has neither an upstream nor a negotiation")
-        }
+        try Self.check(listeners)
         let current = listenerTable.withLock { $0 }
         var keep: Set<Int> = []
         var added: [ListenerRule] = []
@@ -353,7 +357,8 @@ public final class Server: Sendable {
             throw .configuration("reload would make \(current.count + added.count) listeners over this process's life (at most \(Self.maxListeners)): restart instead")
         }
         // Bind everything new before changing anything.
-        let (fds, addresses) = try Self.bindListeners(added.map(configuration.resolved), workers: configuration.workers,
+        let resolvedAdded = added.map(configuration.resolved)
+        let (fds, addresses) = try Self.bindListeners(resolvedAdded, workers: configuration.workers,
                                                       backlog: configuration.listenBacklog)
         let addedBudgets = added.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         listenerTable.withLock { table in
@@ -362,7 +367,7 @@ public final class Server: Sendable {
         }
         for (w, control) in controls.enumerated() {
             let add = zip(fds[w], added.indices).map { fd, k in
-                BoundListener(fd: fd, rule: configuration.resolved(added[k]), budget: addedBudgets[k])
+                BoundListener(fd: fd, rule: resolvedAdded[k], budget: addedBudgets[k])
             }
             control.requestReload(ReloadCommand(add: add, remove: removed))
         }

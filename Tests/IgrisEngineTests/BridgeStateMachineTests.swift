@@ -57,7 +57,7 @@ struct BridgeStateMachineTests {
 
         w.backend.completeRecv(recvClient, Array(repeating: 7, count: 100))
         w.turn()
-        let send = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 100) = $0 { return true } else { return false } })
+        let send = try #require(w.backend.takeSend(to: upstream, offset: 0, length: 100))
         let recvClient2 = try #require(w.take(.recv(client)), "one recv ahead of the send")
 
         w.backend.complete(recvClient2, 0)  // client EOF while its bytes are still being sent
@@ -89,7 +89,7 @@ struct BridgeStateMachineTests {
         let recv = try #require(w.take(.recv(client)))
         w.backend.completeRecv(recv, [1, 2, 3])
         w.turn()
-        let send = try #require(w.backend.takeOne { if case .send(upstream, _, _, 3) = $0 { return true } else { return false } })
+        let send = try #require(w.backend.takeSend(to: upstream, length: 3))
         let recv2 = try #require(w.take(.recv(client)))
         w.backend.completeRecv(recv2, [4])  // the pool's only buffer is being sent: -ENOBUFS
         w.turn()
@@ -113,7 +113,7 @@ struct BridgeStateMachineTests {
         // The first client's bytes take the only buffer; the other two find the pool empty.
         w.backend.completeRecv(try #require(w.take(.recv(clients[0]))), [1])
         w.turn()
-        let send = try #require(w.backend.takeOne { if case .send(upstreams[0], _, _, 1) = $0 { return true } else { return false } })
+        let send = try #require(w.backend.takeSend(to: upstreams[0], length: 1))
         w.backend.completeRecv(try #require(w.take(.recv(clients[1]))), [2])
         w.backend.completeRecv(try #require(w.take(.recv(clients[2]))), [3])
         w.turn()
@@ -136,7 +136,7 @@ struct BridgeStateMachineTests {
         let recv = try #require(w.take(.recv(client)))
         w.backend.completeRecv(recv, Array(repeating: 9, count: 1000))
         w.turn()
-        let first = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        let first = try #require(w.backend.takeSend(to: upstream, offset: 0, length: 1000))
         guard case .send(_, let buffer, _, _) = first.operation else { throw TestError() }
         w.backend.complete(first.token, 300)
         w.turn()
@@ -153,16 +153,16 @@ struct BridgeStateMachineTests {
         let (client, upstream) = try w.bridge()
         w.backend.completeRecv(try #require(w.take(.recv(client))), Array(repeating: 1, count: 1000))
         w.turn()
-        let first = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        let first = try #require(w.backend.takeSend(to: upstream, offset: 0, length: 1000))
         let ahead = try #require(w.take(.recv(client)), "reads ahead while the destination keeps up")
         w.backend.complete(first.token, 400)  // a slow reader: part of it
         w.turn()
-        let rest = try #require(w.backend.takeOne { if case .send(upstream, _, 400, 600) = $0 { return true } else { return false } })
+        let rest = try #require(w.backend.takeSend(to: upstream, offset: 400, length: 600))
         w.backend.completeRecv(ahead, Array(repeating: 2, count: 1000))  // read before the congestion showed
         w.turn()
         w.backend.complete(rest.token, 600)
         w.turn()
-        let queued = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1000) = $0 { return true } else { return false } })
+        let queued = try #require(w.backend.takeSend(to: upstream, offset: 0, length: 1000))
         #expect(w.take(.recv(client)) == nil, "congested: no read-ahead, the bytes wait in the client's socket")
         #expect(w.backend.buffers.inUse == 1, "one buffer, the one being sent")
         w.backend.complete(queued.token, 1000)  // taken whole at the first try
@@ -170,7 +170,7 @@ struct BridgeStateMachineTests {
         let next = try #require(w.take(.recv(client)), "the destination keeps up again: read on")
         w.backend.completeRecv(next, [3])
         w.turn()
-        _ = try #require(w.backend.takeOne { if case .send(upstream, _, 0, 1) = $0 { return true } else { return false } })
+        _ = try #require(w.backend.takeSend(to: upstream, offset: 0, length: 1))
         #expect(w.take(.recv(client)) != nil, "and ahead again")
     }
 

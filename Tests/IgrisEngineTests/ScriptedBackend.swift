@@ -142,6 +142,12 @@ final class ScriptedBackend: IOBackend {
         return taken
     }
 
+    /// The one queued send of `length` bytes to `fd` (from `offset`, when given) in whatever
+    /// pool buffer, removed; nil when there is none or several.
+    func takeSend(to fd: Int32, offset: Int? = nil, length: Int) -> Submitted? {
+        takeOne { if case .send(fd, _, let o, length) = $0 { return offset == nil || o == offset } else { return false } }
+    }
+
     /// The one queued operation matching `match`, removed; nil when there is none or several.
     func takeOne(_ match: (Operation) -> Bool) -> Submitted? {
         let taken = take(match)
