@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sys/socket.h>
+#include <stdint.h>
+#include <linux/sock_diag.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/utsname.h>
@@ -39,4 +41,14 @@ int igris_make_pipe(int fds[2], int *size) {
     }
     *size = granted;
     return 0;
+}
+
+long igris_send_room(int fd, long *size) {
+    uint32_t info[SK_MEMINFO_VARS];
+    socklen_t length = sizeof info;
+    if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, info, &length) != 0) return -1;
+    *size = (long)info[SK_MEMINFO_SNDBUF];
+    long free = (long)info[SK_MEMINFO_SNDBUF] - (long)info[SK_MEMINFO_WMEM_QUEUED];
+    long room = free - free / 4 - 4096;
+    return room > 0 ? room : 0;
 }

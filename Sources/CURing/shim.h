@@ -82,15 +82,6 @@ static inline void igris_buf_ring_recycle(void *ring_memory, unsigned entries, v
     io_uring_buf_ring_advance(br, 1);
 }
 
-/// Adds `count` buffers at once (start-up), then one tail update.
-static inline void igris_buf_ring_add_all(void *ring_memory, unsigned entries, char *base, unsigned buffer_size, unsigned count) {
-    struct io_uring_buf_ring *br = (struct io_uring_buf_ring *)ring_memory;
-    for (unsigned i = 0; i < count; i++) {
-        io_uring_buf_ring_add(br, base + (size_t)i * buffer_size, buffer_size, (uint16_t)i, io_uring_buf_ring_mask(entries), (int)i);
-    }
-    io_uring_buf_ring_advance(br, (int)count);
-}
-
 /// Registers one region as fixed buffer 0 (for IORING_OP_SEND_ZC with IORING_RECVSEND_FIXED_BUF).
 static inline int igris_uring_register_region(struct io_uring *ring, void *base, size_t length) {
     struct iovec iov = { .iov_base = base, .iov_len = length };

@@ -8,12 +8,73 @@ extension Worker {
         if direction(p, d).pointee.path == .splice { armPollIn(s, p, d) } else { armRecv(s, p, d) }
     }
 
+    /// Copy path: arm the read side, for no more than the destination takes at once, so
+    /// that every send completes whole and its buffer comes straight back: a buffer never
+    /// waits on a full destination. With no room at all the direction waits for room holding
+    /// nothing (`woken`: it just did, and reads a little even if the estimate says no room,
+    /// rather than poll again). `Direction.room` spares the syscall while the destination is
+    /// mostly empty (see `destinationRoom`).
     @inline(__always)
-    func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+    func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, woken: Bool = false) {
         let dir = direction(p, d)
+        var limit = 0
+        if Int(dir.pointee.room) < backend.buffers.size {
+            let room = destinationRoom(dir)
+            if room < backend.buffers.size {
+                if room < Self.smallestBoundedRead && !woken {
+                    armWaitForRoom(s, p, d)
+                    return
+                }
+                limit = max(room, Self.smallestBoundedRead)
+            }
+        }
         dir.pointee.reading = .recv
         p.pointee.inflight += 1
-        backend.recv(fd: dir.pointee.source, token: token(s, .recv, d))
+        backend.recv(fd: dir.pointee.source, limit: limit, token: token(s, .recv, d))
+    }
+
+    /// Below this much room a bounded read is not worth its syscalls: wait for more.
+    static var smallestBoundedRead: Int { 4096 }
+
+    /// Bytes the destination's send buffer takes now (Int.max when it cannot say); sets
+    /// `Direction.room`, what later reads may take without asking again. The kernel's
+    /// overhead per byte grows as a peer's window closes (skbs split into small segments), so
+    /// that allowance is half the room while the buffer is at most half full, and nothing
+    /// once it is fuller: a slow reader's direction asks before every read, a healthy one
+    /// about once per half of its send buffer.
+    @inline(__always)
+    func destinationRoom(_ dir: UnsafeMutablePointer<Direction>) -> Int {
+        guard let (room, size) = Syscall.sendRoom(dir.pointee.destination) else {
+            dir.pointee.room = .max
+            return .max
+        }
+        dir.pointee.room = room * 2 >= size ? UInt32(clamping: room / 2) : 0
+        return room
+    }
+
+    private func armWaitForRoom(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
+        let dir = direction(p, d)
+        dir.pointee.writing = .waitingForRoom
+        statistics.add(.roomWaits)
+        p.pointee.inflight += 1
+        backend.pollWritable(fd: dir.pointee.destination, token: token(s, .room, d))
+    }
+
+    /// The destination has room again (or an error, which the next send reports).
+    func onRoom(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        direction(p, d).pointee.writing = .idle
+        guard p.pointee.state == .bridging else { return }
+        if result < 0 { peerFailed(s, result); return }
+        armRecv(s, p, d, woken: true)
+    }
+
+    /// Read ahead of a send in flight: only with room for a whole buffer beyond it (without
+    /// asking the socket: a wait for room cannot share the write side with a send), and not
+    /// while paused or while the pool is under pressure.
+    @inline(__always)
+    func mayReadAhead(_ dir: UnsafeMutablePointer<Direction>) -> Bool {
+        dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 && Int(dir.pointee.room) >= backend.buffers.size
+            && !backend.buffers.underPressure
     }
 
     @inline(__always)
@@ -46,6 +107,8 @@ extension Worker {
             return
         }
         let n = UInt32(c.result)
+        // These bytes are on their way to the destination: its room shrinks by as much.
+        dir.pointee.room = dir.pointee.room > n ? dir.pointee.room - n : 0
         countBytes(s, p, d, n)
         let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
         if p.pointee.splice == .auto && dir.pointee.path == .copy && !p.pointee.rateLimited {
@@ -67,9 +130,10 @@ extension Worker {
         dir.pointee.sendOffset = 0
         dir.pointee.sendRemaining = n
         armSend(s, p, d)
-        // One buffer in flight to the writer, one recv ahead of it — unless the writer is
-        // congested, or this direction is about to move to splice (the copy path drains first).
-        if dir.pointee.path == .copy && !throttled && !dir.pointee.congested { armRecv(s, p, d) }
+        // One buffer in flight to the writer, one recv ahead of it — unless the destination
+        // has no room for it, the pool is under pressure, or this direction is about to move
+        // to splice (the copy path drains first).
+        if !throttled && mayReadAhead(dir) { armRecv(s, p, d) }
     }
 
     func onSend(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
@@ -83,14 +147,13 @@ extension Worker {
         }
         let n = UInt32(result)
         if n < dir.pointee.sendRemaining {
-            dir.pointee.congested = true
+            // The room estimate was wrong (the kernel's overhead): ask the socket next time.
+            dir.pointee.room = 0
             dir.pointee.sendOffset += n
             dir.pointee.sendRemaining -= n
             armSend(s, p, d)
             return
         }
-        // A whole buffer taken at the first try: the destination keeps up again.
-        if dir.pointee.sendOffset == 0 { dir.pointee.congested = false }
         returnBuffer(dir.pointee.sendBuffer)
         dir.pointee.sendBuffer = Direction.noBuffer
         if dir.pointee.queuedBuffer != Direction.noBuffer {
@@ -99,13 +162,11 @@ extension Worker {
             dir.pointee.sendRemaining = dir.pointee.queuedLength
             dir.pointee.queuedBuffer = Direction.noBuffer
             armSend(s, p, d)
-            if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 && !dir.pointee.congested {
-                armRecv(s, p, d)
-            }
+            if dir.pointee.reading == .idle && mayReadAhead(dir) { armRecv(s, p, d) }
         } else if dir.pointee.reading == .eof {
             queueShutdown(s, p, d)
         } else if dir.pointee.reading == .idle && dir.pointee.path == .copy && dir.pointee.throttledUntil == 0 {
-            // Not read ahead (congested): the destination has taken everything, read on.
+            // Not read ahead (no room for it): the destination has taken everything, read on.
             armRecv(s, p, d)
         } else if dir.pointee.path == .copyThenSplice && dir.pointee.reading == .idle {
             // The copy path is empty: from here on this direction splices.
@@ -194,7 +255,9 @@ extension Worker {
             guard dir.pointee.throttledUntil != 0, dir.pointee.throttledUntil <= now else { continue }
             dir.pointee.throttledUntil = 0
             // With a buffer still queued, the send completion re-arms the recv.
-            if dir.pointee.reading == .idle && dir.pointee.queuedBuffer == Direction.noBuffer { armRecv(s, p, d) }
+            if dir.pointee.reading == .idle && dir.pointee.queuedBuffer == Direction.noBuffer && dir.pointee.writing != .waitingForRoom {
+                armRecv(s, p, d)
+            }
         }
     }
 

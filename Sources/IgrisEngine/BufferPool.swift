@@ -1,40 +1,71 @@
 import Glibc
 import CLinux
 
-/// A worker's fixed-size buffers: one anonymous mmap of `count * size` bytes.
+/// A worker's buffers: one anonymous mmap of `count * size` bytes (the worker's share of
+/// `buffer_memory`), of which only `active` buffers circulate.
 ///
-/// Pages are only made resident when first written, so an idle worker costs little; under
-/// load, memory is bounded by `count * size` whatever the traffic. The pool tracks which
-/// buffers are lent out so the epoll backend can pick free ones and both backends can
-/// report use; on io_uring the kernel picks from the provided buffer ring instead, and the
-/// free list here is unused.
+/// The pool is elastic. It starts with `initialActive` buffers in circulation and grows on
+/// demand (`grow`), never past `count`. Once a second the worker sets a target from the
+/// recent peak use (`adjustTarget`); while more buffers circulate than that, buffers coming
+/// back are parked instead of reused, and a parked buffer's pages go back to the kernel
+/// (MADV_DONTNEED), so memory follows load down as well as up.
+///
+/// Who holds which buffer: a free buffer is in the backend's hands (the io_uring buffer ring,
+/// or `freeStack` for epoll), a lent one is the worker's (received into, not yet sent), a
+/// parked one nobody's. Only lent and parked buffers pass through the worker, which is why a
+/// buffer is parked when it comes back and not while it waits in the kernel's ring.
 public final class BufferPool {
     public let size: Int
+    /// The most buffers this worker may use (its memory budget / `size`).
     public let count: Int
     public let base: UnsafeMutableRawPointer
-    /// Free buffer ids (stack), for the epoll backend.
-    private var freeStack: UnsafeMutablePointer<UInt16>
-    private var freeTop: Int
-    /// Buffers currently lent out (received into and not yet sent).
+    /// Buffers in circulation: free or lent.
+    public private(set) var active: Int
+    /// Buffers lent out (received into and not yet sent).
     public private(set) var inUse: Int = 0
     public private(set) var peakInUse: Int = 0
+    /// Buffers parked since the pool was made, for the metrics and tests.
+    public private(set) var parkedTotal: Int = 0
+    /// `active` wanted; above it, returned buffers are parked.
+    public private(set) var target: Int
+    /// Circulation the pool starts with and never shrinks below.
+    public let initialActive: Int
+    /// Free buffer ids (stack), for the epoll backend.
+    private let freeStack: UnsafeMutablePointer<UInt16>
+    private var freeTop = 0
+    /// Parked ids: not in circulation, no resident memory.
+    private let parked: UnsafeMutablePointer<UInt16>
+    private var parkedTop = 0
+    /// Peak use in each of the last `peakWindow` seconds (a ring), for `adjustTarget`.
+    private var recentPeaks: [Int]
+    private var recentPeakIndex = 0
+    private var peakThisSecond = 0
+    static let peakWindow = 5
 
-    public init(size: Int, count: Int) throws(SyscallError) {
+    public init(size: Int, count: Int, initialActive: Int = 64) throws(SyscallError) {
         precondition(count > 0 && count <= 32768 && count & (count - 1) == 0, "buffer count must be a power of two ≤ 32768")
         precondition(size >= 1024 && size <= 1 << 20)
         self.size = size
         self.count = count
-        let p = mmap(nil, size * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        let p = mmap(nil, size * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let p, p != UnsafeMutableRawPointer(bitPattern: -1) else { throw SyscallError("mmap(buffer pool)", errno: igris_errno()) }
         base = p
+        self.initialActive = min(count, max(2, initialActive))
+        active = self.initialActive
+        target = self.initialActive
         freeStack = .allocate(capacity: count)
-        for i in 0..<count { freeStack[i] = UInt16(count - 1 - i) }
-        freeTop = count
+        parked = .allocate(capacity: count)
+        // Ids below `initialActive` circulate; the rest start parked, highest first out.
+        for i in 0..<self.initialActive { freeStack[i] = UInt16(self.initialActive - 1 - i) }
+        freeTop = self.initialActive
+        for i in self.initialActive..<count { parked[parkedTop] = UInt16(count - 1 - (i - self.initialActive)); parkedTop += 1 }
+        recentPeaks = Array(repeating: 0, count: Self.peakWindow)
     }
 
     deinit {
         munmap(base, size * count)
         freeStack.deallocate()
+        parked.deallocate()
     }
 
     @inline(__always)
@@ -42,9 +73,20 @@ public final class BufferPool {
         base + Int(id) * size
     }
 
-    /// Epoll path: take a free buffer, or nil when all are lent out.
+    /// The ids in circulation at start, for the io_uring backend to fill its ring with.
+    public func takeInitialFree() -> [UInt16] {
+        let ids = (0..<freeTop).map { freeStack[$0] }
+        freeTop = 0
+        return ids
+    }
+
+    // MARK: - Epoll: the free stack
+
+    /// Epoll path: take a free buffer (growing the circulation when none is free), or nil when
+    /// the budget is spent.
     @inline(__always)
     public func take() -> UInt16? {
+        if freeTop == 0, let id = unpark() { return id }
         guard freeTop > 0 else { return nil }
         freeTop -= 1
         return freeStack[freeTop]
@@ -57,11 +99,21 @@ public final class BufferPool {
         freeTop += 1
     }
 
+    /// Epoll path: a returned buffer, free again unless the pool is shrinking.
+    @inline(__always)
+    public func returnToStack(_ id: UInt16) {
+        markReturned()
+        if !parkIfShrinking(id) { putBack(id) }
+    }
+
+    // MARK: - Lending
+
     /// A completion delivered bytes in buffer `id`: it is now lent to the worker.
     @inline(__always)
     public func markLent() {
         inUse += 1
         if inUse > peakInUse { peakInUse = inUse }
+        if inUse > peakThisSecond { peakThisSecond = inUse }
     }
 
     /// The worker returned a lent buffer.
@@ -70,5 +122,65 @@ public final class BufferPool {
         inUse -= 1
     }
 
-    public var available: Int { count - inUse }
+    /// Free buffers in circulation.
+    public var available: Int { active - inUse }
+
+    /// Under pressure: half the budget is lent out. Directions then read only what their
+    /// destination can take at once and read no further ahead, so no new buffer waits on a
+    /// full destination and the other half stays free for everyone else.
+    @inline(__always)
+    public var underPressure: Bool { inUse * 2 >= count }
+
+    // MARK: - Growing and shrinking
+
+    /// Takes a parked buffer into circulation; nil when all are circulating.
+    @inline(__always)
+    public func unpark() -> UInt16? {
+        guard parkedTop > 0 else { return nil }
+        parkedTop -= 1
+        active += 1
+        if target < active { target = active }
+        return parked[parkedTop]
+    }
+
+    /// io_uring: few free buffers left in the ring (a quarter of the circulation or 8): how
+    /// many parked ones to add now, doubling the circulation at most.
+    @inline(__always)
+    public var shortfall: Int {
+        let free = active - inUse
+        guard free < max(8, active / 4), parkedTop > 0 else { return 0 }
+        return min(parkedTop, max(8, active))
+    }
+
+    /// A buffer coming back while more circulate than wanted is parked: out of circulation,
+    /// its pages returned to the kernel. True when it was.
+    @inline(__always)
+    public func parkIfShrinking(_ id: UInt16) -> Bool {
+        guard active > target else { return false }
+        _ = madvise(pointer(id), size, MADV_DONTNEED)
+        parked[parkedTop] = id
+        parkedTop += 1
+        active -= 1
+        parkedTotal += 1
+        return true
+    }
+
+    /// Once a second: the target becomes twice the peak use of the last few seconds (never
+    /// below `initialActive`). Epoll parks surplus free buffers at once; io_uring's wait in the
+    /// kernel's ring and are parked as they come back from use.
+    public func adjustTarget() {
+        recentPeaks[recentPeakIndex] = peakThisSecond
+        recentPeakIndex = (recentPeakIndex + 1) % recentPeaks.count
+        peakThisSecond = inUse
+        let recent = recentPeaks.max() ?? 0
+        target = max(initialActive, min(count, 2 * recent + 8))
+    }
+
+    /// Epoll: parks free buffers beyond the target.
+    public func shrinkFreeStack() {
+        while active > target && freeTop > 0 {
+            freeTop -= 1
+            _ = parkIfShrinking(freeStack[freeTop])
+        }
+    }
 }

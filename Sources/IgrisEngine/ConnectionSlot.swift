@@ -4,8 +4,9 @@ import Glibc
 ///
 /// At most one read-side and one write-side operation are in flight, and on the copy path at
 /// most two buffers are held: the one being sent and one received meanwhile (`queued`).
-/// Nothing else is ever buffered, so a slow reader stalls its writer instead of growing
-/// memory. A direction is on one path at a time and only changes path when the other has
+/// A direction reads only what its destination can take at once (`room`), and holds no
+/// buffer while it waits for room: a slow reader's bytes wait in the kernel's socket
+/// buffers, with TCP backpressure, not in the pool. A direction is on one path at a time and only changes path when the other has
 /// nothing in flight, so bytes never reorder.
 struct Direction {
     static let noBuffer: UInt16 = .max
@@ -32,6 +33,8 @@ struct Direction {
         case spliceOut
         /// Splice path: waiting for room in the destination.
         case pollOut
+        /// Copy path: waiting for room in the destination before reading (no buffer held).
+        case waitingForRoom
         /// shutdown(SHUT_WR) queued after the source's EOF.
         case shutdown
         /// The shutdown completed: this direction is finished.
@@ -52,10 +55,9 @@ struct Direction {
     var path: Path = .copy
     /// auto: consecutive recvs that filled a whole buffer.
     var fullReads: UInt8 = 0
-    /// The destination took less than a whole send: no reading ahead until it takes one
-    /// whole again, so a slow reader's direction holds one buffer, not two, and its bytes
-    /// wait in the source socket's receive queue (the kernel's memory, with TCP backpressure).
-    var congested = false
+    /// Bytes the destination's send buffer takes without blocking, at least: measured by
+    /// `Worker.destinationRoom`, less every byte received for it since.
+    var room: UInt32 = 0
     var sendBuffer: UInt16 = noBuffer
     var queuedBuffer: UInt16 = noBuffer
     var sendOffset: UInt32 = 0
@@ -87,6 +89,7 @@ struct Direction {
         switch writing {
         case .send: return OperationToken(raw: base.raw | UInt64(OperationKind.send.rawValue))
         case .pollOut: return OperationToken(raw: base.raw | UInt64(OperationKind.pollOut.rawValue))
+        case .waitingForRoom: return OperationToken(raw: base.raw | UInt64(OperationKind.room.rawValue))
         case .spliceOut: return OperationToken(raw: base.raw | UInt64(OperationKind.spliceOut.rawValue))
         case .shutdown: return OperationToken(raw: base.raw | UInt64(OperationKind.shutdown.rawValue))
         case .idle, .finished: return .ignored

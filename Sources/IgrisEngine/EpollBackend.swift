@@ -24,6 +24,8 @@ public final class EpollBackend: IOBackend {
         var acceptToken: UInt64 = 0
         var acceptOnce = false
         var recvToken: UInt64 = 0
+        /// Bytes the queued recv may take at most (0: a whole buffer).
+        var recvLimit: Int32 = 0
         var sendToken: UInt64 = 0
         var connectToken: UInt64 = 0
         var pollToken: UInt64 = 0
@@ -142,9 +144,10 @@ public final class EpollBackend: IOBackend {
         }
     }
 
-    public func recv(fd: Int32, token: OperationToken) {
+    public func recv(fd: Int32, limit: Int, token: OperationToken) {
         let i = state(fd)
         fds[i].recvToken = token.raw
+        fds[i].recvLimit = Int32(limit)
         if fds[i].readable { runRecv(i) }
     }
 
@@ -155,7 +158,8 @@ public final class EpollBackend: IOBackend {
             complete(token, -ENOBUFS)
             return
         }
-        let n = Syscall.recv(Int32(i), buffers.pointer(id), buffers.size)
+        let limit = Int(fds[i].recvLimit)
+        let n = Syscall.recv(Int32(i), buffers.pointer(id), limit > 0 && limit < buffers.size ? limit : buffers.size)
         if n > 0 {
             fds[i].recvToken = 0
             buffers.markLent()
@@ -236,6 +240,10 @@ public final class EpollBackend: IOBackend {
 
     public func pollWritable(fd: Int32, token: OperationToken) {
         let i = state(fd)
+        // The cache is cleared only by an EAGAIN, and a worker that reads no more than the
+        // destination takes never sees one: ask the socket. Its poll also arms the wake-up
+        // (SOCK_NOSPACE) that makes the next edge come when room frees.
+        if fds[i].writable && !Syscall.isWritable(fd) { fds[i].writable = false }
         if fds[i].writable {
             complete(token.raw, Int32(POLLOUT))
         } else {
@@ -295,8 +303,12 @@ public final class EpollBackend: IOBackend {
 
     @inline(__always)
     public func releaseBuffer(_ id: UInt16) {
-        buffers.putBack(id)
-        buffers.markReturned()
+        buffers.returnToStack(id)
+    }
+
+    public func adjustBuffers() {
+        buffers.adjustTarget()
+        buffers.shrinkFreeStack()
     }
 
     public func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {

@@ -27,6 +27,10 @@ extension Worker {
         resumePausedListeners()
         if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
         if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
+        if now >= nextBufferAdjustment {
+            backend.adjustBuffers()
+            nextBufferAdjustment = now + Self.bufferAdjustmentNanoseconds
+        }
         publishGauges()
         if draining {
             if now >= drainDeadline && !abortedAtDeadline { abortAllAtDeadline() }
@@ -73,12 +77,20 @@ extension Worker {
             let t = lastPause &+ Self.pausedStateNanoseconds &- now
             timeout = min(timeout ?? t, t)
         }
+        if backend.buffers.target > backend.buffers.initialActive {
+            // The pool may shrink: keep the once-a-second adjustment running while idle.
+            let t = nextBufferAdjustment > now ? nextBufferAdjustment - now : 0
+            timeout = min(timeout ?? t, t)
+        }
         if !probes.isEmpty, let at = nextHealthCheckEvent() {
             let t = at > now ? at - now : 0
             timeout = min(timeout ?? t, t)
         }
         return timeout
     }
+
+    /// How often the buffer pool sets its target from recent use (`BufferPool.adjustTarget`).
+    static var bufferAdjustmentNanoseconds: UInt64 { 1_000_000_000 }
 
     /// How long after its last pause a worker still reports accepting as paused: pauses last
     /// 100 ms and repeat while the shortage lasts, so readiness does not flicker with them.
@@ -94,6 +106,8 @@ extension Worker {
         statistics.set(.acceptPaused, acceptRecentlyPaused ? 1 : 0)
         statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
         statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
+        statistics.set(.buffersActive, Int64(backend.buffers.active))
+        statistics.set(.buffersParked, Int64(backend.buffers.parkedTotal))
         statistics.set(.completionOverflows, Int64(backend.completionOverflows))
         statistics.set(.pipesInUse, Int64(pipes.inUse))
         statistics.set(.pipesPeak, Int64(pipes.peakInUse))

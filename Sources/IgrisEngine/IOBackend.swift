@@ -23,7 +23,8 @@ public enum SpliceMode: String, Sendable, CaseIterable {
 public struct BackendConfiguration: Sendable {
     /// Size of each pooled buffer (bytes).
     public var bufferSize: Int
-    /// Number of pooled buffers per worker; a power of two (the io_uring buffer ring needs it).
+    /// Pooled buffers per worker at most (its share of `buffer_memory`); a power of two (the
+    /// io_uring buffer ring needs it). The pool starts smaller and grows on demand.
     public var bufferCount: Int
     /// Submission queue entries (io_uring).
     public var ringEntries: UInt32
@@ -35,6 +36,21 @@ public struct BackendConfiguration: Sendable {
         self.bufferCount = bufferCount
         self.ringEntries = ringEntries
         self.zeroCopySendThreshold = zeroCopySendThreshold
+    }
+
+    /// `buffer_memory` when the operator gives none: 4 KiB per allowed connection (a
+    /// quarter of a default buffer each: most connections are idle or interactive), at least
+    /// 16 MiB per worker and at most 1 GiB unless the workers' minimum needs more.
+    public static func defaultBufferMemory(maxConnections: Int, workers: Int) -> Int {
+        let floor = workers * 16 << 20
+        return max(floor, min(1 << 30, maxConnections * 4096))
+    }
+
+    /// Each worker's buffer count for a memory budget: its share, in buffers, rounded down
+    /// to a power of two between 2 and 32768.
+    public static func bufferCount(memory: Int, bufferSize: Int, workers: Int) -> Int {
+        let share = max(2, min(32768, memory / max(1, workers) / bufferSize))
+        return 1 << (Int.bitWidth - 1 - share.leadingZeroBitCount)
     }
 }
 
@@ -69,8 +85,9 @@ public protocol IOBackend: AnyObject {
     func stopAccepting(listener fd: Int32, token: OperationToken)
     /// Connect; `address` must stay valid until the completion.
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken)
-    /// Receive into a buffer the backend selects from the pool: bytes, 0 at EOF, -errno.
-    func recv(fd: Int32, token: OperationToken)
+    /// Receive at most `limit` bytes (0: a whole buffer) into a buffer the backend selects
+    /// from the pool: bytes, 0 at EOF, -errno.
+    func recv(fd: Int32, limit: Int, token: OperationToken)
     /// Send `length` bytes of pool buffer `buffer` starting at `offset`: bytes sent (maybe
     /// fewer), or -errno. Completes once the buffer may be reused (SEND_ZC included).
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken)
@@ -103,8 +120,11 @@ public protocol IOBackend: AnyObject {
 
     /// Empties the worker's wake eventfd after its poll completed.
     func consumeWake(fd: Int32)
-    /// Returns a buffer to the pool (and, on io_uring, to the kernel's buffer ring).
+    /// Returns a buffer to the pool (and, on io_uring, to the kernel's buffer ring), or parks
+    /// it while the pool shrinks.
     func releaseBuffer(_ id: UInt16)
+    /// Once a second: the pool sets its target from recent use and gives back what it can.
+    func adjustBuffers()
 
     /// Submits queued operations and waits until at least one completion is ready or
     /// `timeoutNanoseconds` passed (nil: no limit; 0: don't wait).

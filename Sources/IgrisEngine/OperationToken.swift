@@ -23,6 +23,8 @@ public enum OperationKind: UInt8, Sendable {
     /// index = health probe, generation = its attempt's sequence.
     case healthConnect
     case healthClose
+    /// Copy path: the destination has room again (a poll for writable).
+    case room
 }
 
 /// The 64-bit tag of every submitted operation: slot (or listener) index, the slot's

@@ -171,6 +171,22 @@ public enum Syscall {
         return max(0, Int(n))
     }
 
+    /// Bytes `fd`'s send buffer takes now without blocking, at least (`igris_send_room`),
+    /// and the buffer's size; nil when the socket cannot say.
+    @inline(__always)
+    public static func sendRoom(_ fd: Int32) -> (room: Int, size: Int)? {
+        var size = 0
+        let n = igris_send_room(fd, &size)
+        return n >= 0 ? (n, size) : nil
+    }
+
+    /// poll(POLLOUT) without waiting: true when `fd` has room to write (or an error to report).
+    public static func isWritable(_ fd: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        let n = retrying("poll") { Glibc.poll(&p, 1, 0) }
+        return n > 0 && p.revents != 0
+    }
+
     @inline(never)
     public static func eventfd() throws(SyscallError) -> Int32 {
         try checked("eventfd") { CLinux.eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC)) }

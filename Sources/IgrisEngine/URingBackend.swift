@@ -107,8 +107,7 @@ public final class URingBackend: IOBackend {
             ring.deallocate()
             throw SyscallError("io_uring_register_buf_ring", errno: -reg)
         }
-        igris_buf_ring_add_all(mem, UInt32(configuration.bufferCount), buffers.base.assumingMemoryBound(to: CChar.self),
-                               UInt32(configuration.bufferSize), UInt32(configuration.bufferCount))
+        for id in buffers.takeInitialFree() { igris_buf_ring_recycle(mem, UInt32(configuration.bufferCount), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         batch = .allocate(capacity: Int(batchCapacity))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
         zeroCopyResults.reserveCapacity(configuration.bufferCount)
@@ -160,9 +159,10 @@ public final class URingBackend: IOBackend {
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
-    public func recv(fd: Int32, token: OperationToken) {
+    public func recv(fd: Int32, limit: Int, token: OperationToken) {
         let sqe = nextSQE()
-        io_uring_prep_recv(sqe, fd, nil, 0, 0)
+        // With a selected buffer, the length caps the read (0: the whole buffer).
+        io_uring_prep_recv(sqe, fd, nil, limit > 0 && limit < buffers.size ? limit : 0, 0)
         igris_sqe_select_buffer(sqe, bufferGroup)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
@@ -300,8 +300,13 @@ public final class URingBackend: IOBackend {
 
     @inline(__always)
     public func releaseBuffer(_ id: UInt16) {
-        igris_buf_ring_recycle(bufferRing, UInt32(buffers.count), buffers.pointer(id), UInt32(buffers.size), id)
         buffers.markReturned()
+        if !buffers.parkIfShrinking(id) { recycle(id) }
+    }
+
+    @inline(__always)
+    private func recycle(_ id: UInt16) {
+        igris_buf_ring_recycle(bufferRing, UInt32(buffers.count), buffers.pointer(id), UInt32(buffers.size), id)
     }
 
     public func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {
@@ -381,5 +386,15 @@ public final class URingBackend: IOBackend {
             completionOverflows &+= UInt64(dropped &- droppedSeen)
             droppedSeen = dropped
         }
+        // Few free buffers left in the ring: add parked ones before recvs find it empty.
+        var more = buffers.shortfall
+        while more > 0, let id = buffers.unpark() {
+            recycle(id)
+            more -= 1
+        }
+    }
+
+    public func adjustBuffers() {
+        buffers.adjustTarget()
     }
 }

@@ -80,6 +80,8 @@ final class Worker<Backend: IOBackend> {
     var lastPauseLog: UInt64 = 0
     /// When accepting last paused for lack of descriptors or memory (0: never).
     var lastPause: UInt64 = 0
+    /// When the buffer pool next sets its target (loop clock).
+    var nextBufferAdjustment: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
     var expired: [Int32] = []
 
@@ -166,6 +168,7 @@ final class Worker<Backend: IOBackend> {
         case .spliceIn: onSpliceIn(s, p, d, c.result)
         case .spliceOut: onSpliceOut(s, p, d, c.result)
         case .pollOut: onPollOut(s, p, d, c.result)
+        case .room: onRoom(s, p, d, c.result)
         case .shutdown: onShutdown(s, p, d)
         case .connect: onConnect(s, p, c.result)
         case .negotiationReadable: onNegotiationReadable(s, p, c.result)

@@ -24,6 +24,9 @@ public final class WorkerStatistics: Sendable {
         case buffersInUse
         case buffersPeak
         case bufferExhaustions       // recv completed ENOBUFS, waited for a buffer
+        case buffersActive           // gauge: buffers in circulation (free or lent)
+        case buffersParked           // buffers taken out of circulation, pages given back
+        case roomWaits               // a direction waited for room in its destination before reading
         case completionOverflows     // io_uring CQ overflow events
         case drainAborted            // bridges still open at the drain deadline
         case pipesInUse

@@ -35,7 +35,10 @@ public struct ConfigFile: Sendable {
     public var backend: BackendChoice = .auto
     public var maxConnections: Int = 65536
     public var bufferSize: Int = 64 * 1024
-    public var buffers: Int = 256
+    /// Pooled buffers per worker at most; nil: derived from `bufferMemory`.
+    public var buffers: Int?
+    /// Memory for pooled buffers, all workers together; nil: the default for max_connections.
+    public var bufferMemory: Int?
     public var splice: SpliceMode = .auto
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64?
@@ -115,7 +118,9 @@ public struct ConfigFile: Sendable {
         var c = ServerConfiguration(listeners: try listenerRules(gateway: gateway), workers: workers ?? Syscall.onlineCPUs(), backend: backend)
         c.accounts = gateway.policy.accounts
         c.maxConnections = maxConnections
-        c.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers)
+        let memory = bufferMemory ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: c.workers)
+        c.buffers = BackendConfiguration(bufferSize: bufferSize,
+                                         bufferCount: buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: c.workers))
         c.splice = splice
         c.connectTimeoutNanoseconds = connectTimeoutNanoseconds
         c.idleTimeoutNanoseconds = idleTimeoutNanoseconds
@@ -132,7 +137,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
+        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -159,6 +164,13 @@ private struct Decoded: Decodable {
         if let b = try c.decodeIfPresent(Int.self, forKey: key("buffers")) {
             guard (2...32768).contains(b), b & (b - 1) == 0 else { throw fail("buffers", "must be a power of two between 2 and 32768") }
             config.buffers = b
+        }
+        if let text = try c.decodeIfPresent(String.self, forKey: key("buffer_memory")) {
+            guard config.buffers == nil else { throw fail("buffer_memory", "buffers and buffer_memory contradict each other: choose one") }
+            guard let bytes = ByteSize.parse(text), bytes >= UInt64(config.bufferSize * 2) else {
+                throw fail("buffer_memory", "expected a size such as 64MiB or 1GiB, at least two buffers, got '\(text)'")
+            }
+            config.bufferMemory = Int(bytes)
         }
         if let s = try c.decodeIfPresent(String.self, forKey: key("splice")) {
             guard let v = SpliceMode(rawValue: s) else { throw fail("splice", "expected auto, always or never, got '\(s)'") }

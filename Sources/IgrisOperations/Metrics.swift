@@ -70,8 +70,16 @@ public struct MetricsRenderer: Sendable {
         for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
         out.family("igris_accept_paused", "gauge", "1 while a worker's accepting is paused for lack of descriptors or memory (within the last second).")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_accept_paused", ["worker": "\(w)"], s.load(.acceptPaused)) }
-        out.family("igris_buffers", "gauge", "Pool buffers per worker.")
+        out.family("igris_buffers", "gauge", "Pool buffers per worker at most (its share of buffer_memory).")
         out.sample("igris_buffers", [:], Int64(server.configuration.buffers.bufferCount))
+        out.family("igris_buffers_active", "gauge", "Pool buffers in circulation (free or lent), per worker; the pool grows to igris_buffers on demand and shrinks when idle.")
+        for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_active", ["worker": "\(w)"], s.load(.buffersActive)) }
+        out.family("igris_buffer_memory_bytes", "gauge", "Bytes of pool buffers in circulation, all workers.")
+        out.sample("igris_buffer_memory_bytes", [:], server.statistics.reduce(Int64(0)) { $0 + $1.load(.buffersActive) } * Int64(server.configuration.buffers.bufferSize))
+        out.family("igris_buffers_parked_total", "counter", "Buffers taken out of circulation as the pool shrank (their pages given back).")
+        out.sample("igris_buffers_parked_total", [:], server.total(.buffersParked))
+        out.family("igris_room_waits_total", "counter", "Times a direction waited for room in its destination before reading (slow readers).")
+        out.sample("igris_room_waits_total", [:], server.total(.roomWaits))
         out.family("igris_pipes_in_use", "gauge", "Splice pipes borrowed, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_pipes_in_use", ["worker": "\(w)"], s.load(.pipesInUse)) }
 

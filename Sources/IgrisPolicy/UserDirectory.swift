@@ -177,6 +177,14 @@ public enum ByteRate {
     }
 }
 
+/// A byte count from operator text: 1048576, 64KiB, 256MiB, 1GB.
+public enum ByteSize {
+    public static func parse(_ text: String) -> UInt64? {
+        guard !text.hasSuffix("/s"), !text.hasSuffix("bit") else { return nil }
+        return ByteRate.parse(text)
+    }
+}
+
 extension StringProtocol {
     func trimmingCharacters() -> String {
         var s = Substring(self)

@@ -78,8 +78,12 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("buffer-size"), help: "Bytes per pooled buffer.")
     var bufferSize: Int = 64 * 1024
 
-    @Option(name: .customLong("buffers"), help: "Pooled buffers per worker (a power of two).")
-    var buffers: Int = 256
+    @Option(name: .customLong("buffer-memory"),
+            help: "Memory for pooled buffers, all workers together (e.g. 256MiB); the pool grows to it on demand and shrinks when idle. Default: 4KiB per --max-connections, 16MiB per worker at least, 1GiB at most.")
+    var bufferMemory: String?
+
+    @Option(name: .customLong("buffers"), help: "Pooled buffers per worker at most (a power of two); instead of --buffer-memory.")
+    var buffers: Int?
 
     @Option(help: "Zero-copy splice path: auto (switch bulk directions), always, never.")
     var splice: SpliceMode = .auto
@@ -109,8 +113,14 @@ struct Serve: ParsableCommand {
         if workers < 1 || workers > 1024 { throw ValidationError("--workers must be between 1 and 1024") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if bufferSize < 1024 || bufferSize > 1 << 20 { throw ValidationError("--buffer-size must be between 1024 and 1048576") }
-        if buffers < 2 || buffers > 32768 || buffers & (buffers - 1) != 0 {
+        if let buffers, buffers < 2 || buffers > 32768 || buffers & (buffers - 1) != 0 {
             throw ValidationError("--buffers must be a power of two between 2 and 32768")
+        }
+        if let bufferMemory {
+            guard buffers == nil else { throw ValidationError("--buffers and --buffer-memory contradict each other: choose one") }
+            guard let bytes = ByteSize.parse(bufferMemory), bytes >= UInt64(bufferSize * 2) else {
+                throw ValidationError("--buffer-memory must be a size such as 64MiB or 1GiB, at least two buffers, got '\(bufferMemory)'")
+            }
         }
         if spliceThreshold < 1 || spliceThreshold > 255 { throw ValidationError("--splice-threshold must be between 1 and 255") }
         if pipeSize < 4096 || pipeSize > 1 << 30 { throw ValidationError("--pipe-size must be between 4096 and 1073741824") }
@@ -174,7 +184,10 @@ struct Serve: ParsableCommand {
         configuration.deadPeerTimeoutNanoseconds = deadPeerTimeout.nanoseconds == 0 ? nil : deadPeerTimeout.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.maxConnections = maxConnections
-        configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: buffers, zeroCopySendThreshold: sendZeroCopy)
+        let memory = bufferMemory.flatMap { ByteSize.parse($0) }.map { Int($0) }
+            ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: workers)
+        let count = buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: workers)
+        configuration.buffers = BackendConfiguration(bufferSize: bufferSize, bufferCount: count, zeroCopySendThreshold: sendZeroCopy)
         configuration.splice = splice
         configuration.spliceThreshold = spliceThreshold
         configuration.pipeSize = pipeSize

@@ -27,16 +27,25 @@ final class ScriptedWorker {
     func turn() { _ = try! worker.turn() }
 
     /// Accepts a client and completes its upstream connect: a bridging connection.
-    func bridge() throws -> (client: Int32, upstream: Int32) {
+    /// A bridged pair of unconnected sockets. Their send buffers are set (`sendBuffer`)
+    /// because the worker reads no more than a destination's send buffer takes.
+    func bridge(sendBuffer: Int32 = 256 * 1024, upstreamSendBuffer: Int32? = nil) throws -> (client: Int32, upstream: Int32) {
         let client = try Syscall.streamSocket(family: AF_INET)
+        Self.setSendBuffer(client, sendBuffer)
         let accept = try #require(backend.submitted.first { if case .accept = $0.operation { return true } else { return false } })
         backend.complete(accept.token, client, more: true)
         turn()
         let connect = try #require(backend.takeOne { if case .connect = $0 { return true } else { return false } })
         guard case .connect(let upstream) = connect.operation else { throw TestError() }
+        Self.setSendBuffer(upstream, upstreamSendBuffer ?? sendBuffer)
         backend.complete(connect.token, 0)
         turn()
         return (client, upstream)
+    }
+
+    static func setSendBuffer(_ fd: Int32, _ bytes: Int32) {
+        var value = bytes
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
     func take(_ operation: ScriptedBackend.Operation) -> OperationToken? { backend.takeOne { $0 == operation }?.token }
@@ -87,17 +96,19 @@ struct BridgeStateMachineTests {
         let w = try ScriptedWorker(buffers: 1)
         let (client, upstream) = try w.bridge()
         let recv = try #require(w.take(.recv(client)))
+        let recvUpstream = try #require(w.take(.recv(upstream)))
         w.backend.completeRecv(recv, [1, 2, 3])
         w.turn()
         let send = try #require(w.backend.takeSend(to: upstream, length: 3))
-        let recv2 = try #require(w.take(.recv(client)))
-        w.backend.completeRecv(recv2, [4])  // the pool's only buffer is being sent: -ENOBUFS
+        #expect(w.take(.recv(client)) == nil, "the pool is under pressure: no reading ahead")
+        w.backend.completeRecv(recvUpstream, [4])  // the pool's only buffer is being sent: -ENOBUFS
         w.turn()
-        #expect(w.take(.recv(client)) == nil, "no recv while no buffer can be had")
+        #expect(w.take(.recv(upstream)) == nil, "no recv while no buffer can be had")
         #expect(w.statistics.load(.bufferExhaustions) == 1)
         w.backend.complete(send.token, 3)
         w.turn()
-        #expect(w.take(.recv(client)) != nil, "re-armed in the turn the buffer came back")
+        #expect(w.take(.recv(upstream)) != nil, "re-armed in the turn the buffer came back")
+        #expect(w.take(.recv(client)) != nil, "and the sender reads on")
     }
 
     @Test("buffer waiters woken without data do not leave the rest waiting while buffers are free")
@@ -145,6 +156,31 @@ struct BridgeStateMachineTests {
         w.backend.complete(rest, 700)
         w.turn()
         #expect(w.backend.buffers.inUse == 0, "the buffer goes back once every byte is sent")
+    }
+
+    @Test("a destination without room: no recv and no buffer held, a wait for room instead; the close cancels it")
+    func fullDestinationWaitsForRoom() throws {
+        let w = try ScriptedWorker()
+        for abortWhileWaiting in [false, true] {
+            w.backend.submitted.removeAll { if case .accept = $0.operation { return false } else { return true } }
+            // The upstream's send buffer is the smallest the kernel allows: no room in it.
+            let (client, upstream) = try w.bridge(upstreamSendBuffer: 1)
+            let upstreamRecv = try #require(w.take(.recv(upstream)), "the client's side has room")
+            #expect(w.take(.recv(client)) == nil, "no read while the destination has no room")
+            let wait = try #require(w.take(.pollWritable(upstream)), "a wait for room instead")
+            #expect(w.backend.buffers.inUse == 0, "nothing held while waiting")
+            if abortWhileWaiting {
+                w.backend.complete(upstreamRecv, -ECONNRESET)
+                w.turn()
+                let closes = w.backend.take { if case .close = $0 { return true } else { return false } }.map(\.operation)
+                #expect(closes.contains(.close(fd: upstream, pending: [.room], abort: true)), "the wait for room is named: \(closes)")
+            } else {
+                w.backend.complete(wait, Int32(POLLOUT))
+                w.turn()
+                #expect(w.take(.recv(client)) != nil, "woken: a small read, not another wait")
+            }
+        }
+        #expect(w.statistics.load(.roomWaits) == 2)
     }
 
     @Test("a destination that takes less than a whole send stops the read-ahead until it takes one whole again")

@@ -63,7 +63,7 @@ final class ScriptedBackend: IOBackend {
     func accept(listener fd: Int32, multishot: Bool, token: OperationToken) { record(.accept(fd), token) }
     func stopAccepting(listener fd: Int32, token: OperationToken) { record(.stopAccepting(fd), token) }
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) { record(.connect(fd), token) }
-    func recv(fd: Int32, token: OperationToken) { record(.recv(fd), token) }
+    func recv(fd: Int32, limit: Int, token: OperationToken) { record(.recv(fd), token) }
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
         record(.send(fd: fd, buffer: buffer, offset: offset, length: length), token)
     }
@@ -103,10 +103,8 @@ final class ScriptedBackend: IOBackend {
     func shutdown(fd: Int32, how: Int32) -> Int32 { 0 }
     func consumeWake(fd: Int32) { Syscall.drainEventFD(fd) }
 
-    func releaseBuffer(_ id: UInt16) {
-        buffers.putBack(id)
-        buffers.markReturned()
-    }
+    func releaseBuffer(_ id: UInt16) { buffers.returnToStack(id) }
+    func adjustBuffers() { buffers.adjustTarget() }
 
     func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {}
 
