@@ -143,12 +143,14 @@ public final class BufferPool {
         return parked[parkedTop]
     }
 
-    /// io_uring: few free buffers left in the ring (a quarter of the circulation or 8): how
-    /// many parked ones to add now, doubling the circulation at most.
+    /// io_uring: few free buffers left in the ring (under a quarter of the circulation, or
+    /// under 2), or none at some point: how many parked ones to add now, doubling the
+    /// circulation at most.
+    /// `exhausted`: a recv found the ring empty since the last look, whatever is free now.
     @inline(__always)
-    public var shortfall: Int {
+    public func shortfall(exhausted: Bool) -> Int {
         let free = active - inUse
-        guard free < max(8, active / 4), parkedTop > 0 else { return 0 }
+        guard exhausted || free < max(2, active / 4), parkedTop > 0 else { return 0 }
         return min(parkedTop, max(8, active))
     }
 
@@ -173,7 +175,7 @@ public final class BufferPool {
         recentPeakIndex = (recentPeakIndex + 1) % recentPeaks.count
         peakThisSecond = inUse
         let recent = recentPeaks.max() ?? 0
-        target = max(initialActive, min(count, 2 * recent + 8))
+        target = max(initialActive, min(count, 2 * recent))
     }
 
     /// Epoll: parks free buffers beyond the target.

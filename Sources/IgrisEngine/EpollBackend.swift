@@ -50,7 +50,8 @@ public final class EpollBackend: IOBackend {
         if fd < 0 { throw SyscallError("epoll_create1", errno: igris_errno()) }
         epfd = fd
         do {
-            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount)
+            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount,
+                                     initialActive: configuration.initialBufferCount)
         } catch {
             Syscall.close(fd)
             throw error

@@ -11,6 +11,7 @@ extension Worker {
     func start() {
         for i in listeners.indices { armAccept(i) }
         armWake()
+        publishGauges()
     }
 
     /// One loop turn; false once drained (nothing open, no listener left).

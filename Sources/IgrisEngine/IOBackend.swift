@@ -26,6 +26,8 @@ public struct BackendConfiguration: Sendable {
     /// Pooled buffers per worker at most (its share of `buffer_memory`); a power of two (the
     /// io_uring buffer ring needs it). The pool starts smaller and grows on demand.
     public var bufferCount: Int
+    /// Buffers in circulation at start, and the fewest the pool shrinks back to.
+    public var initialBufferCount: Int = 64
     /// Submission queue entries (io_uring).
     public var ringEntries: UInt32
     /// io_uring: sends of at least this many bytes use IORING_OP_SEND_ZC (nil: never).

@@ -85,7 +85,8 @@ public final class URingBackend: IOBackend {
         setupDescription = description
 
         do {
-            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount)
+            buffers = try BufferPool(size: configuration.bufferSize, count: configuration.bufferCount,
+                                     initialActive: configuration.initialBufferCount)
         } catch {
             io_uring_queue_exit(ring)
             ring.deallocate()
@@ -348,6 +349,7 @@ public final class URingBackend: IOBackend {
         // again and again (ASan caught the recursion overflowing the stack). Bounded per turn;
         // what is left is flushed by the next io_uring_enter.
         var flushes = 0
+        var exhausted = false
         while true {
             let n = igris_uring_take_completions(ring, batch, batchCapacity)
             for i in 0..<Int(n) {
@@ -367,6 +369,7 @@ public final class URingBackend: IOBackend {
                     zeroCopyResults[c.user_data] = c.res
                     continue
                 }
+                if result == -ENOBUFS { exhausted = true }
                 var bufferID: UInt16? = nil
                 if c.flags & bufferFlag != 0 {
                     bufferID = UInt16(truncatingIfNeeded: c.flags >> shift)
@@ -387,7 +390,7 @@ public final class URingBackend: IOBackend {
             droppedSeen = dropped
         }
         // Few free buffers left in the ring: add parked ones before recvs find it empty.
-        var more = buffers.shortfall
+        var more = buffers.shortfall(exhausted: exhausted)
         while more > 0, let id = buffers.unpark() {
             recycle(id)
             more -= 1
