@@ -15,6 +15,7 @@ import CLinux
 public final class EpollBackend: IOBackend {
     public let buffers: BufferPool
     public let completionOverflows: UInt64 = 0
+    public private(set) var cancellations: UInt64 = 0
 
     /// What one fd is waiting for. Indexed by fd number; grows (rarely) with the highest fd.
     private struct FDState {
@@ -206,6 +207,7 @@ public final class EpollBackend: IOBackend {
         for t in [fds[i].acceptToken, fds[i].recvToken, fds[i].sendToken, fds[i].connectToken, fds[i].pollToken,
                   fds[i].pollWritableToken] where t != 0 {
             complete(t, -ECANCELED)
+            cancellations &+= 1
         }
         fds[i].acceptToken = 0
         fds[i].recvToken = 0

@@ -110,6 +110,7 @@ extension Worker {
         statistics.set(.buffersActive, Int64(backend.buffers.active))
         statistics.set(.buffersParked, Int64(backend.buffers.parkedTotal))
         statistics.set(.completionOverflows, Int64(backend.completionOverflows))
+        statistics.set(.cancellations, Int64(backend.cancellations))
         statistics.set(.pipesInUse, Int64(pipes.inUse))
         statistics.set(.pipesPeak, Int64(pipes.peakInUse))
     }

@@ -136,4 +136,8 @@ public protocol IOBackend: AnyObject {
 
     /// Completions the kernel had to hold back because the CQ was full (0 on epoll).
     var completionOverflows: UInt64 { get }
+    /// Operations closes cancelled (io_uring: cancel requests, each naming one operation by
+    /// its user_data; epoll: waits completed -ECANCELED). Per close, at most the two the
+    /// worker names, however many connections are open.
+    var cancellations: UInt64 { get }
 }

@@ -33,6 +33,7 @@ public final class URingBackend: IOBackend {
     private let batchCapacity: UInt32 = 512
     private var droppedSeen: UInt32 = 0
     public private(set) var completionOverflows: UInt64 = 0
+    public private(set) var cancellations: UInt64 = 0
     /// Sends this large or larger go out with IORING_OP_SEND_ZC.
     private let zeroCopyThreshold: Int
     /// The pool is registered as fixed buffer 0 (else SEND_ZC passes plain addresses).
@@ -51,6 +52,8 @@ public final class URingBackend: IOBackend {
     }
     private var splices: [SpliceRecord] = []
     private static let spliceTag: UInt64 = 1 << 63
+    /// user_data of cancel requests (never a splice tag: those have bits 33–62 clear).
+    private static let cancelTag: UInt64 = .max - 1
     /// SEND_ZC: a send's result, held from its first completion until the notification
     /// that the kernel let go of the buffer (capacity reserved: no allocation per send).
     private var zeroCopyResults: [UInt64: Int32] = [:]
@@ -198,7 +201,8 @@ public final class URingBackend: IOBackend {
         guard !token.isNone else { return }
         let sqe = nextSQE()
         io_uring_prep_cancel64(sqe, token.raw, 0)
-        io_uring_sqe_set_data64(sqe, OperationToken.ignored.raw)
+        io_uring_sqe_set_data64(sqe, Self.cancelTag)
+        cancellations &+= 1
     }
 
     public func close(fd: Int32, pending: PendingOperations, abort: Bool, token: OperationToken) {
@@ -356,6 +360,7 @@ public final class URingBackend: IOBackend {
                 let c = batch[i]
                 // 0: a cancellation; all ones: liburing's own timeout SQE.
                 if c.user_data == 0 || c.user_data == UInt64.max { continue }
+                if c.user_data == Self.cancelTag { continue }
                 var result = c.res
                 if c.user_data & Self.spliceTag != 0 {
                     body(Completion(token: OperationToken(raw: spliceCompleted(c.user_data)), result: result))

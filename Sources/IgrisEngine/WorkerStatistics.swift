@@ -28,6 +28,7 @@ public final class WorkerStatistics: Sendable {
         case buffersParked           // buffers taken out of circulation, pages given back
         case roomWaits               // a direction waited for room in its destination before reading
         case completionOverflows     // io_uring CQ overflow events
+        case cancellations           // operations closes cancelled (by user_data on io_uring)
         case drainAborted            // bridges still open at the drain deadline
         case pipesInUse
         case pipesPeak

@@ -44,6 +44,7 @@ final class ScriptedBackend: IOBackend {
 
     let buffers: BufferPool
     var completionOverflows: UInt64 = 0
+    var cancellations: UInt64 = 0
     /// Everything queued, oldest first; tests take what they look at.
     var submitted: [Submitted] = []
     private var ready: [Completion] = []
