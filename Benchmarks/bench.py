@@ -119,28 +119,29 @@ def free_port():
 class Proxy:
     """A proxy process: forwarding a fresh port to `upstream`, or a SOCKS5 server."""
 
-    def __init__(self, kind, upstream, workers):
+    def __init__(self, kind, upstream, workers, maxconn=7000, igris=None, extra=()):
         self.kind, self.port = kind, free_port()
+        igris_binary = igris or IGRIS
         self.files = []
         self.socks = kind.startswith("igris-socks") or kind in ("microsocks", "dante")
         if kind.startswith("igris-socks"):
             backend = kind.split("-")[2]
-            cmd = [IGRIS, "serve", "--socks5", f"127.0.0.1:{self.port}", "--no-auth", "--allow", "127.0.0.0/8",
+            cmd = [igris_binary, "serve", "--socks5", f"127.0.0.1:{self.port}", "--no-auth", "--allow", "127.0.0.0/8",
                    "--backend", backend, "--workers", str(workers), "--log-level", "warning"]
         elif kind.startswith("igris"):
             # igris-BACKEND[-MODE]; MODE: auto (default), copy, splice, zc (copy + SEND_ZC)
             parts = kind.split("-")
             backend, mode = parts[1], (parts[2] if len(parts) > 2 else "auto")
-            extra = {"auto": ["--splice", "auto"], "copy": ["--splice", "never"],
+            mode_args = {"auto": ["--splice", "auto"], "copy": ["--splice", "never"],
                      "splice": ["--splice", "always"], "zc": ["--splice", "never", "--send-zc", "16384"]}[mode]
-            cmd = [IGRIS, "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
-                   "--backend", backend, "--workers", str(workers), "--log-level", "warning"] + extra
+            cmd = [igris_binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
+                   "--backend", backend, "--workers", str(workers), "--log-level", "warning", "--no-access-log"] + mode_args + list(extra)
         elif kind in ("haproxy", "haproxy-splice"):
             # maxconn sizes HAProxy's descriptor needs (2 per connection, plus pipes with
             # splice): 7000 fits the 20,000-descriptor limit and holds the idle test's 5,000.
             cfg = self.config(".cfg", f"""global
     nbthread {workers}
-    maxconn 7000
+    maxconn {maxconn}
 defaults
     mode tcp
 {"    option splice-auto" if kind == "haproxy-splice" else ""}

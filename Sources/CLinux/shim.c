@@ -43,11 +43,12 @@ int igris_make_pipe(int fds[2], int *size) {
     return 0;
 }
 
-long igris_send_room(int fd, long *size) {
+long igris_send_room(int fd, long *size, long *queued) {
     uint32_t info[SK_MEMINFO_VARS];
     socklen_t length = sizeof info;
     if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO, info, &length) != 0) return -1;
     *size = (long)info[SK_MEMINFO_SNDBUF];
+    *queued = (long)info[SK_MEMINFO_WMEM_QUEUED];
     long free = (long)info[SK_MEMINFO_SNDBUF] - (long)info[SK_MEMINFO_WMEM_QUEUED];
     long room = free - free / 4 - 4096;
     return room > 0 ? room : 0;

@@ -18,7 +18,10 @@ extension Worker {
     func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, woken: Bool = false) {
         let dir = direction(p, d)
         var limit = 0
-        if Int(dir.pointee.room) < backend.buffers.size {
+        if backend.buffers.inReserve {
+            guard let limited = reserveRead(s, p, d) else { return }
+            limit = limited
+        } else if Int(dir.pointee.room) < backend.buffers.size {
             let room = destinationRoom(dir)
             if room < backend.buffers.size {
                 if room < Self.smallestBoundedRead && !woken {
@@ -33,6 +36,41 @@ extension Worker {
         backend.recv(fd: dir.pointee.source, limit: limit, token: token(s, .recv, d))
     }
 
+    /// Only the reserve is left: every other buffer is lent, most of them pinned behind sends
+    /// the kernel refused (past tcp_mem it shrinks send buffers under igris's feet). A read
+    /// now goes only into an empty destination, and takes at most `reserveRead` bytes, which
+    /// the kernel accepts into an empty queue whatever its memory pressure (tcp_wmem[0]):
+    /// interactive connections and new ones carry on, and nothing more is pinned. Other
+    /// directions wait, holding nothing, until the pool is out of its reserve. The read's
+    /// limit, or nil when the direction waits.
+    private func reserveRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> Int? {
+        let dir = direction(p, d)
+        dir.pointee.room = 0
+        if let (_, _, queued) = Syscall.sendRoom(dir.pointee.destination), queued > 0 {
+            dir.pointee.reading = .waitingForBuffer
+            reserveWaiters.append((Int32(s) << 1 | Int32(d), p.pointee.generation))
+            statistics.add(.reserveWaits)
+            return nil
+        }
+        return Self.reserveRead
+    }
+
+    static var reserveRead: Int { 4096 }
+
+    /// Once the pool is out of its reserve: the directions that waited read again.
+    func wakeReserveWaiters() {
+        let waiters = reserveWaiters
+        reserveWaiters.removeAll(keepingCapacity: true)
+        for (entry, generation) in waiters {
+            let ws = entry >> 1
+            let wd = Int(entry & 1)
+            let wp = table.pointer(ws)
+            if wp.pointee.generation == generation && wp.pointee.state == .bridging && direction(wp, wd).pointee.reading == .waitingForBuffer {
+                armRecv(ws, wp, wd)
+            }
+        }
+    }
+
     /// Below this much room a bounded read is not worth its syscalls: wait for more.
     static var smallestBoundedRead: Int { 4096 }
 
@@ -44,7 +82,7 @@ extension Worker {
     /// about once per half of its send buffer.
     @inline(__always)
     func destinationRoom(_ dir: UnsafeMutablePointer<Direction>) -> Int {
-        guard let (room, size) = Syscall.sendRoom(dir.pointee.destination) else {
+        guard let (room, size, _) = Syscall.sendRoom(dir.pointee.destination) else {
             dir.pointee.room = .max
             return .max
         }
@@ -149,6 +187,7 @@ extension Worker {
         if n < dir.pointee.sendRemaining {
             // The room estimate was wrong (the kernel's overhead): ask the socket next time.
             dir.pointee.room = 0
+            statistics.add(.shortSends)
             dir.pointee.sendOffset += n
             dir.pointee.sendRemaining -= n
             armSend(s, p, d)

@@ -131,6 +131,15 @@ public final class BufferPool {
     @inline(__always)
     public var underPressure: Bool { inUse * 2 >= count }
 
+    /// The last eighth of the budget (none in pools under 8): once only that is left, a
+    /// direction reads only into an empty destination (`Worker.armRecv`), which the kernel
+    /// takes whatever its memory pressure, so the reserve never ends up pinned behind a
+    /// send that cannot complete and a connection holding nothing can always make progress.
+    public var reserve: Int { count / 8 }
+
+    @inline(__always)
+    public var inReserve: Bool { reserve > 0 && inUse >= count - reserve }
+
     // MARK: - Growing and shrinking
 
     /// Takes a parked buffer into circulation; nil when all are circulating.

@@ -27,6 +27,7 @@ extension Worker {
         if !probes.isEmpty { runHealthChecks() }
         resumePausedListeners()
         if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
+        if !reserveWaiters.isEmpty && !backend.buffers.inReserve { wakeReserveWaiters() }
         if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
         if now >= nextBufferAdjustment {
             backend.adjustBuffers()

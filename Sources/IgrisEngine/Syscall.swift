@@ -172,12 +172,13 @@ public enum Syscall {
     }
 
     /// Bytes `fd`'s send buffer takes now without blocking, at least (`igris_send_room`),
-    /// and the buffer's size; nil when the socket cannot say.
+    /// the buffer's size and what is queued in it; nil when the socket cannot say.
     @inline(__always)
-    public static func sendRoom(_ fd: Int32) -> (room: Int, size: Int)? {
+    public static func sendRoom(_ fd: Int32) -> (room: Int, size: Int, queued: Int)? {
         var size = 0
-        let n = igris_send_room(fd, &size)
-        return n >= 0 ? (n, size) : nil
+        var queued = 0
+        let n = igris_send_room(fd, &size, &queued)
+        return n >= 0 ? (n, size, queued) : nil
     }
 
     /// poll(POLLOUT) without waiting: true when `fd` has room to write (or an error to report).

@@ -75,6 +75,8 @@ final class Worker<Backend: IOBackend> {
     /// generation, checked when popped (a waiter may have been closed meanwhile).
     var bufferWaiters: [(entry: Int32, generation: UInt32)] = []
     var bufferWaitersHead = 0
+    /// Directions that wait for the pool to be out of its reserve (`Worker.reserveRead`).
+    var reserveWaiters: [(entry: Int32, generation: UInt32)] = []
     /// Accepted connections waiting for a descriptor for their upstream socket.
     var awaitingDescriptor: [(slot: Int32, generation: UInt32)] = []
     var lastPauseLog: UInt64 = 0

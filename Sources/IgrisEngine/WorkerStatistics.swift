@@ -27,6 +27,8 @@ public final class WorkerStatistics: Sendable {
         case buffersActive           // gauge: buffers in circulation (free or lent)
         case buffersParked           // buffers taken out of circulation, pages given back
         case roomWaits               // a direction waited for room in its destination before reading
+        case shortSends              // the destination took part of a send: the rest waits, holding its buffer
+        case reserveWaits            // only the pool's reserve was left: a direction waited to read
         case completionOverflows     // io_uring CQ overflow events
         case cancellations           // operations closes cancelled (by user_data on io_uring)
         case drainAborted            // bridges still open at the drain deadline

@@ -80,6 +80,10 @@ public struct MetricsRenderer: Sendable {
         out.sample("igris_buffers_parked_total", [:], server.total(.buffersParked))
         out.family("igris_room_waits_total", "counter", "Times a direction waited for room in its destination before reading (slow readers).")
         out.sample("igris_room_waits_total", [:], server.total(.roomWaits))
+        out.family("igris_short_sends_total", "counter", "Sends the destination took only part of: the rest waits for room, holding its buffer.")
+        out.sample("igris_short_sends_total", [:], server.total(.shortSends))
+        out.family("igris_reserve_waits_total", "counter", "Reads put off because only the pool's reserve was left and the destination had bytes queued.")
+        out.sample("igris_reserve_waits_total", [:], server.total(.reserveWaits))
         out.family("igris_pipes_in_use", "gauge", "Splice pipes borrowed, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_pipes_in_use", ["worker": "\(w)"], s.load(.pipesInUse)) }
 

@@ -41,6 +41,16 @@ struct CloseCostTests {
                 client.close()
             }
             #expect(gateway.eventually { gateway.server.total(.closedAborted) - closedBefore == Int64(Self.churn) })
+            // The gauges are published at the end of each loop turn: one more connection,
+            // closed cleanly and seen closed, means the turns that closed the others have.
+            let gracefulBefore = gateway.server.total(.closedGracefully)
+            let last = try TestSocket.connect(gateway.address)
+            last.setReceiveTimeout(seconds: 10)
+            guard last.write([1]), (try last.readExactly(1)) == [1] else { throw TestFailure("last echo failed") }
+            shutdown(last.fd, Int32(SHUT_WR))
+            _ = last.readOneByte()
+            last.close()
+            #expect(gateway.eventually { gateway.server.total(.closedGracefully) > gracefulBefore })
             return Double(gateway.server.total(.cancellations) - before) / Double(Self.churn)
         }
 

@@ -36,8 +36,8 @@ static inline int igris_bytes_queued(int fd) {
 /// buffer size less what is queued, both as the kernel accounts them (skb overhead included),
 /// less a quarter and 4 KiB for the overhead the new bytes bring (a window that closes
 /// splits skbs). 0 when full; -1 with errno set when the socket cannot say. `size` receives
-/// the send buffer's size.
-long igris_send_room(int fd, long *size);
+/// the send buffer's size, `queued` what is in it.
+long igris_send_room(int fd, long *size, long *queued);
 
 /// A non-blocking close-on-exec pipe sized with F_SETPIPE_SZ; 0, or -errno of the step that
 /// failed (the pipe is closed then). `size` is updated to the size the kernel granted.
