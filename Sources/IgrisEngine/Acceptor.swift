@@ -8,6 +8,10 @@ extension Worker {
         OperationToken(index: UInt32(i), generation: 0, kind: .accept)
     }
 
+    /// How long after running out of descriptors accepts stay single and each resume first
+    /// checks that a client and its upstream would get one.
+    static var descriptorShortageNanoseconds: UInt64 { 1_000_000_000 }
+
     /// Below this much room, accepts are armed one at a time: a multishot accept takes a
     /// whole burst from the backlog, and what is past the capacity would only be closed.
     static var multishotRoom: Int { 64 }
@@ -42,7 +46,9 @@ extension Worker {
         }
         listeners[i].waitingForRoom = false
         listeners[i].acceptArmed = true
-        listeners[i].acceptMultishot = room > Self.multishotRoom
+        // Short of descriptors lately: one at a time, or a multishot burst from the backlog
+        // would be accepted with no descriptor left to bridge it.
+        listeners[i].acceptMultishot = room > Self.multishotRoom && now >= descriptorsShortUntil
         listeners[i].pausedUntil = 0
         backend.accept(listener: listeners[i].fd, multishot: listeners[i].acceptMultishot, token: acceptToken(i))
     }
@@ -82,6 +88,10 @@ extension Worker {
                 if !awaitingDescriptor.isEmpty {
                     // Connections already accepted come first: stay paused while one waits
                     // for a descriptor (still out of them, as far as readiness goes).
+                    listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
+                    lastPause = now
+                } else if now < descriptorsShortUntil && !Syscall.descriptorsAvailable(2) {
+                    // Still none for a client and its upstream: accepting one would only close it.
                     listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
                     lastPause = now
                 } else if !listeners[i].acceptArmed {
@@ -127,6 +137,7 @@ extension Worker {
     func pauseAccepting(errno e: Int32) {
         statistics.add(.acceptPauses)
         lastPause = now
+        if e == EMFILE || e == ENFILE { descriptorsShortUntil = now + Self.descriptorShortageNanoseconds }
         var i = 0
         while i < listeners.count {
             if listeners[i].open {
@@ -189,14 +200,11 @@ extension Worker {
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
         wheel.schedule(s, deadline: now + listeners[i].connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
-            if hasSlotAwaitingDescriptor() {
-                // One waiter at a time: if every descriptor were held by waiting clients, none
-                // would ever come back. Closing this one frees a descriptor for the oldest.
-                statistics.add(.rejectedAtCapacity)
-                closeSlot(s, abort: false, reason: .capacity)
-            } else {
-                awaitingDescriptor.append((s, p.pointee.generation))
-            }
+            // Out of descriptors: accepting has paused (and goes single while the shortage
+            // lasts), but a multishot accept may have taken a few more meanwhile. They wait
+            // for descriptors, oldest first, as bridges close; the connect timeout bounds the
+            // wait, so waiting clients cannot hold every descriptor for ever.
+            awaitingDescriptor.append((s, p.pointee.generation))
         }
     }
 
@@ -212,15 +220,6 @@ extension Worker {
         listeners[i].waitingForRoom = true
         listeners[i].pausedUntil = now + Self.acceptPauseNanoseconds
         narrowAccept(i)
-    }
-
-    func hasSlotAwaitingDescriptor() -> Bool {
-        var k = 0
-        while k < awaitingDescriptor.count {
-            if stillAwaitingDescriptor(awaitingDescriptor[k]) { return true }
-            k += 1
-        }
-        return false
     }
 
     /// An entry of `awaitingDescriptor` whose slot has not since timed out, closed or been reused.

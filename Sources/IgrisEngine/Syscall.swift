@@ -181,6 +181,18 @@ public enum Syscall {
         return n >= 0 ? (n, size, queued) : nil
     }
 
+    /// Whether `count` more descriptors can be opened now (opened and closed at once).
+    public static func descriptorsAvailable(_ count: Int) -> Bool {
+        var opened: [Int32] = []
+        defer { for fd in opened { close(fd) } }
+        for _ in 0..<count {
+            let fd = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+            if fd < 0 { return false }
+            opened.append(fd)
+        }
+        return true
+    }
+
     /// poll(POLLOUT) without waiting: true when `fd` has room to write (or an error to report).
     public static func isWritable(_ fd: Int32) -> Bool {
         var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)

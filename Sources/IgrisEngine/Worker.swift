@@ -82,6 +82,8 @@ final class Worker<Backend: IOBackend> {
     var lastPauseLog: UInt64 = 0
     /// When accepting last paused for lack of descriptors or memory (0: never).
     var lastPause: UInt64 = 0
+    /// Until then (loop clock) accepts are single and resumes check for descriptors first.
+    var descriptorsShortUntil: UInt64 = 0
     /// When the buffer pool next sets its target (loop clock).
     var nextBufferAdjustment: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).
