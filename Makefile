@@ -91,8 +91,9 @@ fuzz: deps
 	done
 
 # End-to-end comparison with HAProxy, nginx stream, microsocks and dante (installed from apt
-# when missing), written to Benchmarks/RESULTS.md and results.png: `make bench` (~10 min on
-# 2 cores), `make bench-quick` (fewer targets, shorter runs, < 3 min).
+# when missing), written to Benchmarks/RESULTS.md and results.png, then the pressure section
+# (Benchmarks/pressure.py: idle tunnels, slow readers, open-loop overload, busy connections):
+# `make bench` (~20 min on 2 cores), `make bench-quick` (fewer targets, no pressure, < 3 min).
 bench: build
 	Benchmarks/bench.sh
 

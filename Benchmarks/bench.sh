@@ -19,4 +19,9 @@ fi
 # The packages start system services on default ports; the benchmark runs its own instances.
 for s in haproxy nginx danted; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
 ulimit -n "$(ulimit -Hn)"
-exec /usr/bin/python3 Benchmarks/bench.py "$@"
+/usr/bin/python3 Benchmarks/bench.py "$@"
+# The pressure section (not for --quick or a --targets subset), appended to RESULTS.md.
+case " $* " in
+  *" --quick "*|*" --targets"*) ;;
+  *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append ;;
+esac

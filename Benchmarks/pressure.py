@@ -72,7 +72,10 @@ def section_rate(a, echo_addr, out):
     for backend in a.backends:
         cells, base = [], None
         for n in a.idle:
-            px = igris(backend, echo_addr, a.workers, binary=a.igris)
+            # A fresh echo server (a fresh port) per step: the TIME_WAITs of the step before
+            # would otherwise crowd the same 4-tuples and slow every connect() in the kernel.
+            echo, fresh = start_server(["echo", "--threads", str(a.workers)])
+            px = igris(backend, fresh, a.workers, binary=a.igris)
             h = None
             try:
                 if n:
@@ -84,6 +87,7 @@ def section_rate(a, echo_addr, out):
             finally:
                 stop(h)
                 px.stop()
+                echo.kill()
         out.append(f"| {backend} | " + " | ".join(cells) + " |")
     out.append("")
 
@@ -188,7 +192,7 @@ def section_busy(a, echo_addr, out):
                 r = load_json(["busy", "--connect", address, "--connections", str(n), "--threads", "2", "--duration", str(a.duration)])
                 spread = r["median_over_slowest"]
                 cells.append(f"{r['ops_per_s'] / 1000:,.0f}k · {r['p50_us'] / 1000:.1f} / {r['p99_us'] / 1000:.1f} / "
-                             f"{r['p999_us'] / 1000:.1f} · {spread:.2f}" if spread >= 0 else "∞")
+                             f"{r['p999_us'] / 1000:.1f} · " + (f"{spread:.2f}" if spread >= 0 else f"∞ ({r['slowest_ops']} ops)"))
                 log(f"busy {n} {t}: {r}")
             except Exception as e:
                 cells.append(f"error: {str(e)[:60]}")
@@ -208,7 +212,8 @@ def main():
     ap.add_argument("--duration", type=float, default=4)
     ap.add_argument("--idle", default="0,3000,9000")
     ap.add_argument("--slow", type=int, help="slow readers in all (default: 1,000 per worker)")
-    ap.add_argument("--slow-push", type=int, default=4 << 20, help="bytes each slow reader pushes into the echo")
+    ap.add_argument("--slow-push", type=int, default=256 << 10,
+                    help="bytes each slow reader pushes into the echo (4 MiB × 2,000 takes the kernel past tcp_mem)")
     ap.add_argument("--overload-seconds", type=float, default=10)
     ap.add_argument("--busy", default="100,1000,4000,9000")
     ap.add_argument("--output")

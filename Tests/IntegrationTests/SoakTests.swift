@@ -5,7 +5,10 @@ import Testing
 
 /// A mixed workload with faults against the `igris` binary, on each backend with copy and
 /// splice: long bulk flows (forward and SOCKS5), idle connections, request/response, client
-/// resets, an upstream that resets, the upstream process killed and restarted, a slow reader.
+/// resets, an upstream that resets, the upstream process killed and restarted, a slow reader,
+/// and stalled readers (connections that push into an echo and read nothing until the end:
+/// more than enough to pin every buffer of the pool as igris once did, which stopped the
+/// request/response flow).
 /// Afterwards: every flow that ended gracefully arrived intact, nothing is left open, and the
 /// process is back to its descriptors, within its RSS plus the buffer pool, and idle.
 ///
@@ -13,6 +16,9 @@ import Testing
 @Suite("Soak", .serialized)
 struct SoakTests {
     static let seconds = Double(ProcessInfo.processInfo.environment["IGRIS_SOAK_SECONDS"] ?? "") ?? 5
+    /// The pool below is 2 × 64 buffers; each stalled reader once pinned up to four.
+    static let stalledReaders = 100
+    static let stalledPush = 512 << 10
 
     struct Tally: Sendable {
         var intact = 0
@@ -182,6 +188,46 @@ struct SoakTests {
                 writer.join()
                 s.close()
                 tally.update { got == 1 << 20 ? ($0.intact += 1) : ($0.interrupted += 1) }
+            }
+        })
+        threads.append(TestThread {  // stalled readers: push, read nothing until the end, then all of it
+            let pattern = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.stalledPush, alignment: 16)
+            defer { pattern.deallocate() }
+            var stream = PatternStream(seed: 11)
+            stream.fill(pattern)
+            var stalled: [(socket: TestSocket, pushed: Int)] = []
+            for _ in 0..<Self.stalledReaders {
+                guard let s = try? viaSocks() else { tally.update { $0.interrupted += 1 }; continue }
+                _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) | O_NONBLOCK)
+                stalled.append((s, 0))
+            }
+            while Date() < deadline {
+                for k in stalled.indices where stalled[k].pushed < Self.stalledPush {
+                    let n = Syscall.send(stalled[k].socket.fd, pattern.baseAddress! + stalled[k].pushed, Self.stalledPush - stalled[k].pushed)
+                    if n > 0 { stalled[k].pushed += n }
+                }
+                usleep(50_000)
+            }
+            for (s, pushed) in stalled {
+                _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
+                s.setReceiveTimeout(seconds: 30)
+                let rest = Array(UnsafeRawBufferPointer(rebasing: pattern[pushed...]))
+                let writer = TestThread {
+                    _ = s.write(rest)
+                    s.shutdownWrite()
+                }
+                var back = [UInt8]()
+                back.reserveCapacity(Self.stalledPush)
+                var buffer = [UInt8](repeating: 0, count: 65536)
+                while true {
+                    let r = buffer.withUnsafeMutableBytes { s.read(into: $0) }
+                    if r <= 0 { break }
+                    back += buffer[0..<r]
+                }
+                writer.join()
+                s.close()
+                let intact = back.count == Self.stalledPush && back.withUnsafeBytes { memcmp($0.baseAddress!, pattern.baseAddress!, Self.stalledPush) == 0 }
+                tally.update { intact ? ($0.intact += 1) : ($0.corrupt += 1) }
             }
         })
         // A third of the way in, the forward upstream's process is killed, then restarted.
