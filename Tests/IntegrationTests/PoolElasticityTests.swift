@@ -15,16 +15,7 @@ struct PoolElasticityTests {
 
     @Test("a burst grows the pool; afterwards it shrinks back to where it started", arguments: engineBackends)
     func growsAndShrinksBack(backend: BackendChoice) throws {
-        let upstream = try TestUpstream { socket in
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 16)
-            defer { buffer.deallocate() }
-            while true {
-                let n = socket.read(into: buffer)
-                if n <= 0 { break }
-                guard socket.write(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) else { break }
-            }
-            socket.close()
-        }
+        let upstream = try TestUpstream { echo($0) }
         defer { upstream.stop() }
         let gateway = try Gateway(backend: backend, splice: .never, upstream: upstream.address, workers: 1) {
             $0.buffers = BackendConfiguration(bufferSize: 16 * 1024, bufferCount: Self.bufferCount)

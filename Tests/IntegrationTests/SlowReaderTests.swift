@@ -36,16 +36,10 @@ struct SlowReaderTests {
                 written.add(1)
                 shutdown(socket.fd, Int32(SHUT_WR))
                 _ = socket.readOneByte()
+                socket.close()
             } else {
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
-                defer { buffer.deallocate() }
-                while true {
-                    let n = socket.read(into: buffer)
-                    if n <= 0 { break }
-                    guard socket.write(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) else { break }
-                }
+                echo(socket)
             }
-            socket.close()
         }
         defer { upstream.stop() }
         let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address, workers: 1) {
@@ -60,7 +54,9 @@ struct SlowReaderTests {
         let failures = SharedBox<[String]>([])
         let slow = (0..<Self.slowReaders).map { i in TestThread {
             do {
-                let client = try Self.connectWithSmallWindow(gateway.address)
+                // A small fixed window (no autotuning), as a phone's: the gateway's sends to it
+                // fill up after a few kilobytes.
+                let client = try TestSocket.connect(gateway.address, receiveBuffer: 4096)
                 defer { client.close() }
                 client.setReceiveTimeout(seconds: 30)
                 guard client.write([UInt8(ascii: "S")]) else { throw TestFailure("slow reader \(i): write failed") }
@@ -130,20 +126,5 @@ struct SlowReaderTests {
         var tally = ByteTally()
         tally.add(UnsafeRawBufferPointer(chunk))
         return tally
-    }
-
-    /// A client whose receive buffer is small and fixed (no autotuning), as a phone's window
-    /// is: the gateway's sends to it fill up after a few kilobytes.
-    static func connectWithSmallWindow(_ address: SocketAddress) throws -> TestSocket {
-        let fd = try Syscall.streamSocket(family: address.family, nonBlocking: false)
-        var size: Int32 = 4096
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
-        if rc != 0 {
-            let e = errno
-            Glibc.close(fd)
-            throw SyscallError("connect", errno: e)
-        }
-        return TestSocket(fd: fd)
     }
 }

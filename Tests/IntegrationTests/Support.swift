@@ -25,8 +25,10 @@ final class TestSocket: @unchecked Sendable {
 
     init(fd: Int32) { self.fd = fd }
 
-    static func connect(_ address: SocketAddress) throws -> TestSocket {
+    /// `receiveBuffer`: SO_RCVBUF, set before connecting (fixes the window, no autotuning).
+    static func connect(_ address: SocketAddress, receiveBuffer: Int32? = nil) throws -> TestSocket {
         let fd = try Syscall.streamSocket(family: address.family, nonBlocking: false)
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
         let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let e = errno
