@@ -20,7 +20,7 @@ come from one run, side by side.
 """
 import argparse, json, os, shutil, subprocess, sys, time, urllib.request
 
-from bench import IGRIS, LOAD, Proxy, free_port, log, start_server, tree_rss_kib, wait_port
+from bench import IGRIS, LOAD, Proxy, free_port, log, start_server, tree_cpu, tree_rss_kib, wait_port
 from idle_churn import established
 
 
@@ -80,7 +80,10 @@ def section_rate(a, echo_addr, out):
             try:
                 if n:
                     h = hold(px.address, n, a.duration + 120)
+                c0 = tree_cpu(px.p.pid)
+                t0 = time.time()
                 rate = load_json(["churn", "--connect", px.address, "--connections", "8", "--duration", str(a.duration)])["per_s"]
+                log(f"rate {backend} idle {n}: igris used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs")
                 base = base or rate
                 cells.append(f"{rate:,.0f}/s ({rate / base:.2f}x)")
                 log(f"rate {backend} idle {n}: {rate:.0f}/s")
@@ -108,7 +111,7 @@ def section_slow(a, echo_addr, out):
     out.append("### Slow readers beside a ping-pong probe\n")
     out.append(f"A 20-connection 64 B ping-pong probe ({a.duration:.0f} s) beside 4 bulk duplex streams, then beside the same "
                f"plus {a.slow:,} slow readers ({a.slow // a.workers:,} per worker; each pushes {a.slow_push / 2**20:g} MiB into an echo server and "
-               "reads 1 KiB/s of it back through a 16 KiB window). Ratios: with slow readers over without. Buffer memory: "
+               f"reads {a.slow_read_rate} B/s of it back through a 16 KiB window). Ratios: with slow readers over without. Buffer memory: "
                "what igris's pools held in circulation, and buffers lent out, while the slow readers were stalled. "
                "Kernel: TCP memory in pages then (`/proc/net/sockstat`) against tcp_mem's pressure and hard limits.\n")
     out.append("| igris | probe + bulk: ops/s · p99 | + slow readers: ops/s · p99 | ops ratio | p99 ratio | buffer memory (in use) | kernel TCP memory |")
@@ -122,7 +125,7 @@ def section_slow(a, echo_addr, out):
                                          "--duration", str(a.duration * 4 + 30)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
                 alone = probe(px.address, a.duration)
-                slow = subprocess.Popen([LOAD, "slow", "--connect", px.address, "--connections", str(a.slow), "--read-rate", "1024",
+                slow = subprocess.Popen([LOAD, "slow", "--connect", px.address, "--connections", str(a.slow), "--read-rate", str(a.slow_read_rate),
                                          "--push", str(a.slow_push), "--duration", str(a.duration * 3 + 30)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 if not slow.stdout.readline().startswith("slow open="):
                     raise RuntimeError("slow readers did not connect")
@@ -214,6 +217,7 @@ def main():
     ap.add_argument("--slow", type=int, help="slow readers in all (default: 1,000 per worker)")
     ap.add_argument("--slow-push", type=int, default=256 << 10,
                     help="bytes each slow reader pushes into the echo (4 MiB × 2,000 takes the kernel past tcp_mem)")
+    ap.add_argument("--slow-read-rate", type=int, default=1024, help="bytes/s each slow reader reads (0: none)")
     ap.add_argument("--overload-seconds", type=float, default=10)
     ap.add_argument("--busy", default="100,1000,4000,9000")
     ap.add_argument("--output")
