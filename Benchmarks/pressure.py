@@ -55,6 +55,12 @@ def hold(address, n, seconds):
     return h
 
 
+def user_system(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / 100, int(fields[12]) / 100
+
+
 def stop(p):
     if p and p.poll() is None:
         p.terminate()
@@ -81,9 +87,12 @@ def section_rate(a, echo_addr, out):
                 if n:
                     h = hold(px.address, n, a.duration + 120)
                 c0 = tree_cpu(px.p.pid)
+                u0 = user_system(px.p.pid)
                 t0 = time.time()
                 rate = load_json(["churn", "--connect", px.address, "--connections", "8", "--duration", str(a.duration)])["per_s"]
-                log(f"rate {backend} idle {n}: igris used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs")
+                log(f"rate {backend} idle {n}: igris used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs, "
+                    f"{metric(px.admin, 'igris_accept_pauses_total'):.0f} accept pauses, user/system "
+                    f"{[round(b - a, 2) for a, b in zip(u0, user_system(px.p.pid))]} s")
                 base = base or rate
                 cells.append(f"{rate:,.0f}/s ({rate / base:.2f}x)")
                 log(f"rate {backend} idle {n}: {rate:.0f}/s")
