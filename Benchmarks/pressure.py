@@ -55,6 +55,11 @@ def hold(address, n, seconds):
     return h
 
 
+def time_wait():
+    with open("/proc/net/sockstat") as f:
+        return int(next(l for l in f if l.startswith("TCP:")).split()[6])
+
+
 def user_system(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -86,13 +91,14 @@ def section_rate(a, echo_addr, out):
             try:
                 if n:
                     h = hold(px.address, n, a.duration + 120)
+                tw = time_wait()
                 c0 = tree_cpu(px.p.pid)
                 u0 = user_system(px.p.pid)
                 t0 = time.time()
                 rate = load_json(["churn", "--connect", px.address, "--connections", "8", "--duration", str(a.duration)])["per_s"]
                 log(f"rate {backend} idle {n}: igris used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs, "
                     f"{metric(px.admin, 'igris_accept_pauses_total'):.0f} accept pauses, user/system "
-                    f"{[round(b - a, 2) for a, b in zip(u0, user_system(px.p.pid))]} s")
+                    f"{[round(b - a, 2) for a, b in zip(u0, user_system(px.p.pid))]} s, {tw} in TIME_WAIT before")
                 base = base or rate
                 cells.append(f"{rate:,.0f}/s ({rate / base:.2f}x)")
                 log(f"rate {backend} idle {n}: {rate:.0f}/s")
