@@ -18,9 +18,11 @@ extension Worker {
     func armRecv(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, woken: Bool = false) {
         let dir = direction(p, d)
         var limit = 0
+        var reserve = false
         if backend.buffers.inReserve {
             guard let limited = reserveRead(s, p, d) else { return }
             limit = limited
+            reserve = true
         } else if Int(dir.pointee.room) < backend.buffers.size {
             let room = destinationRoom(dir)
             if room < backend.buffers.size {
@@ -33,15 +35,16 @@ extension Worker {
         }
         dir.pointee.reading = .recv
         p.pointee.inflight += 1
-        backend.recv(fd: dir.pointee.source, limit: limit, token: token(s, .recv, d))
+        backend.recv(fd: dir.pointee.source, limit: limit, reserve: reserve, token: token(s, .recv, d))
     }
 
-    /// Only the reserve is left: every other buffer is lent, most of them pinned behind sends
+    /// Only the reserve is left: every main buffer is lent, most of them pinned behind sends
     /// the kernel refused (past tcp_mem it shrinks send buffers under igris's feet). A read
-    /// now goes only into an empty destination, and takes at most `reserveRead` bytes, which
-    /// the kernel accepts into an empty queue whatever its memory pressure (tcp_wmem[0]):
+    /// now goes only into an empty destination, from the reserve (its own buffer group, so no
+    /// recv armed earlier can land in it), and takes at most `reserveRead` bytes, which the
+    /// kernel accepts into an empty queue whatever its memory pressure (tcp_wmem[0]):
     /// interactive connections and new ones carry on, and nothing more is pinned. Other
-    /// directions wait, holding nothing, until the pool is out of its reserve. The read's
+    /// directions wait, holding nothing, until main buffers are free again. The read's
     /// limit, or nil when the direction waits.
     private func reserveRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> Int? {
         let dir = direction(p, d)
@@ -252,7 +255,7 @@ extension Worker {
     /// (io_uring picks the buffer before it looks for data, so ENOBUFS does not prove bytes
     /// were waiting) takes no buffer, and the rest of the queue must not wait on it.
     func wakeBufferWaiters() {
-        var budget = backend.buffers.available
+        var budget = backend.buffers.obtainable
         while budget > 0 && bufferWaitersHead < bufferWaiters.count {
             let (entry, generation) = bufferWaiters[bufferWaitersHead]
             bufferWaitersHead += 1

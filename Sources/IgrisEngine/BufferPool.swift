@@ -14,15 +14,28 @@ import CLinux
 /// or `freeStack` for epoll), a lent one is the worker's (received into, not yet sent), a
 /// parked one nobody's. Only lent and parked buffers pass through the worker, which is why a
 /// buffer is parked when it comes back and not while it waits in the kernel's ring.
+///
+/// The last eighth of the ids (`reserveCount`, none in pools under 8) is the reserve: a set
+/// of its own (its own io_uring buffer group, its own free stack), lent only to reads that ask
+/// for it (`Worker.reserveRead`), so that recvs armed earlier cannot land in it. The rest is
+/// the main set, the elastic one.
 public final class BufferPool {
     public let size: Int
-    /// The most buffers this worker may use (its memory budget / `size`).
+    /// The most buffers this worker may use (its memory budget / `size`), reserve included.
     public let count: Int
+    /// Ids below this are the main set; the rest the reserve.
+    public let mainCount: Int
+    public var reserveCount: Int { count - mainCount }
     public let base: UnsafeMutableRawPointer
-    /// Buffers in circulation: free or lent.
+    /// Main buffers in circulation: free or lent.
     public private(set) var active: Int
-    /// Buffers lent out (received into and not yet sent).
+    /// Buffers lent out (received into and not yet sent), reserve included.
     public private(set) var inUse: Int = 0
+    /// Reserve buffers lent out.
+    public private(set) var reserveInUse: Int = 0
+    /// Main buffers lent out.
+    @inline(__always)
+    public var mainInUse: Int { inUse - reserveInUse }
     public private(set) var peakInUse: Int = 0
     /// Buffers parked since the pool was made, for the metrics and tests.
     public private(set) var parkedTotal: Int = 0
@@ -33,6 +46,9 @@ public final class BufferPool {
     /// Free buffer ids (stack), for the epoll backend.
     private let freeStack: UnsafeMutablePointer<UInt16>
     private var freeTop = 0
+    /// Free reserve ids, for the epoll backend.
+    private let reserveStack: UnsafeMutablePointer<UInt16>
+    private var reserveTop = 0
     /// Parked ids: not in circulation, no resident memory.
     private let parked: UnsafeMutablePointer<UInt16>
     private var parkedTop = 0
@@ -47,24 +63,28 @@ public final class BufferPool {
         precondition(size >= 1024 && size <= 1 << 20)
         self.size = size
         self.count = count
+        mainCount = count >= 8 ? count - count / 8 : count
         let p = mmap(nil, size * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let p, p != UnsafeMutableRawPointer(bitPattern: -1) else { throw SyscallError("mmap(buffer pool)", errno: igris_errno()) }
         base = p
-        self.initialActive = min(count, max(2, initialActive))
+        self.initialActive = min(mainCount, max(2, initialActive))
         active = self.initialActive
         target = self.initialActive
         freeStack = .allocate(capacity: count)
+        reserveStack = .allocate(capacity: max(1, count - mainCount))
         parked = .allocate(capacity: count)
-        // Ids below `initialActive` circulate; the rest start parked, highest first out.
+        // Ids below `initialActive` circulate; the rest of the main set starts parked.
         for i in 0..<self.initialActive { freeStack[i] = UInt16(self.initialActive - 1 - i) }
         freeTop = self.initialActive
-        for i in self.initialActive..<count { parked[parkedTop] = UInt16(count - 1 - (i - self.initialActive)); parkedTop += 1 }
+        for i in self.initialActive..<mainCount { parked[parkedTop] = UInt16(mainCount - 1 - (i - self.initialActive)); parkedTop += 1 }
+        for id in mainCount..<count { reserveStack[reserveTop] = UInt16(id); reserveTop += 1 }
         recentPeaks = Array(repeating: 0, count: Self.peakWindow)
     }
 
     deinit {
         munmap(base, size * count)
         freeStack.deallocate()
+        reserveStack.deallocate()
         parked.deallocate()
     }
 
@@ -73,12 +93,18 @@ public final class BufferPool {
         base + Int(id) * size
     }
 
-    /// The ids in circulation at start, for the io_uring backend to fill its ring with.
-    public func takeInitialFree() -> [UInt16] {
+    /// The main ids in circulation at start, and the reserve's, for the io_uring backend to
+    /// fill its two rings with.
+    public func takeInitialFree() -> (main: [UInt16], reserve: [UInt16]) {
         let ids = (0..<freeTop).map { freeStack[$0] }
+        let reserve = (0..<reserveTop).map { reserveStack[$0] }
         freeTop = 0
-        return ids
+        reserveTop = 0
+        return (ids, reserve)
     }
+
+    @inline(__always)
+    public func isReserve(_ id: UInt16) -> Bool { Int(id) >= mainCount }
 
     // MARK: - Epoll: the free stack
 
@@ -92,53 +118,67 @@ public final class BufferPool {
         return freeStack[freeTop]
     }
 
+    /// Epoll path: a free reserve buffer, or nil.
+    @inline(__always)
+    public func takeReserve() -> UInt16? {
+        guard reserveTop > 0 else { return nil }
+        reserveTop -= 1
+        return reserveStack[reserveTop]
+    }
+
     /// Epoll path: put back a buffer taken but not filled (EAGAIN, EOF).
     @inline(__always)
     public func putBack(_ id: UInt16) {
-        freeStack[freeTop] = id
-        freeTop += 1
+        if isReserve(id) {
+            reserveStack[reserveTop] = id
+            reserveTop += 1
+        } else {
+            freeStack[freeTop] = id
+            freeTop += 1
+        }
     }
 
     /// Epoll path: a returned buffer, free again unless the pool is shrinking.
     @inline(__always)
     public func returnToStack(_ id: UInt16) {
-        markReturned()
-        if !parkIfShrinking(id) { putBack(id) }
+        markReturned(id)
+        if isReserve(id) || !parkIfShrinking(id) { putBack(id) }
     }
 
     // MARK: - Lending
 
     /// A completion delivered bytes in buffer `id`: it is now lent to the worker.
     @inline(__always)
-    public func markLent() {
+    public func markLent(_ id: UInt16) {
         inUse += 1
+        if isReserve(id) { reserveInUse += 1 }
         if inUse > peakInUse { peakInUse = inUse }
-        if inUse > peakThisSecond { peakThisSecond = inUse }
+        if mainInUse > peakThisSecond { peakThisSecond = mainInUse }
     }
 
-    /// The worker returned a lent buffer.
+    /// The worker returned lent buffer `id`.
     @inline(__always)
-    public func markReturned() {
+    public func markReturned(_ id: UInt16) {
         inUse -= 1
+        if isReserve(id) { reserveInUse -= 1 }
     }
 
-    /// Free buffers in circulation.
-    public var available: Int { active - inUse }
+    /// Free main buffers in circulation.
+    public var available: Int { active - mainInUse }
 
-    /// Under pressure: half the budget is lent out. Directions then read only what their
-    /// destination can take at once and read no further ahead, so no new buffer waits on a
-    /// full destination and the other half stays free for everyone else.
+    /// Buffers a waiting read could get now: main ones, or the reserve's once only it is left.
+    public var obtainable: Int { inReserve ? reserveCount - reserveInUse : available }
+
+    /// Under pressure: half the main set is lent out. Directions then read no further ahead.
     @inline(__always)
-    public var underPressure: Bool { inUse * 2 >= count }
+    public var underPressure: Bool { mainInUse * 2 >= mainCount }
 
-    /// The last eighth of the budget (none in pools under 8): once only that is left, a
-    /// direction reads only into an empty destination (`Worker.armRecv`), which the kernel
-    /// takes whatever its memory pressure, so the reserve never ends up pinned behind a
-    /// send that cannot complete and a connection holding nothing can always make progress.
-    public var reserve: Int { count / 8 }
-
+    /// The main set is all lent out: a direction now reads only into an empty destination,
+    /// from the reserve (`Worker.reserveRead`), which the kernel takes whatever its memory
+    /// pressure, so the reserve never ends up pinned behind a send that cannot complete and a
+    /// connection holding nothing can always make progress.
     @inline(__always)
-    public var inReserve: Bool { reserve > 0 && inUse >= count - reserve }
+    public var inReserve: Bool { reserveCount > 0 && mainInUse >= mainCount }
 
     // MARK: - Growing and shrinking
 
@@ -158,7 +198,7 @@ public final class BufferPool {
     /// `exhausted`: a recv found the ring empty since the last look, whatever is free now.
     @inline(__always)
     public func shortfall(exhausted: Bool) -> Int {
-        let free = active - inUse
+        let free = active - mainInUse
         guard exhausted || free < max(2, active / 4), parkedTop > 0 else { return 0 }
         return min(parkedTop, max(8, active))
     }
@@ -182,9 +222,9 @@ public final class BufferPool {
     public func adjustTarget() {
         recentPeaks[recentPeakIndex] = peakThisSecond
         recentPeakIndex = (recentPeakIndex + 1) % recentPeaks.count
-        peakThisSecond = inUse
+        peakThisSecond = mainInUse
         let recent = recentPeaks.max() ?? 0
-        target = max(initialActive, min(count, 2 * recent))
+        target = max(initialActive, min(mainCount, 2 * recent))
     }
 
     /// Epoll: parks free buffers beyond the target.

@@ -27,6 +27,8 @@ public final class EpollBackend: IOBackend {
         var recvToken: UInt64 = 0
         /// Bytes the queued recv may take at most (0: a whole buffer).
         var recvLimit: Int32 = 0
+        /// The queued recv takes a reserve buffer.
+        var recvReserve = false
         var sendToken: UInt64 = 0
         var connectToken: UInt64 = 0
         var pollToken: UInt64 = 0
@@ -146,16 +148,17 @@ public final class EpollBackend: IOBackend {
         }
     }
 
-    public func recv(fd: Int32, limit: Int, token: OperationToken) {
+    public func recv(fd: Int32, limit: Int, reserve: Bool, token: OperationToken) {
         let i = state(fd)
         fds[i].recvToken = token.raw
         fds[i].recvLimit = Int32(limit)
+        fds[i].recvReserve = reserve
         if fds[i].readable { runRecv(i) }
     }
 
     private func runRecv(_ i: Int) {
         let token = fds[i].recvToken
-        guard let id = buffers.take() else {
+        guard let id = fds[i].recvReserve ? buffers.takeReserve() : buffers.take() else {
             fds[i].recvToken = 0
             complete(token, -ENOBUFS)
             return
@@ -164,7 +167,7 @@ public final class EpollBackend: IOBackend {
         let n = Syscall.recv(Int32(i), buffers.pointer(id), limit > 0 && limit < buffers.size ? limit : buffers.size)
         if n > 0 {
             fds[i].recvToken = 0
-            buffers.markLent()
+            buffers.markLent(id)
             complete(token, Int32(n), buffer: id)
             return
         }

@@ -58,7 +58,7 @@ extension Worker {
         // no data (on io_uring such a recv takes no buffer and does not complete), so the rest
         // must not wait for some unrelated completion. Each turn wakes at least one; the queue
         // only grows again when a recv finds the pool empty.
-        if bufferWaitersHead < bufferWaiters.count && backend.buffers.available > 0 { return 0 }
+        if bufferWaitersHead < bufferWaiters.count && backend.buffers.obtainable > 0 { return 0 }
         var timeout = wheel.nanosecondsUntilNextTimer(now: now)
         // Index loops: runs every turn, and iterating an array of structs that hold strings
         // allocates in unoptimised builds.
@@ -108,7 +108,7 @@ extension Worker {
         statistics.set(.acceptPaused, acceptRecentlyPaused ? 1 : 0)
         statistics.set(.buffersInUse, Int64(backend.buffers.inUse))
         statistics.set(.buffersPeak, Int64(backend.buffers.peakInUse))
-        statistics.set(.buffersActive, Int64(backend.buffers.active))
+        statistics.set(.buffersActive, Int64(backend.buffers.active + backend.buffers.reserveCount))
         statistics.set(.buffersParked, Int64(backend.buffers.parkedTotal))
         statistics.set(.completionOverflows, Int64(backend.completionOverflows))
         statistics.set(.cancellations, Int64(backend.cancellations))

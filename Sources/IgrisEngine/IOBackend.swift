@@ -88,8 +88,8 @@ public protocol IOBackend: AnyObject {
     /// Connect; `address` must stay valid until the completion.
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken)
     /// Receive at most `limit` bytes (0: a whole buffer) into a buffer the backend selects
-    /// from the pool: bytes, 0 at EOF, -errno.
-    func recv(fd: Int32, limit: Int, token: OperationToken)
+    /// from the pool (from its reserve when `reserve`): bytes, 0 at EOF, -errno.
+    func recv(fd: Int32, limit: Int, reserve: Bool, token: OperationToken)
     /// Send `length` bytes of pool buffer `buffer` starting at `offset`: bytes sent (maybe
     /// fewer), or -errno. Completes once the buffer may be reused (SEND_ZC included).
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken)

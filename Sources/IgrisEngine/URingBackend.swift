@@ -27,8 +27,11 @@ public final class URingBackend: IOBackend {
 
     private let ring: UnsafeMutablePointer<io_uring>
     private let bufferRing: UnsafeMutableRawPointer
+    /// The reserve's ring (group 1), in the same mapping after the main one's pages.
+    private let reserveRing: UnsafeMutableRawPointer
     private let bufferRingBytes: Int
     private let bufferGroup: UInt16 = 0
+    private let reserveGroup: UInt16 = 1
     private let batch: UnsafeMutablePointer<igris_completion>
     private let batchCapacity: UInt32 = 512
     private var droppedSeen: UInt32 = 0
@@ -96,22 +99,30 @@ public final class URingBackend: IOBackend {
             throw error
         }
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let bytes = (configuration.bufferCount * igris_buf_ring_entry_size() + page - 1) / page * page
+        let mainBytes = (configuration.bufferCount * igris_buf_ring_entry_size() + page - 1) / page * page
+        let reserveEntries = max(1, buffers.reserveCount)
+        let bytes = mainBytes + (reserveEntries * igris_buf_ring_entry_size() + page - 1) / page * page
         guard let mem = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), mem != UnsafeMutableRawPointer(bitPattern: -1) else {
             io_uring_queue_exit(ring)
             ring.deallocate()
             throw SyscallError("mmap(buffer ring)", errno: igris_errno())
         }
         bufferRing = mem
+        reserveRing = mem + mainBytes
         bufferRingBytes = bytes
-        let reg = igris_uring_register_buf_ring(ring, mem, UInt32(configuration.bufferCount), bufferGroup)
+        var reg = igris_uring_register_buf_ring(ring, mem, UInt32(configuration.bufferCount), bufferGroup)
+        if reg == 0 && buffers.reserveCount > 0 {
+            reg = igris_uring_register_buf_ring(ring, reserveRing, UInt32(reserveEntries), reserveGroup)
+        }
         if reg != 0 {
             munmap(mem, bytes)
             io_uring_queue_exit(ring)
             ring.deallocate()
             throw SyscallError("io_uring_register_buf_ring", errno: -reg)
         }
-        for id in buffers.takeInitialFree() { igris_buf_ring_recycle(mem, UInt32(configuration.bufferCount), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
+        let (main, reserve) = buffers.takeInitialFree()
+        for id in main { igris_buf_ring_recycle(mem, UInt32(configuration.bufferCount), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
+        for id in reserve { igris_buf_ring_recycle(reserveRing, UInt32(reserveEntries), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         batch = .allocate(capacity: Int(batchCapacity))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
         zeroCopyResults.reserveCapacity(configuration.bufferCount)
@@ -163,11 +174,11 @@ public final class URingBackend: IOBackend {
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
-    public func recv(fd: Int32, limit: Int, token: OperationToken) {
+    public func recv(fd: Int32, limit: Int, reserve: Bool, token: OperationToken) {
         let sqe = nextSQE()
         // With a selected buffer, the length caps the read (0: the whole buffer).
         io_uring_prep_recv(sqe, fd, nil, limit > 0 && limit < buffers.size ? limit : 0, 0)
-        igris_sqe_select_buffer(sqe, bufferGroup)
+        igris_sqe_select_buffer(sqe, reserve ? reserveGroup : bufferGroup)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
@@ -305,8 +316,12 @@ public final class URingBackend: IOBackend {
 
     @inline(__always)
     public func releaseBuffer(_ id: UInt16) {
-        buffers.markReturned()
-        if !buffers.parkIfShrinking(id) { recycle(id) }
+        buffers.markReturned(id)
+        if buffers.isReserve(id) {
+            igris_buf_ring_recycle(reserveRing, UInt32(buffers.reserveCount), buffers.pointer(id), UInt32(buffers.size), id)
+        } else if !buffers.parkIfShrinking(id) {
+            recycle(id)
+        }
     }
 
     @inline(__always)
@@ -377,8 +392,9 @@ public final class URingBackend: IOBackend {
                 if result == -ENOBUFS { exhausted = true }
                 var bufferID: UInt16? = nil
                 if c.flags & bufferFlag != 0 {
-                    bufferID = UInt16(truncatingIfNeeded: c.flags >> shift)
-                    buffers.markLent()
+                    let id = UInt16(truncatingIfNeeded: c.flags >> shift)
+                    bufferID = id
+                    buffers.markLent(id)
                 }
                 body(Completion(token: OperationToken(raw: c.user_data), result: result, bufferID: bufferID,
                                 more: c.flags & moreFlag != 0))

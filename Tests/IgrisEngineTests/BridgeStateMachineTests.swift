@@ -183,6 +183,43 @@ struct BridgeStateMachineTests {
         #expect(w.statistics.load(.roomWaits) == 2)
     }
 
+    @Test("the reserve: once the main buffers are all lent, a read into an empty destination takes a reserve buffer; recvs armed before cannot")
+    func reserveServesEmptyDestinations() throws {
+        let w = try ScriptedWorker(buffers: 8)  // 7 main buffers, 1 reserve
+        #expect(w.backend.buffers.mainCount == 7 && w.backend.buffers.reserveCount == 1)
+        var pinned: [ScriptedBackend.Submitted] = []
+        var upstreamRecvs: [OperationToken] = []
+        for _ in 0..<7 {
+            let (client, upstream) = try w.bridge()
+            upstreamRecvs.append(try #require(w.take(.recv(upstream))))
+            w.backend.completeRecv(try #require(w.take(.recv(client))), [1, 2, 3])
+            w.turn()
+            pinned.append(try #require(w.backend.takeSend(to: upstream, length: 3)))  // never completes
+        }
+        #expect(w.backend.buffers.inReserve, "the main set is all lent")
+        // A recv armed before: the main group is empty, whatever the reserve holds.
+        w.backend.completeRecv(upstreamRecvs[0], [9])
+        w.turn()
+        #expect(w.statistics.load(.bufferExhaustions) == 1)
+        #expect(w.backend.buffers.reserveInUse == 0, "an earlier recv never lands in the reserve")
+        // A new connection, its destinations empty: it reads, from the reserve.
+        let (client, upstream) = try w.bridge()
+        let recv = try #require(w.take(.recv(client)))
+        #expect(w.backend.reserveRecvs.contains(recv.raw))
+        w.backend.completeRecv(recv, [7, 7])
+        w.turn()
+        #expect(w.backend.buffers.reserveInUse == 1)
+        let send = try #require(w.backend.takeSend(to: upstream, length: 2))
+        w.backend.complete(send.token, 2)
+        w.turn()
+        #expect(w.backend.buffers.reserveInUse == 0, "back to the reserve")
+        _ = try #require(w.take(.recv(client)), "and it reads on")
+        // Main buffers free again: the reserve mode ends.
+        w.backend.complete(pinned[0].token, 3)
+        w.turn()
+        #expect(!w.backend.buffers.inReserve)
+    }
+
     @Test("a destination that takes less than a whole send stops the read-ahead until it takes one whole again")
     func congestedDestinationStopsReadAhead() throws {
         let w = try ScriptedWorker()

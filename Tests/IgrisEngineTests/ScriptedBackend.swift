@@ -64,7 +64,12 @@ final class ScriptedBackend: IOBackend {
     func accept(listener fd: Int32, multishot: Bool, token: OperationToken) { record(.accept(fd), token) }
     func stopAccepting(listener fd: Int32, token: OperationToken) { record(.stopAccepting(fd), token) }
     func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) { record(.connect(fd), token) }
-    func recv(fd: Int32, limit: Int, token: OperationToken) { record(.recv(fd), token) }
+    func recv(fd: Int32, limit: Int, reserve: Bool, token: OperationToken) {
+        if reserve { reserveRecvs.insert(token.raw) }
+        record(.recv(fd), token)
+    }
+    /// Recvs that take from the reserve (the kernel's other buffer group).
+    var reserveRecvs: Set<UInt64> = []
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
         record(.send(fd: fd, buffer: buffer, offset: offset, length: length), token)
     }
@@ -125,12 +130,12 @@ final class ScriptedBackend: IOBackend {
     /// Completes a recv with `bytes` in a pool buffer (as the kernel picks one), or
     /// -ENOBUFS when the pool is empty.
     func completeRecv(_ token: OperationToken, _ bytes: [UInt8]) {
-        guard let id = buffers.take() else {
+        guard let id = reserveRecvs.remove(token.raw) != nil ? buffers.takeReserve() : buffers.take() else {
             ready.append(Completion(token: token, result: -ENOBUFS))
             return
         }
         bytes.withUnsafeBytes { buffers.pointer(id).copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
-        buffers.markLent()
+        buffers.markLent(id)
         ready.append(Completion(token: token, result: Int32(bytes.count), bufferID: id))
     }
 
