@@ -7,7 +7,85 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <sys/utsname.h>
+#include <string.h>
+#include <sys/un.h>
 #include "CLinux.h"
+
+long igris_send_with_fd(int sock, const void *buf, size_t len, int fd) {
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int))]; } control;
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (fd >= 0) {
+        memset(&control, 0, sizeof control);
+        m.msg_control = control.space;
+        m.msg_controllen = sizeof control.space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    return (long)sendmsg(sock, &m, MSG_NOSIGNAL);
+}
+
+long igris_recv_with_fd(int sock, void *buf, size_t len, int *fd) {
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int) * 4)]; } control;
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof control.space};
+    *fd = -1;
+    long n = (long)recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+    if (n < 0) return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int received[4];
+        memcpy(received, CMSG_DATA(c), count * sizeof(int));
+        // One descriptor per message is the protocol: anything more is closed, never leaked.
+        for (size_t i = 0; i < count; i++) {
+            if (*fd < 0) *fd = received[i]; else close(received[i]);
+        }
+    }
+    return n;
+}
+
+int igris_peer_credentials(int fd, int *pid, unsigned *uid) {
+    struct ucred c;
+    socklen_t n = sizeof c;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &n) != 0) return -errno;
+    *pid = c.pid;
+    *uid = c.uid;
+    return 0;
+}
+
+int igris_notify(const char *path, const char *text) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof a.sun_path) return -EINVAL;
+    memcpy(a.sun_path, path, n);
+    if (path[0] == '@') a.sun_path[0] = 0;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    long r = sendto(fd, text, strlen(text), MSG_NOSIGNAL, (struct sockaddr *)&a, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n));
+    int e = errno;
+    close(fd);
+    return r < 0 ? -e : 0;
+}
+
+int igris_unix_seqpacket(const char *path, int listen_) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) return -ENAMETOOLONG;
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int r = listen_ ? bind(fd, (struct sockaddr *)&a, sizeof a) : connect(fd, (struct sockaddr *)&a, sizeof a);
+    if (r == 0 && listen_) r = listen(fd, 4);
+    if (r != 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
 
 int igris_kernel_release(char *out, size_t size) {
     struct utsname u;

@@ -158,7 +158,9 @@ extension Worker {
     /// An accepted client: a slot if the budgets allow, then its negotiation or its connect.
     /// Until the slot holds it, the socket is no backend's, so refusing it is a plain close.
     func admit(client: Int32, listener i: Int) {
-        if draining { Syscall.close(client); return }
+        // Accepted while the drain began (a completion already on its way): served like the
+        // rest, since the client sees it connected. Only past the deadline is it refused.
+        if abortedAtDeadline { Syscall.close(client); return }
         guard budget.tryAcquire() else {
             noRoom(client, listener: i)
             return
@@ -178,8 +180,8 @@ extension Worker {
         if room(i) <= Self.multishotRoom { narrowAccept(i) }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
-        statistics.add(listener: i, .accepted)
-        statistics.add(listener: i, .active)
+        statistics.add(listener: listeners[i].bound.index, .accepted)
+        statistics.add(listener: listeners[i].bound.index, .active)
         let p = table.pointer(s)
         p.pointee.state = .connecting
         p.pointee.listener = UInt16(i)

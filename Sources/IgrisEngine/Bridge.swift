@@ -223,7 +223,7 @@ extension Worker {
     func countBytes(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ n: UInt32) {
         direction(p, d).pointee.bytes &+= UInt64(n)
         statistics.add(d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
-        statistics.add(listener: Int(p.pointee.listener), d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
+        statistics.add(listener: listeners[Int(p.pointee.listener)].bound.index, d == 0 ? .bytesClientToUpstream : .bytesUpstreamToClient, Int64(n))
         p.pointee.lastActivity = now
     }
 
@@ -389,7 +389,7 @@ extension Worker {
             listeners[Int(p.pointee.listener)].pool?.release(Int(p.pointee.server))
             p.pointee.server = -1
         }
-        statistics.add(listener: Int(p.pointee.listener), .active, -1)
+        statistics.add(listener: listeners[Int(p.pointee.listener)].bound.index, .active, -1)
         listeners[Int(p.pointee.listener)].bound.budget?.release()
         table.release(s)
         budget.release()

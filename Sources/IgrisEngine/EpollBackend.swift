@@ -37,6 +37,9 @@ public final class EpollBackend: IOBackend {
         var sendOffset: Int32 = 0
         var sendLength: Int32 = 0
         var inRetryList = false
+        /// A listening socket: it may be shared with another process (a hand-off), so closing
+        /// our descriptor does not end its epoll registration.
+        var isListener = false
     }
 
     private let epfd: Int32
@@ -101,6 +104,7 @@ public final class EpollBackend: IOBackend {
 
     public func accept(listener fd: Int32, multishot: Bool, token: OperationToken) {
         let i = state(fd)
+        fds[i].isListener = true
         fds[i].acceptToken = token.raw
         fds[i].acceptOnce = !multishot
         // A re-armed listener may already hold connections whose edge was consumed.
@@ -227,10 +231,18 @@ public final class EpollBackend: IOBackend {
     /// Everything pending on `fd` is known here, so `pending` is not needed to find it.
     public func close(fd: Int32, pending: PendingOperations, abort: Bool, token: OperationToken) {
         cancelAll(fd)
-        if Int(fd) < fds.count { fds[Int(fd)] = FDState() }
+        if Int(fd) < fds.count {
+            // close() removes a socket from the epoll set only when its last descriptor closes:
+            // a listener handed to a successor (or reused by a reload) lives on elsewhere.
+            if fds[Int(fd)].isListener && fds[Int(fd)].registered {
+                var ev = epoll_event()
+                _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+            }
+            fds[Int(fd)] = FDState()
+        }
         if abort { Syscall.setLingerZero(fd) }
-        // close() removes the fd from the epoll set (IGRIS never dups sockets). Splices run
-        // inline here, so none can be pending on it.
+        // Connection sockets are never shared, so close() removes them from the epoll set.
+        // Splices run inline here, so none can be pending on it.
         Syscall.close(fd)
         complete(token.raw, 0)
     }

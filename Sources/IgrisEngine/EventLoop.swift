@@ -133,7 +133,7 @@ extension Worker {
     /// SIGHUP: close removed listeners (their connections carry on), open added ones, and
     /// re-plan health checks for the pools in use.
     func applyReload(_ command: ReloadCommand) {
-        for i in command.remove where i < listeners.count && listeners[i].open { closeListener(i) }
+        for i in listeners.indices where listeners[i].open && command.remove.contains(listeners[i].bound.index) { closeListener(i) }
         for l in command.add {
             listeners.append(Listener(bound: l))
             listenersOpen += 1

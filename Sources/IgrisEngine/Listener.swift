@@ -58,10 +58,20 @@ extension UpstreamPool {
     }
 }
 
-/// A listener as a worker holds it: its own SO_REUSEPORT socket, its settings (defaults
-/// filled in) and its share of max_connections.
+/// A listener as a worker holds it: one of its SO_REUSEPORT sockets, its settings (defaults
+/// filled in) and its share of max_connections. A worker usually holds one socket per
+/// listener; after a hand-off from a process with more workers, some hold several.
 public struct BoundListener: Sendable {
     public var fd: Int32
     public var rule: ListenerRule
     public var budget: ConnectionBudget?
+    /// The server's index of the listener (per-listener counters, reload commands).
+    public var index: Int
+
+    public init(fd: Int32, rule: ListenerRule, budget: ConnectionBudget?, index: Int = 0) {
+        self.fd = fd
+        self.rule = rule
+        self.budget = budget
+        self.index = index
+    }
 }

@@ -104,8 +104,9 @@ public final class Server: Sendable {
     public let statistics: [WorkerStatistics]
     public let budget: ConnectionBudget
     private let controls: [WorkerControl]
-    /// listenFDs[worker][forward]
-    private let listenFDs: [[Int32]]
+    /// listenFDs[worker][listener]: that worker's sockets of the listener (one, or several
+    /// after a hand-off from a process with more workers).
+    private let listenFDs: [[[Int32]]]
     /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
     /// so the connections they accepted keep their per-listener counters).
     private let listenerTable: Locked<[ActiveListener]>
@@ -114,9 +115,14 @@ public final class Server: Sendable {
     /// Per-listener counters are preallocated for this many listeners over the process's life.
     public static let maxListeners = 256
     private let threads = Locked<[pthread_t]>([])
+    private let drainAnnounced = Atomic<Bool>(false)
     private let logger: Logger
 
-    public init(configuration: ServerConfiguration, logger: Logger = Logger(label: "igris")) throws(ServerError) {
+    /// `inherited`: listening sockets handed over by a running igris (`ListenerHandoff`); a
+    /// listener whose address is among them accepts on those very sockets, so connections
+    /// queued there are served, not reset.
+    public init(configuration: ServerConfiguration, inherited: InheritedSockets? = nil,
+                logger: Logger = Logger(label: "igris")) throws(ServerError) {
         self.configuration = configuration
         self.logger = logger
         try Self.check(configuration.listeners)
@@ -125,10 +131,12 @@ public final class Server: Sendable {
         backendReason = reason
 
         let (fds, addresses) = try Self.bindListeners(configuration.listeners.map(configuration.resolved), workers: configuration.workers,
-                                                      backlog: configuration.listenBacklog)
+                                                      backlog: configuration.listenBacklog, inherited: inherited)
         listenFDs = fds
         listenAddresses = addresses
-        listenerTable = Locked(zip(configuration.listeners, addresses).map { ActiveListener(rule: $0, address: $1, open: true) })
+        listenerTable = Locked(configuration.listeners.indices.map { k in
+            ActiveListener(rule: configuration.listeners[k], address: addresses[k], sockets: fds.map { $0[k] }, open: true)
+        })
         listenerBudgets = configuration.listeners.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: Self.maxListeners) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
@@ -136,7 +144,7 @@ public final class Server: Sendable {
         do {
             for _ in 0..<configuration.workers { controls.append(try WorkerControl()) }
         } catch {
-            for list in fds { for fd in list { Syscall.close(fd) } }
+            for list in fds { for sockets in list { for fd in sockets { Syscall.close(fd) } } }
             throw .worker(controls.count, error)
         }
         self.controls = controls
@@ -164,29 +172,64 @@ public final class Server: Sendable {
     }
 
     /// One SO_REUSEPORT socket per worker for each (resolved) rule: fds[worker][rule], and the
-    /// address each rule got. All or nothing: on a failure the sockets bound so far are closed.
-    private static func bindListeners(_ rules: [ListenerRule], workers: Int, backlog: Int32) throws(ServerError) -> ([[Int32]], [SocketAddress]) {
-        var fds = Array(repeating: [Int32](), count: workers)
+    /// address each rule got. A rule whose address `inherited` holds (or `reuse` gives)
+    /// takes those sockets, spread over the workers; workers beyond them bind new ones into
+    /// the same SO_REUSEPORT group. All or nothing: on a failure the sockets so far are closed.
+    private static func bindListeners(_ rules: [ListenerRule], workers: Int, backlog: Int32, inherited: InheritedSockets? = nil,
+                                      reuse: [Int: [Int32]] = [:]) throws(ServerError) -> ([[[Int32]]], [SocketAddress]) {
+        var fds = Array(repeating: [[Int32]](), count: workers)
         var addresses: [SocketAddress] = []
         do {
-            for rule in rules {
+            for (k, rule) in rules.enumerated() {
+                for w in 0..<workers { fds[w].append([]) }
+                let deadPeerTimeout = rule.deadPeerTimeoutNanoseconds ?? nil
+                let taken = reuse[k] ?? inherited?.take(.listener, address: rule.listen.description) ?? []
                 var address = rule.listen
-                for w in 0..<workers {
-                    let fd = try makeListener(address, backlog: backlog, text: rule.listen.description,
-                                              deadPeerTimeout: rule.deadPeerTimeoutNanoseconds ?? nil)
+                if let first = taken.first {
+                    address = (try? Syscall.localAddress(first)) ?? address
+                    for (j, fd) in taken.enumerated() {
+                        fds[j % workers][k].append(fd)
+                        // Accepted sockets inherit these: the new rule's, not the old process's.
+                        try? Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
+                    }
+                }
+                if taken.isEmpty && address.port != 0 { try probeUnused(address, text: rule.listen.description) }
+                for w in taken.count..<max(workers, taken.count) {
+                    let fd = try makeListener(address, backlog: backlog, text: rule.listen.description, deadPeerTimeout: deadPeerTimeout)
                     if w == 0 {
                         // Port 0: the other workers join whatever port the kernel picked.
                         address = (try? Syscall.localAddress(fd)) ?? address
-                        addresses.append(address)
                     }
-                    fds[w].append(fd)
+                    fds[w][k].append(fd)
                 }
+                addresses.append(address)
             }
         } catch {
-            for list in fds { for fd in list { Syscall.close(fd) } }
+            for list in fds { for sockets in list { for fd in sockets { Syscall.close(fd) } } }
             throw error
         }
         return (fds, addresses)
+    }
+
+    /// SO_REUSEPORT would let a second igris (or anything else with the option) join the
+    /// running one's listener group silently and take half its connections. A bind without
+    /// it fails while any process listens there: then only a hand-off (--takeover) may.
+    private static func probeUnused(_ address: SocketAddress, text: String) throws(ServerError) {
+        let fd: Int32
+        do { fd = try Syscall.streamSocket(family: address.family) } catch { throw .listen(text, error) }
+        defer { Syscall.close(fd) }
+        do {
+            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
+            if address.family == AF_INET6 {
+                try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
+            }
+            try Syscall.bind(fd, address)
+        } catch {
+            if error.errno == EADDRINUSE {
+                throw .configuration("cannot listen on \(text): another process listens there (another igris? to replace a running one, use --takeover with its hand-off socket)")
+            }
+            throw .listen(text, error)
+        }
     }
 
     private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String,
@@ -201,7 +244,7 @@ public final class Server: Sendable {
                 try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
             }
             // Accepted sockets inherit the keepalive settings: no syscalls per connection.
-            if let deadPeerTimeout { try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout) }
+            try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
             try Syscall.bind(fd, address)
             try Syscall.listen(fd, backlog: backlog)
         } catch {
@@ -235,9 +278,7 @@ public final class Server: Sendable {
         for w in 0..<configuration.workers {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
-                listeners: zip(listenFDs[w], rules.indices).map { fd, k in
-                    BoundListener(fd: fd, rule: rules[k], budget: listenerBudgets[k])
-                },
+                listeners: Self.bound(listenFDs[w], rules: rules, budgets: listenerBudgets, firstIndex: 0),
                 backend: configuration.buffers,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
                 slotCapacity: slotsPerWorker,
@@ -291,8 +332,28 @@ public final class Server: Sendable {
         }
     }
 
+    /// A worker's listeners in server order, then the extra sockets some of them have (after
+    /// a hand-off from more workers), so that position k is listener k when there are none.
+    private static func bound(_ sockets: [[Int32]], rules: [ListenerRule], budgets: [ConnectionBudget?], firstIndex: Int) -> [BoundListener] {
+        var list: [BoundListener] = []
+        for (k, fds) in sockets.enumerated() where !fds.isEmpty {
+            list.append(BoundListener(fd: fds[0], rule: rules[k], budget: budgets[k], index: firstIndex + k))
+        }
+        for (k, fds) in sockets.enumerated() {
+            for fd in fds.dropFirst() { list.append(BoundListener(fd: fd, rule: rules[k], budget: budgets[k], index: firstIndex + k)) }
+        }
+        return list
+    }
+
     /// SIGTERM: stop accepting, close listeners, let bridges drain to the deadline.
-    public func beginDrain() { for c in controls { c.requestDrain() } }
+    public func beginDrain() {
+        drainAnnounced.store(true, ordering: .relaxed)
+        for c in controls { c.requestDrain() }
+    }
+
+    /// The drain is coming (a grace period runs first): /readyz fails from now on, while the
+    /// listeners still accept, so a balancer stops sending before they close.
+    public func announceDrain() { drainAnnounced.store(true, ordering: .relaxed) }
 
     /// Second signal: abort every bridge now.
     public func abort() { for c in controls { c.requestAbort() } }
@@ -356,22 +417,37 @@ public final class Server: Sendable {
         guard current.count + added.count <= Self.maxListeners else {
             throw .configuration("reload would make \(current.count + added.count) listeners over this process's life (at most \(Self.maxListeners)): restart instead")
         }
+        // A changed listener at the same address takes over the old one's sockets (duplicated:
+        // the worker closes the old descriptor), so connections queued there are not reset.
+        var reuse: [Int: [Int32]] = [:]
+        for (k, rule) in added.enumerated() {
+            if let old = removed.first(where: { current[$0].address == rule.listen || current[$0].rule.listen == rule.listen }) {
+                reuse[k] = current[old].sockets.flatMap { $0 }.compactMap { Syscall.duplicate($0) }
+            }
+        }
         // Bind everything new before changing anything.
         let resolvedAdded = added.map(configuration.resolved)
         let (fds, addresses) = try Self.bindListeners(resolvedAdded, workers: configuration.workers,
-                                                      backlog: configuration.listenBacklog)
+                                                      backlog: configuration.listenBacklog, reuse: reuse)
         let addedBudgets = added.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         listenerTable.withLock { table in
             for i in removed { table[i].open = false }
-            for (rule, address) in zip(added, addresses) { table.append(ActiveListener(rule: rule, address: address, open: true)) }
+            for k in added.indices {
+                table.append(ActiveListener(rule: added[k], address: addresses[k], sockets: fds.map { $0[k] }, open: true))
+            }
         }
         for (w, control) in controls.enumerated() {
-            let add = zip(fds[w], added.indices).map { fd, k in
-                BoundListener(fd: fd, rule: resolvedAdded[k], budget: addedBudgets[k])
-            }
+            let add = Self.bound(fds[w], rules: resolvedAdded, budgets: addedBudgets, firstIndex: current.count)
             control.requestReload(ReloadCommand(add: add, remove: removed))
         }
         return ReloadSummary(added: added.map(\.name), removed: removed.map { current[$0].rule.name }, kept: keep.sorted().map { current[$0].rule.name })
+    }
+
+    /// The open listeners' sockets, for a successor (`ListenerHandoff`). The descriptors stay
+    /// this server's: they are valid until `beginDrain` closes them, and a reload must not
+    /// run meanwhile (the caller serialises the two).
+    public var listeningSockets: [(address: SocketAddress, fds: [Int32])] {
+        listenerTable.withLock { $0.filter(\.open).map { ($0.address, $0.sockets.flatMap { $0 }) } }
     }
 
     /// Whether a worker paused accepting for lack of descriptors (or memory) in the last
@@ -379,13 +455,15 @@ public final class Server: Sendable {
     public var isAcceptingPaused: Bool { statistics.contains { $0.load(.acceptPaused) != 0 } }
 
     /// Whether the workers are draining (SIGTERM): /readyz answers 503 from then on.
-    public var isDraining: Bool { controls.contains { $0.isDrainRequested } }
+    public var isDraining: Bool { drainAnnounced.load(ordering: .relaxed) || controls.contains { $0.isDrainRequested } }
 }
 
 /// A listener the server has had; `open` until a reload removes it.
 struct ActiveListener: Sendable {
     var rule: ListenerRule
     var address: SocketAddress
+    /// sockets[worker]: the descriptors that worker accepts on (valid while `open`).
+    var sockets: [[Int32]]
     var open: Bool
 }
 

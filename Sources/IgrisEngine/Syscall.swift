@@ -63,7 +63,13 @@ public enum Syscall {
     /// unacknowledged that long abort the connection too. A peer that answers probes is never
     /// affected, however long it stays idle.
     @inline(never)
-    public static func setDeadPeerTimeout(_ fd: Int32, nanoseconds: UInt64) throws(SyscallError) {
+    public static func setDeadPeerTimeout(_ fd: Int32, nanoseconds: UInt64?) throws(SyscallError) {
+        guard let nanoseconds else {
+            // Off: a socket reused from another configuration may have had them on.
+            try setIntOption(fd, level: SOL_SOCKET, name: SO_KEEPALIVE, value: 0, "SO_KEEPALIVE")
+            try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: 0, "TCP_USER_TIMEOUT")
+            return
+        }
         let seconds = max(1, Int32(min(nanoseconds / 1_000_000_000, 1 << 20)))
         try setIntOption(fd, level: SOL_SOCKET, name: SO_KEEPALIVE, value: 1, "SO_KEEPALIVE")
         try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_KEEPIDLE, value: max(1, seconds / 2), "TCP_KEEPIDLE")
@@ -71,6 +77,12 @@ public enum Syscall {
         try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_KEEPCNT, value: 4, "TCP_KEEPCNT")
         try setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT,
                          value: Int32(min(nanoseconds / 1_000_000, UInt64(Int32.max))), "TCP_USER_TIMEOUT")
+    }
+
+    /// A close-on-exec duplicate of `fd` (the same open socket), or nil.
+    public static func duplicate(_ fd: Int32) -> Int32? {
+        let d = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        return d >= 0 ? d : nil
     }
 
     /// SO_LINGER {on, 0}: the next close() sends RST instead of FIN (used to abort).

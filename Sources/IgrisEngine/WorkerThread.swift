@@ -22,4 +22,9 @@ public enum WorkerThread {
         precondition(rc == 0, "pthread_create failed: \(Errno.describe(rc))")
         return thread
     }
+
+    /// A detached thread for a control-plane chore that blocks (the hand-off socket).
+    public static func detach(name: String, _ body: @escaping @Sendable () -> Void) {
+        pthread_detach(spawn(name: name, body))
+    }
 }

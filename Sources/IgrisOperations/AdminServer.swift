@@ -10,20 +10,37 @@ import Synchronization
 public final class AdminServer: Sendable {
     public let address: SocketAddress
     private let listener: Int32
+    /// Signalled by `stop()`: the accept thread closes the listener and returns.
+    private let stopFD: Int32
+    private let stopped = Atomic<Bool>(false)
     private let metrics: MetricsRenderer
     private let inFlight = Atomic<Int>(0)
     private let servedCount = Atomic<Int64>(0)
     public static let maxConcurrentRequests = 16
 
-    public init(listen: SocketAddress, metrics: MetricsRenderer) throws(ServerError) {
+    /// Binds `listen`, or adopts the socket a predecessor handed over for that address. The
+    /// listener is non-blocking (it may be shared with a predecessor or successor while a
+    /// hand-off runs): the accept thread polls it.
+    public init(listen: SocketAddress, metrics: MetricsRenderer, inherited: InheritedSockets? = nil) throws(ServerError) {
         self.metrics = metrics
         do throws(SyscallError) {
-            let fd = try Syscall.streamSocket(family: listen.family, nonBlocking: false)
+            let fd: Int32
+            if let handed = inherited?.take(.admin, address: listen.description).first {
+                fd = handed
+            } else {
+                fd = try Syscall.streamSocket(family: listen.family, nonBlocking: true)
+                do {
+                    try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
+                    try Syscall.bind(fd, listen)
+                    try Syscall.listen(fd, backlog: 64)
+                } catch {
+                    Syscall.close(fd)
+                    throw error
+                }
+            }
             do {
-                try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
-                try Syscall.bind(fd, listen)
-                try Syscall.listen(fd, backlog: 64)
                 address = try Syscall.localAddress(fd)
+                stopFD = try Syscall.eventfd()
             } catch {
                 Syscall.close(fd)
                 throw error
@@ -34,8 +51,12 @@ public final class AdminServer: Sendable {
         }
     }
 
+    /// The listening socket, for a successor (`ListenerHandoff`); valid until `stop()`.
+    public var socket: Int32 { listener }
+
     public func start() {
         let fd = listener
+        let stopFD = stopFD
         AdminThread.detach { [self] in
             // One descriptor held in reserve (a duplicate of the listener): when the data plane
             // has taken every other one — exactly when an operator wants /metrics — it is given
@@ -44,6 +65,16 @@ public final class AdminServer: Sendable {
             var reserve = fcntl(fd, F_DUPFD_CLOEXEC, 0)
             while true {
                 if reserve < 0 { reserve = fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+                var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
+                _ = poll(&polled, 2, -1)
+                if polled[1].revents != 0 {
+                    // stop(): closed here, by the only thread using it, so its number can't be
+                    // reused under a pending accept. A successor may still hold the socket.
+                    Syscall.close(fd)
+                    if reserve >= 0 { Syscall.close(reserve) }
+                    Syscall.close(stopFD)
+                    return
+                }
                 var c = Syscall.accept(fd, nonBlocking: false)
                 if (c == -EMFILE || c == -ENFILE) && reserve >= 0 {
                     Syscall.close(reserve)
@@ -65,13 +96,7 @@ public final class AdminServer: Sendable {
                     usleep(100_000)  // the reserve was taken meanwhile: the data plane comes first
                     continue
                 }
-                if c < 0 {
-                    // stop() shut the listener down; it is closed here, by the only thread
-                    // using it, so its number can't be reused under a pending accept.
-                    Syscall.close(fd)
-                    if reserve >= 0 { Syscall.close(reserve) }
-                    return
-                }
+                if c < 0 { continue }  // taken by another process sharing the socket, or a transient error
                 if inFlight.wrappingAdd(1, ordering: .relaxed).newValue > Self.maxConcurrentRequests {
                     inFlight.wrappingSubtract(1, ordering: .relaxed)
                     Syscall.close(c)
@@ -87,9 +112,11 @@ public final class AdminServer: Sendable {
         }
     }
 
-    /// Stops accepting (requests being answered finish on their own threads).
+    /// Stops accepting (requests being answered finish on their own threads). The socket
+    /// itself closes with its last descriptor: a successor it was handed to keeps it.
     public func stop() {
-        _ = Syscall.shutdown(listener, Int32(SHUT_RDWR))
+        guard !stopped.exchange(true, ordering: .relaxed) else { return }
+        Syscall.signalEventFD(stopFD)
     }
 
     public var requestsServed: Int64 { servedCount.load(ordering: .relaxed) }

@@ -45,6 +45,11 @@ public struct ConfigFile: Sendable {
     /// Keepalive + TCP_USER_TIMEOUT bound for peers gone without FIN or RST (nil: off).
     public var deadPeerTimeoutNanoseconds: UInt64? = 120_000_000_000
     public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
+    /// On SIGTERM, how long accepting goes on after /readyz turns 503 (a balancer's health
+    /// checks notice first, so no connection reaches a closing listener).
+    public var drainGraceNanoseconds: UInt64 = 0
+    /// The unix socket a successor takes the listeners over from (`--takeover`); nil: none.
+    public var handoffSocket: String?
     public var handshakeTimeoutNanoseconds: UInt64 = 10_000_000_000
     public var usersFile: String?
     public var aclRules: [DestinationACL.Rule] = []
@@ -138,7 +143,7 @@ private struct Decoded: Decodable {
 
     init(from decoder: Decoder) throws {
         let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
-                   "drain_timeout", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
+                   "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
@@ -191,6 +196,13 @@ private struct Decoded: Decodable {
             config.deadPeerTimeoutNanoseconds = d
         }
         if let d = try duration("drain_timeout", allowZero: true) { config.drainTimeoutNanoseconds = d }
+        if let d = try duration("drain_grace", allowZero: true) { config.drainGraceNanoseconds = d }
+        if let path = try c.decodeIfPresent(String.self, forKey: key("handoff_socket")) {
+            guard path.hasPrefix("/"), path.utf8.count < 108 else {
+                throw fail("handoff_socket", "expected an absolute path shorter than 108 bytes, got '\(path)'")
+            }
+            config.handoffSocket = path
+        }
         if let d = try duration("handshake_timeout") { config.handshakeTimeoutNanoseconds = d }
         config.usersFile = try c.decodeIfPresent(String.self, forKey: key("users_file"))
         if c.contains(key("acl")) {

@@ -278,7 +278,9 @@ struct PingPong: ParsableCommand {
     }
 }
 
-/// Open N connections, verify each with a 1-byte echo, hold, verify again, close.
+/// Open N connections, verify each with a 1-byte echo, hold, verify again, close. With
+/// --echo-every, every connection echoes once per interval while held, and one the server
+/// closes (at a drain deadline, say) is counted, not an error.
 struct Hold: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Open and hold connections, each verified by a 1-byte echo.")
 
@@ -286,10 +288,13 @@ struct Hold: ParsableCommand {
     @OptionGroup var proxy: ProxyOptions
     @Option(help: "Connections to open.") var connections: Int = 1000
     @Option(help: "Seconds to hold them open.") var hold: Double = 5
+    @Option(name: .customLong("echo-every"), help: "While held, echo a byte on each connection this often (seconds).")
+    var echoEvery: Double?
 
     func run() throws {
         let route = try proxy.route(to: connect)
         guard connections >= 1, connections <= 100_000, hold >= 0, hold <= 3600 else { throw ValidationError("--connections or --hold out of range") }
+        if let echoEvery, echoEvery < 0.01 || echoEvery > 3600 { throw ValidationError("--echo-every must be between 0.01 and 3600 seconds") }
         var sockets: [ClientSocket] = []
         var byte: UInt8 = 7
         for i in 0..<connections {
@@ -300,6 +305,10 @@ struct Hold: ParsableCommand {
         }
         print("hold open=\(sockets.count)")
         fflush(nil)
+        if let echoEvery {
+            try echoWhileHeld(sockets, interval: echoEvery)
+            return
+        }
         var ts = timespec(tv_sec: Int(hold), tv_nsec: Int((hold - Double(Int(hold))) * 1e9))
         nanosleep(&ts, nil)
         var ok = 0
@@ -307,6 +316,53 @@ struct Hold: ParsableCommand {
         for s in sockets { s.close() }
         print("hold verified=\(ok) of=\(connections)")
         if ok != connections { throw ExitCode(1) }
+    }
+
+    /// Rounds of one echo per open connection. A connection the server ended (EOF, reset)
+    /// is closed and counted; a wrong byte or a 5 s silence is an error.
+    private func echoWhileHeld(_ sockets: [ClientSocket], interval: Double) throws {
+        var open = sockets
+        var echoes = 0, closedByPeer = 0, errors = 0, rounds = 0
+        var closedAfterRounds: [Int] = []
+        for s in open {
+            var t = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(s.fd, SOL_SOCKET, SO_RCVTIMEO, &t, socklen_t(MemoryLayout<timeval>.size))
+        }
+        let start = Syscall.monotonicNanoseconds()
+        let end = start + UInt64(hold * 1e9)
+        var next = start
+        while !open.isEmpty {
+            next += UInt64(interval * 1e9)
+            if next > end { break }
+            while Syscall.monotonicNanoseconds() < next {
+                var ts = timespec(tv_sec: 0, tv_nsec: Int(min(next - Syscall.monotonicNanoseconds(), 50_000_000)))
+                nanosleep(&ts, nil)
+            }
+            rounds += 1
+            var byte = UInt8(truncatingIfNeeded: rounds)
+            var kept: [ClientSocket] = []
+            for s in open {
+                var back: UInt8 = 0
+                let sent = s.writeAll(&byte, 1)
+                let n = sent ? Syscall.recv(s.fd, &back, 1) : -Int(EPIPE)
+                if n == 1 && back == byte {
+                    echoes += 1
+                    kept.append(s)
+                } else if n == 0 || n == -Int(ECONNRESET) || n == -Int(EPIPE) {
+                    closedByPeer += 1
+                    closedAfterRounds.append(rounds - 1)
+                    s.close()
+                } else {
+                    errors += 1
+                    s.close()
+                }
+            }
+            open = kept
+        }
+        for s in open { s.close() }
+        let earliest = closedAfterRounds.min().map(String.init) ?? "-"
+        print("hold rounds=\(rounds) echoes=\(echoes) closed_by_peer=\(closedByPeer) first_close_after_rounds=\(earliest) errors=\(errors) open_at_end=\(open.count)")
+        if errors > 0 { throw ExitCode(1) }
     }
 }
 

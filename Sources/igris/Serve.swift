@@ -72,6 +72,18 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("drain-timeout"), help: "On SIGTERM, how long open bridges may finish.")
     var drainTimeout: DurationArgument = DurationArgument(argument: "30s")!
 
+    @Option(name: .customLong("drain-grace"),
+            help: "On SIGTERM, how long accepting goes on after /readyz turns 503, so a balancer's checks notice first (default 0).")
+    var drainGrace: DurationArgument?
+
+    @Option(name: .customLong("handoff-socket"),
+            help: "Unix socket through which a successor (--takeover, or SIGUSR2) takes the listeners over.")
+    var handoffSocket: String?
+
+    @Flag(name: .customLong("takeover"),
+          help: "Take the listeners over from the igris running at the hand-off socket; it drains once this one accepts.")
+    var takeover = false
+
     @Option(name: .customLong("max-connections"), help: "Bridged connections open at once, all workers together.")
     var maxConnections: Int = 65536
 
@@ -128,6 +140,9 @@ struct Serve: ParsableCommand {
         if connectTimeout.nanoseconds == 0 { throw ValidationError("--connect-timeout must be greater than 0") }
         if handshakeTimeout.nanoseconds == 0 { throw ValidationError("--handshake-timeout must be greater than 0") }
         if noAuth && usersFile != nil { throw ValidationError("--no-auth and --users contradict each other: choose one") }
+        if let handoffSocket, !handoffSocket.hasPrefix("/") || handoffSocket.utf8.count >= 108 {
+            throw ValidationError("--handoff-socket must be an absolute path shorter than 108 bytes")
+        }
         if (socks5.isEmpty && httpConnect.isEmpty) && (noAuth || usersFile != nil || !allow.isEmpty || !deny.isEmpty) {
             throw ValidationError("--users, --no-auth, --allow and --deny apply to --socks5/--http-connect listeners, and none is given")
         }
@@ -152,7 +167,9 @@ struct Serve: ParsableCommand {
             let configuration: ServerConfiguration
             do { configuration = try file.serverConfiguration(gateway: gateway) } catch { throw CommandFailure(error.description) }
             try start(configuration: configuration, gateway: gateway, admins: admins,
-                      logLevel: Logger.Level(rawValue: file.logLevel) ?? .info, configPath: configFile)
+                      logLevel: Logger.Level(rawValue: file.logLevel) ?? .info, configPath: configFile,
+                      handoffPath: handoffSocket ?? file.handoffSocket,
+                      drainGraceNanoseconds: drainGrace?.nanoseconds ?? file.drainGraceNanoseconds)
             return
         }
         // Checked here, not in validate(), so an unknown flag is reported first.
@@ -197,12 +214,15 @@ struct Serve: ParsableCommand {
         if let admin {
             do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
         }
-        try start(configuration: configuration, gateway: gateway, admins: admins, logLevel: logLevel, configPath: nil)
+        try start(configuration: configuration, gateway: gateway, admins: admins, logLevel: logLevel, configPath: nil,
+                  handoffPath: handoffSocket, drainGraceNanoseconds: drainGrace?.nanoseconds ?? 0)
     }
 
-    /// Starts the workers and admin endpoints, then waits for signals until drained.
+    /// Takes the listeners over (--takeover), binds the rest, starts the workers and admin
+    /// endpoints, then waits for signals until drained. Everything that can fail happens
+    /// before a worker accepts: a successor that fails leaves its predecessor as it was.
     private func start(configuration: ServerConfiguration, gateway: Gateway, admins: [(String, SocketAddress)], logLevel: Logger.Level,
-                       configPath: String?) throws {
+                       configPath: String?, handoffPath: String?, drainGraceNanoseconds: UInt64) throws {
         defer { gateway.shutdown() }
         LoggingSystem.bootstrap { label in
             if label == "igris.access" { return LogfmtLogHandler(label: "access", level: logLevel) }
@@ -213,33 +233,46 @@ struct Serve: ParsableCommand {
         let logger = Logger(label: "igris")
         let rules = configuration.listeners
         let workers = configuration.workers
-        let drainTimeout = DurationArgument(nanoseconds: configuration.drainTimeoutNanoseconds)
 
         // Signals go to the signal thread only: block them before any worker starts.
-        let signals = SignalWaiter(signals: [SIGINT, SIGTERM, SIGHUP])
+        let signals = SignalWaiter(signals: [SIGINT, SIGTERM, SIGHUP, SIGUSR2])
         signal(SIGPIPE, SIG_IGN)
 
-        let server: Server
-        do {
-            server = try Server(configuration: configuration, logger: logger)
-            logger.info("backend selected", metadata: ["backend": "\(server.backend)", "why": "\(server.backendReason)"])
-            if let warning = server.descriptorWarning { logger.warning("\(warning)") }
-            try server.start()
-        } catch {
-            throw CommandFailure(error.description)
-        }
-        var adminServers: [AdminServer] = []
-        for (name, address) in admins {
-            do {
-                let a = try AdminServer(listen: address, metrics: MetricsRenderer(server: server, gateway: gateway))
-                a.start()
-                adminServers.append(a)
-                logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
-            } catch {
-                server.abort()
-                server.wait()
-                throw CommandFailure(error.description)
+        var session: HandoffSession? = nil
+        if takeover {
+            guard let handoffPath else {
+                throw CommandFailure("--takeover needs the hand-off socket: handoff_socket in the file, or --handoff-socket")
             }
+            do { session = try HandoffSession(path: handoffPath) } catch { throw CommandFailure(error.description) }
+        }
+        func fail(_ message: String) -> CommandFailure {
+            session?.abandon()
+            return CommandFailure(message)
+        }
+        let handoff: HandoffListener?
+        do {
+            // First: a second igris started by mistake (no --takeover) is told so here.
+            handoff = try handoffPath.map { path throws(HandoffError) in try HandoffListener(path: path, inherited: session?.sockets) }
+        } catch {
+            throw fail(error.description)
+        }
+        let server: Server
+        var adminServers: [AdminServer] = []
+        do {
+            server = try Server(configuration: configuration, inherited: session?.sockets, logger: logger)
+            for (_, address) in admins {
+                adminServers.append(try AdminServer(listen: address, metrics: MetricsRenderer(server: server, gateway: gateway),
+                                                    inherited: session?.sockets))
+            }
+        } catch {
+            throw fail(error.description)
+        }
+        logger.info("backend selected", metadata: ["backend": "\(server.backend)", "why": "\(server.backendReason)"])
+        if let warning = server.descriptorWarning { logger.warning("\(warning)") }
+        do { try server.start() } catch { throw fail(error.description) }
+        for (a, (name, _)) in zip(adminServers, admins) {
+            a.start()
+            logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
         }
         for (rule, address) in zip(rules, server.listenAddresses) {
             if let pool = rule.pool {
@@ -254,23 +287,33 @@ struct Serve: ParsableCommand {
                 ])
             }
         }
-        let stopSignals = Locked(0)
+        if let session {
+            // Listeners the new configuration dropped: the predecessor closes them as it drains.
+            let dropped = session.sockets.remaining.filter { $0.role == .listener }.map(\.address)
+            session.sockets.closeUnclaimed()
+            do {
+                try session.ready()
+                logger.notice("took the listeners over", metadata: [
+                    "predecessor": "\(session.predecessor)", "dropped": "\(Set(dropped).sorted().joined(separator: ","))",
+                ])
+            } catch {
+                logger.warning("\(error.description)")
+            }
+        }
+        let lifecycle = Lifecycle(server: server, admins: adminServers, logger: logger, handoffPath: handoffPath,
+                                  drainGraceNanoseconds: drainGraceNanoseconds)
+        if let handoff { lifecycle.serveHandoffs(handoff) }
+        Lifecycle.notifyReady(successor: session != nil)
         signals.start { _, signal in
-            if signal == SIGHUP {
-                Self.reload(server: server, gateway: gateway, configPath: configPath, logger: logger)
-                return
-            }
-            let count = stopSignals.withLock { n -> Int in
-                n += 1
-                return n
-            }
-            if count == 1 {
-                logger.info("draining: accepting stopped, open connections may finish",
-                            metadata: ["signal": "\(signal)", "deadline": "\(drainTimeout)", "active": "\(server.total(.activeConnections))"])
-                server.beginDrain()
-            } else {
-                logger.warning("second signal: aborting open connections", metadata: ["signal": "\(signal)"])
-                server.abort()
+            switch signal {
+            case SIGHUP:
+                lifecycle.whileListenersStay {
+                    Self.reload(server: server, gateway: gateway, configPath: configPath, logger: logger)
+                }
+            case SIGUSR2:
+                lifecycle.upgrade()
+            default:
+                lifecycle.stop(signal: signal)
             }
         }
         server.wait()

@@ -52,4 +52,23 @@ int igris_kernel_release(char *out, size_t size);
 /// Names the calling thread (pthread_setname_np needs _GNU_SOURCE).
 void igris_set_thread_name(const char *name);
 
+/// sendmsg(2) of `len` bytes with `fd` attached (SCM_RIGHTS; fd < 0: none), MSG_NOSIGNAL:
+/// bytes sent, or -1 with errno set.
+long igris_send_with_fd(int sock, const void *buf, size_t len, int fd);
+
+/// recvmsg(2) into `buf`, MSG_CMSG_CLOEXEC: bytes received (0 at end of stream), or -1 with
+/// errno set. `*fd` receives the attached descriptor, or -1 when none came.
+long igris_recv_with_fd(int sock, void *buf, size_t len, int *fd);
+
+/// A SOCK_SEQPACKET unix socket bound to (listen) or connected to (!listen) `path`; the
+/// fd, or -errno (-ENAMETOOLONG for a path sockaddr_un can't hold).
+int igris_unix_seqpacket(const char *path, int listen);
+
+/// SO_PEERCRED of a unix socket: 0 with `pid` and `uid` set, or -errno.
+int igris_peer_credentials(int fd, int *pid, unsigned *uid);
+
+/// sd_notify(3): sends `text` to the datagram socket `path` (NOTIFY_SOCKET; a leading '@'
+/// is the abstract namespace). 0, or -errno.
+int igris_notify(const char *path, const char *text);
+
 #endif
