@@ -149,7 +149,9 @@ extension Worker {
             return
         }
         if p.pointee.session >= 0 {
-            if accessLogger != nil, let n = negotiations[Int(p.pointee.session)], p.pointee.server < 0 {
+            if accessLogger != nil, let n = negotiations[Int(p.pointee.session)] {
+                // The client as negotiated (a balancer's PROXY header names the real one); a
+                // pool's server is filled in at logging time.
                 accessInfo[s] = (n.clientDescription, n.destinationDescription)
             }
             releaseNegotiation(p)

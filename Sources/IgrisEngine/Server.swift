@@ -226,7 +226,7 @@ public final class Server: Sendable {
             try Syscall.bind(fd, address)
         } catch {
             if error.errno == EADDRINUSE {
-                throw .configuration("cannot listen on \(text): another process listens there (another igris? to replace a running one, use --takeover with its hand-off socket)")
+                throw .configuration("cannot listen on \(text): Address already in use by another process (to replace a running igris, start the new one with --takeover)")
             }
             throw .listen(text, error)
         }

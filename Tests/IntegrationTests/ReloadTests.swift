@@ -8,37 +8,6 @@ import Testing
 /// rejected while the running configuration stays.
 @Suite("Reload (SIGHUP)", .serialized)
 struct ReloadTests {
-    /// Collects a child's stderr lines as they come.
-    final class LogLines: @unchecked Sendable {
-        let lines = SharedBox<[String]>([])
-        init(_ child: ChildProcess) {
-            let fd = child.stderr.fileHandleForReading.fileDescriptor
-            let box = lines
-            TestThread.detach {
-                var current: [UInt8] = []
-                var byte: UInt8 = 0
-                while Glibc.read(fd, &byte, 1) == 1 {
-                    if byte == 10 {
-                        let line = String(decoding: current, as: UTF8.self)
-                        box.update { $0.append(line) }
-                        current.removeAll()
-                    } else {
-                        current.append(byte)
-                    }
-                }
-            }
-        }
-
-        /// Waits (bounded, 10 s) until `count` lines contain `text`.
-        func wait(for text: String, count: Int = 1) -> Bool {
-            for _ in 0..<1000 {
-                if lines.value.filter({ $0.contains(text) }).count >= count { return true }
-                usleep(10_000)
-            }
-            return false
-        }
-    }
-
     static func config(_ listeners: [(String, UInt16)], upstream: SocketAddress, broken: Bool = false) -> String {
         var text = "workers: 2\nlisteners:\n"
         for (name, port) in listeners {
@@ -141,7 +110,7 @@ struct DrainTests {
         defer { unlink(path) }
         let child = try ChildProcess(productPath("igris"), ["serve", "-c", path])
         defer { child.terminate() }
-        let log = ReloadTests.LogLines(child)
+        let log = LogLines(child)
         #expect(log.wait(for: "mode=admin"))
         let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
         #expect(try AdminTests.get(admin, "/readyz") == ("HTTP/1.1 200 OK", "ready\n"))
@@ -172,5 +141,39 @@ struct DrainTests {
         #expect(log.wait(for: "stopped"))
         let (status, _) = child.finish()
         #expect(status == 0)
+    }
+
+    @Test("SIGHUP replacing a listener (same address, new settings) 20 times under churn resets no connection", arguments: engineBackends)
+    func replaceUnderChurn(backend: BackendChoice) throws {
+        let (echo, upstream) = try HandoffTests.echoServer()
+        defer { echo.terminate() }
+        let port = try unusedPort()
+        func config(_ timeout: Int) -> String {
+            """
+            backend: \(backend.rawValue)
+            workers: 2
+            log: {access_log: false}
+            listeners:
+              - {name: tunnels, listen: "127.0.0.1:\(port)", mode: forward, upstream: "\(upstream)", connect_timeout: \(timeout)s}
+            """
+        }
+        let path = try writeTemporaryFile(config(5))
+        defer { unlink(path) }
+        let child = try ChildProcess(productPath("igris"), ["serve", "-c", path])
+        defer { child.terminate() }
+        let log = LogLines(child)
+        #expect(log.wait(for: "forwarding"))
+        let churn = try ChildProcess(productPath("igris-load"), ["churn", "--connect", "127.0.0.1:\(port)", "--connections", "8",
+                                                                 "--duration", "4", "--json"])
+        defer { churn.terminate() }
+        for i in 1...20 {
+            try config(5 + i % 2).write(toFile: path, atomically: true, encoding: .utf8)
+            child.signal(SIGHUP)
+            #expect(log.wait(for: "configuration reloaded", count: i))
+        }
+        #expect(log.lines.value.filter { $0.contains("configuration reloaded") && $0.contains("removed=tunnels") }.count == 20)
+        let result = HandoffTests.churnResult(churn)
+        #expect(result.connections > 0)
+        #expect(result.failures == 0, "connections queued on a replaced listener were reset")
     }
 }

@@ -422,3 +422,34 @@ func listeningSocket(_ address: String, backlog: Int32) throws -> (fd: Int32, ad
         throw error
     }
 }
+
+/// Collects a child's stderr lines as they come.
+final class LogLines: @unchecked Sendable {
+    let lines = SharedBox<[String]>([])
+    init(_ child: ChildProcess) {
+        let fd = child.stderr.fileHandleForReading.fileDescriptor
+        let box = lines
+        TestThread.detach {
+            var current: [UInt8] = []
+            var byte: UInt8 = 0
+            while Glibc.read(fd, &byte, 1) == 1 {
+                if byte == 10 {
+                    let line = String(decoding: current, as: UTF8.self)
+                    box.update { $0.append(line) }
+                    current.removeAll()
+                } else {
+                    current.append(byte)
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded, 10 s) until `count` lines contain `text`.
+    func wait(for text: String, count: Int = 1) -> Bool {
+        for _ in 0..<1000 {
+            if lines.value.filter({ $0.contains(text) }).count >= count { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+}
