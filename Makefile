@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
-APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux iproute2 curl python3 haproxy
+APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux iproute2 curl python3 python3-venv haproxy
 # promtool checks the /metrics output; it comes out of Debian's prometheus package without
 # installing (and starting) the Prometheus server.
 TOOLS := $(CURDIR)/.build/tools
@@ -35,6 +35,12 @@ $(TOOLS)/bin/promtool:
 	@dpkg-deb -x $$(ls $(TOOLS)/deb/prometheus_*.deb | head -1) $(TOOLS)/root
 	@ln -sf $(TOOLS)/root/usr/bin/promtool $(TOOLS)/bin/promtool
 
+# kubernetes-validate (PyPI) checks deploy/kubernetes/ offline against the API schemas it
+# bundles; it lives in a virtual environment of its own under .build/tools.
+$(TOOLS)/venv/bin/kubernetes-validate: | deps
+	@echo "installing kubernetes-validate (PyPI) into $(TOOLS)/venv"
+	@python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install -q kubernetes-validate
+
 build: deps
 	swift build -c release $(SWIFT_BUILD_FLAGS)
 
@@ -50,7 +56,7 @@ run: build
 
 # The scale test holds 15,000 descriptors in the test process: raise the soft limit to the
 # hard one. Tests share loopback ports and the fd budget, so they run one at a time.
-test: build-debug build-allocation-probe $(TOOLS)/bin/promtool
+test: build-debug build-allocation-probe $(TOOLS)/bin/promtool $(TOOLS)/venv/bin/kubernetes-validate
 	@service haproxy stop >/dev/null 2>&1 || true  # the package starts one; tests run their own
 	ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH" swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
