@@ -16,6 +16,13 @@ extension Worker {
     /// whole burst from the backlog, and what is past the capacity would only be closed.
     static var multishotRoom: Int { 64 }
 
+    /// Within this many descriptors of RLIMIT_NOFILE (judged by the last accepted one's
+    /// number: the kernel hands out the lowest free), accepts go one at a time, each client
+    /// getting its upstream before the next is taken.
+    static var descriptorHeadroom: Int { 4 * multishotRoom }
+
+    var nearDescriptorLimit: Bool { Int(lastAcceptedFD) + Self.descriptorHeadroom >= Syscall.descriptorLimit }
+
     /// Connections listener `i` may still take: global and per-listener max_connections, slots.
     func room(_ i: Int) -> Int {
         var room = min(budget.limit - budget.current, table.capacity - table.active)
@@ -48,7 +55,7 @@ extension Worker {
         listeners[i].acceptArmed = true
         // Short of descriptors lately: one at a time, or a multishot burst from the backlog
         // would be accepted with no descriptor left to bridge it.
-        listeners[i].acceptMultishot = room > Self.multishotRoom && now >= descriptorsShortUntil
+        listeners[i].acceptMultishot = room > Self.multishotRoom && now >= descriptorsShortUntil && !nearDescriptorLimit
         listeners[i].pausedUntil = 0
         backend.accept(listener: listeners[i].fd, multishot: listeners[i].acceptMultishot, token: acceptToken(i))
     }
@@ -176,8 +183,9 @@ extension Worker {
             noRoom(client, listener: i)
             return
         }
-        // A multishot accept whose room ran short goes on one at a time.
-        if room(i) <= Self.multishotRoom { narrowAccept(i) }
+        // A multishot accept whose room (or descriptors) ran short goes on one at a time.
+        lastAcceptedFD = client
+        if room(i) <= Self.multishotRoom || nearDescriptorLimit { narrowAccept(i) }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
         statistics.add(listener: listeners[i].bound.index, .accepted)

@@ -129,6 +129,14 @@ public final class EpollBackend: IOBackend {
                     return
                 }
                 complete(fds[i].acceptToken, c, more: true)
+                // Descriptors are numbered lowest-free first, so at most `limit - c - 1` are
+                // left. Each client accepted this turn needs one more for its upstream: when
+                // they would take the rest, go on next turn, once the worker has opened those
+                // (a burst from the backlog must not leave clients with no upstream possible).
+                if Syscall.descriptorLimit - Int(c) - 1 <= accepted + 1 {
+                    if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
+                    return
+                }
             } else if c == -EAGAIN {
                 fds[i].readable = false  // the backlog is empty
                 return

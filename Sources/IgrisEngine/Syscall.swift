@@ -193,6 +193,13 @@ public enum Syscall {
         return n >= 0 ? (n, size, queued) : nil
     }
 
+    /// RLIMIT_NOFILE's soft limit as it was at start.
+    public static let descriptorLimit: Int = {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return Int.max }
+        return limit.rlim_cur >= UInt64(Int.max) ? Int.max : Int(limit.rlim_cur)
+    }()
+
     /// Whether `count` more descriptors can be opened now (opened and closed at once).
     public static func descriptorsAvailable(_ count: Int) -> Bool {
         var opened: [Int32] = []

@@ -84,6 +84,8 @@ final class Worker<Backend: IOBackend> {
     var lastPause: UInt64 = 0
     /// Until then (loop clock) accepts are single and resumes check for descriptors first.
     var descriptorsShortUntil: UInt64 = 0
+    /// The last accepted client's descriptor number (see `nearDescriptorLimit`).
+    var lastAcceptedFD: Int32 = 0
     /// When the buffer pool next sets its target (loop clock).
     var nextBufferAdjustment: UInt64 = 0
     /// Slots whose timer fired this turn (kept to reuse its storage).

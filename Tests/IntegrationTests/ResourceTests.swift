@@ -88,10 +88,14 @@ struct ResourceTests {
             "--listen", "127.0.0.1:\(port)", "--upstream", upstream, "--workers", "1", "--backend", backend.rawValue,
             "--connect-timeout", "60s", "--admin", "127.0.0.1:\(adminPort)"])
         defer { child.terminate() }
+        let log = LogLines(child)
         let address = try SocketAddress.resolve("127.0.0.1:\(port)")
-        // The admin endpoint binds last: once it answers, no client of ours can take its
-        // (ephemeral-range) port first.
-        #expect(waitUntilAccepting("127.0.0.1:\(adminPort)"))
+        // "forwarding" is logged once the worker accepts, after every listener (the admin one
+        // too) is bound: no client of ours can take the admin's ephemeral-range port, and the
+        // clients below arrive one by one at a running worker. (Had they all queued in the
+        // backlog before it started, the first accept would take them in one burst, with no
+        // descriptors left for their upstreams: they'd wait for the connect timeout.)
+        #expect(log.wait(for: "forwarding"))
         var first: TestSocket?
         for _ in 0..<500 where first == nil {
             first = try? TestSocket.connect(address)
@@ -165,7 +169,7 @@ struct ResourceTests {
         child.signal(SIGTERM)
         let result = child.finish()
         #expect(result.status == 0)
-        #expect(result.stderr.contains("accept paused"), "stderr: \(result.stderr)")
+        #expect(log.lines.value.contains { $0.contains("accept paused") }, "stderr: \(log.lines.value.suffix(5))")
     }
 }
 
