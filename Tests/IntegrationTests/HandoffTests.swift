@@ -195,18 +195,103 @@ struct HandoffTests {
         let successor = started.split(separator: " ").first { $0.hasPrefix("pid=") }.flatMap { Int32($0.dropFirst(4)) }
         #expect(successor != nil, "\(started)")
         defer { if let successor { kill(successor, SIGKILL) } }
-        // Not finish(): the successor holds the same stderr pipe open, so it never ends (and
-        // Foundation only reaps the child once its pipes close): waitpid here.
-        var status: Int32 = -1
-        #expect(eventually { waitpid(old.process.processIdentifier, &status, WNOHANG) == old.process.processIdentifier },
-                "the old process exits once drained")
-        reaped = true
-        #expect(status == 0, "exit status \(status)")
+        // Not finish(): the successor holds the same stderr pipe open, so it never ends.
+        let status = old.waitForExit()
+        reaped = status != nil
+        #expect(status == 0, "the old process exits once drained (status \(String(describing: status)))")
         let result = Self.churnResult(churn)
         #expect(result.connections > 0 && result.failures == 0, "\(result)")
         if let successor {
             kill(successor, SIGTERM)
             #expect(eventually { kill(successor, 0) != 0 }, "the successor stops on SIGTERM")
         }
+    }
+
+    @Test("a successor with other listeners: the kept one goes over, the new one is bound, the dropped one closes with the old process")
+    func changedListeners() throws {
+        let (echo, upstream) = try Self.echoServer()
+        defer { echo.terminate() }
+        let (kept, dropped, added, adminPort) = (try unusedPort(), try unusedPort(), try unusedPort(), try unusedPort())
+        let handoff = Self.handoffPath()
+        defer { unlink(handoff) }
+        let oldConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
+            handoff: handoff, extra: "  - {name: dropped, listen: \"127.0.0.1:\(dropped)\", mode: forward, upstream: \"\(upstream)\"}"))
+        let newConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
+            handoff: handoff, extra: "  - {name: added, listen: \"127.0.0.1:\(added)\", mode: forward, upstream: \"\(upstream)\"}"))
+        defer { unlink(oldConfig); unlink(newConfig) }
+        let old = try ChildProcess(productPath("igris"), ["serve", "-c", oldConfig])
+        defer { old.terminate() }
+        let oldLog = LogLines(old)
+        #expect(oldLog.wait(for: "forwarding", count: 2))
+        // A tunnel through the listener that goes away: it lives on in the old process.
+        let tunnel = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(dropped)"))
+        tunnel.setReceiveTimeout(seconds: 10)
+        #expect(tunnel.write([7]))
+        #expect(try tunnel.readExactly(1) == [7])
+
+        let new = try ChildProcess(productPath("igris"), ["serve", "-c", newConfig, "--takeover"])
+        defer { new.terminate() }
+        let newLog = LogLines(new)
+        #expect(newLog.wait(for: "took the listeners over"))
+        #expect(newLog.lines.value.contains { $0.contains("took the listeners over") && $0.contains("dropped=127.0.0.1:\(dropped)") })
+        for port in [kept, added] {
+            let s = try TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(port)"))
+            s.setReceiveTimeout(seconds: 10)
+            #expect(s.write([UInt8(port & 0xFF)]))
+            #expect(try s.readExactly(1) == [UInt8(port & 0xFF)])
+            s.close()
+        }
+        #expect((try? TestSocket.connect(try SocketAddress.resolve("127.0.0.1:\(dropped)"))) == nil, "the dropped listener still accepts")
+        #expect(tunnel.write([8]))
+        #expect(try tunnel.readExactly(1) == [8], "the old process still serves its tunnel")
+        tunnel.close()
+        #expect(old.waitForExit() == 0, "the old process exits once its tunnel closed")
+        new.signal(SIGTERM)
+        #expect(new.finish().status == 0)
+    }
+
+    @Test("systemd: READY=1 at start; after SIGUSR2 the successor sends MAINPID=<its pid> and READY=1 (NOTIFY_SOCKET)")
+    func systemdNotifications() throws {
+        let (echo, upstream) = try Self.echoServer()
+        defer { echo.terminate() }
+        let (port, adminPort) = (try unusedPort(), try unusedPort())
+        let handoff = Self.handoffPath()
+        defer { unlink(handoff) }
+        let path = try writeTemporaryFile(Self.config(backend: .auto, workers: 1, port: port, adminPort: adminPort, upstream: upstream, handoff: handoff))
+        defer { unlink(path) }
+        // The notification socket systemd would hold: a unix datagram socket.
+        let notifyPath = Self.handoffPath() + ".notify"
+        let notify = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        defer { Glibc.close(notify); unlink(notifyPath) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (k, b) in notifyPath.utf8.enumerated() { raw[k] = b }
+        }
+        #expect(withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            bind(notify, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0)
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(notify, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        func receive() -> String {
+            var buffer = [UInt8](repeating: 0, count: 512)
+            let n = recv(notify, &buffer, buffer.count, 0)
+            return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
+        }
+        let old = try ChildProcess(productPath("igris"), ["serve", "-c", path], environment: ["NOTIFY_SOCKET": notifyPath])
+        var reaped = false
+        defer { if !reaped { old.terminate() } }
+        let log = LogLines(old)
+        #expect(receive() == "READY=1")
+        old.signal(SIGUSR2)
+        let message = receive()
+        #expect(log.wait(for: "took the listeners over"))
+        let started = log.lines.value.first { $0.contains("successor started") } ?? ""
+        let successor = started.split(separator: " ").first { $0.hasPrefix("pid=") }.flatMap { Int32($0.dropFirst(4)) }
+        defer { if let successor { kill(successor, SIGKILL) } }
+        #expect(successor != nil && message == "MAINPID=\(successor!)\nREADY=1", "\(message)")
+        let status = old.waitForExit()
+        reaped = status != nil
+        #expect(status == 0)
+        if let successor { kill(successor, SIGTERM) }
     }
 }

@@ -317,9 +317,12 @@ final class ChildProcess: @unchecked Sendable {
     let stdout = Pipe()
     let stderr = Pipe()
 
-    init(_ path: String, _ arguments: [String]) throws {
+    init(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws {
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.standardOutput = stdout
         process.standardError = stderr
         process.standardInput = FileHandle.nullDevice
@@ -348,6 +351,29 @@ final class ChildProcess: @unchecked Sendable {
 
     func terminate() {
         if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+    }
+}
+
+extension ChildProcess {
+    /// Waits (bounded) for exit without reading its pipes to their end (a successor it
+    /// started may hold them open): the exit status, or nil if it still runs. Foundation
+    /// reaps a child only once its pipes close, so it is reaped here if need be.
+    func waitForExit(seconds: Double = 10) -> Int32? {
+        let pid = process.processIdentifier
+        var result: Int32? = nil
+        _ = eventually(seconds: seconds) {
+            if !process.isRunning {
+                result = process.terminationStatus
+                return true
+            }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                result = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+                return true
+            }
+            return false
+        }
+        return result
     }
 }
 
