@@ -95,6 +95,7 @@ struct FleetTests {
             restarts.append(String(format: "%.1f s", Date().timeIntervalSince(before)))
         }
         let result = HandoffTests.churnResult(churn)
+        print("fleet rolling restart: \(result.connections) churn connections, \(result.failures) failed; restarts took \(restarts.joined(separator: ", "))")
         #expect(result.connections > 0)
         #expect(result.failures == 0, "connections failed during the rolling restart (\(restarts))")
 

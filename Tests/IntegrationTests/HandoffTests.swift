@@ -96,6 +96,7 @@ struct HandoffTests {
                 "new connections are accepted by the new process")
 
         let result = Self.churnResult(churn)
+        print("upgrade under load (\(backend)): \(result.connections) churn connections, \(result.failures) failed")
         #expect(result.connections > 0)
         #expect(result.failures == 0, "churn connections failed or were reset during the hand-off")
 

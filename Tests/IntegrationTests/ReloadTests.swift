@@ -173,6 +173,7 @@ struct DrainTests {
         }
         #expect(log.lines.value.filter { $0.contains("configuration reloaded") && $0.contains("removed=tunnels") }.count == 20)
         let result = HandoffTests.churnResult(churn)
+        print("20 listener replacements (\(backend)): \(result.connections) churn connections, \(result.failures) failed")
         #expect(result.connections > 0)
         #expect(result.failures == 0, "connections queued on a replaced listener were reset")
     }
