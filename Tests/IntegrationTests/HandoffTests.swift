@@ -15,6 +15,26 @@ struct HandoffTests {
         return (echo, String(line.dropFirst("listening ".count)))
     }
 
+    /// An echo server, a port and an admin port for igris, and a hand-off socket path; the
+    /// echo server stops and the socket file goes with the fixture.
+    final class Fixture {
+        let echo: ChildProcess
+        let upstream: String
+        let port: UInt16
+        let adminPort: UInt16
+        let handoff = HandoffTests.handoffPath()
+
+        init() throws {
+            (echo, upstream) = try HandoffTests.echoServer()
+            (port, adminPort) = (try unusedPort(), try unusedPort())
+        }
+
+        deinit {
+            echo.terminate()
+            unlink(handoff)
+        }
+    }
+
     static func config(backend: BackendChoice, workers: Int, port: UInt16, adminPort: UInt16, upstream: String,
                        handoff: String, drainTimeout: String = "30s", extra: String = "") -> String {
         """
@@ -57,11 +77,8 @@ struct HandoffTests {
     @Test("upgrade under load: churn sees no failure, 1,000 tunnels echo on in the old process until its deadline, new connections land in the new one",
           arguments: engineBackends)
     func upgradeUnderLoad(backend: BackendChoice) throws {
-        let (echo, upstream) = try Self.echoServer()
-        defer { echo.terminate() }
-        let (port, adminPort) = (try unusedPort(), try unusedPort())
-        let handoff = Self.handoffPath()
-        defer { unlink(handoff) }
+        let fixture = try Fixture()
+        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
         let oldConfig = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
                                                            handoff: handoff, drainTimeout: "4s"))
         // The successor has a different worker count.
@@ -127,11 +144,8 @@ struct HandoffTests {
     @Test("a failed upgrade leaves the old process accepting: broken config, a listener that can't bind; a second start without --takeover is refused",
           arguments: engineBackends)
     func failedUpgrade(backend: BackendChoice) throws {
-        let (echo, upstream) = try Self.echoServer()
-        defer { echo.terminate() }
-        let (port, adminPort) = (try unusedPort(), try unusedPort())
-        let handoff = Self.handoffPath()
-        defer { unlink(handoff) }
+        let fixture = try Fixture()
+        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
         let oldConfig = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
                                                            handoff: handoff))
         // Takes the sockets, then fails to bind a port something else holds.
@@ -174,28 +188,28 @@ struct HandoffTests {
         #expect(old.finish().status == 0)
     }
 
-    @Test("SIGUSR2 starts the successor from the same command line; it takes over and the old process exits")
+    @Test("SIGUSR2 starts the successor from the same command line; it takes over, tells systemd it is the main process, and the old process exits")
     func upgradeBySignal() throws {
-        let (echo, upstream) = try Self.echoServer()
-        defer { echo.terminate() }
-        let (port, adminPort) = (try unusedPort(), try unusedPort())
-        let handoff = Self.handoffPath()
-        defer { unlink(handoff) }
+        let fixture = try Fixture()
+        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
         let path = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: port, adminPort: adminPort, upstream: upstream, handoff: handoff))
         defer { unlink(path) }
-        let old = try ChildProcess(productPath("igris"), ["serve", "-c", path])
+        let notify = try NotifySocket(path: Self.handoffPath() + ".notify")
+        let old = try ChildProcess(productPath("igris"), ["serve", "-c", path], environment: ["NOTIFY_SOCKET": notify.path])
         var reaped = false
         defer { if !reaped { old.terminate() } }
         let log = LogLines(old)  // the successor inherits the same stderr
         #expect(log.wait(for: "forwarding"))
+        #expect(notify.receive() == "READY=1")
         let churn = try Self.churn("127.0.0.1:\(port)", seconds: 3)
         defer { churn.terminate() }
         old.signal(SIGUSR2)
+        let message = notify.receive()
         #expect(log.wait(for: "took the listeners over"))
         let started = log.lines.value.first { $0.contains("successor started") } ?? ""
         let successor = started.split(separator: " ").first { $0.hasPrefix("pid=") }.flatMap { Int32($0.dropFirst(4)) }
-        #expect(successor != nil, "\(started)")
         defer { if let successor { kill(successor, SIGKILL) } }
+        #expect(successor != nil && message == "MAINPID=\(successor!)\nREADY=1", "\(message)")
         // Not finish(): the successor holds the same stderr pipe open, so it never ends.
         let status = old.waitForExit()
         reaped = status != nil
@@ -210,11 +224,9 @@ struct HandoffTests {
 
     @Test("a successor with other listeners: the kept one goes over, the new one is bound, the dropped one closes with the old process")
     func changedListeners() throws {
-        let (echo, upstream) = try Self.echoServer()
-        defer { echo.terminate() }
-        let (kept, dropped, added, adminPort) = (try unusedPort(), try unusedPort(), try unusedPort(), try unusedPort())
-        let handoff = Self.handoffPath()
-        defer { unlink(handoff) }
+        let fixture = try Fixture()
+        let (upstream, kept, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
+        let (dropped, added) = (try unusedPort(), try unusedPort())
         let oldConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
             handoff: handoff, extra: "  - {name: dropped, listen: \"127.0.0.1:\(dropped)\", mode: forward, upstream: \"\(upstream)\"}"))
         let newConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
@@ -250,49 +262,38 @@ struct HandoffTests {
         new.signal(SIGTERM)
         #expect(new.finish().status == 0)
     }
+}
 
-    @Test("systemd: READY=1 at start; after SIGUSR2 the successor sends MAINPID=<its pid> and READY=1 (NOTIFY_SOCKET)")
-    func systemdNotifications() throws {
-        let (echo, upstream) = try Self.echoServer()
-        defer { echo.terminate() }
-        let (port, adminPort) = (try unusedPort(), try unusedPort())
-        let handoff = Self.handoffPath()
-        defer { unlink(handoff) }
-        let path = try writeTemporaryFile(Self.config(backend: .auto, workers: 1, port: port, adminPort: adminPort, upstream: upstream, handoff: handoff))
-        defer { unlink(path) }
-        // The notification socket systemd would hold: a unix datagram socket.
-        let notifyPath = Self.handoffPath() + ".notify"
-        let notify = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        defer { Glibc.close(notify); unlink(notifyPath) }
+/// The datagram socket systemd listens on for sd_notify messages (NOTIFY_SOCKET).
+final class NotifySocket {
+    let path: String
+    let fd: Int32
+
+    init(path: String) throws {
+        self.path = path
+        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (k, b) in notifyPath.utf8.enumerated() { raw[k] = b }
+            for (k, b) in path.utf8.enumerated() { raw[k] = b }
         }
-        #expect(withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            bind(notify, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } } == 0)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { throw TestFailure("bind \(path): \(errno)") }
         var timeout = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(notify, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        func receive() -> String {
-            var buffer = [UInt8](repeating: 0, count: 512)
-            let n = recv(notify, &buffer, buffer.count, 0)
-            return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
-        }
-        let old = try ChildProcess(productPath("igris"), ["serve", "-c", path], environment: ["NOTIFY_SOCKET": notifyPath])
-        var reaped = false
-        defer { if !reaped { old.terminate() } }
-        let log = LogLines(old)
-        #expect(receive() == "READY=1")
-        old.signal(SIGUSR2)
-        let message = receive()
-        #expect(log.wait(for: "took the listeners over"))
-        let started = log.lines.value.first { $0.contains("successor started") } ?? ""
-        let successor = started.split(separator: " ").first { $0.hasPrefix("pid=") }.flatMap { Int32($0.dropFirst(4)) }
-        defer { if let successor { kill(successor, SIGKILL) } }
-        #expect(successor != nil && message == "MAINPID=\(successor!)\nREADY=1", "\(message)")
-        let status = old.waitForExit()
-        reaped = status != nil
-        #expect(status == 0)
-        if let successor { kill(successor, SIGTERM) }
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit {
+        Glibc.close(fd)
+        unlink(path)
+    }
+
+    /// The next message (10 s at most), or "".
+    func receive() -> String {
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let n = recv(fd, &buffer, buffer.count, 0)
+        return n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self) : ""
     }
 }
