@@ -20,8 +20,9 @@ fi
 for s in haproxy nginx danted; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
 ulimit -n "$(ulimit -Hn)"
 /usr/bin/python3 Benchmarks/bench.py "$@"
-# The pressure section (not for --quick or a --targets subset), appended to RESULTS.md.
+# The pressure and upgrade sections (not for --quick or a --targets subset), appended to RESULTS.md.
 case " $* " in
   *" --quick "*|*" --targets"*) ;;
-  *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append ;;
+  *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/handoff.py --output Benchmarks/RESULTS.md --append ;;
 esac
