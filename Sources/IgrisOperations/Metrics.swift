@@ -149,7 +149,7 @@ public struct MetricsRenderer: Sendable {
 }
 
 /// Builds the exposition text: HELP/TYPE once per family, label values escaped.
-struct MetricsText {
+public struct MetricsText {
     private(set) var text = ""
 
     mutating func family(_ name: String, _ type: String, _ help: String) {
@@ -166,17 +166,19 @@ struct MetricsText {
 
     mutating func line(_ s: String) { text += s + "\n" }
 
-    /// Backslash, double quote and newline escaped (label values; logfmt quoted values).
-    static func escape(_ s: String) -> String {
-        var out = ""
-        for c in s {
+    /// Backslash, double quote, LF and CR escaped (label values; logfmt quoted values). By
+    /// scalar: Swift's Characters join "\r\n" into one, which matches neither "\r" nor "\n".
+    public static func escape(_ s: String) -> String {
+        var out = String.UnicodeScalarView()
+        for c in s.unicodeScalars {
             switch c {
-            case "\\": out += "\\\\"
-            case "\"": out += "\\\""
-            case "\n": out += "\\n"
+            case "\\": out.append(contentsOf: "\\\\".unicodeScalars)
+            case "\"": out.append(contentsOf: "\\\"".unicodeScalars)
+            case "\n": out.append(contentsOf: "\\n".unicodeScalars)
+            case "\r": out.append(contentsOf: "\\r".unicodeScalars)
             default: out.append(c)
             }
         }
-        return out
+        return String(out)
     }
 }

@@ -27,6 +27,13 @@ public final class UserDirectory: Sendable {
 
     /// Reads and validates a users file.
     public static func load(path: String) throws(YAMLFileError) -> UserDirectory {
+        // Whoever can write the users file can make themselves a user: only its owner may.
+        var info = stat()
+        if stat(path, &info) == 0 && info.st_mode & (S_IWGRP | S_IWOTH) != 0 {
+            let mode = String(info.st_mode & 0o777, radix: 8)
+            throw YAMLFileError(file: path, keyPath: "", line: nil,
+                                message: "is writable by its group or by others (mode \(mode)): anyone who can write it can add a user; chmod go-w it")
+        }
         guard let text = readFile(path) else {
             throw YAMLFileError(file: path, keyPath: "", line: nil, message: "cannot read: \(String(cString: strerror(errno)))")
         }

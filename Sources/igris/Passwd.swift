@@ -8,12 +8,27 @@ struct Passwd: ParsableCommand {
         abstract: "Hash a password for the users file (argon2id).",
         discussion: """
             Reads the password from the terminal (twice, without echo) or, when stdin is not a \\
-            terminal, its first line. Prints the hash to paste as password_hash.
+            terminal, its first line. Prints the hash to paste as password_hash; with --user, a \\
+            users file with that one user (`igris passwd --user alice > users.yaml`), or with \\
+            --entry only the entry, to append to an existing file's `users:` list.
             """
     )
 
-    @Option(help: "Print a complete users-file entry for this user name instead of the bare hash.")
+    @Option(help: "Print a users file with this user instead of the bare hash.")
     var user: String?
+
+    @Flag(help: "With --user: print only the entry, to append to an existing users file (>> users.yaml).")
+    var entry = false
+
+    func validate() throws {
+        if entry && user == nil { throw ValidationError("--entry needs --user NAME") }
+        if let user {
+            if user.isEmpty || user.utf8.count > 255 { throw ValidationError("--user must be 1 to 255 bytes (the SOCKS5 limit, RFC 1929)") }
+            if user.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) {
+                throw ValidationError("--user must not contain control characters")
+            }
+        }
+    }
 
     func run() throws {
         let interactive = isatty(STDIN_FILENO) == 1
@@ -34,7 +49,8 @@ struct Passwd: ParsableCommand {
             throw CommandFailure("\(error)")
         }
         if let user {
-            print("  - name: \(user)\n    password_hash: \"\(hash)\"")
+            let name = user.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            print((entry ? "" : "users:\n") + "  - name: \"\(name)\"\n    password_hash: \"\(hash)\"")
         } else {
             print(hash)
         }

@@ -74,11 +74,23 @@ struct CommandLineTests {
 
     @Test("igris passwd makes a hash that igris serve --users accepts; curl authenticates through it", arguments: engineBackends)
     func passwdAndServe(backend: BackendChoice) throws {
-        let (status, hashLine, stderr) = try runShell("printf 'hunter2\\n' | \(igris) passwd --user alice")
+        // What `igris passwd --user alice > users.yaml` writes is a users file on its own; a
+        // second user's --entry appends to it.
+        let (status, file, stderr) = try runShell("printf 'hunter2\\n' | \(igris) passwd --user alice")
         #expect(status == 0, "\(stderr)")
-        #expect(hashLine.contains("password_hash: \"$argon2id$v=19$"), "\(hashLine)")
-        let users = try writeTemporaryFile("users:\n" + hashLine)
+        #expect(file.hasPrefix("users:\n") && file.contains("password_hash: \"$argon2id$v=19$"), "\(file)")
+        let (_, entry, _) = try runShell("printf 'other\\n' | \(igris) passwd --user bob --entry")
+        #expect(!entry.contains("users:"))
+        let users = try writeTemporaryFile(file + entry)
         defer { unlink(users) }
+        let config = try writeTemporaryFile("users_file: \(users)\nlisteners:\n  - {name: s, listen: \"127.0.0.1:0\", mode: socks5, auth: password}\n")
+        defer { unlink(config) }
+        #expect(try runCommand(igris, ["check", "-c", config]).status == 0)
+        // Writable by others: anyone could add a user. Refused, with the reason.
+        chmod(users, 0o666)
+        let refused = try runCommand(igris, ["serve", "--socks5", "127.0.0.1:0", "--users", users])
+        #expect(refused.status != 0 && refused.stderr.contains("writable by its group or by others (mode 666)"), "\(refused.stderr)")
+        chmod(users, 0o600)
         let files = try FileServer(size: 100_000)
         defer { files.stop() }
         let port = try unusedPort()

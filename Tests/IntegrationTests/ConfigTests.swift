@@ -136,6 +136,22 @@ struct ConfigTests {
     }
 }
 
+@Suite("Escaping in logs and metrics")
+struct EscapingTests {
+    @Test("CR, LF and CRLF never reach a log line or a label value unescaped", arguments: [
+        ("eve\r\nforged=1", "\"eve\\r\\nforged=1\""),
+        ("eve\rx", "\"eve\\rx\""),
+        ("eve\nx", "\"eve\\nx\""),
+        ("a\"b\\c", "\"a\\\"b\\\\c\""),
+        ("plain", "plain"),
+    ])
+    func escapes(value: String, quoted: String) {
+        #expect(LogfmtLogHandler.quote(value) == quoted)
+        let label = MetricsText.escape(value)
+        #expect(!label.unicodeScalars.contains("\r") && !label.unicodeScalars.contains("\n"), "\(label.debugDescription)")
+    }
+}
+
 @Suite("Admin endpoint", .serialized)
 struct AdminTests {
     /// GET over a plain socket; returns status line and body.

@@ -135,6 +135,7 @@ func curl(_ arguments: [String]) throws -> (status: Int32, stderr: String, diges
 func writeTemporaryFile(_ text: String) throws -> String {
     let path = NSTemporaryDirectory() + "igris-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).yaml"
     try text.write(toFile: path, atomically: true, encoding: .utf8)
+    chmod(path, 0o600)  // whatever the umask: igris refuses a group- or world-writable users file
     return path
 }
 
