@@ -36,6 +36,8 @@ public struct ServerConfiguration: Sendable {
     public var deadPeerTimeoutNanoseconds: UInt64? = 120_000_000_000
     public var drainTimeoutNanoseconds: UInt64 = 30_000_000_000
     public var maxConnections: Int = 65536
+    /// Whether max_connections was set by the operator (else it is the descriptor-derived default).
+    public var maxConnectionsGiven = true
     public var buffers = BackendConfiguration()
     public var listenBacklog: Int32 = 4096
     public var splice: SpliceMode = .auto
@@ -252,6 +254,13 @@ public final class Server: Sendable {
             throw .listen(text, error)
         }
         return fd
+    }
+
+    /// The default `max_connections`: what RLIMIT_NOFILE allows (two descriptors per bridge,
+    /// a few per worker and listener), at most 65,536, as HAProxy derives its maxconn.
+    public static func defaultMaxConnections(workers: Int, listeners: Int) -> Int {
+        let spare = Syscall.descriptorLimit - workers * (listeners + 4) - 16
+        return max(1, min(65536, spare / 2))
     }
 
     /// A warning for the operator when `--max-connections` can't be reached within

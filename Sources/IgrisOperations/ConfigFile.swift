@@ -33,7 +33,8 @@ public struct ConfigFile: Sendable {
 
     public var workers: Int?
     public var backend: BackendChoice = .auto
-    public var maxConnections: Int = 65536
+    /// nil: what RLIMIT_NOFILE allows (`Server.defaultMaxConnections`).
+    public var maxConnections: Int?
     public var bufferSize: Int = 64 * 1024
     /// Pooled buffers per worker at most; nil: derived from `bufferMemory`.
     public var buffers: Int?
@@ -122,7 +123,9 @@ public struct ConfigFile: Sendable {
     public func serverConfiguration(gateway: Gateway) throws(GatewayError) -> ServerConfiguration {
         var c = ServerConfiguration(listeners: try listenerRules(gateway: gateway), workers: workers ?? Syscall.onlineCPUs(), backend: backend)
         c.accounts = gateway.policy.accounts
+        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: c.workers, listeners: c.listeners.count)
         c.maxConnections = maxConnections
+        c.maxConnectionsGiven = self.maxConnections != nil
         let memory = bufferMemory ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: c.workers)
         c.buffers = BackendConfiguration(bufferSize: bufferSize,
                                          bufferCount: buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: c.workers))

@@ -84,8 +84,8 @@ struct Serve: ParsableCommand {
           help: "Take the listeners over from the igris running at the hand-off socket; it drains once this one accepts.")
     var takeover = false
 
-    @Option(name: .customLong("max-connections"), help: "Bridged connections open at once, all workers together.")
-    var maxConnections: Int = 65536
+    @Option(name: .customLong("max-connections"), help: "Bridged connections open at once, all workers together (default: what RLIMIT_NOFILE allows, at most 65536).")
+    var maxConnections: Int?
 
     @Option(name: .customLong("buffer-size"), help: "Bytes per pooled buffer.")
     var bufferSize: Int = 64 * 1024
@@ -123,7 +123,7 @@ struct Serve: ParsableCommand {
             throw ValidationError("\(listen.count) --listen but \(upstream.count) --upstream: each --listen needs its own --upstream")
         }
         if workers < 1 || workers > 1024 { throw ValidationError("--workers must be between 1 and 1024") }
-        if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if bufferSize < 1024 || bufferSize > 1 << 20 { throw ValidationError("--buffer-size must be between 1024 and 1048576") }
         if let buffers, buffers < 2 || buffers > 32768 || buffers & (buffers - 1) != 0 {
             throw ValidationError("--buffers must be a power of two between 2 and 32768")
@@ -200,7 +200,9 @@ struct Serve: ParsableCommand {
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
         configuration.deadPeerTimeoutNanoseconds = deadPeerTimeout.nanoseconds == 0 ? nil : deadPeerTimeout.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
+        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: workers, listeners: rules.count)
         configuration.maxConnections = maxConnections
+        configuration.maxConnectionsGiven = self.maxConnections != nil
         let memory = bufferMemory.flatMap { ByteSize.parse($0) }.map { Int($0) }
             ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: workers)
         let count = buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: workers)
@@ -268,7 +270,8 @@ struct Serve: ParsableCommand {
             throw fail(error.description)
         }
         logger.info("backend selected", metadata: ["backend": "\(server.backend)", "why": "\(server.backendReason)"])
-        if let warning = server.descriptorWarning { logger.warning("\(warning)") }
+        // Only a limit the operator set can be too high: the default follows RLIMIT_NOFILE.
+        if configuration.maxConnectionsGiven, let warning = server.descriptorWarning { logger.warning("\(warning)") }
         do { try server.start() } catch { throw fail(error.description) }
         for (a, (name, _)) in zip(adminServers, admins) {
             a.start()

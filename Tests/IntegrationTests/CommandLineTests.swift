@@ -109,6 +109,20 @@ struct CommandLineTests {
         #expect(!log.contains("hunter"), "passwords never reach the log")
     }
 
+    @Test("max_connections defaults to what RLIMIT_NOFILE allows: no warning; one set too high is warned about")
+    func descriptorDefault() throws {
+        for (extra, warned) in [([String](), false), (["--max-connections", "65536"], true)] {
+            let child = try ChildProcess("/usr/bin/prlimit", ["--nofile=4096:4096", igris, "serve", "--listen", "127.0.0.1:0",
+                                                              "--upstream", "127.0.0.1:1", "--workers", "1"] + extra)
+            defer { child.terminate() }
+            let log = LogLines(child)
+            #expect(log.wait(for: "forwarding"))
+            child.signal(SIGTERM)
+            #expect(log.wait(for: "stopped"))
+            #expect(log.lines.value.contains { $0.contains("RLIMIT_NOFILE is 4096") } == warned, "\(extra): \(log.lines.value)")
+        }
+    }
+
     @Test func badNumbers() throws {
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--buffers", "300"], contains: "power of two")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "kqueue"], contains: "kqueue")

@@ -86,7 +86,9 @@ struct ResourceTests {
         // 40 descriptors: a dozen or so bridges fit, the rest must wait in the backlog.
         let child = try ChildProcess("/usr/bin/prlimit", ["--nofile=40:40", productPath("igris"),
             "--listen", "127.0.0.1:\(port)", "--upstream", upstream, "--workers", "1", "--backend", backend.rawValue,
-            "--connect-timeout", "60s", "--admin", "127.0.0.1:\(adminPort)"])
+            "--connect-timeout", "60s", "--admin", "127.0.0.1:\(adminPort)",
+            // Set too high on purpose: the default follows RLIMIT_NOFILE and would never run out.
+            "--max-connections", "1000"])
         defer { child.terminate() }
         let log = LogLines(child)
         let address = try SocketAddress.resolve("127.0.0.1:\(port)")
