@@ -1,12 +1,13 @@
 import Glibc
 import IgrisEngine
+import IgrisPolicy
 import IgrisProtocols
 import Synchronization
 
 /// The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process answers),
 /// `/readyz` (503 once draining, so a balancer stops sending new clients). Control plane,
-/// not data plane: a thread of its own with blocking sockets, a bounded number of requests
-/// at once, each with a 5 s budget to send its head; a request head is at most 8 KiB.
+/// not data plane: a thread of its own with blocking sockets, at most 64 requests at once and
+/// 8 from one source address, each with 5 s to send its whole head (at most 8 KiB).
 public final class AdminServer: Sendable {
     public let address: SocketAddress
     private let listener: Int32
@@ -16,7 +17,13 @@ public final class AdminServer: Sendable {
     private let metrics: MetricsRenderer
     private let inFlight = Atomic<Int>(0)
     private let servedCount = Atomic<Int64>(0)
-    public static let maxConcurrentRequests = 16
+    /// Requests answered at once, all sources together, and from one source address: a few
+    /// slow or hostile clients can't hold /healthz shut for a balancer's checks.
+    public static let maxConcurrentRequests = 64
+    public static let maxConcurrentPerSource = 8
+    /// The whole request head must arrive within this, however slowly it drips.
+    public static let headDeadlineNanoseconds: UInt64 = 5_000_000_000
+    private let perSource = Locked<[String: Int]>([:])
 
     /// Binds `listen`, or adopts the socket a predecessor handed over for that address. The
     /// listener is non-blocking (it may be shared with a predecessor or successor while a
@@ -97,8 +104,19 @@ public final class AdminServer: Sendable {
                     continue
                 }
                 if c < 0 { continue }  // taken by another process sharing the socket, or a transient error
+                let source = (try? Syscall.peerAddress(c))?.ipAddress.description ?? "-"
+                let admitted = perSource.withLock { counts -> Bool in
+                    guard counts[source, default: 0] < Self.maxConcurrentPerSource else { return false }
+                    counts[source, default: 0] += 1
+                    return true
+                }
+                guard admitted else {
+                    Syscall.close(c)
+                    continue
+                }
                 if inFlight.wrappingAdd(1, ordering: .relaxed).newValue > Self.maxConcurrentRequests {
                     inFlight.wrappingSubtract(1, ordering: .relaxed)
+                    release(source)
                     Syscall.close(c)
                     continue
                 }
@@ -107,6 +125,7 @@ public final class AdminServer: Sendable {
                     serve(connection)
                     Syscall.close(connection)
                     inFlight.wrappingSubtract(1, ordering: .relaxed)
+                    release(source)
                 }
             }
         }
@@ -121,14 +140,27 @@ public final class AdminServer: Sendable {
 
     public var requestsServed: Int64 { servedCount.load(ordering: .relaxed) }
 
+    private func release(_ source: String) {
+        perSource.withLock { counts in
+            let left = counts[source, default: 1] - 1
+            counts[source] = left > 0 ? left : nil
+        }
+    }
+
     private func serve(_ c: Int32) {
         var timeout = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var parser = HTTPHeadParser(limit: 8192)
         var buffer = [UInt8](repeating: 0, count: 4096)
         var head: HTTPRequestHead? = nil
+        let deadline = Syscall.monotonicNanoseconds() + Self.headDeadlineNanoseconds
         reading: while true {
+            // The deadline is for the whole head: each read may only wait for what is left.
+            let now = Syscall.monotonicNanoseconds()
+            guard now < deadline else { return }
+            let left = deadline - now
+            var wait = timeval(tv_sec: Int(left / 1_000_000_000), tv_usec: max(1, Int(left % 1_000_000_000 / 1000)))
+            setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &wait, socklen_t(MemoryLayout<timeval>.size))
             let n = buffer.withUnsafeMutableBytes { Syscall.recv(c, $0.baseAddress!, $0.count) }
             if n <= 0 { return }  // gone, or too slow
             let (_, event) = buffer.withUnsafeBytes { parser.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }

@@ -172,6 +172,48 @@ struct AdminTests {
         return (parts[0].components(separatedBy: "\r\n")[0], parts.dropFirst().joined(separator: "\r\n\r\n"))
     }
 
+    @Test("16 clients dripping a request head byte by byte can't hold /healthz shut; each is closed at the head deadline")
+    func drippers() throws {
+        let adminPort = try unusedPort()
+        let child = try ChildProcess(productPath("igris"), ["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1",
+                                                            "--admin", "127.0.0.1:\(adminPort)", "--workers", "1"])
+        defer { child.terminate() }
+        let log = LogLines(child)
+        #expect(log.wait(for: "forwarding"))
+        let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
+        // From two other loopback addresses, 8 each (the per-source cap), a byte a second: never
+        // silent for the old per-read timeout, never done.
+        let closedByServer = SharedCounter()
+        let drippers = (0..<16).map { k in
+            TestThread {
+                guard let fd = try? Syscall.streamSocket(family: AF_INET, nonBlocking: false) else { return }
+                let s = TestSocket(fd: fd)
+                defer { s.close() }
+                guard (try? Syscall.bind(fd, try SocketAddress.resolve("127.0.0.\(2 + k % 2):0"))) != nil,
+                      admin.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0 else { return }
+                s.setReceiveTimeout(seconds: 1)
+                for byte in Array("GET /metrics HTTP/1.1\r\nX: ".utf8) {
+                    _ = s.write([byte])
+                    var b: UInt8 = 0
+                    // Waits up to 1 s for the server's answer: EOF means it gave up on us.
+                    if Glibc.recv(fd, &b, 1, 0) == 0 {
+                        closedByServer.add(1)
+                        return
+                    }
+                }
+            }
+        }
+        // While they drip, /healthz answers every time.
+        for _ in 0..<4 {
+            usleep(1_000_000)  // spread the checks over the drip, as a balancer's would be
+            #expect(try AdminTests.get(admin, "/healthz").status == "HTTP/1.1 200 OK")
+        }
+        for t in drippers { t.join() }
+        #expect(closedByServer.value == 16, "drippers closed at the head deadline: \(closedByServer.value) of 16")
+        child.signal(SIGTERM)
+        #expect(child.finish().status == 0)
+    }
+
     @Test("/metrics counts a known workload and passes promtool; /healthz; /readyz turns 503 while draining", arguments: engineBackends)
     func metricsAndReadiness(backend: BackendChoice) throws {
         let upstream = try echoUpstream()
