@@ -87,14 +87,15 @@ public final class Gateway: Sendable {
     /// when `acceptProxyProtocol`); socks5 / http_connect: negotiated with `options`.
     public func rule(listen: SocketAddress, name: String? = nil, mode: ListenerMode, pool: UpstreamPool? = nil,
                      options: GatewayOptions = GatewayOptions(requireAuthentication: true),
-                     acceptProxyProtocol: Bool = false) throws(GatewayError) -> ListenerRule {
+                     acceptProxyProtocol: Bool = false, trustedProxies: [CIDR]? = nil) throws(GatewayError) -> ListenerRule {
         let label = name ?? listen.description
         switch mode {
         case .forward:
             guard let pool else { throw GatewayError(description: "forward listener \(label) has no upstream") }
             var rule = ListenerRule(listen: listen, name: label, pool: pool)
             if acceptProxyProtocol {
-                rule.negotiator = GatewayNegotiator(protocol: .proxyHeaderOnly, options: options, acceptProxyProtocol: true, gateway: self)
+                rule.negotiator = GatewayNegotiator(protocol: .proxyHeaderOnly, options: options, acceptProxyProtocol: true,
+                                                    trustedProxies: trustedProxies, gateway: self)
             }
             return rule
         case .socks5, .httpConnect:
@@ -102,7 +103,7 @@ public final class Gateway: Sendable {
                 throw GatewayError(description: "\(mode.rawValue) listener \(label) requires authentication but no users file is configured (give --users FILE, or --no-auth)")
             }
             let negotiator = GatewayNegotiator(protocol: mode == .socks5 ? .socks5 : .httpConnect, options: options,
-                                               acceptProxyProtocol: acceptProxyProtocol, gateway: self)
+                                               acceptProxyProtocol: acceptProxyProtocol, trustedProxies: trustedProxies, gateway: self)
             return ListenerRule(listen: listen, name: label, negotiator: negotiator)
         case .admin:
             throw GatewayError(description: "admin listener \(label) is served by the admin endpoint")

@@ -19,7 +19,11 @@ final class GatewayNegotiator: NegotiatorFactory {
     let acceptProxyProtocol: Bool
     let gateway: Gateway
 
-    init(protocol kind: Kind, options: GatewayOptions, acceptProxyProtocol: Bool, gateway: Gateway) {
+    /// The balancers whose PROXY headers are believed (nil: any peer's).
+    let trustedProxies: [CIDR]?
+
+    init(protocol kind: Kind, options: GatewayOptions, acceptProxyProtocol: Bool, trustedProxies: [CIDR]? = nil, gateway: Gateway) {
+        self.trustedProxies = trustedProxies
         self.kind = kind
         self.options = options
         self.acceptProxyProtocol = acceptProxyProtocol
@@ -27,7 +31,9 @@ final class GatewayNegotiator: NegotiatorFactory {
     }
 
     var name: String { kind.rawValue }
-    var signature: String { "\(options.requireAuthentication),\(options.handshakeTimeoutNanoseconds),\(acceptProxyProtocol)" }
+    var signature: String {
+        "\(options.requireAuthentication),\(options.handshakeTimeoutNanoseconds),\(acceptProxyProtocol),\(trustedProxies?.map(\.description) ?? [])"
+    }
     var timeoutNanoseconds: UInt64 { options.handshakeTimeoutNanoseconds }
 
     func makeNegotiation(_ context: NegotiationContext) -> any Negotiation {
@@ -98,6 +104,15 @@ final class GatewayNegotiation: Negotiation {
             return (consumed, .read)
         case .header(let header):
             expectProxyHeader = false
+            if let trusted = factory.trustedProxies, let peer = context.client?.ipAddress, !trusted.contains(where: { $0.contains(peer) }) {
+                // Anyone who reaches the listener directly could name any client: only the
+                // balancers' headers count.
+                statistics.add(.proxyHeaderRejected)
+                context.logger.warning("PROXY header from an untrusted peer refused (not in proxy_protocol_from)", metadata: [
+                    "listener": "\(context.listener)", "peer": "\(context.client?.description ?? "-")",
+                ])
+                return (consumed, NegotiationAction(.close(.refused)))
+            }
             if case .proxied(let source, let destination) = header {
                 let address = SocketAddress(endpoint: source)
                 proxied = (address, SocketAddress(endpoint: destination))

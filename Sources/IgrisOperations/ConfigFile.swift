@@ -20,6 +20,8 @@ public struct ConfigFile: Sendable {
         public var requireAuthentication: Bool
         /// Connections start with a PROXY v1/v2 header from a balancer (strict).
         public var acceptProxyProtocol = false
+        /// The balancers allowed to send PROXY headers (required with accept_proxy_protocol).
+        public var proxyProtocolFrom: [CIDR] = []
         /// forward: send a PROXY header to the upstream.
         public var sendProxyProtocol: ProxyProtocol.Version?
         /// Overrides of the file's global settings for this listener.
@@ -107,7 +109,8 @@ public struct ConfigFile: Sendable {
                 pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0]) }
             }
             var rule = try gateway.rule(listen: l.listen, name: l.name, mode: l.mode, pool: pool, options: options,
-                                        acceptProxyProtocol: l.acceptProxyProtocol)
+                                        acceptProxyProtocol: l.acceptProxyProtocol,
+                                        trustedProxies: l.acceptProxyProtocol ? l.proxyProtocolFrom : nil)
             rule.sendProxyProtocol = l.sendProxyProtocol
             rule.splice = l.splice
             rule.connectTimeoutNanoseconds = l.connectTimeoutNanoseconds
@@ -290,7 +293,7 @@ private struct ListenerEntry: Decodable {
     var value: ConfigFile.Listener
 
     init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "send_proxy_protocol",
+        try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "proxy_protocol_from", "send_proxy_protocol",
                                        "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout", "handshake_timeout",
                                        "max_connections"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -328,6 +331,19 @@ private struct ListenerEntry: Decodable {
         if let accept = try c.decodeIfPresent(Bool.self, forKey: key("accept_proxy_protocol")) {
             guard mode != .admin else { throw fail("accept_proxy_protocol", "admin listeners do not take PROXY headers") }
             value.acceptProxyProtocol = accept
+        }
+        if let sources = try c.decodeIfPresent([String].self, forKey: key("proxy_protocol_from")) {
+            guard value.acceptProxyProtocol else { throw fail("proxy_protocol_from", "only with accept_proxy_protocol: true") }
+            for (k, text) in sources.enumerated() {
+                guard let cidr = CIDR(text) else {
+                    throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key("proxy_protocol_from"), AnyCodingKey(intValue: k)],
+                                                            debugDescription: "expected an address or CIDR such as 10.0.0.0/8, got '\(text)'"))
+                }
+                value.proxyProtocolFrom.append(cidr)
+            }
+        }
+        if value.acceptProxyProtocol && value.proxyProtocolFrom.isEmpty {
+            throw fail("accept_proxy_protocol", "needs proxy_protocol_from: [CIDR, …], the balancers allowed to send PROXY headers (anyone else could name any client)")
         }
         if mode != .admin {
             if let text = try c.decodeIfPresent(String.self, forKey: key("splice")) {

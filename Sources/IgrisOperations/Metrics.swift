@@ -59,7 +59,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_resolve_failures_total", .resolveFailures, "Destination names that did not resolve."),
             ("igris_user_limit_rejections_total", .userLimitRejections, "Connections refused because the user was at max_connections."),
             ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
-            ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing or malformed PROXY header."),
+            ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),
         ]
         for (name, counter, help) in counters {
             out.family(name, "counter", help)

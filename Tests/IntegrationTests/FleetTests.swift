@@ -36,7 +36,8 @@ struct FleetTests {
                 drain_grace: 1500ms
                 drain_timeout: 5s
                 listeners:
-                  - {name: vpn, listen: "127.0.0.1:\(port)", mode: forward, upstream: "\(upstream)", accept_proxy_protocol: true}
+                  - {name: vpn, listen: "127.0.0.1:\(port)", mode: forward, upstream: "\(upstream)", accept_proxy_protocol: true,
+                      proxy_protocol_from: [127.0.0.9/32]}
                   - {name: admin, listen: "127.0.0.1:\(adminPort)", mode: admin}
                 """)
             let (child, log) = try Self.start(config)

@@ -54,6 +54,51 @@ struct ProxyProtocolIntegrationTests {
         }
     }
 
+    @Test("proxy_protocol_from: a header forged by a peer that is not a listed balancer is refused and counted; a balancer's is believed; the key is required")
+    func forgedHeaders() throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let (port, adminPort) = (try unusedPort(), try unusedPort())
+        func config(_ from: String) -> String {
+            """
+            listeners:
+              - {name: lb, listen: "127.0.0.1:\(port)", mode: forward, upstream: "\(upstream.address)", accept_proxy_protocol: true\(from)}
+              - {name: admin, listen: "127.0.0.1:\(adminPort)", mode: admin}
+            """
+        }
+        let missing = try writeTemporaryFile(config(""))
+        defer { unlink(missing) }
+        let refused = try runCommand(productPath("igris"), ["check", "-c", missing])
+        #expect(refused.status != 0 && refused.stderr.contains("listeners[0].accept_proxy_protocol: needs proxy_protocol_from"), "\(refused.stderr)")
+
+        let path = try writeTemporaryFile(config(", proxy_protocol_from: [127.0.0.9/32]"))
+        defer { unlink(path) }
+        let child = try ChildProcess(productPath("igris"), ["serve", "-c", path])
+        defer { child.terminate() }
+        let log = LogLines(child)
+        #expect(log.wait(for: "forwarding"))
+        let header = ProxyProtocol.encode(.proxied(source: .init(address: [203, 0, 113, 7], port: 4000),
+                                                   destination: .init(address: [127, 0, 0, 1], port: port)), version: .v1)
+        func attempt(from source: String) throws -> Bool {
+            let fd = try Syscall.streamSocket(family: AF_INET, nonBlocking: false)
+            let s = TestSocket(fd: fd)
+            defer { s.close() }
+            try Syscall.bind(fd, try SocketAddress.resolve("\(source):0"))
+            let target = try SocketAddress.resolve("127.0.0.1:\(port)")
+            guard target.withSockAddr({ Glibc.connect(fd, $0, $1) }) == 0 else { return false }
+            s.setReceiveTimeout(seconds: 10)
+            _ = s.write(header + [42])
+            return (try? s.readExactly(1)) == [42]
+        }
+        #expect(try !attempt(from: "127.0.0.1"), "a forged header from a client was believed")
+        #expect(log.wait(for: "PROXY header from an untrusted peer refused"))
+        #expect(log.lines.value.contains { $0.contains("untrusted peer") && $0.contains("peer=127.0.0.1:") })
+        #expect(try attempt(from: "127.0.0.9"), "the balancer's header is refused")
+        let admin = try SocketAddress.resolve("127.0.0.1:\(adminPort)")
+        #expect((HandoffTests.metric(admin, "igris_proxy_header_rejected_total") ?? 0) >= 1, "counted")
+        #expect(log.wait(for: "client=203.0.113.7:4000"), "the balancer's client is the one logged")
+    }
+
     @Test("without accept_proxy_protocol nothing is parsed; send uses the real peer", arguments: engineBackends)
     func sendOnly(backend: BackendChoice) throws {
         let seen = SharedBox<[ProxyProtocol.Header]>([])
