@@ -83,7 +83,12 @@ public final class Authenticator: Sendable {
         let account = directory.accounts[index]
         var wallClock = timespec()
         clock_gettime(CLOCK_REALTIME, &wallClock)
-        if account.isExpired(atEpochSeconds: Int64(wallClock.tv_sec)) { return reject(.expired, client: client, now: now) }
+        if account.isExpired(atEpochSeconds: Int64(wallClock.tv_sec)) {
+            // As slow as a wrong password: the answer's timing must not tell which names exist.
+            counters.kdfRuns.wrappingAdd(1, ordering: .relaxed)
+            _ = PasswordHasher.verify(password, against: account.passwordHash)
+            return reject(.expired, client: client, now: now)
+        }
         let tag = self.tag(password)
         let cached = successes.withLock { cache -> Bool in
             guard let hit = cache[name] else { return false }

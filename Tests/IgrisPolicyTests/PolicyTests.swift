@@ -144,8 +144,14 @@ struct AuthenticatorTests {
         #expect(auth.kdfRunCount == 1 && auth.cacheHitCount == 1)
         // The cache holds a keyed tag of the password, not "alice is fine".
         #expect(auth.verify(username: Array("alice".utf8), password: Array("Secret".utf8), client: Self.client, now: 3) == .rejected(.wrongPassword))
+        // Unknown and expired names cost a KDF run like a wrong password: the time taken
+        // doesn't tell an attacker which names exist.
+        var runs = auth.kdfRunCount
         #expect(auth.verify(username: Array("mallory".utf8), password: Array("secret".utf8), client: Self.client, now: 4) == .rejected(.unknownUser))
+        #expect(auth.kdfRunCount == runs + 1)
+        runs = auth.kdfRunCount
         #expect(auth.verify(username: Array("old".utf8), password: Array("pw".utf8), client: Self.client, now: 5) == .rejected(.expired))
+        #expect(auth.kdfRunCount == runs + 1)
         #expect(auth.rejectedCount == 3)
     }
 
