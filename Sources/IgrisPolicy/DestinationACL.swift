@@ -3,7 +3,9 @@
 /// is denied like the address itself.
 ///
 /// Order: the operator's rules, first match wins; then the built-in deny list (loopback,
-/// private, link-local, carrier-grade NAT, metadata ranges); everything else is allowed.
+/// private, link-local, carrier-grade NAT, metadata, documentation, benchmarking, multicast
+/// and reserved ranges, this host's own addresses, and IPv6 addresses that embed a denied
+/// IPv4 one: NAT64, 6to4, Teredo); everything else is allowed.
 public struct DestinationACL: Sendable {
     public enum Action: String, Sendable {
         case allow
@@ -39,8 +41,39 @@ public struct DestinationACL: Sendable {
     /// surely as loopback does; the IPv4 entries cover their IPv4-mapped IPv6 forms too.
     public static let deniedByDefault: [CIDR] = [
         "0.0.0.0/8", "127.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
-        "192.168.0.0/16", "::/128", "::1/128", "fc00::/7", "fe80::/10",
+        "192.168.0.0/16",
+        // Special-purpose (RFC 6890): IETF protocol assignments, documentation, benchmarking,
+        // multicast, reserved (with 255.255.255.255).
+        "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        // IPv4-compatible (with :: and ::1), discard-only, documentation, site-local, multicast.
+        "::/96", "100::/64", "2001:db8::/32", "fec0::/10", "ff00::/8",
+        "fc00::/7", "fe80::/10",
     ].map { CIDR($0)! }
+
+    /// The IPv4 address an IPv6 one carries, where its prefix says it leads there: NAT64
+    /// (64:ff9b::/96 and the local-use 64:ff9b:1::/48, last 32 bits), 6to4 (2002::/16, bits
+    /// 16–47) and Teredo (2001::/32: the client, stored inverted in the last 32 bits).
+    public static func embeddedIPv4(_ a: IPAddress) -> IPAddress? {
+        func v4(_ bits: UInt64) -> IPAddress {
+            let v = UInt32(truncatingIfNeeded: bits)
+            return IPAddress(ipv4: UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF))
+        }
+        if a.high == 0x0064_ff9b_0000_0000 && a.low >> 32 == 0 { return v4(a.low) }
+        if a.high >> 16 == 0x0064_ff9b_0001 { return v4(a.low) }
+        if a.high >> 48 == 0x2002 { return v4(a.high >> 16) }
+        if a.high >> 32 == 0x2001_0000 { return v4(~a.low) }
+        return nil
+    }
+
+    /// The built-in deny list alone: the ranges above, this host's addresses, and the IPv4
+    /// address an IPv6 one embeds.
+    public static func deniedWithoutRule(_ address: IPAddress) -> Bool {
+        if deniedByDefault.contains(where: { $0.contains(address) }) || HostAddresses.shared.contains(address) { return true }
+        if let v4 = embeddedIPv4(address) {
+            return deniedByDefault.contains(where: { $0.contains(v4) }) || HostAddresses.shared.contains(v4)
+        }
+        return false
+    }
 
     public var rules: [Rule]
 
@@ -52,7 +85,7 @@ public struct DestinationACL: Sendable {
         for rule in rules where rule.matches(address, port: port) {
             return rule.action == .allow
         }
-        return !Self.deniedByDefault.contains { $0.contains(address) }
+        return !Self.deniedWithoutRule(address)
     }
 
     /// `CIDR[:PORTS]` as the command line takes it: `127.0.0.0/8`, `10.1.2.3/32:22`,

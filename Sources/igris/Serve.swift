@@ -13,8 +13,9 @@ struct Serve: ParsableCommand {
         discussion: """
             The n-th --listen forwards to the n-th --upstream. --socks5 and --http-connect \
             listeners let clients choose the destination: they need --users FILE (or --no-auth), \
-            and reach only what the destination ACL allows (loopback, private and link-local \
-            ranges are denied unless an --allow rule says otherwise; --deny rules are checked \
+            and reach only what the destination ACL allows (loopback, private, link-local, special-purpose \
+            ranges and this host's own addresses \
+            are denied unless an --allow rule says otherwise; --deny rules are checked \
             first, then --allow, then the built-in deny list). SIGINT/SIGTERM stop accepting \
             and let open connections finish for up to --drain-timeout; a second signal aborts them.
             """
@@ -238,6 +239,8 @@ struct Serve: ParsableCommand {
 
         // Signals go to the signal thread only: block them before any worker starts.
         let signals = SignalWaiter(signals: [SIGINT, SIGTERM, SIGHUP, SIGUSR2])
+        // This host's own addresses join the default deny list; they change (DHCP): re-read.
+        HostAddresses.shared.startRefreshing()
         signal(SIGPIPE, SIG_IGN)
 
         var session: HandoffSession? = nil
@@ -333,6 +336,7 @@ extension Serve {
     /// open connections are untouched. A file that does not validate is logged and ignored.
     /// The users file, global settings and admin listeners stay as started.
     static func reload(server: Server, gateway: Gateway, configPath: String?, logger: Logger) {
+        HostAddresses.shared.refresh()
         guard let configPath else {
             logger.warning("SIGHUP ignored: igris was started with flags, not --config")
             return

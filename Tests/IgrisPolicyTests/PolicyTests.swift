@@ -34,9 +34,56 @@ struct DestinationACLTests {
                        "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254"] {
             #expect(!acl.permits(Self.ip(denied), port: 80), "\(denied)")
         }
-        for allowed in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
+        for allowed in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
             #expect(acl.permits(Self.ip(allowed), port: 80), "\(allowed)")
         }
+    }
+
+    @Test("denied by default: special-purpose ranges, edges included; just outside them allowed")
+    func specialRanges() {
+        let acl = DestinationACL()
+        let denied = ["192.0.0.0", "192.0.0.255", "192.0.2.1", "198.18.0.0", "198.19.255.255", "198.51.100.7", "203.0.113.255",
+                      "224.0.0.1", "239.255.255.255", "240.0.0.1", "255.255.255.255", "::ffff:224.0.0.1",
+                      "::", "::1", "::a00:1", "::ffff:ffff", "100::", "100::ffff:ffff:ffff:ffff", "2001:db8::1", "2001:db8:ffff::1",
+                      "fec0::1", "feff::1", "ff02::1", "ffff::1"]
+        for d in denied { #expect(!acl.permits(Self.ip(d), port: 443), "\(d)") }
+        let allowed = ["192.0.1.255", "192.0.3.0", "198.17.255.255", "198.20.0.0", "198.51.99.255", "203.0.114.0",
+                       "223.255.255.255", "100:0:0:1::", "2001:db9::1", "2001:da8::1"]
+        for a in allowed { #expect(acl.permits(Self.ip(a), port: 443), "\(a)") }
+    }
+
+    @Test("an IPv6 address embedding an IPv4 one is judged by it: NAT64, 6to4, Teredo (inverted client)")
+    func embeddedIPv4() {
+        let acl = DestinationACL()
+        // 127.0.0.1, 10.0.0.1, 192.168.1.1 and 169.254.169.254 inside each form.
+        let denied = ["64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::c0a8:101", "2002:7f00:1::", "2002:a9fe:a9fe::1",
+                      "2001:0:4136:e378:8000:63bf:80ff:fffe",   // Teredo client 127.0.0.1 (~0x7f000001)
+                      "2001:0:4136:e378:8000:63bf:f5ff:fffe"]   // Teredo client 10.0.0.1
+        for d in denied { #expect(!acl.permits(Self.ip(d), port: 443), "\(d)") }
+        let allowed = ["64:ff9b::808:808", "2002:808:808::", "2001:0:4136:e378:8000:63bf:f7f7:f7f7"]  // 8.8.8.8 each way
+        for a in allowed { #expect(acl.permits(Self.ip(a), port: 443), "\(a)") }
+        #expect(DestinationACL.embeddedIPv4(Self.ip("2001:0:4136:e378:8000:63bf:f7f7:f7f7")) == Self.ip("8.8.8.8"))
+        #expect(DestinationACL.embeddedIPv4(Self.ip("2606:4700::1111")) == nil)
+        // An explicit allow still wins.
+        let allowing = DestinationACL(rules: [try! DestinationACL.parseRule(.allow, "64:ff9b::/96").get()])
+        #expect(allowing.permits(Self.ip("64:ff9b::7f00:1"), port: 443))
+    }
+
+    @Test("this host's own addresses are denied by default (in every form); an explicit allow wins")
+    func hostAddresses() {
+        let saved = HostAddresses.shared.current
+        defer { HostAddresses.shared.set(saved) }
+        HostAddresses.shared.set([Self.ip("8.8.4.4"), Self.ip("2606:4700::6810:1")])
+        let acl = DestinationACL()
+        for d in ["8.8.4.4", "::ffff:8.8.4.4", "64:ff9b::808:404", "2002:808:404::1", "2606:4700::6810:1"] {
+            #expect(!acl.permits(Self.ip(d), port: 80), "\(d)")
+        }
+        #expect(acl.permits(Self.ip("8.8.8.8"), port: 80))
+        let allowing = DestinationACL(rules: [try! DestinationACL.parseRule(.allow, "8.8.4.4/32").get()])
+        #expect(allowing.permits(Self.ip("8.8.4.4"), port: 80))
+        // The real interfaces: loopback at least.
+        HostAddresses.shared.refresh()
+        #expect(HostAddresses.shared.current.contains(Self.ip("127.0.0.1")))
     }
 
     @Test("operator rules come first; ports and ranges")

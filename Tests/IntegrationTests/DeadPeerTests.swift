@@ -63,7 +63,7 @@ struct DeadPeerTests {
         #expect(try live.readExactly(1) == [8], "the live idle client is untouched")
     }
 
-    private static func ip(_ arguments: [String]) throws {
+    static func ip(_ arguments: [String]) throws {
         let (status, stderr) = try runCommand("/usr/sbin/ip", arguments)
         guard status == 0 else { throw TestFailure("ip \(arguments.joined(separator: " ")): \(stderr)") }
     }
