@@ -67,6 +67,9 @@ final class GatewayNegotiation: Negotiation {
     var proxied: (source: SocketAddress, destination: SocketAddress)?
     /// Authenticated account; the engine takes it over at the first connect.
     var account: Int32 = -1
+    /// The user name a client tried, quoted and escaped for the log (control characters such
+    /// as CR and LF can't split a log line).
+    var triedUser = "-"
     /// HTTP: the CONNECT request waiting for its credentials to be verified.
     var pendingHost = ""
     var pendingPort: UInt16 = 0
@@ -197,6 +200,7 @@ final class GatewayNegotiation: Negotiation {
 
     private func authenticate(username: [UInt8], password: [UInt8]) -> NegotiationAction {
         guard let authenticator = policy.authenticator else { return failure(socks: .generalFailure, http: .badGateway) }
+        triedUser = String(decoding: username, as: UTF8.self).debugDescription
         let client = client
         let resume = context.resume
         factory.gateway.offload {
@@ -235,7 +239,7 @@ final class GatewayNegotiation: Negotiation {
             statistics.add(.authFailures)
             // Never the password: who, from where, why.
             context.logger.warning("authentication failed", metadata: [
-                "listener": "\(context.listener)", "client": "\(clientDescription)", "reason": "\(why.rawValue)",
+                "listener": "\(context.listener)", "client": "\(clientDescription)", "user": "\(triedUser)", "reason": "\(why.rawValue)",
             ])
             let reply = factory.kind == .socks5 ? Socks5.authenticationStatus(succeeded: false) : HTTPConnect.response(.proxyAuthenticationRequired)
             return NegotiationAction(reply: reply, .close(.refused))

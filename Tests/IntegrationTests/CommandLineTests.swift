@@ -102,10 +102,17 @@ struct CommandLineTests {
         #expect(good.status == 0 && good.digest == files.digest, "\(good.stderr)")
         let bad = try curl(["-x", "socks5h://alice:hunter3@127.0.0.1:\(port)", "http://127.0.0.1:\(files.port)/blob"])
         #expect(bad.status == 97)
+        // A name with CR LF in it can't split the log line that names it.
+        #expect(throws: TestFailure.self) {
+            _ = try Socks5Client.connect(try SocketAddress.resolve("127.0.0.1:\(port)"), to: .ipv4(127, 0, 0, 1), port: files.port,
+                                         credentials: ("ev\r\nil forged=1", "x"))
+        }
         child.signal(SIGTERM)
         let (exit, log) = child.finish()
         #expect(exit == 0)
         #expect(log.contains("authentication failed") && log.contains("reason=wrong password"), "\(log)")
+        #expect(log.contains("user=\"alice\""), "the name tried is logged: \(log)")
+        #expect(log.contains(#"user="ev\r\nil forged=1""#) && !log.contains("\nil forged=1"), "escaped: \(log)")
         #expect(!log.contains("hunter"), "passwords never reach the log")
     }
 
