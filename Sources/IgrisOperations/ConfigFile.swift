@@ -1,3 +1,4 @@
+import Glibc
 import IgrisEngine
 import IgrisNegotiation
 import IgrisPolicy
@@ -65,7 +66,7 @@ public struct ConfigFile: Sendable {
     /// Reads, parses and validates `path` (a users file it names is loaded by `policy()`).
     public static func load(path: String) throws(YAMLFileError) -> ConfigFile {
         guard let text = UserDirectory.readFile(path) else {
-            throw YAMLFileError(file: path, keyPath: "", line: nil, message: "cannot read the configuration file")
+            throw YAMLFileError(file: path, keyPath: "", line: nil, message: "cannot read the configuration file: \(String(cString: strerror(errno)))")
         }
         return try parse(text, file: path)
     }

@@ -133,6 +133,9 @@ struct ConfigTests {
         defer { unlink(needsUsers) }
         let missing = try runCommand(igris, ["check", "-c", needsUsers])
         #expect(missing.status == 1 && missing.stderr.contains("users_file is required"), "\(missing.stderr)")
+        // A file that can't be read says why.
+        let absent = try runCommand(igris, ["check", "-c", "/nonexistent/igris.yaml"])
+        #expect(absent.status != 0 && absent.stderr.contains("cannot read the configuration file: No such file or directory"), "\(absent.stderr)")
     }
 }
 
