@@ -79,11 +79,11 @@ test-tsan: deps $(TOOLS)/bin/promtool
 	swift build --build-tests --scratch-path .build-tsan -Xswiftc -sanitize=thread -Xcc -fsanitize=thread -Xswiftc -DIGRIS_SANITIZED -Xcc -DIGRIS_SANITIZED
 	$(SANITIZED_TEST) TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" swift test --skip-build --scratch-path .build-tsan --no-parallel --disable-xctest
 
-# libFuzzer on the SOCKS5, HTTP head, PROXY v1/v2 and config parsers (Fuzz/ is its own
-# package), FUZZ_SECONDS each, from the committed seed corpus (new inputs go to
-# Fuzz/.build/corpus; crashes to Fuzz/.build/crashes, and fail the run).
+# libFuzzer on the SOCKS5, HTTP head, PROXY v1/v2 and config parsers and on the ACL's address
+# classification (Fuzz/ is its own package), FUZZ_SECONDS each, from the committed seed
+# corpus (new inputs go to Fuzz/.build/corpus; crashes to Fuzz/.build/crashes, and fail the run).
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := FuzzSocks5:socks5 FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config
+FUZZ_TARGETS := FuzzSocks5:socks5 FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config FuzzAddress:address
 fuzz: deps
 	cd Fuzz && swift build -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -use-ld=lld
 	@for t in $(FUZZ_TARGETS); do \

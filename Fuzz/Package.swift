@@ -18,6 +18,7 @@ let package = Package(
         .executableTarget(name: "FuzzSocks5", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzHTTPHead", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzProxyProtocol", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
+        .executableTarget(name: "FuzzAddress", dependencies: ["FuzzSupport", .product(name: "IgrisPolicy", package: "igris")]),
         .executableTarget(name: "FuzzConfig", dependencies: [
             "FuzzSupport",
             .product(name: "IgrisEngine", package: "igris"),
