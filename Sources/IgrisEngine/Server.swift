@@ -106,9 +106,6 @@ public final class Server: Sendable {
     public let statistics: [WorkerStatistics]
     public let budget: ConnectionBudget
     private let controls: [WorkerControl]
-    /// listenFDs[worker][listener]: that worker's sockets of the listener (one, or several
-    /// after a hand-off from a process with more workers).
-    private let listenFDs: [[[Int32]]]
     /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
     /// so the connections they accepted keep their per-listener counters).
     private let listenerTable: Locked<[ActiveListener]>
@@ -134,7 +131,6 @@ public final class Server: Sendable {
 
         let (fds, addresses) = try Self.bindListeners(configuration.listeners.map(configuration.resolved), workers: configuration.workers,
                                                       backlog: configuration.listenBacklog, inherited: inherited)
-        listenFDs = fds
         listenAddresses = addresses
         listenerTable = Locked(configuration.listeners.indices.map { k in
             ActiveListener(rule: configuration.listeners[k], address: addresses[k], sockets: fds.map { $0[k] }, open: true)
@@ -256,21 +252,26 @@ public final class Server: Sendable {
         return fd
     }
 
-    /// The default `max_connections`: what RLIMIT_NOFILE allows (two descriptors per bridge,
-    /// a few per worker and listener), at most 65,536, as HAProxy derives its maxconn.
+    /// Descriptors the process needs at most: two per bridge, plus listeners and a few of our
+    /// own per worker, and some for the admin endpoint and the rest.
+    static func descriptorsNeeded(maxConnections: Int, workers: Int, listeners: Int) -> Int {
+        maxConnections * 2 + workers * (listeners + 4) + 16
+    }
+
+    /// The default `max_connections`: what RLIMIT_NOFILE allows (`descriptorsNeeded`), at
+    /// most 65,536, as HAProxy derives its maxconn.
     public static func defaultMaxConnections(workers: Int, listeners: Int) -> Int {
-        let spare = Syscall.descriptorLimit - workers * (listeners + 4) - 16
-        return max(1, min(65536, spare / 2))
+        let overhead = descriptorsNeeded(maxConnections: 0, workers: workers, listeners: listeners)
+        return max(1, min(65536, (Syscall.descriptorLimit - overhead) / 2))
     }
 
     /// A warning for the operator when `--max-connections` can't be reached within
-    /// RLIMIT_NOFILE (two descriptors per bridge plus listeners and a few of our own).
+    /// RLIMIT_NOFILE.
     public var descriptorWarning: String? {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
-        let needed = UInt64(configuration.maxConnections) * 2 + UInt64(configuration.workers * (configuration.listeners.count + 4)) + 16
-        guard limit.rlim_cur < needed else { return nil }
-        return "max-connections \(configuration.maxConnections) needs about \(needed) descriptors but RLIMIT_NOFILE is \(limit.rlim_cur): "
+        let needed = Self.descriptorsNeeded(maxConnections: configuration.maxConnections, workers: configuration.workers,
+                                            listeners: configuration.listeners.count)
+        guard Syscall.descriptorLimit < needed else { return nil }
+        return "max-connections \(configuration.maxConnections) needs about \(needed) descriptors but RLIMIT_NOFILE is \(Syscall.descriptorLimit): "
             + "past that, accepting pauses; raise LimitNOFILE / ulimit -n or lower --max-connections"
     }
 
@@ -284,10 +285,12 @@ public final class Server: Sendable {
         let ready = DispatchSemaphore(value: 0)
         let slotsPerWorker = configuration.maxConnections
         let rules = configuration.listeners.map(configuration.resolved)
+        // The listeners bound at start: each one's sockets, per worker.
+        let sockets = listenerTable.withLock { $0.prefix(rules.count).map(\.sockets) }
         for w in 0..<configuration.workers {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
-                listeners: Self.bound(listenFDs[w], rules: rules, budgets: listenerBudgets, firstIndex: 0),
+                listeners: Self.bound(sockets.map { $0[w] }, rules: rules, budgets: listenerBudgets, firstIndex: 0),
                 backend: configuration.buffers,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
                 slotCapacity: slotsPerWorker,
