@@ -21,6 +21,9 @@ public enum ListenerHandoff {
 
     /// How long the predecessor waits for READY once it has sent the sockets.
     public static let readyTimeoutSeconds = 60
+
+    /// Whether `path` can be a hand-off socket: absolute, and short enough for sockaddr_un.
+    public static func isValidPath(_ path: String) -> Bool { path.hasPrefix("/") && path.utf8.count < 108 }
 }
 
 /// One socket passed from predecessor to successor.

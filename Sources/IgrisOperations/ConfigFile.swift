@@ -205,7 +205,7 @@ private struct Decoded: Decodable {
         if let d = try duration("drain_timeout", allowZero: true) { config.drainTimeoutNanoseconds = d }
         if let d = try duration("drain_grace", allowZero: true) { config.drainGraceNanoseconds = d }
         if let path = try c.decodeIfPresent(String.self, forKey: key("handoff_socket")) {
-            guard path.hasPrefix("/"), path.utf8.count < 108 else {
+            guard ListenerHandoff.isValidPath(path) else {
                 throw fail("handoff_socket", "expected an absolute path shorter than 108 bytes, got '\(path)'")
             }
             config.handoffSocket = path

@@ -41,8 +41,7 @@ public struct LogfmtLogHandler: LogHandler {
     }
 
     public static func quote(_ value: String) -> String {
-        guard value.isEmpty || value.unicodeScalars.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" || $0 == "\n" || $0 == "\r" })
-                || value.contains(where: \.isNewline) else { return value }
+        guard value.isEmpty || value.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" || $0.isNewline }) else { return value }
         // The same escapes as a Prometheus label value: backslash, double quote, LF, CR.
         return "\"" + MetricsText.escape(value) + "\""
     }

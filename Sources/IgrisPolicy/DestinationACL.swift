@@ -54,10 +54,7 @@ public struct DestinationACL: Sendable {
     /// (64:ff9b::/96 and the local-use 64:ff9b:1::/48, last 32 bits), 6to4 (2002::/16, bits
     /// 16–47) and Teredo (2001::/32: the client, stored inverted in the last 32 bits).
     public static func embeddedIPv4(_ a: IPAddress) -> IPAddress? {
-        func v4(_ bits: UInt64) -> IPAddress {
-            let v = UInt32(truncatingIfNeeded: bits)
-            return IPAddress(ipv4: UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF))
-        }
+        func v4(_ bits: UInt64) -> IPAddress { IPAddress(ipv4: UInt32(truncatingIfNeeded: bits)) }
         if a.high == 0x0064_ff9b_0000_0000 && a.low >> 32 == 0 { return v4(a.low) }
         if a.high >> 16 == 0x0064_ff9b_0001 { return v4(a.low) }
         if a.high >> 48 == 0x2002 { return v4(a.high >> 16) }

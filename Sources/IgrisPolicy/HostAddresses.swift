@@ -30,10 +30,9 @@ public final class HostAddresses: Sendable {
             if let sa = e.pointee.ifa_addr {
                 switch Int32(sa.pointee.sa_family) {
                 case AF_INET:
-                    sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
-                        let v = UInt32(bigEndian: $0.pointee.sin_addr.s_addr)
-                        found.insert(IPAddress(ipv4: UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)))
-                    }
+                    found.insert(sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) {
+                        IPAddress(ipv4: UInt32(bigEndian: $0.pointee.sin_addr.s_addr))
+                    })
                 case AF_INET6:
                     sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) {
                         var a = $0.pointee.sin6_addr

@@ -15,6 +15,11 @@ public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
         low = 0xFFFF_0000_0000 | UInt64(a) << 24 | UInt64(b) << 16 | UInt64(c) << 8 | UInt64(d)
     }
 
+    /// An IPv4 address as a host-order 32-bit value.
+    public init(ipv4 value: UInt32) {
+        self.init(ipv4: UInt8(value >> 24), UInt8(value >> 16 & 0xFF), UInt8(value >> 8 & 0xFF), UInt8(value & 0xFF))
+    }
+
     /// 16 bytes in network order.
     public init<C: Collection>(ipv6 bytes: C) where C.Element == UInt8 {
         precondition(bytes.count == 16)

@@ -71,7 +71,8 @@ final class Lifecycle: Sendable {
     func whileListenersStay(_ body: () -> Void) {
         changing.wait()
         defer { changing.signal() }
-        if handedOver.load(ordering: .relaxed) || server.isDraining {
+        // After a hand-off the server drains too.
+        if server.isDraining {
             logger.warning("SIGHUP ignored: this process is draining")
             return
         }
@@ -85,7 +86,7 @@ final class Lifecycle: Sendable {
             logger.error("SIGUSR2 (upgrade) ignored: it needs a hand-off socket (handoff_socket in the file, or --handoff-socket)")
             return
         }
-        if handedOver.load(ordering: .relaxed) || server.isDraining {
+        if server.isDraining {
             logger.warning("SIGUSR2 (upgrade) ignored: this process is draining")
             return
         }

@@ -141,7 +141,7 @@ struct Serve: ParsableCommand {
         if connectTimeout.nanoseconds == 0 { throw ValidationError("--connect-timeout must be greater than 0") }
         if handshakeTimeout.nanoseconds == 0 { throw ValidationError("--handshake-timeout must be greater than 0") }
         if noAuth && usersFile != nil { throw ValidationError("--no-auth and --users contradict each other: choose one") }
-        if let handoffSocket, !handoffSocket.hasPrefix("/") || handoffSocket.utf8.count >= 108 {
+        if let handoffSocket, !ListenerHandoff.isValidPath(handoffSocket) {
             throw ValidationError("--handoff-socket must be an absolute path shorter than 108 bytes")
         }
         if (socks5.isEmpty && httpConnect.isEmpty) && (noAuth || usersFile != nil || !allow.isEmpty || !deny.isEmpty) {
