@@ -33,6 +33,12 @@ struct HandoffTests {
             echo.terminate()
             unlink(handoff)
         }
+
+        /// A configuration file for this fixture's listener, admin port and hand-off socket.
+        func configFile(backend: BackendChoice = .auto, workers: Int, drainTimeout: String = "30s", extra: String = "") throws -> String {
+            try writeTemporaryFile(HandoffTests.config(backend: backend, workers: workers, port: port, adminPort: adminPort,
+                                                       upstream: upstream, handoff: handoff, drainTimeout: drainTimeout, extra: extra))
+        }
     }
 
     static func config(backend: BackendChoice, workers: Int, port: UInt16, adminPort: UInt16, upstream: String,
@@ -78,12 +84,10 @@ struct HandoffTests {
           arguments: engineBackends)
     func upgradeUnderLoad(backend: BackendChoice) throws {
         let fixture = try Fixture()
-        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
-        let oldConfig = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
-                                                           handoff: handoff, drainTimeout: "4s"))
+        let (port, adminPort) = (fixture.port, fixture.adminPort)
+        let oldConfig = try fixture.configFile(backend: backend, workers: 2, drainTimeout: "4s")
         // The successor has a different worker count.
-        let newConfig = try writeTemporaryFile(Self.config(backend: backend, workers: 3, port: port, adminPort: adminPort, upstream: upstream,
-                                                           handoff: handoff))
+        let newConfig = try fixture.configFile(backend: backend, workers: 3)
         defer { unlink(oldConfig); unlink(newConfig) }
         let old = try ChildProcess(productPath("igris"), ["serve", "-c", oldConfig])
         defer { old.terminate() }
@@ -145,16 +149,13 @@ struct HandoffTests {
           arguments: engineBackends)
     func failedUpgrade(backend: BackendChoice) throws {
         let fixture = try Fixture()
-        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
-        let oldConfig = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
-                                                           handoff: handoff))
+        let (upstream, port) = (fixture.upstream, fixture.port)
+        let oldConfig = try fixture.configFile(backend: backend, workers: 2)
         // Takes the sockets, then fails to bind a port something else holds.
         let (blocker, blocked) = try listeningSocket("127.0.0.1:0", backlog: 4)
         defer { Glibc.close(blocker) }
-        let unbindable = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
-                                                            handoff: handoff, extra: "  - {name: extra, listen: \"\(blocked)\", mode: forward, upstream: \"\(upstream)\"}"))
-        let broken = try writeTemporaryFile(Self.config(backend: backend, workers: 2, port: port, adminPort: adminPort, upstream: upstream,
-                                                        handoff: handoff, extra: "  - {name: oops, listen: \"127.0.0.1:1\", mode: teleport}"))
+        let unbindable = try fixture.configFile(backend: backend, workers: 2, extra: "  - {name: extra, listen: \"\(blocked)\", mode: forward, upstream: \"\(upstream)\"}")
+        let broken = try fixture.configFile(backend: backend, workers: 2, extra: "  - {name: oops, listen: \"127.0.0.1:1\", mode: teleport}")
         defer { unlink(oldConfig); unlink(unbindable); unlink(broken) }
         let old = try ChildProcess(productPath("igris"), ["serve", "-c", oldConfig])
         defer { old.terminate() }
@@ -191,8 +192,8 @@ struct HandoffTests {
     @Test("SIGUSR2 starts the successor from the same command line; it takes over, tells systemd it is the main process, and the old process exits")
     func upgradeBySignal() throws {
         let fixture = try Fixture()
-        let (upstream, port, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
-        let path = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: port, adminPort: adminPort, upstream: upstream, handoff: handoff))
+        let port = fixture.port
+        let path = try fixture.configFile(workers: 2)
         defer { unlink(path) }
         let notify = try NotifySocket(path: Self.handoffPath() + ".notify")
         let old = try ChildProcess(productPath("igris"), ["serve", "-c", path], environment: ["NOTIFY_SOCKET": notify.path])
@@ -225,12 +226,10 @@ struct HandoffTests {
     @Test("a successor with other listeners: the kept one goes over, the new one is bound, the dropped one closes with the old process")
     func changedListeners() throws {
         let fixture = try Fixture()
-        let (upstream, kept, adminPort, handoff) = (fixture.upstream, fixture.port, fixture.adminPort, fixture.handoff)
+        let (upstream, kept) = (fixture.upstream, fixture.port)
         let (dropped, added) = (try unusedPort(), try unusedPort())
-        let oldConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
-            handoff: handoff, extra: "  - {name: dropped, listen: \"127.0.0.1:\(dropped)\", mode: forward, upstream: \"\(upstream)\"}"))
-        let newConfig = try writeTemporaryFile(Self.config(backend: .auto, workers: 2, port: kept, adminPort: adminPort, upstream: upstream,
-            handoff: handoff, extra: "  - {name: added, listen: \"127.0.0.1:\(added)\", mode: forward, upstream: \"\(upstream)\"}"))
+        let oldConfig = try fixture.configFile(workers: 2, extra: "  - {name: dropped, listen: \"127.0.0.1:\(dropped)\", mode: forward, upstream: \"\(upstream)\"}")
+        let newConfig = try fixture.configFile(workers: 2, extra: "  - {name: added, listen: \"127.0.0.1:\(added)\", mode: forward, upstream: \"\(upstream)\"}")
         defer { unlink(oldConfig); unlink(newConfig) }
         let old = try ChildProcess(productPath("igris"), ["serve", "-c", oldConfig])
         defer { old.terminate() }
