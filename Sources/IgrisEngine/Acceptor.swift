@@ -1,4 +1,5 @@
 import Glibc
+import IgrisPolicy
 
 /// Accepting: the multishot accept per listener, admission (max_connections, slots), the
 /// pause when descriptors run out, and the one accepted connection that may wait for one.
@@ -168,18 +169,39 @@ extension Worker {
         // Accepted while the drain began (a completion already on its way): served like the
         // rest, since the client sees it connected. Only past the deadline is it refused.
         if abortedAtDeadline { Syscall.close(client); return }
+        let negotiates = listeners[i].bound.rule.negotiator != nil
+        var peer: SocketAddress? = nil
+        var sourceKey: IPAddress? = nil
+        if configuration.sourceLimits.settings.isActive {
+            peer = try? Syscall.peerAddress(client)
+            if let ip = peer?.ipAddress, !listeners[i].bound.rule.sourceLimitsExempt.contains(where: { $0.contains(ip) }) {
+                if let refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates) {
+                    refuseAtSourceLimit(client, peer: peer, listener: i, refusal)
+                    return
+                }
+                sourceKey = ip.failureKey
+            }
+        }
+        func uncount() {
+            guard let sourceKey else { return }
+            if negotiates { configuration.sourceLimits.handshakeEnded(sourceKey) }
+            configuration.sourceLimits.release(sourceKey)
+        }
         guard budget.tryAcquire() else {
+            uncount()
             noRoom(client, listener: i)
             return
         }
         if let listenerBudget = listeners[i].bound.budget, !listenerBudget.tryAcquire() {
             budget.release()
+            uncount()
             noRoom(client, listener: i)
             return
         }
         guard let s = table.allocate() else {
             budget.release()
             listeners[i].bound.budget?.release()
+            uncount()
             noRoom(client, listener: i)
             return
         }
@@ -197,10 +219,15 @@ extension Worker {
         p.pointee.setClient(client)
         p.pointee.openedAt = now
         p.pointee.lastActivity = now
+        if let sourceKey {
+            sourceKeys[s] = sourceKey
+            p.pointee.sourceCounted = true
+            p.pointee.handshakeCounted = negotiates
+        }
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
         if let factory = listeners[i].bound.rule.negotiator {
-            startNegotiation(s, p, factory)
+            startNegotiation(s, p, factory, peer: peer ?? (try? Syscall.peerAddress(client)))
             return
         }
         if accessLogger != nil {
@@ -216,6 +243,45 @@ extension Worker {
             // wait, so waiting clients cannot hold every descriptor for ever.
             awaitingDescriptor.append((s, p.pointee.generation))
         }
+    }
+
+    /// A source at its limit (`SourceLimits`): closed at once, counted, and logged once a
+    /// second at most (a flood must not become a flood of log lines).
+    private func refuseAtSourceLimit(_ client: Int32, peer: SocketAddress?, listener i: Int, _ refusal: SourceLimits.Refusal) {
+        Syscall.close(client)
+        let what: String
+        switch refusal {
+        case .sourceConnections:
+            statistics.add(.sourceConnectionRejections)
+            what = "source at max_connections_per_source"
+        case .handshakes:
+            statistics.add(.handshakeLimitRejections)
+            what = "max_handshakes reached"
+        case .sourceHandshakes:
+            statistics.add(.sourceHandshakeRejections)
+            what = "source at max_handshakes_per_source"
+        }
+        if now &- lastSourceLimitLog >= 1_000_000_000 {
+            lastSourceLimitLog = now
+            logger.warning("connection refused: \(what)", metadata: [
+                "listener": "\(listeners[i].name)", "client": "\(peer?.description ?? "-")",
+            ])
+        }
+    }
+
+    /// The slot's handshake is over: it no longer counts against the handshake limits.
+    func endHandshakeCount(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard p.pointee.handshakeCounted else { return }
+        p.pointee.handshakeCounted = false
+        if let key = sourceKeys[s] { configuration.sourceLimits.handshakeEnded(key) }
+    }
+
+    /// The slot closed: its source's count goes down.
+    func releaseSourceCount(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard p.pointee.sourceCounted else { return }
+        endHandshakeCount(s, p)
+        p.pointee.sourceCounted = false
+        if let key = sourceKeys.removeValue(forKey: s) { configuration.sourceLimits.release(key) }
     }
 
     /// An accepted connection there is no room for: held until there is (see `heldClient`);

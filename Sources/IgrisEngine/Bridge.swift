@@ -281,8 +281,7 @@ extension Worker {
     func accountBytes(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ n: Int) -> Bool {
         let account = accounts[Int(p.pointee.user)]
         if d == 0 { account.addBytes(toDestination: n) } else { account.addBytes(toClient: n) }
-        guard let limiter = d == 0 ? account.upload : account.download else { return false }
-        let wait = limiter.charge(n, now: now)
+        let wait = (d == 0 ? account.upload : account.download).charge(n, now: now)
         guard wait > 0 else { return false }
         direction(p, d).pointee.throttledUntil = now + wait
         statistics.add(.throttlePauses)
@@ -381,6 +380,7 @@ extension Worker {
             dir.pointee.pipeWrite = -1
         }
         if p.pointee.session >= 0 { releaseNegotiation(p) }
+        releaseSourceCount(s, p)
         if p.pointee.user >= 0 {
             accounts[Int(p.pointee.user)].releaseConnection()
             p.pointee.user = -1

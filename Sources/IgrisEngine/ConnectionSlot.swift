@@ -130,6 +130,12 @@ struct ConnectionSlot {
     var server: Int16 = -1
     /// The listener's splice setting, copied at accept (read per forwarded chunk).
     var splice: SpliceMode = .never
+    /// Counted in `SourceLimits` (its key is in `Worker.sourceKeys`), and as negotiating.
+    var sourceCounted = false
+    var handshakeCounted = false
+    /// The negotiation waits for work done elsewhere (a password check, a name): the
+    /// client is watched only for going away, so that work can be dropped.
+    var awaitingAnswer = false
     var timerBucket: Int32 = -1
     var timerNext: Int32 = -1
     var timerPrevious: Int32 = -1

@@ -1,3 +1,5 @@
+import Glibc
+
 /// The worker's loop: wait for completions, route them, fire timers, then the once-per-turn
 /// chores (health checks, paused listeners, buffer waiters); wake-ups from other threads
 /// (reload, drain, negotiation results) and the drain itself.
@@ -11,6 +13,7 @@ extension Worker {
     func start() {
         for i in listeners.indices { armAccept(i) }
         armWake()
+        if !accounts.isEmpty { endRevokedTunnels() }
         publishGauges()
     }
 
@@ -29,6 +32,7 @@ extension Worker {
         if bufferWaitersHead < bufferWaiters.count { wakeBufferWaiters() }
         if !reserveWaiters.isEmpty && !backend.buffers.inReserve { wakeReserveWaiters() }
         if !awaitingDescriptor.isEmpty { connectWaitingSlots() }
+        if now >= nextAccountExpiry { endRevokedTunnels() }
         if now >= nextBufferAdjustment {
             backend.adjustBuffers()
             nextBufferAdjustment = now + Self.bufferAdjustmentNanoseconds
@@ -69,6 +73,10 @@ extension Worker {
                 timeout = min(timeout ?? t, t)
             }
             i += 1
+        }
+        if nextAccountExpiry != .max {
+            let t = nextAccountExpiry > now ? nextAccountExpiry - now : 0
+            timeout = min(timeout ?? t, t)
         }
         if draining && !abortedAtDeadline {
             let t = drainDeadline > now ? drainDeadline - now : 0
@@ -125,6 +133,10 @@ extension Worker {
         // The eventfd also wakes the loop for negotiation results (names, passwords) and reloads.
         deliverMailbox()
         for command in control.takeReloads() { applyReload(command) }
+        if let updated = control.takeAccounts() {
+            accounts = updated
+            endRevokedTunnels()
+        }
         if control.isDrainRequested && !draining { beginDrain() }
         if control.isAbortRequested { drainDeadline = now }
         armWake()
@@ -142,6 +154,36 @@ extension Worker {
         stopHealthChecks()
         let open = listeners.indices.filter { listeners[$0].open }.map { listeners[$0].bound.rule }
         probes = Self.makeProbes(listeners: open, worker: configuration.index, workers: configuration.workerCount, now: now)
+    }
+
+    /// At an account's expiry and after a users-file reload: tunnels of expired and removed
+    /// users end now (not at their next connect), and changed rate limits take effect.
+    /// Then the timer is set for the next expiry.
+    func endRevokedTunnels() {
+        var wallClock = timespec()
+        clock_gettime(CLOCK_REALTIME, &wallClock)
+        let epoch = Int64(wallClock.tv_sec)
+        var s: Int32 = 0
+        while s < table.used {
+            let p = table.pointer(s)
+            let state = p.pointee.state
+            if p.pointee.user >= 0 && (state == .connecting || state == .bridging) {
+                let account = accounts[Int(p.pointee.user)]
+                if account.isRevoked(atEpochSeconds: epoch) {
+                    statistics.add(.accountsRevoked)
+                    closeSlot(s, abort: true, reason: .revoked)
+                } else {
+                    p.pointee.rateLimited = account.isRateLimited
+                }
+            }
+            s += 1
+        }
+        var next = Int64.max
+        for a in accounts where !a.isRemoved {
+            if let e = a.expiresAt, e > epoch { next = min(next, e) }
+        }
+        // Expiries are whole seconds: wake just past the one due, by the wall clock's ns.
+        nextAccountExpiry = next == .max ? .max : now + UInt64(next - epoch) * 1_000_000_000 - UInt64(wallClock.tv_nsec) + 1_000_000
     }
 
     func beginDrain() {

@@ -1,3 +1,4 @@
+import IgrisPolicy
 import IgrisProtocols
 
 /// One listen address and what happens to the connections it accepts: the one listener
@@ -25,6 +26,9 @@ public struct ListenerRule: Sendable {
     public var deadPeerTimeoutNanoseconds: UInt64??
     /// Connections open at once through this listener, all workers together.
     public var maxConnections: Int?
+    /// Sources not held to the per-source limits (`SourceLimits`): the balancers in front of
+    /// a PROXY-protocol listener, through which every client arrives.
+    public var sourceLimitsExempt: [CIDR] = []
 
     public init(listen: SocketAddress, name: String? = nil, pool: UpstreamPool? = nil, negotiator: (any NegotiatorFactory)? = nil) {
         self.listen = listen
@@ -47,7 +51,7 @@ public struct ListenerRule: Sendable {
         [listen.description, pool?.signature ?? "-", negotiator.map { "\($0.name):\($0.signature)" } ?? "-",
          sendProxyProtocol?.rawValue ?? "-", splice?.rawValue ?? "-", "\(connectTimeoutNanoseconds ?? 0)",
          "\(String(describing: idleTimeoutNanoseconds))", "\(String(describing: deadPeerTimeoutNanoseconds))",
-         "\(maxConnections ?? 0)"].joined(separator: "|")
+         "\(maxConnections ?? 0)", sourceLimitsExempt.map(\.description).joined(separator: ",")].joined(separator: "|")
     }
 }
 

@@ -6,7 +6,7 @@ import Logging
 /// `Negotiation`, take exactly what it consumed, and carry out its action (reply, wait,
 /// connect, bridge, close). The protocols themselves live in IgrisNegotiation.
 extension Worker {
-    func startNegotiation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ factory: any NegotiatorFactory) {
+    func startNegotiation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ factory: any NegotiatorFactory, peer: SocketAddress?) {
         let h: Int32
         if let free = freeNegotiations.popLast() {
             h = free
@@ -16,7 +16,7 @@ extension Worker {
             connectAddresses.append(.allocate(capacity: 1))
         }
         let context = NegotiationContext(
-            client: try? Syscall.peerAddress(p.pointee.client), listener: listeners[Int(p.pointee.listener)].name,
+            client: peer, listener: listeners[Int(p.pointee.listener)].name,
             statistics: statistics, logger: logger,
             resume: NegotiationResumer(mailbox: mailbox, slot: s, generation: p.pointee.generation))
         negotiations[Int(h)] = factory.makeNegotiation(context)
@@ -35,6 +35,7 @@ extension Worker {
     }
 
     private func armNegotiationRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard !p.pointee.negotiationPollArmed else { return }  // the armed one serves
         p.pointee.negotiationPollArmed = true
         p.pointee.inflight += 1
         backend.pollReadable(fd: p.pointee.client, token: token(s, .negotiationReadable))
@@ -47,6 +48,7 @@ extension Worker {
         p.pointee.negotiationPollArmed = false
         guard p.pointee.state == .negotiating, p.pointee.session >= 0, let negotiation = negotiations[Int(p.pointee.session)] else { return }
         if result < 0 { closeSlot(s, abort: false); return }
+        if p.pointee.awaitingAnswer { watchWhileAwaiting(s, p); return }
         let n = backend.peek(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
         if n == 0 { closeSlot(s, abort: false); return }  // the client gave up
         if n < 0 {
@@ -69,6 +71,18 @@ extension Worker {
         perform(s, p, action)
     }
 
+    /// While the answer is computed elsewhere: a client that has gone is closed now, and its
+    /// queued work is then skipped (`NegotiationResumer` values for it are dropped). Bytes it
+    /// sent ahead stay queued for the negotiation, and the watch ends (a poll would only
+    /// fire again at once).
+    private func watchWhileAwaiting(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        let n = backend.peek(fd: p.pointee.client, into: scratch, length: 1)
+        if n == 0 { closeSlot(s, abort: false); return }
+        if n < 0 {
+            if n == -Int(EAGAIN) { armNegotiationRead(s, p) } else { closeSlot(s, abort: true) }
+        }
+    }
+
     /// Carries out a negotiation's answer.
     func perform(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ action: NegotiationAction) {
         sendReply(p, action.reply)
@@ -76,7 +90,8 @@ extension Worker {
         case .read:
             armNegotiationRead(s, p)
         case .wait:
-            break
+            p.pointee.awaitingAnswer = true
+            armNegotiationRead(s, p)
         case .connect(let address):
             beginConnecting(s, p)
             connectNegotiated(s, p, to: address)
@@ -103,6 +118,7 @@ extension Worker {
             p.pointee.rateLimited = accounts[Int(account)].isRateLimited
         }
         guard p.pointee.state == .negotiating else { return }
+        endHandshakeCount(s, p)
         p.pointee.state = .connecting
         p.pointee.lastActivity = now  // connect latency is measured from here
         wheel.cancel(s, table: table)
@@ -140,6 +156,7 @@ extension Worker {
             // The connection may have timed out or closed while its answer was computed.
             guard p.pointee.generation == item.generation, p.pointee.state == .negotiating, p.pointee.session >= 0,
                   let negotiation = negotiations[Int(p.pointee.session)] else { continue }
+            p.pointee.awaitingAnswer = false
             perform(item.slot, p, negotiation.resumed(item.value))
         }
         mailboxItems.removeAll(keepingCapacity: true)

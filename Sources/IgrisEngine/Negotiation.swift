@@ -117,6 +117,8 @@ public enum CloseReason: UInt8, Sendable {
     case noServer
     /// A peer stopped answering keepalive probes or acknowledging bytes (dead_peer_timeout).
     case deadPeer
+    /// The connection's user expired or was removed from the users file.
+    case revoked
 
     var text: String {
         switch self {
@@ -133,6 +135,7 @@ public enum CloseReason: UInt8, Sendable {
         case .capacity: return "capacity"
         case .noServer: return "no_server"
         case .deadPeer: return "dead_peer"
+        case .revoked: return "account_revoked"
         }
     }
 }

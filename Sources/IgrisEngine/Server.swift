@@ -38,6 +38,9 @@ public struct ServerConfiguration: Sendable {
     public var maxConnections: Int = 65536
     /// Whether max_connections was set by the operator (else it is the descriptor-derived default).
     public var maxConnectionsGiven = true
+    /// Per-source and handshake-phase bounds (all off unless set; `igris serve` sets
+    /// `SourceLimits.Settings.defaults`).
+    public var sourceLimits = SourceLimits.Settings()
     public var buffers = BackendConfiguration()
     public var listenBacklog: Int32 = 4096
     public var splice: SpliceMode = .auto
@@ -105,6 +108,7 @@ public final class Server: Sendable {
     public let listenAddresses: [SocketAddress]
     public let statistics: [WorkerStatistics]
     public let budget: ConnectionBudget
+    public let sourceLimits: SourceLimits
     private let controls: [WorkerControl]
     /// Every listener the server has had, by index (reloads append; removed ones stay, closed,
     /// so the connections they accepted keep their per-listener counters).
@@ -116,6 +120,7 @@ public final class Server: Sendable {
     private let threads = Locked<[pthread_t]>([])
     private let drainAnnounced = Atomic<Bool>(false)
     private let logger: Logger
+    private let currentAccounts: Locked<[UserAccount]>
 
     /// `inherited`: listening sockets handed over by a running igris (`ListenerHandoff`); a
     /// listener whose address is among them accepts on those very sockets, so connections
@@ -124,6 +129,7 @@ public final class Server: Sendable {
                 logger: Logger = Logger(label: "igris")) throws(ServerError) {
         self.configuration = configuration
         self.logger = logger
+        currentAccounts = Locked(configuration.accounts)
         try Self.check(configuration.listeners)
         let (kind, reason) = try Self.selectBackend(configuration.backend)
         backend = kind
@@ -138,6 +144,7 @@ public final class Server: Sendable {
         listenerBudgets = configuration.listeners.map { rule in rule.maxConnections.map { ConnectionBudget(limit: $0) } }
         statistics = (0..<configuration.workers).map { _ in WorkerStatistics(listeners: Self.maxListeners) }
         budget = ConnectionBudget(limit: configuration.maxConnections)
+        sourceLimits = SourceLimits(configuration.sourceLimits)
         var controls: [WorkerControl] = []
         do {
             for _ in 0..<configuration.workers { controls.append(try WorkerControl()) }
@@ -298,7 +305,8 @@ public final class Server: Sendable {
                 pipeSize: configuration.pipeSize,
                 maxPipes: configuration.maxPipes,
                 workerCount: configuration.workers,
-                accounts: configuration.accounts)
+                accounts: configuration.accounts,
+                sourceLimits: sourceLimits)
             let kind = backend
             let control = controls[w]
             let stats = statistics[w]
@@ -365,6 +373,16 @@ public final class Server: Sendable {
 
     /// The drain is coming (a grace period runs first): /readyz fails from now on, while the
     /// listeners still accept, so a balancer stops sending before they close.
+    /// The users file's accounts now (a reload appends; removed ones stay, marked).
+    public var accounts: [UserAccount] { currentAccounts.withLock { $0 } }
+
+    /// A users-file reload (`Authenticator.reload`): every worker takes the accounts, ends
+    /// the tunnels of removed and expired users and applies changed rate limits.
+    public func updateAccounts(_ accounts: [UserAccount]) {
+        currentAccounts.withLock { $0 = accounts }
+        for c in controls { c.requestAccounts(accounts) }
+    }
+
     public func announceDrain() { drainAnnounced.store(true, ordering: .relaxed) }
 
     /// Second signal: abort every bridge now.

@@ -20,6 +20,8 @@ public struct WorkerConfiguration: Sendable {
     /// The users file's accounts (per-user limits and counters), indexed by
     /// `Negotiation.account`.
     public var accounts: [UserAccount] = []
+    /// Per-source and handshake-phase bounds, shared by every worker.
+    public var sourceLimits = SourceLimits(.init())
 }
 
 /// One worker thread: its backend, connection table, timers and listeners. Its subsystems
@@ -98,7 +100,14 @@ final class Worker<Backend: IOBackend> {
 
     // Negotiations (see Negotiating.swift).
     let mailbox: WorkerMailbox
-    let accounts: [UserAccount]
+    /// The users file's accounts, indexed by `ConnectionSlot.user` (append-only on reload).
+    var accounts: [UserAccount]
+    /// When the next account expires (loop clock; .max: none does).
+    var nextAccountExpiry: UInt64 = .max
+    /// The source each counted slot is charged to (see `SourceLimits`).
+    var sourceKeys: [Int32: IPAddress] = [:]
+    /// When a refusal at a source limit was last logged (at most one line a second).
+    var lastSourceLimitLog: UInt64 = 0
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
     var negotiations: [(any Negotiation)?] = []
     var freeNegotiations: [Int32] = []

@@ -9,6 +9,7 @@ public final class WorkerControl: Sendable {
     private let drainRequested = Atomic<Bool>(false)
     private let reloads = Locked<[ReloadCommand]>([])
     private let abortRequested = Atomic<Bool>(false)
+    private let accountsUpdate = Locked<[UserAccount]?>(nil)
 
     init() throws(SyscallError) {
         wakeFD = try Syscall.eventfd()
@@ -39,6 +40,19 @@ public final class WorkerControl: Sendable {
         reloads.withLock { r in
             defer { r.removeAll() }
             return r
+        }
+    }
+
+    /// A users-file reload: the accounts as they are now (the old ones at their indices).
+    func requestAccounts(_ accounts: [UserAccount]) {
+        accountsUpdate.withLock { $0 = accounts }
+        Syscall.signalEventFD(wakeFD)
+    }
+
+    func takeAccounts() -> [UserAccount]? {
+        accountsUpdate.withLock { a in
+            defer { a = nil }
+            return a
         }
     }
 

@@ -10,6 +10,9 @@ public final class WorkerStatistics: Sendable {
         case activeConnections
         case acceptedTotal
         case rejectedAtCapacity
+        case sourceConnectionRejections  // refused: the source was at max_connections_per_source
+        case handshakeLimitRejections    // refused: max_handshakes connections were negotiating
+        case sourceHandshakeRejections   // refused: the source was at max_handshakes_per_source
         case acceptPauses            // EMFILE/ENFILE: accepting paused ~100 ms
         case acceptPaused            // gauge: 1 while accepting pauses for lack of descriptors (last second)
         case acceptErrors
@@ -44,9 +47,11 @@ public final class WorkerStatistics: Sendable {
         case handshakeFailures       // malformed, unsupported or unauthenticated: replied and closed
         case handshakeTimeouts       // closed at the handshake timeout
         case authFailures            // wrong user/password, expired, rate-limited
+        case authBusy                // the password-check queue had no room: refused unchecked
         case aclDenied               // destination refused by the ACL (0x02 / 403)
         case resolveFailures
         case userLimitRejections     // user at max_connections
+        case accountsRevoked         // tunnels ended because their user expired or was removed
         case throttlePauses          // a rate-limited direction paused its recv
         case proxyHeaderRejected     // accept_proxy_protocol: missing or malformed PROXY header
         case serversDown             // health checks took a server out of rotation

@@ -29,7 +29,8 @@ public struct GatewayOptions: Sendable {
 }
 
 /// Who may go where: the destination ACL, the users (with their argon2id verifier) and how
-/// names are resolved. Replaced as a whole on reload (users stay as loaded at start).
+/// names are resolved. Replaced as a whole on reload; the authenticator stays the same
+/// object and reloads its users file in place (`Authenticator.reload`).
 public struct GatewayPolicy: Sendable {
     public var acl: DestinationACL
     /// nil: no users file; listeners that require authentication refuse to start.
@@ -52,21 +53,22 @@ public struct GatewayError: Error, CustomStringConvertible, Sendable {
 }
 
 /// What every negotiating listener of a process shares: the current policy (a reload swaps
-/// its ACL for new connections at once, kept listeners included) and the offload threads
-/// that run getaddrinfo and argon2id off the workers.
+/// its ACL for new connections at once, kept listeners included), the resolver threads and
+/// the password-check threads, each apart from the other.
 public final class Gateway: Sendable {
     private let current: Locked<GatewayPolicy>
     private let offloadThreads: Int
     /// Started by the first job: a gateway that never resolves a name or checks a password
     /// (plain forwards, `igris check`) never has the threads.
     private let pool = Locked<OffloadPool?>(nil)
+    private let passwordChecks = Locked<PasswordCheckQueue?>(nil)
 
     public init(policy: GatewayPolicy, offloadThreads: Int = 2) {
         current = Locked(policy)
         self.offloadThreads = offloadThreads
     }
 
-    /// Runs `job` on an offload thread.
+    /// Runs `job` (name resolution) on a resolver thread.
     func offload(_ job: @escaping OffloadPool.Job) {
         let threads = offloadThreads
         pool.withLock { p in
@@ -75,13 +77,33 @@ public final class Gateway: Sendable {
         }.submit(job)
     }
 
+    /// Queues an argon2id check (see `PasswordCheckQueue` for its bounds).
+    func checkPassword(_ job: PasswordCheckQueue.Job) {
+        passwordCheckQueue.submit(job)
+    }
+
+    /// The password-check queue (started on first use).
+    public var passwordCheckQueue: PasswordCheckQueue {
+        let threads = offloadThreads
+        return passwordChecks.withLock { q in
+            if q == nil { q = PasswordCheckQueue(threads: threads) }
+            return q!
+        }
+    }
+
     public var policy: GatewayPolicy { current.withLock { $0 } }
 
     /// SIGHUP: the new ACL for every connection negotiated from now on.
     public func update(_ policy: GatewayPolicy) { current.withLock { $0 = policy } }
 
-    /// Joins the offload threads (after the server stopped).
-    public func shutdown() { pool.withLock { $0 }?.shutdown() }
+    /// The password-check queue if anything has used it (metrics).
+    public var startedPasswordCheckQueue: PasswordCheckQueue? { passwordChecks.withLock { $0 } }
+
+    /// Joins the resolver and password-check threads (after the server stopped).
+    public func shutdown() {
+        pool.withLock { $0 }?.shutdown()
+        passwordChecks.withLock { $0 }?.shutdown()
+    }
 
     /// The engine's rule for a listener. forward: to `pool` (after a balancer's PROXY header
     /// when `acceptProxyProtocol`); socks5 / http_connect: negotiated with `options`.
@@ -96,6 +118,7 @@ public final class Gateway: Sendable {
             if acceptProxyProtocol {
                 rule.negotiator = GatewayNegotiator(protocol: .proxyHeaderOnly, options: options, acceptProxyProtocol: true,
                                                     trustedProxies: trustedProxies, gateway: self)
+                rule.sourceLimitsExempt = trustedProxies ?? []
             }
             return rule
         case .socks5, .httpConnect:
@@ -104,7 +127,9 @@ public final class Gateway: Sendable {
             }
             let negotiator = GatewayNegotiator(protocol: mode == .socks5 ? .socks5 : .httpConnect, options: options,
                                                acceptProxyProtocol: acceptProxyProtocol, trustedProxies: trustedProxies, gateway: self)
-            return ListenerRule(listen: listen, name: label, negotiator: negotiator)
+            var rule = ListenerRule(listen: listen, name: label, negotiator: negotiator)
+            if acceptProxyProtocol { rule.sourceLimitsExempt = trustedProxies ?? [] }
+            return rule
         case .admin:
             throw GatewayError(description: "admin listener \(label) is served by the admin endpoint")
         }

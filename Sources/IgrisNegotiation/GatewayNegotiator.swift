@@ -3,6 +3,7 @@ import IgrisEngine
 import IgrisPolicy
 import IgrisProtocols
 import Logging
+import Synchronization
 
 /// A listener's negotiation: SOCKS5 or HTTP CONNECT (each optionally behind a balancer's
 /// PROXY header), or a PROXY header alone before a plain forward.
@@ -47,6 +48,15 @@ enum OffloadAnswer: Sendable {
     case resolved(Result<[SocketAddress], ResolveFailure>)
 }
 
+/// Whether a negotiation's connection is still open, for work queued on other threads.
+final class OpenFlag: Sendable {
+    private let cell = Atomic<Bool>(true)
+    var value: Bool {
+        get { cell.load(ordering: .relaxed) }
+        set { cell.store(newValue, ordering: .relaxed) }
+    }
+}
+
 /// One connection's negotiation. Parsing is the IgrisProtocols codecs'; this decides: which
 /// method, who the user is (argon2id off the worker), where to (name resolved off the
 /// worker, every address through the ACL, the user's connection limit), and which reply.
@@ -76,6 +86,8 @@ final class GatewayNegotiation: Negotiation {
     var candidates: [SocketAddress] = []
     var nextCandidate = 0
     var lastConnectError: Int32 = 0
+    /// False once the connection has closed: queued work for it is skipped.
+    let connectionOpen = OpenFlag()
 
     init(factory: GatewayNegotiator, context: NegotiationContext) {
         self.factory = factory
@@ -85,6 +97,9 @@ final class GatewayNegotiation: Negotiation {
         client = context.client?.ipAddress ?? IPAddress(high: 0, low: 0)
         clientDescription = context.client?.description ?? "-"
     }
+
+    /// The engine drops a negotiation when its connection closes.
+    deinit { connectionOpen.value = false }
 
     var statistics: WorkerStatistics { context.statistics }
 
@@ -198,15 +213,23 @@ final class GatewayNegotiation: Negotiation {
 
     // MARK: - Offloaded work
 
+    /// A lockout or a cached success is answered here; anything else waits its turn for
+    /// argon2id, and is skipped if the client has gone by then.
     private func authenticate(username: [UInt8], password: [UInt8]) -> NegotiationAction {
         guard let authenticator = policy.authenticator else { return failure(socks: .generalFailure, http: .badGateway) }
         triedUser = String(decoding: username, as: UTF8.self).debugDescription
         let client = client
-        let resume = context.resume
-        factory.gateway.offload {
-            let outcome = authenticator.verify(username: username, password: password, client: client, now: Syscall.monotonicNanoseconds())
-            resume(OffloadAnswer.authenticated(outcome))
+        if let outcome = authenticator.precheck(username: username, password: password, client: client, now: Syscall.monotonicNanoseconds()) {
+            return resumed(OffloadAnswer.authenticated(outcome))
         }
+        let resume = context.resume
+        let open = connectionOpen
+        factory.gateway.checkPassword(PasswordCheckQueue.Job(source: client.failureKey, run: {
+            resume(OffloadAnswer.authenticated(
+                authenticator.verifyWithKDF(username: username, password: password, client: client, now: Syscall.monotonicNanoseconds())))
+        }, refuse: {
+            resume(OffloadAnswer.authenticated(.rejected(.busy)))
+        }, wanted: { open.value }))
         return .wait
     }
 
@@ -235,6 +258,13 @@ final class GatewayNegotiation: Negotiation {
                 return NegotiationAction(reply: Socks5.authenticationStatus(succeeded: true), .read)
             }
             return route(host: pendingHost, port: pendingPort)
+        case .authenticated(.rejected(.busy)):
+            statistics.add(.authBusy)
+            context.logger.warning("password check refused: the queue is full", metadata: [
+                "listener": "\(context.listener)", "client": "\(clientDescription)", "user": "\(triedUser)",
+            ])
+            let reply = factory.kind == .socks5 ? Socks5.authenticationStatus(succeeded: false) : HTTPConnect.response(.serviceUnavailable)
+            return NegotiationAction(reply: reply, .close(.refused))
         case .authenticated(.rejected(let why)):
             statistics.add(.authFailures)
             // Never the password: who, from where, why.

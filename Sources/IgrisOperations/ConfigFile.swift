@@ -38,6 +38,10 @@ public struct ConfigFile: Sendable {
     public var backend: BackendChoice = .auto
     /// nil: what RLIMIT_NOFILE allows (`Server.defaultMaxConnections`).
     public var maxConnections: Int?
+    /// nil: `SourceLimits.Settings.defaults` for max_connections; 0: no limit.
+    public var maxConnectionsPerSource: Int?
+    public var maxHandshakes: Int?
+    public var maxHandshakesPerSource: Int?
     public var bufferSize: Int = 64 * 1024
     /// Pooled buffers per worker at most; nil: derived from `bufferMemory`.
     public var buffers: Int?
@@ -75,15 +79,20 @@ public struct ConfigFile: Sendable {
         try StrictYAML.decode(Decoded.self, from: text, file: file).config
     }
 
+    /// `users_file`, relative to the configuration file's directory unless absolute.
+    public func usersPath(configPath: String) -> String? {
+        guard var path = usersFile else { return nil }
+        if !path.hasPrefix("/"), let slash = configPath.lastIndex(of: "/") {
+            path = String(configPath[...slash]) + path
+        }
+        return path
+    }
+
     /// The users file and ACL as the gateway enforces them. Relative paths are relative to
     /// the configuration file's directory.
     public func policy(configPath: String) throws(YAMLFileError) -> GatewayPolicy {
         var authenticator: Authenticator? = nil
-        if let usersFile {
-            var path = usersFile
-            if !path.hasPrefix("/"), let slash = configPath.lastIndex(of: "/") {
-                path = String(configPath[...slash]) + path
-            }
+        if let path = usersPath(configPath: configPath) {
             let directory = try UserDirectory.load(path: path)
             do {
                 authenticator = try Authenticator(directory: directory)
@@ -130,6 +139,8 @@ public struct ConfigFile: Sendable {
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: c.workers, listeners: c.listeners.count)
         c.maxConnections = maxConnections
         c.maxConnectionsGiven = self.maxConnections != nil
+        c.sourceLimits = SourceLimits.Settings.resolved(maxConnections: maxConnections, perSource: maxConnectionsPerSource,
+                                                        handshakes: maxHandshakes, handshakesPerSource: maxHandshakesPerSource)
         let memory = bufferMemory ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: c.workers)
         c.buffers = BackendConfiguration(bufferSize: bufferSize,
                                          bufferCount: buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: c.workers))
@@ -149,7 +160,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "max_connections", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
+        let top = ["workers", "backend", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -168,6 +179,12 @@ private struct Decoded: Decodable {
         if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
             guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
             config.maxConnections = m
+        }
+        for (name, path) in [("max_connections_per_source", \ConfigFile.maxConnectionsPerSource), ("max_handshakes", \.maxHandshakes),
+                             ("max_handshakes_per_source", \.maxHandshakesPerSource)] {
+            guard let m = try c.decodeIfPresent(Int.self, forKey: key(name)) else { continue }
+            guard m >= 0 else { throw fail(name, "must be 0 (no limit) or more") }
+            config[keyPath: path] = m
         }
         if let b = try c.decodeIfPresent(Int.self, forKey: key("buffer_size")) {
             guard (1024...(1 << 20)).contains(b) else { throw fail("buffer_size", "must be between 1024 and 1048576") }

@@ -37,6 +37,9 @@ public struct MetricsRenderer: Sendable {
 
         let counters: [(String, WorkerStatistics.Counter, String)] = [
             ("igris_rejected_at_capacity_total", .rejectedAtCapacity, "Connections closed at once: max_connections reached or no descriptor."),
+            ("igris_source_limit_rejections_total", .sourceConnectionRejections, "Connections refused at accept: their source was at max_connections_per_source."),
+            ("igris_handshake_limit_rejections_total", .handshakeLimitRejections, "Connections refused at accept: max_handshakes connections were still negotiating."),
+            ("igris_source_handshake_rejections_total", .sourceHandshakeRejections, "Connections refused at accept: their source had max_handshakes_per_source connections still negotiating."),
             ("igris_accept_errors_total", .acceptErrors, "accept() failures other than running out of descriptors."),
             ("igris_accept_pauses_total", .acceptPauses, "Times accepting paused 100 ms for lack of descriptors (EMFILE/ENFILE)."),
             ("igris_connect_failures_total", .connectFailures, "Upstream or destination connects that failed (refused, unreachable)."),
@@ -55,9 +58,11 @@ public struct MetricsRenderer: Sendable {
             ("igris_handshake_failures_total", .handshakeFailures, "Handshakes refused as malformed or unsupported."),
             ("igris_handshake_timeouts_total", .handshakeTimeouts, "Handshakes closed at the handshake timeout."),
             ("igris_auth_failures_total", .authFailures, "Failed authentications (wrong password, unknown or expired user, rate-limited)."),
+            ("igris_auth_busy_total", .authBusy, "Logins refused unchecked because the password-check queue had no room for them."),
             ("igris_acl_denied_total", .aclDenied, "Destinations refused by the ACL."),
             ("igris_resolve_failures_total", .resolveFailures, "Destination names that did not resolve."),
             ("igris_user_limit_rejections_total", .userLimitRejections, "Connections refused because the user was at max_connections."),
+            ("igris_account_revocations_total", .accountsRevoked, "Open tunnels ended because their user expired or was removed from the users file."),
             ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
             ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),
         ]
@@ -66,6 +71,8 @@ public struct MetricsRenderer: Sendable {
             out.sample(name, [:], server.total(counter))
         }
 
+        out.family("igris_handshakes_active", "gauge", "Connections still negotiating (SOCKS5, HTTP CONNECT, PROXY header) now, all workers; counted while per-source limits are on.")
+        out.sample("igris_handshakes_active", [:], Int64(server.sourceLimits.handshakesNow))
         out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
         out.family("igris_accept_paused", "gauge", "1 while a worker's accepting is paused for lack of descriptors or memory (within the last second).")
@@ -114,7 +121,7 @@ public struct MetricsRenderer: Sendable {
         out.family("igris_servers_up_total", "counter", "Times health checks put a server back.")
         out.sample("igris_servers_up_total", [:], server.total(.serversUp))
 
-        let accounts = server.configuration.accounts
+        let accounts = server.accounts
         if !accounts.isEmpty {
             out.family("igris_user_connections_active", "gauge", "Connections open now, per user.")
             for a in accounts { out.sample("igris_user_connections_active", ["user": a.name], Int64(a.activeConnections)) }
@@ -130,6 +137,16 @@ public struct MetricsRenderer: Sendable {
         if let auth = policy.authenticator {
             out.family("igris_auth_kdf_runs_total", "counter", "argon2id verifications run (cache misses).")
             out.sample("igris_auth_kdf_runs_total", [:], auth.kdfRunCount)
+            out.family("igris_auth_cache_hits_total", "counter", "Logins answered from the success cache, without argon2id or queueing.")
+            out.sample("igris_auth_cache_hits_total", [:], auth.cacheHitCount)
+            out.family("igris_auth_locked_out_total", "counter", "Logins refused without argon2id: their source or user name was past its failure limit.")
+            out.sample("igris_auth_locked_out_total", [:], auth.rateLimitedCount)
+        }
+        if let queue = gateway?.startedPasswordCheckQueue {
+            out.family("igris_auth_queue_waiting", "gauge", "Password checks waiting for an argon2id thread.")
+            out.sample("igris_auth_queue_waiting", [:], Int64(queue.waitingCount))
+            out.family("igris_auth_checks_skipped_total", "counter", "Queued password checks skipped because the client had gone.")
+            out.sample("igris_auth_checks_skipped_total", [:], queue.skippedCount)
         }
         let resolver = policy.resolver
         out.family("igris_resolver_lookups_total", "counter", "getaddrinfo calls (cache misses).")

@@ -5,22 +5,32 @@ import Synchronization
 /// byte. Bytes already read are charged after the fact and the reader is told how long to
 /// pause its recv side — nothing is ever buffered to enforce a limit.
 public final class RateLimiter: Sendable {
-    public let bytesPerSecond: UInt64
+    /// 0: unlimited. Changed by a users-file reload, read by every worker.
+    private let rate: Atomic<UInt64>
     /// How far ahead of schedule a user may run before pausing: absorbs the timer wheel's
     /// 10 ms ticks and lets a short burst through at full speed.
     public let burstNanoseconds: UInt64
     private let theoreticalArrival = Atomic<UInt64>(0)
 
+    /// `bytesPerSecond` 0: unlimited.
     public init(bytesPerSecond: UInt64, burstNanoseconds: UInt64 = 100_000_000) {
-        precondition(bytesPerSecond > 0)
-        self.bytesPerSecond = bytesPerSecond
+        rate = Atomic(bytesPerSecond)
         self.burstNanoseconds = burstNanoseconds
     }
+
+    public var bytesPerSecond: UInt64 {
+        get { rate.load(ordering: .relaxed) }
+        set { rate.store(newValue, ordering: .relaxed) }
+    }
+
+    public var isLimiting: Bool { bytesPerSecond != 0 }
 
     /// Charges `bytes` read at `now` (monotonic ns). Returns 0 to carry on, or the
     /// nanoseconds to wait before the next read.
     @inline(__always)
     public func charge(_ bytes: Int, now: UInt64) -> UInt64 {
+        let bytesPerSecond = rate.load(ordering: .relaxed)
+        guard bytesPerSecond != 0 else { return 0 }
         let cost = UInt64(bytes) &* 1_000_000_000 / bytesPerSecond
         var old = theoreticalArrival.load(ordering: .relaxed)
         while true {

@@ -13,6 +13,8 @@ import Yams
 ///     expires: 2027-06-30          # optional, UTC date or date-time (…T12:00:00Z)
 /// ```
 public final class UserDirectory: Sendable {
+    /// Append-only across reloads: open connections name their account by index, so a
+    /// removed account stays (marked removed) and a new one is appended.
     public let accounts: [UserAccount]
     private let byName: [String: Int]
 
@@ -23,7 +25,45 @@ public final class UserDirectory: Sendable {
         self.byName = byName
     }
 
-    public func index(of name: String) -> Int? { byName[name] }
+    /// The account that may authenticate under `name` (not a removed one).
+    public func index(of name: String) -> Int? {
+        guard let i = byName[name], !accounts[i].isRemoved else { return nil }
+        return i
+    }
+
+    /// What a reload changed, by name.
+    public struct Changes: Sendable, Equatable {
+        public var added: [String] = []
+        public var removed: [String] = []
+        /// Kept accounts whose password hash changed.
+        public var newPassword: [String] = []
+        public var isEmpty: Bool { added.isEmpty && removed.isEmpty && newPassword.isEmpty }
+    }
+
+    /// This directory updated to `file`'s users: kept accounts (the same objects, with their
+    /// live counters) take the new settings, missing ones are marked removed, new ones are
+    /// appended. Indices of the old directory stay valid in the new one.
+    public func reloaded(from file: UserDirectory) -> (directory: UserDirectory, changes: Changes) {
+        var accounts = self.accounts
+        var changes = Changes()
+        var named = Set<String>()
+        for incoming in file.accounts {
+            named.insert(incoming.name)
+            if let i = byName[incoming.name] {
+                let wasRemoved = accounts[i].isRemoved
+                if accounts[i].adopt(incoming) && !wasRemoved { changes.newPassword.append(incoming.name) }
+                if wasRemoved { changes.added.append(incoming.name) }
+            } else {
+                accounts.append(incoming)
+                changes.added.append(incoming.name)
+            }
+        }
+        for a in accounts where !named.contains(a.name) && !a.isRemoved {
+            a.markRemoved()
+            changes.removed.append(a.name)
+        }
+        return (UserDirectory(accounts: accounts), changes)
+    }
 
     /// Reads and validates a users file.
     public static func load(path: String) throws(YAMLFileError) -> UserDirectory {

@@ -40,6 +40,7 @@ public enum HTTPConnect {
         case proxyAuthenticationRequired = 407
         case tooManyRequests = 429
         case badGateway = 502
+        case serviceUnavailable = 503
         case gatewayTimeout = 504
 
         public var reason: String {
@@ -51,6 +52,7 @@ public enum HTTPConnect {
             case .proxyAuthenticationRequired: return "Proxy Authentication Required"
             case .tooManyRequests: return "Too Many Requests"
             case .badGateway: return "Bad Gateway"
+            case .serviceUnavailable: return "Service Unavailable"
             case .gatewayTimeout: return "Gateway Timeout"
             }
         }

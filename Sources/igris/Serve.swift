@@ -88,6 +88,18 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("max-connections"), help: "Bridged connections open at once, all workers together (default: what RLIMIT_NOFILE allows, at most 65536).")
     var maxConnections: Int?
 
+    @Option(name: .customLong("max-connections-per-source"),
+            help: "Connections open at once from one client address (an IPv6 /64), 0 for no limit (default: a quarter of --max-connections). Balancers in proxy_protocol_from are exempt.")
+    var maxConnectionsPerSource: Int?
+
+    @Option(name: .customLong("max-handshakes"),
+            help: "Connections still in their SOCKS5/HTTP CONNECT/PROXY handshake at once, 0 for no limit (default: half of --max-connections).")
+    var maxHandshakes: Int?
+
+    @Option(name: .customLong("max-handshakes-per-source"),
+            help: "The same, from one client address, 0 for no limit (default: a quarter of --max-connections, at most 64).")
+    var maxHandshakesPerSource: Int?
+
     @Option(name: .customLong("buffer-size"), help: "Bytes per pooled buffer.")
     var bufferSize: Int = 64 * 1024
 
@@ -125,6 +137,10 @@ struct Serve: ParsableCommand {
         }
         if workers < 1 || workers > 1024 { throw ValidationError("--workers must be between 1 and 1024") }
         if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        for (flag, value) in [("--max-connections-per-source", maxConnectionsPerSource), ("--max-handshakes", maxHandshakes),
+                              ("--max-handshakes-per-source", maxHandshakesPerSource)] {
+            if let value, value < 0 { throw ValidationError("\(flag) must be 0 (no limit) or more") }
+        }
         if bufferSize < 1024 || bufferSize > 1 << 20 { throw ValidationError("--buffer-size must be between 1024 and 1048576") }
         if let buffers, buffers < 2 || buffers > 32768 || buffers & (buffers - 1) != 0 {
             throw ValidationError("--buffers must be a power of two between 2 and 32768")
@@ -204,6 +220,8 @@ struct Serve: ParsableCommand {
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: workers, listeners: rules.count)
         configuration.maxConnections = maxConnections
         configuration.maxConnectionsGiven = self.maxConnections != nil
+        configuration.sourceLimits = SourceLimits.Settings.resolved(maxConnections: maxConnections, perSource: maxConnectionsPerSource,
+                                                                    handshakes: maxHandshakes, handshakesPerSource: maxHandshakesPerSource)
         let memory = bufferMemory.flatMap { ByteSize.parse($0) }.map { Int($0) }
             ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: workers)
         let count = buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: workers)
@@ -309,12 +327,13 @@ struct Serve: ParsableCommand {
         let lifecycle = Lifecycle(server: server, admins: adminServers, logger: logger, handoffPath: handoffPath,
                                   drainGraceNanoseconds: drainGraceNanoseconds)
         if let handoff { lifecycle.serveHandoffs(handoff) }
+        let usersPath = usersFile
         Lifecycle.notifyReady(successor: session != nil)
         signals.start { _, signal in
             switch signal {
             case SIGHUP:
                 lifecycle.whileListenersStay {
-                    Self.reload(server: server, gateway: gateway, configPath: configPath, logger: logger)
+                    Self.reload(server: server, gateway: gateway, configPath: configPath, usersPath: usersPath, logger: logger)
                 }
             case SIGUSR2:
                 lifecycle.upgrade()
@@ -332,17 +351,19 @@ struct Serve: ParsableCommand {
 }
 
 extension Serve {
-    /// SIGHUP: re-read the configuration file; listeners and pools that changed take effect,
-    /// open connections are untouched. A file that does not validate is logged and ignored.
-    /// The users file, global settings and admin listeners stay as started.
-    static func reload(server: Server, gateway: Gateway, configPath: String?, logger: Logger) {
+    /// SIGHUP: re-read the users file and the configuration file. Users: removed and expired
+    /// users' tunnels end, changed limits apply. Listeners and pools that changed take
+    /// effect; open connections are untouched. A file that does not validate is logged and
+    /// ignored. Global settings and admin listeners stay as started.
+    static func reload(server: Server, gateway: Gateway, configPath: String?, usersPath: String?, logger: Logger) {
         HostAddresses.shared.refresh()
         guard let configPath else {
-            logger.warning("SIGHUP ignored: igris was started with flags, not --config")
+            reloadUsers(server: server, gateway: gateway, path: usersPath, logger: logger)
             return
         }
         do {
             let file = try ConfigFile.load(path: configPath)
+            reloadUsers(server: server, gateway: gateway, path: file.usersPath(configPath: configPath), logger: logger)
             let checked = try file.policy(configPath: configPath)
             var policy = gateway.policy
             policy.acl = checked.acl
@@ -355,6 +376,26 @@ extension Serve {
             ])
         } catch {
             logger.error("reload rejected; the running configuration stays", metadata: ["file": "\(configPath)", "error": "\(error)"])
+        }
+    }
+
+    /// The users file again, into the running authenticator (see `Authenticator.reload`).
+    static func reloadUsers(server: Server, gateway: Gateway, path: String?, logger: Logger) {
+        guard let path else { return }
+        guard let authenticator = gateway.policy.authenticator else {
+            logger.warning("users file not reloaded: igris started without one (restart to add it)", metadata: ["file": "\(path)"])
+            return
+        }
+        do {
+            let (directory, changes) = authenticator.reload(try UserDirectory.load(path: path))
+            server.updateAccounts(directory.accounts)
+            logger.notice("users reloaded", metadata: [
+                "file": "\(path)", "users": "\(directory.accounts.filter { !$0.isRemoved }.count)",
+                "added": "\(changes.added.joined(separator: ","))", "removed": "\(changes.removed.joined(separator: ","))",
+                "new_password": "\(changes.newPassword.joined(separator: ","))",
+            ])
+        } catch {
+            logger.error("users file reload rejected; the running users stay", metadata: ["error": "\(error)"])
         }
     }
 

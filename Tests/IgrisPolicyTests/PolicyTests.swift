@@ -130,11 +130,11 @@ struct UserDirectoryTests {
         #expect(d.accounts.count == 2)
         let alice = d.accounts[d.index(of: "alice")!]
         #expect(alice.maxConnections == 3)
-        #expect(alice.upload?.bytesPerSecond == 2_000_000)
-        #expect(alice.download?.bytesPerSecond == 1_000_000)
+        #expect(alice.upload.bytesPerSecond == 2_000_000)
+        #expect(alice.download.bytesPerSecond == 1_000_000)
         #expect(alice.expiresAt == 1_893_542_400)
         let bob = d.accounts[d.index(of: "bob")!]
-        #expect(bob.upload?.bytesPerSecond == 1_000_000 && bob.download == nil && bob.maxConnections == nil)
+        #expect(bob.upload.bytesPerSecond == 1_000_000 && !bob.download.isLimiting && bob.maxConnections == nil)
         #expect(bob.expiresAt == 1_893_553_445)
         #expect(ByteRate.parse("500KiB") == 512_000)
         #expect(ByteRate.parse("1.5 GB/s") == 1_500_000_000)
@@ -214,6 +214,69 @@ struct AuthenticatorTests {
         #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: IPAddress(ipv4: 192, 0, 2, 8), now: 20) == .accepted(0))
         // The window ends: the address may try again.
         #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 2_000) == .accepted(0))
+    }
+
+    @Test("failures count per IPv6 /64 and per user name; a cached success still gets in")
+    func sourcePrefixAndNameLimits() throws {
+        let auth = try Authenticator(directory: try Self.directory(), failureLimit: 2, nameFailureLimit: 3, failureWindowNanoseconds: 1_000)
+        // Two addresses of one /64 are one source.
+        let a = IPAddress(Substring("2001:db8:1:2::1"))!, b = IPAddress(Substring("2001:db8:1:2:ffff::9"))!
+        #expect(auth.verify(username: Array("x".utf8), password: [1], client: a, now: 10) == .rejected(.unknownUser))
+        #expect(auth.verify(username: Array("y".utf8), password: [1], client: b, now: 10) == .rejected(.unknownUser))
+        #expect(auth.precheck(username: Array("z".utf8), password: [1], client: b, now: 11) == .rejected(.rateLimited))
+        #expect(auth.precheck(username: Array("z".utf8), password: [1], client: IPAddress(Substring("2001:db8:1:3::1"))!, now: 11) == nil)
+
+        // alice logs in once (cached), then guesses from many sources lock her name.
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 20) == .accepted(0))
+        for i in 0..<3 {
+            #expect(auth.verify(username: Array("alice".utf8), password: [UInt8(i)], client: IPAddress(ipv4: 198, 51, 100, UInt8(i)), now: 20) == .rejected(.wrongPassword))
+        }
+        let runs = auth.kdfRunCount
+        #expect(auth.precheck(username: Array("alice".utf8), password: Array("guess".utf8), client: IPAddress(ipv4: 198, 51, 100, 50), now: 21) == .rejected(.nameRateLimited))
+        // Her own reconnect (the cached password) is answered at once, without the KDF.
+        #expect(auth.precheck(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 21) == .accepted(0))
+        #expect(auth.kdfRunCount == runs)
+        // A locked-out source doesn't get to test guesses against the cache.
+        #expect(auth.precheck(username: Array("alice".utf8), password: Array("secret".utf8), client: a, now: 21) == .rejected(.rateLimited))
+    }
+
+    @Test("a full failure table forgets one window at a time, oldest first, never every lockout")
+    func failureTableBounded() {
+        let limiter = FailureLimiter<Int>(limit: 1, windowNanoseconds: 1_000, capacity: 4)
+        for k in 0..<4 { limiter.recordFailure(k, now: 100 + UInt64(k)) }
+        limiter.recordFailure(99, now: 200)
+        #expect(limiter.count == 4)
+        #expect(!limiter.isLimited(0, now: 201), "the oldest window made room")
+        for k in [1, 2, 3, 99] { #expect(limiter.isLimited(k, now: 201), "\(k) still locked out") }
+        // Windows that are over go first.
+        limiter.recordFailure(100, now: 1_104)
+        #expect(limiter.isLimited(100, now: 1_105) && limiter.isLimited(99, now: 1_105) && limiter.count == 2)
+    }
+
+    @Test("reloading the users file: kept accounts stay the same objects, removed ones are refused, new passwords invalidate the cache")
+    func reload() throws {
+        let auth = try Authenticator(directory: try Self.directory())
+        let alice = auth.directory.accounts[0]
+        #expect(alice.tryAcquireConnection())
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 1) == .accepted(0))
+        let file = UserDirectory(accounts: [
+            UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("new".utf8)), maxConnections: 1, uploadBytesPerSecond: 1000),
+            UserAccount(name: "carol", passwordHash: try PasswordHasher.hash(Array("c".utf8))),
+        ])
+        let (directory, changes) = auth.reload(file)
+        #expect(changes == UserDirectory.Changes(added: ["carol"], removed: ["old"], newPassword: ["alice"]))
+        #expect(directory.accounts.map(\.name) == ["alice", "old", "carol"], "append-only: indices of open connections stay valid")
+        #expect(directory.accounts[0] === alice && alice.activeConnections == 1 && alice.maxConnections == 1 && alice.upload.bytesPerSecond == 1000)
+        #expect(directory.accounts[1].isRevoked(atEpochSeconds: 0))
+        #expect(!alice.tryAcquireConnection(), "the new max_connections counts the open one")
+        // The old password's cached success is gone; the new one works.
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("secret".utf8), client: Self.client, now: 2) == .rejected(.wrongPassword))
+        #expect(auth.verify(username: Array("alice".utf8), password: Array("new".utf8), client: Self.client, now: 3) == .accepted(0))
+        #expect(auth.verify(username: Array("carol".utf8), password: Array("c".utf8), client: Self.client, now: 4) == .accepted(2))
+        #expect(auth.verify(username: Array("old".utf8), password: Array("pw".utf8), client: Self.client, now: 5) == .rejected(.unknownUser))
+        // Back in the file: the same account again.
+        let (again, back) = auth.reload(UserDirectory(accounts: [UserAccount(name: "old", passwordHash: try PasswordHasher.hash(Array("pw".utf8)))]))
+        #expect(back.added == ["old"] && again.accounts.count == 3 && !again.accounts[1].isRemoved)
     }
 
     @Test("per-user connection limit")

@@ -47,8 +47,8 @@ enum Socks5Client {
     /// Greeting (+ RFC 1929 when `credentials`) + CONNECT; returns the socket and the reply
     /// code (the socket is ready for tunnel bytes when it is 0).
     static func connect(_ proxy: SocketAddress, to destination: Socks5.Address, port: UInt16,
-                        credentials: (String, String)? = nil) throws -> (TestSocket, UInt8) {
-        let s = try TestSocket.connect(proxy)
+                        credentials: (String, String)? = nil, from source: SocketAddress? = nil) throws -> (TestSocket, UInt8) {
+        let s = try TestSocket.connect(proxy, from: source)
         s.setReceiveTimeout(seconds: 10)
         s.write(credentials == nil ? [5, 1, 0] : [5, 1, 2])
         let method = try s.readExactly(2)

@@ -26,9 +26,15 @@ final class TestSocket: @unchecked Sendable {
     init(fd: Int32) { self.fd = fd }
 
     /// `receiveBuffer`: SO_RCVBUF, set before connecting (fixes the window, no autotuning).
-    static func connect(_ address: SocketAddress, receiveBuffer: Int32? = nil) throws -> TestSocket {
+    /// `from`: the local address to connect from (another loopback address is another source).
+    static func connect(_ address: SocketAddress, receiveBuffer: Int32? = nil, from source: SocketAddress? = nil) throws -> TestSocket {
         let fd = try Syscall.streamSocket(family: address.family, nonBlocking: false)
         if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
+        if let source, source.withSockAddr({ Glibc.bind(fd, $0, $1) }) != 0 {
+            let e = errno
+            Glibc.close(fd)
+            throw SyscallError("bind", errno: e)
+        }
         let rc = address.withSockAddr { Glibc.connect(fd, $0, $1) }
         if rc != 0 {
             let e = errno
