@@ -175,7 +175,11 @@ extension Worker {
         if configuration.sourceLimits.settings.isActive {
             peer = try? Syscall.peerAddress(client)
             if let ip = peer?.ipAddress, !listeners[i].bound.rule.sourceLimitsExempt.contains(where: { $0.contains(ip) }) {
-                if let refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates) {
+                var refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates)
+                if refusal == .handshakes && evictStalledHandshake() {
+                    refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates)
+                }
+                if let refusal {
                     refuseAtSourceLimit(client, peer: peer, listener: i, refusal)
                     return
                 }
@@ -223,6 +227,7 @@ extension Worker {
             sourceKeys[s] = sourceKey
             p.pointee.sourceCounted = true
             p.pointee.handshakeCounted = negotiates
+            if negotiates { handshakeOrder.append((s, p.pointee.generation)) }
         }
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
@@ -248,7 +253,7 @@ extension Worker {
     /// A source at its limit (`SourceLimits`): closed at once, counted, and logged once a
     /// second at most (a flood must not become a flood of log lines).
     private func refuseAtSourceLimit(_ client: Int32, peer: SocketAddress?, listener i: Int, _ refusal: SourceLimits.Refusal) {
-        Syscall.close(client)
+        defer { Syscall.close(client) }  // counted first: whoever sees the close sees the count
         let what: String
         switch refusal {
         case .sourceConnections:
@@ -267,6 +272,43 @@ extension Worker {
                 "listener": "\(listeners[i].name)", "client": "\(peer?.description ?? "-")",
             ])
         }
+    }
+
+    /// How long a handshake must have waited on its client before a newcomer may take its
+    /// place at max_handshakes (a real client's handshake takes a few round trips).
+    static var stalledHandshakeNanoseconds: UInt64 { 2_000_000_000 }
+
+    /// max_handshakes is reached: rather than refuse every new client until the handshake
+    /// timeout clears sockets that never finish, this worker's oldest handshake that has
+    /// waited on its client for `stalledHandshakeNanoseconds` is reset to make room. One
+    /// waiting for our answer (a password check, a name) is not the client's doing: kept.
+    func evictStalledHandshake() -> Bool {
+        var skipped = 0
+        defer {
+            if handshakeOrderHead > 1024 && handshakeOrderHead * 2 > handshakeOrder.count {
+                handshakeOrder.removeFirst(handshakeOrderHead)
+                handshakeOrderHead = 0
+            }
+        }
+        while handshakeOrderHead < handshakeOrder.count && skipped < 32 {
+            let entry = handshakeOrder[handshakeOrderHead]
+            let p = table.pointer(entry.slot)
+            guard p.pointee.generation == entry.generation, p.pointee.state == .negotiating, p.pointee.handshakeCounted else {
+                handshakeOrderHead += 1  // finished or closed since
+                continue
+            }
+            if now &- p.pointee.openedAt < Self.stalledHandshakeNanoseconds { return false }
+            handshakeOrderHead += 1
+            if p.pointee.awaitingAnswer {
+                handshakeOrder.append(entry)
+                skipped += 1
+                continue
+            }
+            statistics.add(.handshakesEvicted)
+            closeSlot(entry.slot, abort: true, reason: .capacity)
+            return true
+        }
+        return false
     }
 
     /// The slot's handshake is over: it no longer counts against the handshake limits.

@@ -108,6 +108,10 @@ final class Worker<Backend: IOBackend> {
     var sourceKeys: [Int32: IPAddress] = [:]
     /// When a refusal at a source limit was last logged (at most one line a second).
     var lastSourceLimitLog: UInt64 = 0
+    /// Counted handshakes in the order they began, from `handshakeOrderHead` (entries are
+    /// checked when reached: most have finished by then).
+    var handshakeOrder: [(slot: Int32, generation: UInt32)] = []
+    var handshakeOrderHead = 0
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
     var negotiations: [(any Negotiation)?] = []
     var freeNegotiations: [Int32] = []

@@ -39,6 +39,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_rejected_at_capacity_total", .rejectedAtCapacity, "Connections closed at once: max_connections reached or no descriptor."),
             ("igris_source_limit_rejections_total", .sourceConnectionRejections, "Connections refused at accept: their source was at max_connections_per_source."),
             ("igris_handshake_limit_rejections_total", .handshakeLimitRejections, "Connections refused at accept: max_handshakes connections were still negotiating."),
+            ("igris_handshakes_evicted_total", .handshakesEvicted, "Handshakes stalled on their client for 2 s, reset at max_handshakes to let a new client in."),
             ("igris_source_handshake_rejections_total", .sourceHandshakeRejections, "Connections refused at accept: their source had max_handshakes_per_source connections still negotiating."),
             ("igris_accept_errors_total", .acceptErrors, "accept() failures other than running out of descriptors."),
             ("igris_accept_pauses_total", .acceptPauses, "Times accepting paused 100 ms for lack of descriptors (EMFILE/ENFILE)."),

@@ -17,7 +17,6 @@ struct ScaleTests {
         defer { gateway.stop() }
 
         let count = 5000
-        let descriptorsBefore = openDescriptors()
         var clients: [TestSocket] = []
         clients.reserveCapacity(count)
         defer { for c in clients { c.close() } }
@@ -33,7 +32,7 @@ struct ScaleTests {
         // Idle bridges hold their two sockets and nothing else: no pipe even in splice mode
         // (a pipe is borrowed only while bytes are in it), a bounded cache of idle pipes aside.
         #expect(gateway.eventually { gateway.server.total(.pipesInUse) == 0 })
-        let gatewayDescriptors = openDescriptors() - descriptorsBefore - count
+        let gatewayDescriptors = descriptors(listeningOn: gateway.address.port, connectedTo: try SocketAddress.resolve(upstreamText).port)
         #expect(gatewayDescriptors <= 2 * count + 64, "\(gatewayDescriptors) descriptors for \(count) bridges")
         // Held: every bridge still answers.
         for (i, c) in clients.enumerated() {
@@ -49,7 +48,33 @@ struct ScaleTests {
     }
 }
 
-/// Descriptors open in this process.
-func openDescriptors() -> Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
+/// An in-process gateway's descriptors, apart from whatever other tests running alongside
+/// hold: its sockets (accepted on `port`, or connected to the out-of-process `upstream`
+/// port) and every pipe of this process (other tests' pipes only count against it).
+func descriptors(listeningOn port: UInt16, connectedTo upstream: UInt16) -> Int {
+    var socketInodes = Set<Substring>()
+    var pipes = 0
+    let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    var target = [CChar](repeating: 0, count: 256)
+    for fd in fds {
+        let n = readlink("/proc/self/fd/\(fd)", &target, target.count - 1)
+        guard n > 0 else { continue }
+        let link = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if link.hasPrefix("pipe:") { pipes += 1 }
+        if link.hasPrefix("socket:["), let close = link.lastIndex(of: "]") {
+            socketInodes.insert(link[link.index(link.startIndex, offsetBy: 8)..<close])
+        }
+    }
+    var sockets = 0
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
+        for line in text.split(separator: "\n").dropFirst() {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count > 9, socketInodes.contains(f[9]) else { continue }
+            let local = UInt16(f[1].split(separator: ":").last ?? "", radix: 16)
+            let remote = UInt16(f[2].split(separator: ":").last ?? "", radix: 16)
+            if local == port || remote == upstream { sockets += 1 }
+        }
+    }
+    return sockets + pipes
 }
