@@ -175,11 +175,11 @@ extension Worker {
         if configuration.sourceLimits.settings.isActive {
             peer = try? Syscall.peerAddress(client)
             if let ip = peer?.ipAddress, !listeners[i].bound.rule.sourceLimitsExempt.contains(where: { $0.contains(ip) }) {
-                var refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates)
-                if refusal == .handshakes && evictStalledHandshake() {
-                    refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates)
+                if negotiates && maxHandshakesHere > 0 && handshakesActive >= maxHandshakesHere && !evictStalledHandshake() {
+                    refuseAtSourceLimit(client, peer: peer, listener: i, nil)
+                    return
                 }
-                if let refusal {
+                if let refusal = configuration.sourceLimits.admit(ip.failureKey, handshake: negotiates) {
                     refuseAtSourceLimit(client, peer: peer, listener: i, refusal)
                     return
                 }
@@ -227,7 +227,10 @@ extension Worker {
             sourceKeys[s] = sourceKey
             p.pointee.sourceCounted = true
             p.pointee.handshakeCounted = negotiates
-            if negotiates { handshakeOrder.append((s, p.pointee.generation)) }
+            if negotiates {
+                handshakesActive += 1
+                handshakeOrder.append((s, p.pointee.generation))
+            }
         }
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
@@ -250,16 +253,17 @@ extension Worker {
         }
     }
 
-    /// A source at its limit (`SourceLimits`): closed at once, counted, and logged once a
-    /// second at most (a flood must not become a flood of log lines).
-    private func refuseAtSourceLimit(_ client: Int32, peer: SocketAddress?, listener i: Int, _ refusal: SourceLimits.Refusal) {
+    /// A source at its limit (`SourceLimits`), or this worker at its share of max_handshakes
+    /// (`refusal` nil): closed at once, counted, and logged once a second at most (a flood
+    /// must not become a flood of log lines).
+    private func refuseAtSourceLimit(_ client: Int32, peer: SocketAddress?, listener i: Int, _ refusal: SourceLimits.Refusal?) {
         defer { Syscall.close(client) }  // counted first: whoever sees the close sees the count
         let what: String
         switch refusal {
         case .sourceConnections:
             statistics.add(.sourceConnectionRejections)
             what = "source at max_connections_per_source"
-        case .handshakes:
+        case nil:
             statistics.add(.handshakeLimitRejections)
             what = "max_handshakes reached"
         case .sourceHandshakes:
@@ -277,6 +281,12 @@ extension Worker {
     /// How long a handshake must have waited on its client before a newcomer may take its
     /// place at max_handshakes (a real client's handshake takes a few round trips).
     static var stalledHandshakeNanoseconds: UInt64 { 2_000_000_000 }
+
+    /// This worker's share of max_handshakes (0: no limit).
+    var maxHandshakesHere: Int {
+        let total = configuration.sourceLimits.settings.maxHandshakes
+        return total == 0 ? 0 : max(1, total / configuration.workerCount)
+    }
 
     /// max_handshakes is reached: rather than refuse every new client until the handshake
     /// timeout clears sockets that never finish, this worker's oldest handshake that has
@@ -315,6 +325,7 @@ extension Worker {
     func endHandshakeCount(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
         guard p.pointee.handshakeCounted else { return }
         p.pointee.handshakeCounted = false
+        handshakesActive -= 1
         if let key = sourceKeys[s] { configuration.sourceLimits.handshakeEnded(key) }
     }
 

@@ -121,6 +121,7 @@ extension Worker {
         statistics.set(.completionOverflows, Int64(backend.completionOverflows))
         statistics.set(.cancellations, Int64(backend.cancellations))
         statistics.set(.pipesInUse, Int64(pipes.inUse))
+        statistics.set(.handshakesActive, Int64(handshakesActive))
         statistics.set(.pipesPeak, Int64(pipes.peakInUse))
     }
 

@@ -1,5 +1,4 @@
 import IgrisPolicy
-import Synchronization
 
 /// Bounds per client source, shared by every worker, so that no one address can take the
 /// gateway's connections for itself, and sockets that never finish a handshake (idle,
@@ -7,7 +6,8 @@ import Synchronization
 ///
 /// - `maxConnectionsPerSource`: open connections from one source;
 /// - `maxHandshakes`: connections still negotiating (SOCKS5, HTTP CONNECT, a PROXY header),
-///   all sources together;
+///   all sources together (each worker enforces its share, and at its share makes room by
+///   resetting its oldest stalled handshake: see `Worker.evictStalledHandshake`);
 /// - `maxHandshakesPerSource`: the same, from one source.
 ///
 /// A source is an IPv4 address or an IPv6 /64 (`IPAddress.failureKey`). 0: no limit.
@@ -46,7 +46,6 @@ public final class SourceLimits: Sendable {
 
     public enum Refusal: Sendable {
         case sourceConnections
-        case handshakes
         case sourceHandshakes
     }
 
@@ -57,7 +56,6 @@ public final class SourceLimits: Sendable {
 
     public let settings: Settings
     private let shards: [Locked<[IPAddress: Counts]>]
-    private let handshakes = Atomic<Int>(0)
 
     public init(_ settings: Settings) {
         self.settings = settings
@@ -72,14 +70,7 @@ public final class SourceLimits: Sendable {
     /// Counts a new connection from `key` (a `failureKey`), as negotiating when `handshake`;
     /// nil when admitted, else what it would exceed (nothing is counted then).
     func admit(_ key: IPAddress, handshake: Bool) -> Refusal? {
-        if handshake {
-            let n = handshakes.wrappingAdd(1, ordering: .relaxed).newValue
-            if settings.maxHandshakes > 0 && n > settings.maxHandshakes {
-                handshakes.wrappingSubtract(1, ordering: .relaxed)
-                return .handshakes
-            }
-        }
-        let refusal = shard(key).withLock { map -> Refusal? in
+        shard(key).withLock { map -> Refusal? in
             var c = map[key] ?? Counts()
             if handshake && settings.maxHandshakesPerSource > 0 && Int(c.handshakes) >= settings.maxHandshakesPerSource { return .sourceHandshakes }
             if settings.maxConnectionsPerSource > 0 && Int(c.connections) >= settings.maxConnectionsPerSource { return .sourceConnections }
@@ -88,13 +79,10 @@ public final class SourceLimits: Sendable {
             map[key] = c
             return nil
         }
-        if refusal != nil && handshake { handshakes.wrappingSubtract(1, ordering: .relaxed) }
-        return refusal
     }
 
     /// The connection's handshake is over (it connects onwards, or closes).
     func handshakeEnded(_ key: IPAddress) {
-        handshakes.wrappingSubtract(1, ordering: .relaxed)
         shard(key).withLock { map in map[key]?.handshakes -= 1 }
     }
 
@@ -107,8 +95,6 @@ public final class SourceLimits: Sendable {
         }
     }
 
-    /// Connections in their handshake now, all sources (metrics).
-    public var handshakesNow: Int { handshakes.load(ordering: .relaxed) }
     /// Sources with a connection open now.
     public var sourcesNow: Int { shards.reduce(0) { $0 + $1.withLock { $0.count } } }
 }

@@ -112,6 +112,8 @@ final class Worker<Backend: IOBackend> {
     /// checked when reached: most have finished by then).
     var handshakeOrder: [(slot: Int32, generation: UInt32)] = []
     var handshakeOrderHead = 0
+    /// Counted handshakes open on this worker now.
+    var handshakesActive = 0
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
     var negotiations: [(any Negotiation)?] = []
     var freeNegotiations: [Int32] = []

@@ -13,6 +13,7 @@ public final class WorkerStatistics: Sendable {
         case sourceConnectionRejections  // refused: the source was at max_connections_per_source
         case handshakeLimitRejections    // refused: max_handshakes connections were negotiating
         case sourceHandshakeRejections   // refused: the source was at max_handshakes_per_source
+        case handshakesActive            // gauge: counted handshakes open now
         case handshakesEvicted           // at max_handshakes, a stalled handshake was reset for a newcomer
         case acceptPauses            // EMFILE/ENFILE: accepting paused ~100 ms
         case acceptPaused            // gauge: 1 while accepting pauses for lack of descriptors (last second)

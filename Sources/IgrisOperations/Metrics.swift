@@ -73,7 +73,7 @@ public struct MetricsRenderer: Sendable {
         }
 
         out.family("igris_handshakes_active", "gauge", "Connections still negotiating (SOCKS5, HTTP CONNECT, PROXY header) now, all workers; counted while per-source limits are on.")
-        out.sample("igris_handshakes_active", [:], Int64(server.sourceLimits.handshakesNow))
+        out.sample("igris_handshakes_active", [:], server.total(.handshakesActive))
         out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
         out.family("igris_accept_paused", "gauge", "1 while a worker's accepting is paused for lack of descriptors or memory (within the last second).")

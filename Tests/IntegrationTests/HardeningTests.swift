@@ -121,6 +121,7 @@ struct HardeningTests {
         #expect(limits == SourceLimits.Settings(maxConnectionsPerSource: 5, maxHandshakes: 10, maxHandshakesPerSource: 5))
         let gateway = try ProxyGateway(backend: backend, auth: true, allow: ["127.0.0.1/32:\(port)"], users: users,
                                        handshakeTimeout: 120_000_000_000) {
+            $0.workers = 1  // max_handshakes is enforced per worker, as its share
             $0.maxConnections = 20
             $0.sourceLimits = limits
         }
@@ -141,15 +142,15 @@ struct HardeningTests {
         // now), rather than every newcomer being refused until the handshake timeout.
         for _ in 0..<4 { idle.append(try TestSocket.connect(gateway.socks5, from: Self.loopback(5))) }
         idle.append(try TestSocket.connect(gateway.http, from: Self.loopback(6)))
-        #expect(gateway.eventually { gateway.server.sourceLimits.handshakesNow == 10 })
+        #expect(gateway.eventually { gateway.total(.handshakesActive) == 10 })
         let newcomer = try TestSocket.connect(gateway.http, from: Self.loopback(7))
         #expect(gateway.eventually { gateway.total(.handshakesEvicted) == 1 })
-        #expect(gateway.server.sourceLimits.handshakesNow == 10 && gateway.total(.handshakeLimitRejections) == 0)
+        #expect(gateway.total(.handshakesActive) == 10 && gateway.total(.handshakeLimitRejections) == 0)
         #expect(kept.filter { Self.closedByGatewayNow($0) }.count == 1, "one stalled handshake made room")
         #expect(!Self.closedByGatewayNow(newcomer))
         for s in idle[20...] + [newcomer] { s.close() }
         idle.removeLast(idle.count - 20)
-        #expect(gateway.eventually { gateway.server.sourceLimits.handshakesNow == 4 })
+        #expect(gateway.eventually { gateway.total(.handshakesActive) == 4 })
 
         // Open tunnels count against their source too (max_connections_per_source: 5).
         var tunnels = [alice]
@@ -163,7 +164,7 @@ struct HardeningTests {
 
         for s in idle + tunnels + [sixth] { s.close() }
         #expect(gateway.eventually { gateway.total(.activeConnections) == 0 && gateway.server.sourceLimits.sourcesNow == 0 })
-        #expect(gateway.server.sourceLimits.handshakesNow == 0)
+        #expect(gateway.total(.handshakesActive) == 0)
     }
 
     /// Already closed by the gateway (EOF or reset waiting), without blocking.
