@@ -40,6 +40,11 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+# Every client of a benchmark is 127.0.0.1, and the proxies it is compared with have no
+# per-source limits: igris's defaults (a quarter of max_connections per source) are off here.
+NO_SOURCE_LIMITS = ["--max-connections-per-source", "0", "--max-handshakes", "0", "--max-handshakes-per-source", "0"]
+
+
 def start_server(args):
     p = subprocess.Popen([LOAD] + args, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
@@ -127,7 +132,7 @@ class Proxy:
         if kind.startswith("igris-socks"):
             backend = kind.split("-")[2]
             cmd = [igris_binary, "serve", "--socks5", f"127.0.0.1:{self.port}", "--no-auth", "--allow", "127.0.0.0/8",
-                   "--backend", backend, "--workers", str(workers), "--log-level", "warning"]
+                   "--backend", backend, "--workers", str(workers), "--log-level", "warning"] + NO_SOURCE_LIMITS
         elif kind.startswith("igris"):
             # igris-BACKEND[-MODE]; MODE: auto (default), copy, splice, zc (copy + SEND_ZC)
             parts = kind.split("-")
@@ -135,7 +140,7 @@ class Proxy:
             mode_args = {"auto": ["--splice", "auto"], "copy": ["--splice", "never"],
                      "splice": ["--splice", "always"], "zc": ["--splice", "never", "--send-zc", "16384"]}[mode]
             cmd = [igris_binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
-                   "--backend", backend, "--workers", str(workers), "--log-level", "warning", "--no-access-log"] + mode_args + list(extra)
+                   "--backend", backend, "--workers", str(workers), "--log-level", "warning", "--no-access-log"] + mode_args + NO_SOURCE_LIMITS + list(extra)
         elif kind in ("haproxy", "haproxy-splice"):
             # maxconn sizes HAProxy's descriptor needs (2 per connection, plus pipes with
             # splice): 7000 fits the 20,000-descriptor limit and holds the idle test's 5,000.

@@ -25,7 +25,7 @@ def run(backend, old_workers, new_workers, workdir):
     def config(name, workers, drain):
         path = os.path.join(workdir, name)
         with open(path, "w") as f:
-            f.write(f"backend: {backend}\nworkers: {workers}\nmax_connections: 5000\nhandoff_socket: {handoff}\n"
+            f.write(f"backend: {backend}\nworkers: {workers}\nmax_connections: 5000\nmax_connections_per_source: 0\nhandoff_socket: {handoff}\n"
                     f"drain_timeout: {drain}\nlog: {{access_log: false}}\nlisteners:\n"
                     f"  - {{name: t, listen: '127.0.0.1:{port}', mode: forward, upstream: '{upstream}'}}\n"
                     f"  - {{name: admin, listen: '127.0.0.1:{admin}', mode: admin}}\n")

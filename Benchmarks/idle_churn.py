@@ -46,7 +46,8 @@ def main():
             upstream = echo.stdout.readline().split()[-1]
             port = free_port()
             gw = subprocess.Popen([a.igris, "serve", "--listen", f"127.0.0.1:{port}", "--upstream", upstream, "--backend", backend,
-                                   "--workers", str(a.workers), "--no-access-log", "--log-level", "warning"])
+                                   "--workers", str(a.workers), "--no-access-log", "--log-level", "warning",
+                                   "--max-connections-per-source", "0"])
             holder = None
             try:
                 if not wait_port(port):

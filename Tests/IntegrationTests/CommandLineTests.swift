@@ -67,6 +67,8 @@ struct CommandLineTests {
         try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--deny", "10.0.0.0/8:99999"], contains: "bad ACL rule")
         try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--users", "u.yaml"], contains: "contradict")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--no-auth"], contains: "none is given")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--max-handshakes-per-source=-3"],
+                               contains: "--max-handshakes-per-source must be 0 (no limit) or more")
         let bad = try writeTemporaryFile("users:\n  - name: alice\n    password_hash: plain\n")
         defer { unlink(bad) }
         try expectOneLineError(["--socks5", "127.0.0.1:0", "--users", bad], contains: "\(bad):3: users[0].password_hash: not an argon2id hash")

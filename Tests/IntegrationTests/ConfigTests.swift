@@ -87,6 +87,25 @@ struct ConfigTests {
         #expect(server.workers == 2)
     }
 
+    @Test("source limits: defaults from max_connections, each key overrides its own, 0 turns one off")
+    func sourceLimits() throws {
+        func settings(_ extra: String) throws -> SourceLimits.Settings {
+            let c = try ConfigFile.parse("max_connections: 1000\n\(extra)listeners:\n  - {listen: \"127.0.0.1:0\", mode: forward, upstream: \"127.0.0.1:9\"}\n",
+                                         file: "s.yaml")
+            return try c.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try c.policy(configPath: "s.yaml"))).sourceLimits
+        }
+        #expect(try settings("") == SourceLimits.Settings(maxConnectionsPerSource: 250, maxHandshakes: 500, maxHandshakesPerSource: 64))
+        #expect(try settings("max_connections_per_source: 0\nmax_handshakes_per_source: 8\n")
+                == SourceLimits.Settings(maxConnectionsPerSource: 0, maxHandshakes: 500, maxHandshakesPerSource: 8))
+        #expect(try settings("max_handshakes: 0\n").maxHandshakes == 0)
+        do {
+            _ = try settings("max_handshakes: -1\n")
+            Issue.record("a negative limit was accepted")
+        } catch {
+            #expect("\(error)".contains("s.yaml:2: max_handshakes: must be 0 (no limit) or more"), "\(error)")
+        }
+    }
+
     @Test("every error names its key path and line; unknown keys are errors")
     func errors() {
         func error(_ text: String) -> String {
