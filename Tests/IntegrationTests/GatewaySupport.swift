@@ -148,9 +148,10 @@ func runShell(_ command: String) throws -> (Int32, String, String) {
 }
 
 /// A forward listener behind a balancer: its connections must start with a PROXY header.
-func acceptingProxyHeaders(_ rule: ListenerRule) throws -> ListenerRule {
+func acceptingProxyHeaders(_ rule: ListenerRule, handshakeTimeout: UInt64 = 10_000_000_000) throws -> ListenerRule {
     var accepting = try proxyHeaderGateway.rule(listen: rule.listen, name: rule.name, mode: .forward, pool: rule.pool,
-                                                options: GatewayOptions(requireAuthentication: false), acceptProxyProtocol: true)
+                                                options: GatewayOptions(requireAuthentication: false, handshakeTimeoutNanoseconds: handshakeTimeout),
+                                                acceptProxyProtocol: true)
     accepting.sendProxyProtocol = rule.sendProxyProtocol
     return accepting
 }

@@ -21,12 +21,14 @@ struct NegotiationStallTests {
         let listen: SocketAddress
         switch stall {
         case .socks5Greeting, .socks5Request, .httpHead:
-            let gateway = try ProxyGateway(backend: backend)
+            // A handshake timeout well past the test: a loaded machine must not close the
+            // stalled client before it is looked at.
+            let gateway = try ProxyGateway(backend: backend, handshakeTimeout: 120_000_000_000)
             gatewayStop = gateway.stop
             listen = stall == .httpHead ? gateway.http : gateway.socks5
         case .proxyV1, .proxyV2:
             let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(try unusedPort())")) {
-                $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0])
+                $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0], handshakeTimeout: 120_000_000_000)
             }
             gatewayStop = gateway.stop
             listen = gateway.address
@@ -65,7 +67,9 @@ struct NegotiationStallTests {
         #expect(used < 0.1, "worker threads used \(used) s of CPU while the client waited")
         // Still negotiating: the connection is open, nothing was answered or closed.
         var pending = pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)
-        #expect(poll(&pending, 1, 0) == 0, "the gateway neither replied nor closed")
+        var byte: UInt8 = 0
+        #expect(poll(&pending, 1, 0) == 0,
+                "the gateway neither replied nor closed (recv: \(poll(&pending, 1, 0) == 1 ? Syscall.recv(client.fd, &byte, 1) : 0))")
     }
 }
 
