@@ -1,4 +1,5 @@
 import Glibc
+import IgrisProtocols
 
 /// The bridge: the copy path of each direction (recv into a pool buffer, send it on),
 /// backpressure, half-close, per-user pacing, and closing a connection.
@@ -147,12 +148,21 @@ extension Worker {
             }
             return
         }
-        let n = UInt32(c.result)
+        var n = UInt32(c.result)
+        if d == 0 && p.pointee.framedUpload {
+            n = requestBodyPart(s, b, n)
+            if n == 0 {
+                // Past the request body: dropped, and the client is read on only for its EOF.
+                returnBuffer(b)
+                armRecv(s, p, d)
+                return
+            }
+        }
         // These bytes are on their way to the destination: its room shrinks by as much.
         dir.pointee.room = dir.pointee.room > n ? dir.pointee.room - n : 0
         countBytes(s, p, d, n)
         let throttled = p.pointee.user >= 0 && accountBytes(s, p, d, Int(n))
-        if p.pointee.splice == .auto && dir.pointee.path == .copy && !p.pointee.rateLimited {
+        if p.pointee.splice == .auto && dir.pointee.path == .copy && !p.pointee.rateLimited && !(d == 0 && p.pointee.framedUpload) {
             // Bulk is recognised by reads that fill whole buffers, several in a row;
             // interactive traffic rarely does and stays on copy.
             if Int(n) == backend.buffers.size {
@@ -273,6 +283,16 @@ extension Worker {
         }
     }
 
+    /// Of `n` bytes a framed upload received, those still in its request body; the rest are
+    /// counted and never forwarded.
+    private func requestBodyPart(_ s: Int32, _ b: UInt16, _ n: UInt32) -> UInt32 {
+        guard var framing = uploadFramings[s] else { return n }
+        let body = framing.consume(UnsafeRawBufferPointer(start: backend.buffers.pointer(b), count: Int(n)))
+        uploadFramings[s] = framing
+        if body < Int(n) { statistics.add(.bytesAfterRequestDropped, Int64(n) - Int64(body)) }
+        return UInt32(body)
+    }
+
     // MARK: - Per-user accounting and bandwidth
 
     /// Counts a user's bytes; for a rate-limited user, charges the direction's bucket and
@@ -382,6 +402,10 @@ extension Worker {
         }
         if p.pointee.session >= 0 { releaseNegotiation(p) }
         releaseSourceCount(s, p)
+        if p.pointee.framedUpload {
+            uploadFramings[s] = nil
+            p.pointee.framedUpload = false
+        }
         if p.pointee.user >= 0 {
             accounts[Int(p.pointee.user)].releaseConnection()
             p.pointee.user = -1

@@ -119,6 +119,8 @@ struct ConnectionSlot {
     var negotiationPollArmed = false
     /// The upstream connect is in flight.
     var connectArmed = false
+    /// Client → upstream carries one request body and then nothing (`Worker.uploadFramings`).
+    var framedUpload = false
     var listener: UInt16 = 0
     /// Operations submitted and not yet completed (final completions only).
     var inflight: UInt16 = 0

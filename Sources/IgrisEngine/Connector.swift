@@ -143,8 +143,13 @@ extension Worker {
 
     /// The upstream is connected (and any success reply sent): the PROXY header goes first,
     /// then both directions start.
-    func startBridging(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+    func startBridging(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, preamble: [UInt8] = []) {
         if !sendProxyHeader(p) {
+            closeSlot(s, abort: true)
+            return
+        }
+        // A fresh socket's send buffer takes a request head (8 KiB at most) whole.
+        if !preamble.isEmpty && preamble.withUnsafeBytes({ backend.sendNow(fd: p.pointee.upstream, $0) }) != preamble.count {
             closeSlot(s, abort: true)
             return
         }
@@ -166,7 +171,8 @@ extension Worker {
         }
         // A rate-limited user's bytes must pass through user space to be paced.
         let path: Direction.Path = p.pointee.splice == .always && !p.pointee.rateLimited ? .splice : .copy
-        p.pointee.toUpstream.path = path
+        // A framed upload's bytes must be seen to find where its body ends.
+        p.pointee.toUpstream.path = p.pointee.framedUpload ? .copy : path
         p.pointee.toClient.path = path
         armReadSide(s, p, 0)
         armReadSide(s, p, 1)

@@ -1,4 +1,5 @@
 import Glibc
+import IgrisProtocols
 import CLinux
 import Logging
 
@@ -104,7 +105,11 @@ extension Worker {
             }
         case .bridge:
             statistics.add(.handshakesCompleted)
-            startBridging(s, p)
+            if let framing = action.uploadFraming {
+                p.pointee.framedUpload = true
+                uploadFramings[s] = HTTPBodyFraming(framing)
+            }
+            startBridging(s, p, preamble: action.destinationPreamble)
         case .close(let reason):
             closeAfterReply(s, p, reason)
         }

@@ -1,3 +1,4 @@
+import IgrisProtocols
 import Logging
 
 /// What a listener negotiates with each client before the engine connects anywhere: a
@@ -61,6 +62,12 @@ public struct NegotiationAction: Sendable {
 
     public var reply: [UInt8]
     public var next: Next
+    /// `.bridge`: bytes for the destination before anything of the client's (a forwarded
+    /// HTTP request's rewritten head).
+    public var destinationPreamble: [UInt8] = []
+    /// `.bridge`: the client → destination direction carries this request body and nothing
+    /// after it (what a client pipelines behind a forwarded request is not this origin's).
+    public var uploadFraming: HTTPBodyFraming.Kind?
 
     public init(reply: [UInt8] = [], _ next: Next) {
         self.reply = reply

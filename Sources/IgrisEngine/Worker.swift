@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import IgrisPolicy
+import IgrisProtocols
 
 /// Per-worker settings.
 public struct WorkerConfiguration: Sendable {
@@ -114,6 +115,8 @@ final class Worker<Backend: IOBackend> {
     var handshakeOrderHead = 0
     /// Counted handshakes open on this worker now.
     var handshakesActive = 0
+    /// Slots with `framedUpload`: where the client's request body ends.
+    var uploadFramings: [Int32: HTTPBodyFraming] = [:]
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
     var negotiations: [(any Negotiation)?] = []
     var freeNegotiations: [Int32] = []

@@ -55,6 +55,7 @@ public final class WorkerStatistics: Sendable {
         case userLimitRejections     // user at max_connections
         case accountsRevoked         // tunnels ended because their user expired or was removed
         case throttlePauses          // a rate-limited direction paused its recv
+        case bytesAfterRequestDropped  // HTTP proxy: bytes a client sent past a forwarded request's body
         case proxyHeaderRejected     // accept_proxy_protocol: missing or malformed PROXY header
         case serversDown             // health checks took a server out of rotation
         case serversUp               // health checks put a server back

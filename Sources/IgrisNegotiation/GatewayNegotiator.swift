@@ -83,6 +83,8 @@ final class GatewayNegotiation: Negotiation {
     /// HTTP: the CONNECT request waiting for its credentials to be verified.
     var pendingHost = ""
     var pendingPort: UInt16 = 0
+    /// HTTP: a plain request to forward once connected (nil: CONNECT).
+    var pendingForward: HTTPForward.Request?
     var candidates: [SocketAddress] = []
     var nextCandidate = 0
     var lastConnectError: Int32 = 0
@@ -194,6 +196,7 @@ final class GatewayNegotiation: Negotiation {
                 failed("unusable HTTP request", detail: "\(failure)")
                 return (consumed, NegotiationAction(reply: HTTPConnect.response(failure.status), .close(.refused)))
             case .success(let request):
+                pendingForward = request.forward
                 guard factory.options.requireAuthentication else { return (consumed, route(host: request.host, port: request.port)) }
                 guard let credentials = request.credentials else {
                     statistics.add(.handshakeFailures)
@@ -349,7 +352,12 @@ final class GatewayNegotiation: Negotiation {
             let bound = local.map { Socks5.Address($0.ipAddress) } ?? .ipv4(0, 0, 0, 0)
             return NegotiationAction(reply: Socks5.reply(.succeeded, bound: bound, port: local?.port ?? 0), .bridge)
         case .httpConnect:
-            return NegotiationAction(reply: HTTPConnect.response(.established), .bridge)
+            guard let forward = pendingForward else { return NegotiationAction(reply: HTTPConnect.response(.established), .bridge) }
+            // A plain request: its head goes to the origin; the response is the origin's.
+            var action = NegotiationAction(.bridge)
+            action.destinationPreamble = forward.head
+            action.uploadFraming = forward.body
+            return action
         case .proxyHeaderOnly:
             return NegotiationAction(.bridge)
         }

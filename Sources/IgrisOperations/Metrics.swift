@@ -65,6 +65,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_user_limit_rejections_total", .userLimitRejections, "Connections refused because the user was at max_connections."),
             ("igris_account_revocations_total", .accountsRevoked, "Open tunnels ended because their user expired or was removed from the users file."),
             ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
+            ("igris_http_bytes_after_request_dropped_total", .bytesAfterRequestDropped, "HTTP proxy: bytes a client sent after a forwarded request's body (never forwarded to that origin)."),
             ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),
         ]
         for (name, counter, help) in counters {

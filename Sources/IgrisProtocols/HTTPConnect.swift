@@ -1,4 +1,5 @@
-/// HTTP CONNECT proxying (RFC 9110 §9.3.6): what a request head asks for, and the responses.
+/// The HTTP proxy: CONNECT tunnels (RFC 9110 §9.3.6) and plain absolute-form requests
+/// (`HTTPForward`): what a request head asks for, and the responses.
 public enum HTTPConnect {
     public struct Request: Equatable, Sendable {
         /// Host name or IP literal (brackets removed from IPv6).
@@ -6,6 +7,8 @@ public enum HTTPConnect {
         public var port: UInt16
         /// From `Proxy-Authorization: Basic …`, if present.
         public var credentials: (username: [UInt8], password: [UInt8])?
+        /// A plain request to forward (nil: CONNECT, a tunnel).
+        public var forward: HTTPForward.Request?
 
         public init(host: String, port: UInt16, credentials: (username: [UInt8], password: [UInt8])? = nil) {
             self.host = host
@@ -14,7 +17,7 @@ public enum HTTPConnect {
         }
 
         public static func == (a: Request, b: Request) -> Bool {
-            a.host == b.host && a.port == b.port
+            a.host == b.host && a.port == b.port && a.forward == b.forward
                 && a.credentials?.username == b.credentials?.username && a.credentials?.password == b.credentials?.password
         }
     }
@@ -58,13 +61,24 @@ public enum HTTPConnect {
         }
     }
 
-    /// Interprets a parsed head as a CONNECT request.
+    /// Interprets a parsed head: a CONNECT, or an absolute-form request to forward. Any other
+    /// request is not for a proxy (405).
     public static func request(from head: HTTPRequestHead) -> Result<Request, Failure> {
-        guard head.method == "CONNECT" else { return .failure(.methodNotAllowed(head.method)) }
-        guard let (host, port) = splitAuthority(head.target) else {
-            return .failure(.malformed("CONNECT target must be HOST:PORT"))
+        var request: Request
+        if head.method == "CONNECT" {
+            guard let (host, port) = splitAuthority(head.target) else {
+                return .failure(.malformed("CONNECT target must be HOST:PORT"))
+            }
+            request = Request(host: host, port: port)
+        } else {
+            switch HTTPForward.request(from: head) {
+            case nil: return .failure(.methodNotAllowed(head.method))
+            case .failure(let failure): return .failure(failure)
+            case .success(let target):
+                request = Request(host: target.host, port: target.port)
+                request.forward = target.request
+            }
         }
-        var request = Request(host: host, port: port)
         if let authorization = head.field("Proxy-Authorization") {
             guard let credentials = basicCredentials(authorization) else {
                 return .failure(.malformed("Proxy-Authorization is not Basic credentials"))

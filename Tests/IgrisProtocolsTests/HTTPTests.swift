@@ -48,7 +48,16 @@ struct HTTPConnectCodecTests {
             case .needMore: return nil
             }
         }
-        #expect(status("GET http://example.org/ HTTP/1.1\r\n\r\n") == .methodNotAllowed)
+        #expect(status("GET /index.html HTTP/1.1\r\n\r\n") == .methodNotAllowed)
+        #expect(status("GET http://example.org/ HTTP/1.1\r\n\r\n") == nil, "absolute-form: forwarded")
+        #expect(status("GET https://example.org/ HTTP/1.1\r\n\r\n") == .badRequest)
+        #expect(status("GET ftp://example.org/ HTTP/1.1\r\n\r\n") == .badRequest)
+        #expect(status("GET http://u@example.org/ HTTP/1.1\r\n\r\n") == .badRequest)
+        #expect(status("GET http:///x HTTP/1.1\r\n\r\n") == .badRequest)
+        #expect(status("POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n") == .badRequest)
+        #expect(status("POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n") == .badRequest)
+        #expect(status("POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n") == .badRequest)
+        #expect(status("POST http://a/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n") == .badRequest)
         #expect(status("CONNECT example.org HTTP/1.1\r\n\r\n") == .badRequest)
         #expect(status("CONNECT example.org:0 HTTP/1.1\r\n\r\n") == .badRequest)
         #expect(status("CONNECT example.org:99999 HTTP/1.1\r\n\r\n") == .badRequest)
@@ -95,5 +104,67 @@ struct HTTPConnectCodecTests {
         #expect(Base64.decode("Y=Jj") == nil)
         #expect(Base64.decode("YW=j") == nil)
         #expect(Base64.decode("YW*j") == nil)
+    }
+}
+
+@Suite("HTTP forward proxy codec")
+struct HTTPForwardCodecTests {
+    static func forward(_ text: String) throws -> HTTPConnect.Request {
+        guard case .head(let head) = parseHead(text, chunk: 7).0 else { throw CodecFailure("no head") }
+        return try HTTPConnect.request(from: head).get()
+    }
+
+    struct CodecFailure: Error { let text: String; init(_ t: String) { text = t } }
+
+    @Test("absolute-form becomes origin-form: Host from the target, hop-by-hop fields gone, Connection: close")
+    func rewrite() throws {
+        let r = try Self.forward("GET http://Example.org:8080/a/b?q=1#frag HTTP/1.1\r\nHost: wrong\r\nUser-Agent: t\r\n"
+            + "Proxy-Authorization: Basic \(Base64.encode(Array("alice:pw".utf8)))\r\nProxy-Connection: keep-alive\r\n"
+            + "Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n")
+        #expect(r.host == "Example.org" && r.port == 8080)
+        #expect(r.credentials?.username == Array("alice".utf8) && r.credentials?.password == Array("pw".utf8))
+        let forward = try #require(r.forward)
+        #expect(String(decoding: forward.head, as: UTF8.self)
+                == "GET /a/b?q=1 HTTP/1.1\r\nHost: Example.org:8080\r\nUser-Agent: t\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+        #expect(forward.body == .length(0))
+
+        let v6 = try Self.forward("HEAD http://[::1]/ HTTP/1.0\r\n\r\n")
+        #expect(v6.host == "::1" && v6.port == 80)
+        #expect(String(decoding: v6.forward!.head, as: UTF8.self) == "HEAD / HTTP/1.0\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
+        #expect(try Self.forward("GET http://a?x HTTP/1.1\r\n\r\n").forward!.head.starts(with: Array("GET /?x HTTP/1.1".utf8)))
+        #expect(try Self.forward("POST http://a/ HTTP/1.1\r\ncontent-length: 12\r\n\r\n").forward!.body == .length(12))
+        #expect(try Self.forward("POST http://a/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").forward!.body == .chunked)
+        let chunkedHead = String(decoding: try Self.forward("POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").forward!.head, as: UTF8.self)
+        #expect(chunkedHead.contains("Transfer-Encoding: chunked\r\n"), "the body is forwarded as framed")
+    }
+
+    /// Feeds `bytes` in pieces of `chunk`; returns how many belonged to the body.
+    static func bodyLength(_ kind: HTTPBodyFraming.Kind, _ bytes: [UInt8], chunk: Int) -> Int {
+        var framing = HTTPBodyFraming(kind)
+        var total = 0
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(bytes.count, offset + chunk)
+            let n = bytes[offset..<end].withUnsafeBytes { framing.consume($0) }
+            total += n
+            if n < end - offset { break }
+            offset = end
+        }
+        return total
+    }
+
+    @Test("where a body ends: Content-Length, and chunked (extensions, trailers) split at every byte; what follows is not the body",
+          arguments: [1, 2, 3, 7, 64, 100_000])
+    func bodyEnd(chunk: Int) {
+        let next = Array("GET http://other/ HTTP/1.1\r\n\r\n".utf8)
+        #expect(Self.bodyLength(.length(5), Array("hello".utf8) + next, chunk: chunk) == 5)
+        #expect(Self.bodyLength(.length(0), next, chunk: chunk) == 0)
+        let chunked = Array("5\r\nhello\r\n1A;name=value\r\n\(String(repeating: "x", count: 26))\r\n0\r\nX-Trailer: 1\r\n\r\n".utf8)
+        #expect(Self.bodyLength(.chunked, chunked + next, chunk: chunk) == chunked.count)
+        let bare = Array("3\r\nabc\r\n0\r\n\r\n".utf8)
+        #expect(Self.bodyLength(.chunked, bare + next, chunk: chunk) == bare.count)
+        // Broken framing ends the body where it breaks: nothing after it is forwarded.
+        #expect(Self.bodyLength(.chunked, Array("zz\r\n".utf8) + next, chunk: chunk) == 0)
+        #expect(Self.bodyLength(.chunked, Array("3\r\nabcX".utf8) + next, chunk: chunk) == 6)
     }
 }

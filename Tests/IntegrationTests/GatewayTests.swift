@@ -190,7 +190,8 @@ struct GatewayTests {
             try goodStillServed()
         }
         let httpCases: [(String, String, String)] = [
-            ("GET", "GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n", "HTTP/1.1 405 "),
+            ("GET origin-form", "GET /index.html HTTP/1.1\r\nHost: example.org\r\n\r\n", "HTTP/1.1 405 "),
+            ("https target", "GET https://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n", "HTTP/1.1 400 "),
             ("garbage", "\u{1}\u{2}\u{3} nonsense\r\n\r\n", "HTTP/1.1 400 "),
             ("no port", "CONNECT example.org HTTP/1.1\r\n\r\n", "HTTP/1.1 400 "),
             ("oversize head", "CONNECT a:1 HTTP/1.1\r\n" + String(repeating: "X-Pad: 0123456789\r\n", count: 600), "HTTP/1.1 400 "),
