@@ -36,7 +36,7 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("socks5"), help: "SOCKS5 listener address, HOST:PORT (repeatable).")
     var socks5: [String] = []
 
-    @Option(name: .customLong("http-connect"), help: "HTTP CONNECT proxy listener address, HOST:PORT (repeatable).")
+    @Option(name: .customLong("http-connect"), help: "HTTP proxy listener address (CONNECT tunnels and plain http:// requests), HOST:PORT (repeatable).")
     var httpConnect: [String] = []
 
     @Option(name: .customLong("users"), help: "Users file (YAML, argon2id hashes from `igris passwd`) for --socks5/--http-connect.")
