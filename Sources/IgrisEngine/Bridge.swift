@@ -361,6 +361,7 @@ extension Worker {
         if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
         if abort && p.pointee.state == .bridging { statistics.add(.closedAborted) }
         endHandshakeCount(s, p)  // at once: a newcomer may be waiting for this place
+        if p.pointee.state == .associated { closeAssociation(s, p) }
         p.pointee.state = .closing
         for d in 0..<2 {
             let dir = direction(p, d)

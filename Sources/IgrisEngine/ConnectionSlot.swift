@@ -104,6 +104,9 @@ enum SlotState: UInt8 {
     case negotiating
     case connecting
     case bridging
+    /// A SOCKS5 UDP association: the client connection is its control connection, watched
+    /// only for its end; datagrams go through the association's sockets (`UDPRelay.swift`).
+    case associated
     /// Both sockets are being closed; the slot is reused when nothing is in flight.
     case closing
 }

@@ -300,6 +300,16 @@ public final class EpollBackend: IOBackend {
     }
 
     @inline(__always)
+    public func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int {
+        let n = Syscall.receiveDatagram(fd, buffer, length, from: &from)
+        if n == -Int(EAGAIN) { noteDrained(fd) }
+        return n
+    }
+
+    public func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int {
+        Syscall.sendDatagram(fd, bytes.baseAddress!, bytes.count, to: address)
+    }
+
     private func noteDrained(_ fd: Int32) {
         if Int(fd) < fds.count { fds[Int(fd)].readable = false }
     }

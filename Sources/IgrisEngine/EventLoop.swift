@@ -199,7 +199,7 @@ extension Worker {
         var s: Int32 = 0
         while s < table.used {
             let state = table.pointer(s).pointee.state
-            if state == .negotiating || state == .connecting || state == .bridging {
+            if state == .negotiating || state == .connecting || state == .bridging || state == .associated {
                 statistics.add(.drainAborted)
                 closeSlot(s, abort: true, reason: .drainDeadline)
             }
@@ -224,6 +224,14 @@ extension Worker {
                 return
             }
             scheduleBridgeTimer(s, p)
+        case .associated:
+            let idle = associationIdleNanoseconds(p)
+            if now &- p.pointee.lastActivity >= idle {
+                statistics.add(.idleTimeouts)
+                closeSlot(s, abort: false, reason: .idleTimeout)
+            } else {
+                wheel.schedule(s, deadline: p.pointee.lastActivity + idle, table: table)
+            }
         default:
             break
         }

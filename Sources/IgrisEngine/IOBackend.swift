@@ -117,6 +117,11 @@ public protocol IOBackend: AnyObject {
     /// Sends a small message (a handshake reply, a PROXY header) from caller memory: bytes
     /// sent or -errno. Meant for a socket's first bytes, which its send buffer takes whole.
     func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int
+    /// One datagram from a UDP socket, at once: bytes or -errno (-EAGAIN: none queued); the
+    /// sender in `from`.
+    func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int
+    /// One datagram to `address`, at once: bytes or -errno (a full buffer drops it).
+    func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int
     /// shutdown(fd, how) at once: 0 or -errno.
     func shutdown(fd: Int32, how: Int32) -> Int32
 

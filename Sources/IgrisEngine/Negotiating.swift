@@ -103,6 +103,8 @@ extension Worker {
                 statistics.add(.rejectedAtCapacity)
                 closeSlot(s, abort: false, reason: .capacity)
             }
+        case .associate(let clientPort):
+            startAssociation(s, p, clientPort: clientPort)
         case .bridge:
             statistics.add(.handshakesCompleted)
             if let framing = action.uploadFraming {
@@ -159,8 +161,15 @@ extension Worker {
             guard Int(item.slot) < table.capacity, item.slot < table.used else { continue }
             let p = table.pointer(item.slot)
             // The connection may have timed out or closed while its answer was computed.
-            guard p.pointee.generation == item.generation, p.pointee.state == .negotiating, p.pointee.session >= 0,
+            guard p.pointee.generation == item.generation, p.pointee.session >= 0,
                   let negotiation = negotiations[Int(p.pointee.session)] else { continue }
+            if p.pointee.state == .associated {
+                // A name a held datagram waited for.
+                _ = negotiation.resumed(item.value)
+                sendResolvedDatagrams(item.slot, p)
+                continue
+            }
+            guard p.pointee.state == .negotiating else { continue }
             p.pointee.awaitingAnswer = false
             perform(item.slot, p, negotiation.resumed(item.value))
         }

@@ -42,6 +42,52 @@ public protocol Negotiation: AnyObject {
     var destinationDescription: String { get }
 }
 
+/// The destination side of a UDP association (SOCKS5 UDP ASSOCIATE): the negotiation that
+/// set it up decides where each datagram goes and what the client sees of replies. Called on
+/// the worker's thread.
+public protocol DatagramPolicy: AnyObject {
+    /// The relay is open at `relay` (nil: it could not be): the reply for the client, and
+    /// `.read` to keep the association, or `.close`.
+    func associated(relay: SocketAddress?) -> NegotiationAction
+    /// A datagram from the client: where its payload (from `payloadOffset`) goes.
+    func route(_ datagram: UnsafeRawBufferPointer) -> DatagramRoute
+    /// A datagram from `source` for the client: the header to put before it; nil: `source`
+    /// is not a destination of this association, and the datagram is dropped.
+    func header(forReplyFrom source: SocketAddress) -> [UInt8]?
+    /// Datagrams held for a name that has resolved since (`resumed` said so): send them now.
+    func takeResolved() -> [(destination: SocketAddress, payload: [UInt8])]
+}
+
+public enum DatagramRoute {
+    case send(SocketAddress, payloadOffset: Int)
+    /// Held while its destination name resolves (bounded by the policy).
+    case held
+    case drop(DatagramDrop)
+}
+
+/// Why a datagram was dropped (`igris_udp_dropped_total{reason}`).
+public enum DatagramDrop: Int, Error, CaseIterable, Sendable {
+    case malformed
+    case fragmented
+    case foreignSource
+    case denied
+    case unresolved
+    case limit
+    case sendFailed
+
+    public var label: String {
+        switch self {
+        case .malformed: return "malformed"
+        case .fragmented: return "fragmented"
+        case .foreignSource: return "foreign_source"
+        case .denied: return "denied"
+        case .unresolved: return "unresolved"
+        case .limit: return "limit"
+        case .sendFailed: return "send_failed"
+        }
+    }
+}
+
 /// What the engine does after a negotiation call: send `reply` to the client (if any),
 /// then `next`.
 public struct NegotiationAction: Sendable {
@@ -56,6 +102,9 @@ public struct NegotiationAction: Sendable {
         case connectListenerPool
         /// Start bridging (after a successful `connect`).
         case bridge
+        /// Open a UDP relay for this client (the negotiation is a `DatagramPolicy`): datagrams
+        /// from `client` (its address as the socket sees it; port 0: learnt from its first).
+        case associate(clientPort: UInt16)
         /// Close after the reply (FIN, not RST, so the reply is read).
         case close(CloseReason)
     }

@@ -25,6 +25,9 @@ public enum OperationKind: UInt8, Sendable {
     case healthClose
     /// Copy path: the destination has room again (a poll for writable).
     case room
+    /// A UDP association's socket has datagrams: direction 0 the relay (from the client),
+    /// 1 the outbound socket (from destinations).
+    case datagramReadable
 }
 
 /// The 64-bit tag of every submitted operation: slot (or listener) index, the slot's

@@ -44,6 +44,44 @@ public enum Syscall {
         return try checked("socket") { Glibc.socket(family, Int32(type), 0) }
     }
 
+    /// A non-blocking, close-on-exec UDP socket bound to `address` (port 0: any). An IPv6
+    /// wildcard is dual-stack, so one socket reaches IPv4 destinations too (as mapped addresses).
+    @inline(never)
+    public static func datagramSocket(bound address: SocketAddress) throws(SyscallError) -> Int32 {
+        let type = SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue
+        let fd = try checked("socket") { Glibc.socket(address.family, Int32(type), 0) }
+        do throws(SyscallError) {
+            if address.family == AF_INET6 { try setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 0, "IPV6_V6ONLY") }
+            try bind(fd, address)
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// recvfrom, non-blocking: bytes (a datagram may be empty), or -errno; the sender in `from`.
+    @inline(never)
+    public static func receiveDatagram(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int, from: inout SocketAddress) -> Int {
+        var storage = sockaddr_storage()
+        var size = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let n = withUnsafeMutablePointer(to: &storage) { s in
+            s.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                retrying("recvfrom") { Glibc.recvfrom(fd, buffer, length, Int32(MSG_DONTWAIT), sa, &size) }
+            }
+        }
+        if n >= 0 { from = SocketAddress(storage: storage, length: size) }
+        return n
+    }
+
+    /// sendto, non-blocking: bytes, or -errno (-EAGAIN: the socket's buffer is full; UDP drops).
+    @inline(never)
+    public static func sendDatagram(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int, to address: SocketAddress) -> Int {
+        address.withSockAddr { sa, size in
+            retrying("sendto") { Glibc.sendto(fd, buffer, length, Int32(MSG_DONTWAIT | MSG_NOSIGNAL), sa, size) }
+        }
+    }
+
     @inline(never)
     public static func close(_ fd: Int32) {
         // Linux closes the descriptor even when close() reports EINTR: never retry.

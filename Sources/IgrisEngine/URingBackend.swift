@@ -250,6 +250,14 @@ public final class URingBackend: IOBackend {
         Syscall.send(fd, bytes.baseAddress!, bytes.count)
     }
 
+    public func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int {
+        Syscall.receiveDatagram(fd, buffer, length, from: &from)
+    }
+
+    public func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int {
+        Syscall.sendDatagram(fd, bytes.baseAddress!, bytes.count, to: address)
+    }
+
     public func shutdown(fd: Int32, how: Int32) -> Int32 {
         Syscall.shutdown(fd, how)
     }

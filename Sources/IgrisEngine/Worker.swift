@@ -115,6 +115,17 @@ final class Worker<Backend: IOBackend> {
     var handshakeOrderHead = 0
     /// Counted handshakes open on this worker now.
     var handshakesActive = 0
+    /// UDP associations by their control connection's slot (`UDPRelay.swift`).
+    var associations: [Int32: UDPAssociation] = [:]
+    /// Where datagrams are received and built (allocated with the first association).
+    static var datagramBufferSize: Int { 65536 + datagramHeadroom }
+    var datagramBufferStorage: UnsafeMutableRawPointer?
+    var datagramBuffer: UnsafeMutableRawPointer {
+        if let b = datagramBufferStorage { return b }
+        let b = UnsafeMutableRawPointer.allocate(byteCount: Self.datagramBufferSize, alignment: 16)
+        datagramBufferStorage = b
+        return b
+    }
     /// Slots with `framedUpload`: where the client's request body ends.
     var uploadFramings: [Int32: HTTPBodyFraming] = [:]
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
@@ -156,6 +167,7 @@ final class Worker<Backend: IOBackend> {
 
     deinit {
         scratch.deallocate()
+        datagramBufferStorage?.deallocate()
         for a in connectAddresses { a.deallocate() }
     }
 
@@ -195,7 +207,9 @@ final class Worker<Backend: IOBackend> {
         case .room: onRoom(s, p, d, c.result)
         case .shutdown: onShutdown(s, p, d)
         case .connect: onConnect(s, p, c.result)
-        case .negotiationReadable: onNegotiationReadable(s, p, c.result)
+        case .negotiationReadable:
+            if p.pointee.state == .associated { onControlReadable(s, p, c.result) } else { onNegotiationReadable(s, p, c.result) }
+        case .datagramReadable: onDatagramReadable(s, p, d, c.result)
         default: break  // close: only the in-flight count matters
         }
         if p.pointee.state == .closing && p.pointee.inflight == 0 { finish(s) }

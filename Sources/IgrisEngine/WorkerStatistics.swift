@@ -57,8 +57,22 @@ public final class WorkerStatistics: Sendable {
         case throttlePauses          // a rate-limited direction paused its recv
         case bytesAfterRequestDropped  // HTTP proxy: bytes a client sent past a forwarded request's body
         case proxyHeaderRejected     // accept_proxy_protocol: missing or malformed PROXY header
+        // SOCKS5 UDP ASSOCIATE
+        case udpAssociationsActive   // gauge (add/subtract)
+        case udpAssociationsTotal
+        case udpDatagramsToDestination
+        case udpDatagramsToClient
+        case udpBytesToDestination
+        case udpBytesToClient
+        // Drops, in `DatagramDrop` order (see `udpDropCounter`).
+        case udpDropMalformed, udpDropFragmented, udpDropForeignSource, udpDropDenied, udpDropUnresolved, udpDropLimit, udpDropSendFailed
         case serversDown             // health checks took a server out of rotation
         case serversUp               // health checks put a server back
+    }
+
+    /// The counter of a datagram drop reason.
+    public static func udpDropCounter(_ reason: DatagramDrop) -> Counter {
+        Counter(rawValue: Counter.udpDropMalformed.rawValue + reason.rawValue)!
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).

@@ -45,7 +45,8 @@ final class GatewayNegotiator: NegotiatorFactory {
 /// What an offload thread hands back to a negotiation.
 enum OffloadAnswer: Sendable {
     case authenticated(Authenticator.Outcome)
-    case resolved(Result<[SocketAddress], ResolveFailure>)
+    /// The name asked (for a UDP association's held datagrams) and its answer.
+    case resolved(String, Result<[SocketAddress], ResolveFailure>)
 }
 
 /// Whether a negotiation's connection is still open, for work queued on other threads.
@@ -88,6 +89,8 @@ final class GatewayNegotiation: Negotiation {
     var candidates: [SocketAddress] = []
     var nextCandidate = 0
     var lastConnectError: Int32 = 0
+    /// SOCKS5 UDP ASSOCIATE: the association's destinations and held datagrams.
+    var udp: DatagramRelayState?
     /// False once the connection has closed: queued work for it is skipped.
     let connectionOpen = OpenFlag()
 
@@ -169,6 +172,8 @@ final class GatewayNegotiation: Negotiation {
             return (consumed, NegotiationAction(reply: Socks5.methodSelection(method), .read))
         case .credentials(let username, let password):
             return (consumed, authenticate(username: username, password: password))
+        case .request(let request) where request.command == .udpAssociate:
+            return (consumed, associate(request))
         case .request(let request):
             let host: String
             switch request.address {
@@ -246,13 +251,17 @@ final class GatewayNegotiation: Negotiation {
         let resolver = policy.resolver
         let resume = context.resume
         factory.gateway.offload {
-            resume(OffloadAnswer.resolved(resolver.resolve(host, port: port)))
+            resume(OffloadAnswer.resolved(host, resolver.resolve(host, port: port)))
         }
         return .wait
     }
 
     func resumed(_ value: any Sendable) -> NegotiationAction {
         guard let answer = value as? OffloadAnswer else { return failure(socks: .generalFailure, http: .badGateway) }
+        if udp != nil, case .resolved(let name, let result) = answer {
+            resolvedForDatagrams(name, result)
+            return .read
+        }
         switch answer {
         case .authenticated(.accepted(let index)):
             account = Int32(index)
@@ -276,10 +285,10 @@ final class GatewayNegotiation: Negotiation {
             ])
             let reply = factory.kind == .socks5 ? Socks5.authenticationStatus(succeeded: false) : HTTPConnect.response(.proxyAuthenticationRequired)
             return NegotiationAction(reply: reply, .close(.refused))
-        case .resolved(.success(let addresses)):
+        case .resolved(_, .success(let addresses)):
             candidates = addresses
             return beginConnecting()
-        case .resolved(.failure(let failure)):
+        case .resolved(_, .failure(let failure)):
             statistics.add(.resolveFailures)
             context.logger.debug("name resolution failed", metadata: [
                 "client": "\(clientDescription)", "destination": "\(destinationDescription)", "error": "\(failure)",

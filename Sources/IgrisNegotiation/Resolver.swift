@@ -45,16 +45,9 @@ public final class Resolver: Sendable {
     /// Blocking; every address the name has (IPv6 and IPv4, in getaddrinfo's RFC 6724
     /// order), with `port` filled in.
     public func resolve(_ host: String, port: UInt16) -> Result<[SocketAddress], ResolveFailure> {
+        if let hit = cached(host, port: port) { return hit }
         let key = host.lowercased()
         let now = Syscall.monotonicNanoseconds()
-        if let hit = cache.withLock({ c -> Entry? in
-            guard let e = c[key] else { return nil }
-            if e.expires <= now { c[key] = nil; return nil }
-            return e
-        }) {
-            hitCount.wrappingAdd(1, ordering: .relaxed)
-            return hit.addresses.map { $0.map { $0.withPort(port) } }
-        }
         lookupCount.wrappingAdd(1, ordering: .relaxed)
         let answer = Self.getaddrinfo(key)
         let ttl = (try? answer.get()) != nil ? positiveTTLNanoseconds : negativeTTLNanoseconds
@@ -66,6 +59,19 @@ public final class Resolver: Sendable {
             c[key] = Entry(addresses: answer, expires: now + ttl)
         }
         return answer.map { $0.map { $0.withPort(port) } }
+    }
+
+    /// The cached answer, if there is one (never blocks: a worker may ask).
+    public func cached(_ host: String, port: UInt16) -> Result<[SocketAddress], ResolveFailure>? {
+        let key = host.lowercased()
+        let now = Syscall.monotonicNanoseconds()
+        guard let hit = cache.withLock({ c -> Entry? in
+            guard let e = c[key] else { return nil }
+            if e.expires <= now { c[key] = nil; return nil }
+            return e
+        }) else { return nil }
+        hitCount.wrappingAdd(1, ordering: .relaxed)
+        return hit.addresses.map { $0.map { $0.withPort(port) } }
     }
 
     public var lookups: Int64 { lookupCount.load(ordering: .relaxed) }

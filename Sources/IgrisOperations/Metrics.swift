@@ -66,6 +66,11 @@ public struct MetricsRenderer: Sendable {
             ("igris_account_revocations_total", .accountsRevoked, "Open tunnels ended because their user expired or was removed from the users file."),
             ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
             ("igris_http_bytes_after_request_dropped_total", .bytesAfterRequestDropped, "HTTP proxy: bytes a client sent after a forwarded request's body (never forwarded to that origin)."),
+            ("igris_udp_associations_total", .udpAssociationsTotal, "SOCKS5 UDP associations opened."),
+            ("igris_udp_datagrams_to_destination_total", .udpDatagramsToDestination, "Datagrams relayed from clients to destinations."),
+            ("igris_udp_datagrams_to_client_total", .udpDatagramsToClient, "Datagrams relayed from destinations to clients."),
+            ("igris_udp_bytes_to_destination_total", .udpBytesToDestination, "Payload bytes relayed from clients to destinations."),
+            ("igris_udp_bytes_to_client_total", .udpBytesToClient, "Payload bytes relayed from destinations to clients."),
             ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),
         ]
         for (name, counter, help) in counters {
@@ -73,6 +78,12 @@ public struct MetricsRenderer: Sendable {
             out.sample(name, [:], server.total(counter))
         }
 
+        out.family("igris_udp_associations_active", "gauge", "SOCKS5 UDP associations open now.")
+        out.sample("igris_udp_associations_active", [:], server.total(.udpAssociationsActive))
+        out.family("igris_udp_dropped_total", "counter", "Datagrams dropped, by reason.")
+        for reason in DatagramDrop.allCases {
+            out.sample("igris_udp_dropped_total", ["reason": reason.label], server.total(WorkerStatistics.udpDropCounter(reason)))
+        }
         out.family("igris_handshakes_active", "gauge", "Connections still negotiating (SOCKS5, HTTP CONNECT, PROXY header) now, all workers; counted while per-source limits are on.")
         out.sample("igris_handshakes_active", [:], server.total(.handshakesActive))
         out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")

@@ -131,7 +131,7 @@ public struct Socks5ServerHandshake: Sendable {
                 guard name.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else { return .failure(.malformedRequest) }
                 address = .domain(String(decoding: name, as: UTF8.self))
             }
-            guard let command = Socks5.Command(rawValue: pending[1]), command == .connect else {
+            guard let command = Socks5.Command(rawValue: pending[1]), command == .connect || command == .udpAssociate else {
                 return .failure(.commandNotSupported(pending[1]))
             }
             return .request(Socks5.Request(command: command, address: address, port: port))

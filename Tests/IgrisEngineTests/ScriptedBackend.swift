@@ -106,6 +106,11 @@ final class ScriptedBackend: IOBackend {
         return bytes.count
     }
 
+    /// No datagrams in these scripts.
+    func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int { -Int(EAGAIN) }
+
+    func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int { bytes.count }
+
     func shutdown(fd: Int32, how: Int32) -> Int32 { 0 }
     func consumeWake(fd: Int32) { Syscall.drainEventFD(fd) }
 

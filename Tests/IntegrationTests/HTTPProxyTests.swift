@@ -103,7 +103,7 @@ struct HTTPProxyTests {
             r.raise_for_status()
             print(hashlib.sha256(r.content).hexdigest())
             """
-        let (pyStatus, pyOut, pyErr) = try runShell("http_proxy=http://\(gateway.http) python3 -c \"\(script)\"")
+        let (pyStatus, pyOut, pyErr) = try runShell("http_proxy=http://\(gateway.http) /usr/bin/python3 -c \"\(script)\"")
         #expect(pyStatus == 0, "\(pyErr)")
         #expect(pyOut.trimmingCharacters(in: .whitespacesAndNewlines) == files.digest.map { String(format: "%02x", $0) }.joined())
         #expect(gateway.total(.handshakesCompleted) == 3)

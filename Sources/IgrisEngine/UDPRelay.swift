@@ -1,0 +1,253 @@
+import Glibc
+import IgrisPolicy
+
+/// One SOCKS5 UDP association's sockets: the relay the client sends to (bound to the address
+/// its control connection arrived on) and a dual-stack socket toward destinations.
+final class UDPAssociation {
+    let relay: Int32
+    let outbound: Int32
+    let clientIP: IPAddress
+    /// The outbound socket is IPv6 (dual-stack); else IPv4 only (a host without IPv6).
+    let outboundIPv6: Bool
+    /// The client's port: announced in its request, or learnt from its first datagram.
+    var clientPort: UInt16
+    var relayArmed = false
+    var outboundArmed = false
+
+    init(relay: Int32, outbound: Int32, outboundIPv6: Bool, clientIP: IPAddress, clientPort: UInt16) {
+        self.relay = relay
+        self.outbound = outbound
+        self.outboundIPv6 = outboundIPv6
+        self.clientIP = clientIP
+        self.clientPort = clientPort
+    }
+
+    var client: SocketAddress { SocketAddress(ip: clientIP, port: clientPort) }
+}
+
+/// SOCKS5 UDP ASSOCIATE on the worker that owns the control connection: datagrams are read
+/// when their socket polls readable (a bounded batch per turn, then the poll is re-armed),
+/// relayed with one `sendto` each, and never buffered: what can't be sent at once is dropped
+/// and counted, as UDP would. Where a datagram may go is the negotiation's `DatagramPolicy`
+/// (ACL, names, per-association bounds); this file moves the bytes.
+extension Worker {
+    /// Datagrams handled per readiness before the poll is re-armed (other connections' turn).
+    static var datagramBatch: Int { 64 }
+    /// Room before a payload for the SOCKS5 UDP header (22 bytes at most for an IP source).
+    static var datagramHeadroom: Int { 32 }
+
+    /// `.associate`: opens the relay, answers the client, and watches all three sockets.
+    func startAssociation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, clientPort: UInt16) {
+        guard let negotiation = negotiations[Int(p.pointee.session)], let policy = negotiation as? DatagramPolicy else {
+            closeSlot(s, abort: false, reason: .refused)
+            return
+        }
+        if p.pointee.user < 0 && negotiation.account >= 0 {
+            p.pointee.user = negotiation.account
+            p.pointee.rateLimited = accounts[Int(negotiation.account)].isRateLimited
+        }
+        endHandshakeCount(s, p)
+        var association: UDPAssociation? = nil
+        var relayAddress: SocketAddress? = nil
+        if let local = try? Syscall.localAddress(p.pointee.client), let peer = try? Syscall.peerAddress(p.pointee.client),
+           let relay = try? Syscall.datagramSocket(bound: SocketAddress(ip: local.ipAddress, port: 0)) {
+            var outboundIPv6 = true
+            var outbound = try? Syscall.datagramSocket(bound: SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0))
+            if outbound == nil {
+                outboundIPv6 = false
+                outbound = try? Syscall.datagramSocket(bound: SocketAddress(ip: IPAddress(ipv4: 0, 0, 0, 0), port: 0))
+            }
+            if let outbound, let bound = try? Syscall.localAddress(relay) {
+                association = UDPAssociation(relay: relay, outbound: outbound, outboundIPv6: outboundIPv6,
+                                             clientIP: peer.ipAddress, clientPort: clientPort)
+                relayAddress = bound
+            } else {
+                Syscall.close(relay)
+            }
+        }
+        let action = policy.associated(relay: relayAddress)
+        guard let association, case .read = action.next else {
+            if let association {
+                Syscall.close(association.relay)
+                Syscall.close(association.outbound)
+            }
+            perform(s, p, NegotiationAction(reply: action.reply, .close(.refused)))
+            return
+        }
+        associations[s] = association
+        statistics.add(.handshakesCompleted)
+        statistics.add(.udpAssociationsTotal)
+        statistics.add(.udpAssociationsActive)
+        if accessLogger != nil {
+            accessInfo[s] = (negotiation.clientDescription, "udp relay \(relayAddress!)")
+        }
+        _ = action.reply.withUnsafeBytes { backend.sendNow(fd: p.pointee.client, $0) }
+        wheel.cancel(s, table: table)
+        p.pointee.state = .associated
+        p.pointee.lastActivity = now
+        wheel.schedule(s, deadline: now + associationIdleNanoseconds(p), table: table)
+        armControlWatch(s, p)
+        armDatagramPoll(s, p, association, 0)
+        armDatagramPoll(s, p, association, 1)
+    }
+
+    /// An association without datagrams either way for this long ends (the listener's idle
+    /// timeout, else 5 minutes): a client that lost its control connection's FIN can't hold
+    /// two sockets for ever.
+    func associationIdleNanoseconds(_ p: UnsafeMutablePointer<ConnectionSlot>) -> UInt64 {
+        listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds ?? 300_000_000_000
+    }
+
+    private func armControlWatch(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        p.pointee.negotiationPollArmed = true
+        p.pointee.inflight += 1
+        backend.pollReadable(fd: p.pointee.client, token: token(s, .negotiationReadable))
+    }
+
+    private func armDatagramPoll(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ d: Int) {
+        if d == 0 { a.relayArmed = true } else { a.outboundArmed = true }
+        p.pointee.inflight += 1
+        backend.pollReadable(fd: d == 0 ? a.relay : a.outbound, token: token(s, .datagramReadable, d))
+    }
+
+    /// The control connection: anything it sends is ignored (RFC 1928 has nothing more to
+    /// say on it); its end ends the association.
+    func onControlReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
+        p.pointee.negotiationPollArmed = false
+        guard p.pointee.state == .associated else { return }
+        if result < 0 { closeSlot(s, abort: false); return }
+        while true {
+            let n = backend.receiveNow(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
+            if n > 0 { continue }
+            if n == -Int(EAGAIN) { armControlWatch(s, p) } else { closeSlot(s, abort: n < 0, reason: n == 0 ? .eof : .reset) }
+            return
+        }
+    }
+
+    func onDatagramReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
+        guard let a = associations[s] else { return }
+        if d == 0 { a.relayArmed = false } else { a.outboundArmed = false }
+        guard p.pointee.state == .associated, result >= 0 else { return }
+        guard let policy = negotiations[Int(p.pointee.session)] as? DatagramPolicy else { return }
+        let buffer = datagramBuffer
+        let payload = buffer + Self.datagramHeadroom
+        let capacity = Self.datagramBufferSize - Self.datagramHeadroom
+        var from = SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0)
+        var handled = 0
+        while handled < Self.datagramBatch {
+            let n = backend.receiveDatagram(fd: d == 0 ? a.relay : a.outbound, into: payload, length: capacity, from: &from)
+            if n < 0 {
+                if n == -Int(EAGAIN) { break }
+                continue  // an ICMP error queued by an earlier send: nothing to relay
+            }
+            handled += 1
+            p.pointee.lastActivity = now
+            if d == 0 {
+                fromClient(s, p, a, policy, UnsafeRawBufferPointer(start: payload, count: n), from: from)
+            } else {
+                toClient(s, p, a, policy, n, from: from)
+            }
+        }
+        if p.pointee.state == .associated { armDatagramPoll(s, p, a, d) }
+    }
+
+    private func drop(_ reason: DatagramDrop) {
+        statistics.add(WorkerStatistics.udpDropCounter(reason))
+    }
+
+    private func fromClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ policy: DatagramPolicy,
+                            _ datagram: UnsafeRawBufferPointer, from: SocketAddress) {
+        // Only the client that holds the control connection, from its one port.
+        guard from.ipAddress == a.clientIP, a.clientPort == 0 || from.port == a.clientPort else { drop(.foreignSource); return }
+        if a.clientPort == 0 { a.clientPort = from.port }
+        switch policy.route(datagram) {
+        case .drop(let reason):
+            drop(reason)
+        case .held:
+            break
+        case .send(let destination, let offset):
+            sendToDestination(s, p, a, destination, UnsafeRawBufferPointer(rebasing: datagram[offset...]))
+        }
+    }
+
+    private func sendToDestination(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation,
+                                   _ destination: SocketAddress, _ payload: UnsafeRawBufferPointer) {
+        if p.pointee.user >= 0 && datagramOverRate(p, 0, payload.count) { drop(.limit); return }
+        // A dual-stack outbound socket takes an IPv4 destination as a mapped address.
+        let target: SocketAddress
+        if a.outboundIPv6 {
+            target = destination.mappedToIPv6
+        } else if destination.family == AF_INET {
+            target = destination
+        } else {
+            drop(.sendFailed)
+            return
+        }
+        if backend.sendDatagram(fd: a.outbound, payload, to: target) < 0 { drop(.sendFailed); return }
+        statistics.add(.udpDatagramsToDestination)
+        statistics.add(.udpBytesToDestination, Int64(payload.count))
+    }
+
+    private func toClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ policy: DatagramPolicy,
+                          _ n: Int, from: SocketAddress) {
+        guard a.clientPort != 0, let header = policy.header(forReplyFrom: from), header.count <= Self.datagramHeadroom else {
+            drop(.foreignSource)
+            return
+        }
+        if p.pointee.user >= 0 && datagramOverRate(p, 1, n) { drop(.limit); return }
+        let start = datagramBuffer + Self.datagramHeadroom - header.count
+        header.withUnsafeBytes { start.copyMemory(from: $0.baseAddress!, byteCount: header.count) }
+        if backend.sendDatagram(fd: a.relay, UnsafeRawBufferPointer(start: start, count: header.count + n), to: a.client) < 0 {
+            drop(.sendFailed)
+            return
+        }
+        statistics.add(.udpDatagramsToClient)
+        statistics.add(.udpBytesToClient, Int64(n))
+    }
+
+    /// A user's bytes either way are counted; a rate-limited user's datagram that would run
+    /// past the limit's burst is dropped (UDP has no backpressure to pause).
+    private func datagramOverRate(_ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ n: Int) -> Bool {
+        let account = accounts[Int(p.pointee.user)]
+        if d == 0 { account.addBytes(toDestination: n) } else { account.addBytes(toClient: n) }
+        return (d == 0 ? account.upload : account.download).charge(n, now: now) > 0
+    }
+
+    /// Names resolved for held datagrams: sent now.
+    func sendResolvedDatagrams(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard let a = associations[s], let policy = negotiations[Int(p.pointee.session)] as? DatagramPolicy else { return }
+        for (destination, payload) in policy.takeResolved() {
+            payload.withUnsafeBytes { sendToDestination(s, p, a, destination, $0) }
+        }
+    }
+
+    /// The association's sockets close with its control connection (`closeSlot`).
+    func closeAssociation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard let a = associations.removeValue(forKey: s) else { return }
+        statistics.add(.udpAssociationsActive, -1)
+        for d in 0..<2 {
+            let armed = d == 0 ? a.relayArmed : a.outboundArmed
+            p.pointee.inflight += 1
+            backend.close(fd: d == 0 ? a.relay : a.outbound, pending: armed ? PendingOperations(read: token(s, .datagramReadable, d)) : .none,
+                          abort: false, token: token(s, .close, d))
+        }
+    }
+}
+
+extension SocketAddress {
+    /// An IPv4 address as an IPv4-mapped IPv6 one (for a dual-stack socket); others as they are.
+    var mappedToIPv6: SocketAddress {
+        guard family == AF_INET else { return self }
+        var sin6 = sockaddr_in6()
+        sin6.sin6_family = sa_family_t(AF_INET6)
+        sin6.sin6_port = port.bigEndian
+        let ip = ipAddress
+        withUnsafeMutableBytes(of: &sin6.sin6_addr) { dst in
+            for i in 0..<8 { dst[i] = UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i))) }
+            for i in 0..<8 { dst[8 + i] = UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i))) }
+        }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin6) { dst.copyMemory(from: $0) } }
+        return SocketAddress(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
+    }
+}

@@ -1,0 +1,206 @@
+import Foundation
+import Glibc
+import IgrisEngine
+import IgrisPolicy
+import IgrisProtocols
+import Testing
+
+/// A UDP socket of the test's own: blocking, with a receive timeout.
+final class TestDatagramSocket: @unchecked Sendable {
+    let fd: Int32
+    let address: SocketAddress
+
+    init(bound: String = "127.0.0.1:0") throws {
+        fd = Glibc.socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
+        try Syscall.bind(fd, try SocketAddress.resolve(bound))
+        address = try Syscall.localAddress(fd)
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    func send(_ bytes: [UInt8], to address: SocketAddress) {
+        _ = bytes.withUnsafeBytes { b in address.withSockAddr { Glibc.sendto(fd, b.baseAddress, b.count, 0, $0, $1) } }
+    }
+
+    /// One datagram and its sender, or nil at the timeout.
+    func receive() -> ([UInt8], SocketAddress)? {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var from = SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0)
+        let n = buffer.withUnsafeMutableBytes { Syscall.receiveDatagram(fd, $0.baseAddress!, $0.count, from: &from) }
+        // receiveDatagram is MSG_DONTWAIT: poll for the timeout first.
+        if n == -Int(EAGAIN) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 5000) == 1 else { return nil }
+            return receive()
+        }
+        return n >= 0 ? (Array(buffer[0..<n]), from) : nil
+    }
+
+    func close() { Glibc.close(fd) }
+}
+
+/// Echoes every datagram to its sender until stopped.
+final class UDPEcho: @unchecked Sendable {
+    let socket: TestDatagramSocket
+    private let thread: TestThread
+    private let stopping = SharedBox(false)
+
+    init() throws {
+        let socket = try TestDatagramSocket()
+        self.socket = socket
+        let stopping = stopping
+        thread = TestThread {
+            while !stopping.value {
+                var p = pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&p, 1, 100) == 1, let (bytes, from) = socket.receive() else { continue }
+                socket.send(bytes, to: from)
+            }
+        }
+    }
+
+    var port: UInt16 { socket.address.port }
+
+    func stop() {
+        stopping.update { $0 = true }
+        thread.join()
+        socket.close()
+    }
+}
+
+@Suite("SOCKS5 UDP ASSOCIATE", .serialized)
+struct UDPAssociateTests {
+    /// A control connection with its association: the relay address from the reply.
+    static func associate(_ gateway: ProxyGateway, clientPort: UInt16 = 0) throws -> (control: TestSocket, relay: SocketAddress) {
+        let control = try TestSocket.connect(gateway.socks5)
+        control.setReceiveTimeout(seconds: 10)
+        control.write([5, 1, 0])
+        guard try control.readExactly(2) == [5, 0] else { throw TestFailure("method refused") }
+        control.write([5, 3, 0, 1, 0, 0, 0, 0, UInt8(clientPort >> 8), UInt8(clientPort & 0xFF)])
+        let head = try control.readExactly(4)
+        guard head[0] == 5, head[1] == 0, head[3] == 1 else { throw TestFailure("UDP ASSOCIATE refused: \(head)") }
+        let bound = try control.readExactly(6)
+        let relay = SocketAddress(ip: IPAddress(ipv4: bound[0], bound[1], bound[2], bound[3]), port: UInt16(bound[4]) << 8 | UInt16(bound[5]))
+        return (control, relay)
+    }
+
+    static func header(_ address: Socks5.Address, _ port: UInt16) -> [UInt8] { Socks5UDP.header(from: address, port: port) }
+
+    @Test("10,000 datagrams of 1 B to 1,400 B through an association to a UDP echo, each one checked", arguments: engineBackends)
+    func echoes(backend: BackendChoice) throws {
+        let echo = try UDPEcho()
+        defer { echo.stop() }
+        let gateway = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32:\(echo.port)"])
+        defer { gateway.stop() }
+        let (control, relay) = try Self.associate(gateway)
+        defer { control.close() }
+        #expect(relay.ipAddress == IPAddress(ipv4: 127, 0, 0, 1) && relay.port != 0, "the address the control connection came to")
+        let client = try TestDatagramSocket()
+        defer { client.close() }
+        let header = Self.header(.ipv4(127, 0, 0, 1), echo.port)
+        var generator = SystemRandomNumberGenerator()
+        var intact = 0
+        for i in 0..<10_000 {
+            let size = Int.random(in: 1...1400, using: &generator)
+            let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) }
+            client.send(header + payload, to: relay)
+            guard let (reply, from) = client.receive() else { Issue.record("datagram \(i) (\(size) B) got no reply"); break }
+            if from == relay && reply == header + payload { intact += 1 }
+        }
+        #expect(intact == 10_000)
+        #expect(gateway.total(.udpDatagramsToDestination) == 10_000 && gateway.total(.udpDatagramsToClient) == 10_000)
+
+        // A name: resolved off the worker, then the same path.
+        let named = Self.header(.domain("localhost"), echo.port)
+        client.send(named + [1, 2, 3], to: relay)
+        let reply = client.receive()
+        #expect(reply?.0 == header + [1, 2, 3], "the reply names the resolved address: \(String(describing: reply?.0))")
+
+        // The association ends with its control connection.
+        #expect(gateway.total(.udpAssociationsActive) == 1)
+        control.close()
+        #expect(gateway.eventually { gateway.total(.udpAssociationsActive) == 0 && gateway.total(.activeConnections) == 0 })
+        client.send(header + [9], to: relay)
+        #expect(client.receive() == nil, "nothing relays once the association has ended")
+    }
+
+    @Test("drops, each counted: another source, an ACL-denied destination, FRAG, short and bad headers, replies from strangers",
+          arguments: engineBackends)
+    func drops(backend: BackendChoice) throws {
+        let echo = try UDPEcho()
+        defer { echo.stop() }
+        let gateway = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32:\(echo.port)"])
+        defer { gateway.stop() }
+        let (control, relay) = try Self.associate(gateway)
+        defer { control.close() }
+        let client = try TestDatagramSocket()
+        defer { client.close() }
+        let header = Self.header(.ipv4(127, 0, 0, 1), echo.port)
+        client.send(header + [0], to: relay)
+        #expect(client.receive()?.0 == header + [0], "the association works; the client's port is now known")
+
+        func dropped(_ reason: DatagramDrop) -> Int64 { gateway.total(WorkerStatistics.udpDropCounter(reason)) }
+        let other = try TestDatagramSocket(bound: "127.0.0.2:0")
+        defer { other.close() }
+        other.send(header + [1], to: relay)
+        #expect(gateway.eventually { dropped(.foreignSource) == 1 })
+        let sameHostOtherPort = try TestDatagramSocket()
+        defer { sameHostOtherPort.close() }
+        sameHostOtherPort.send(header + [2], to: relay)
+        #expect(gateway.eventually { dropped(.foreignSource) == 2 })
+
+        client.send(Self.header(.ipv4(127, 0, 0, 1), try unusedPort()) + [3], to: relay)  // not allowed
+        #expect(gateway.eventually { dropped(.denied) == 1 })
+        client.send([0, 0, 1] + Array(header.dropFirst(3)) + [4], to: relay)  // FRAG = 1
+        #expect(gateway.eventually { dropped(.fragmented) == 1 })
+        client.send([0, 0], to: relay)
+        client.send([0, 0, 0, 9, 1, 2, 3, 4, 0, 80], to: relay)
+        client.send([1, 0, 0, 1, 127, 0, 0, 1, 0, 80], to: relay)
+        #expect(gateway.eventually { dropped(.malformed) == 3 })
+        // Nothing of those reached the echo: the next reply is the next datagram's.
+        client.send(header + [5], to: relay)
+        #expect(client.receive()?.0 == header + [5])
+
+        // A stranger sending to the outbound side can't reach the client: only destinations
+        // the client sent to are relayed back. (The outbound port is learnt from the echo.)
+        #expect(gateway.total(.udpDatagramsToClient) == 2)
+        #expect(gateway.eventually { gateway.total(.activeConnections) == 1 })
+    }
+
+    @Test("a real DNS client (dnspython over PySocks UDP) resolves through the relay from a DNS server on loopback",
+          arguments: engineBackends)
+    func dnsThroughRelay(backend: BackendChoice) throws {
+        let gateway = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32"])
+        defer { gateway.stop() }
+        let script = """
+            import socket, sys, threading
+            import dns.message, dns.query, dns.rrset, socks
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            server.bind(('127.0.0.1', 0))
+            port = server.getsockname()[1]
+            def serve():
+                while True:
+                    data, peer = server.recvfrom(2048)
+                    q = dns.message.from_wire(data)
+                    r = dns.message.make_response(q)
+                    r.answer.append(dns.rrset.from_text(q.question[0].name, 60, 'IN', 'A', '192.0.2.44'))
+                    server.sendto(r.to_wire(), peer)
+            threading.Thread(target=serve, daemon=True).start()
+            for name in ['vpn.example.', 'one.example.', 'two.example.']:
+                s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.set_proxy(socks.SOCKS5, sys.argv[1], int(sys.argv[2]))
+                s.settimeout(5)
+                s.bind(('127.0.0.1', 0))
+                answer = dns.query.udp(dns.message.make_query(name, 'A'), '127.0.0.1', port=port, timeout=5, sock=s)
+                print(name, answer.answer[0][0].address, flush=True)
+                s.close()
+            """
+        let child = try ChildProcess("/usr/bin/python3", ["-u", "-c", script, "127.0.0.1", "\(gateway.socks5.port)"])
+        defer { child.terminate() }
+        var answers: [String] = []
+        for _ in 0..<3 { answers.append(child.readLine()) }
+        #expect(answers == ["vpn.example. 192.0.2.44", "one.example. 192.0.2.44", "two.example. 192.0.2.44"], "\(answers) \(child.finish().stderr)")
+        #expect(gateway.total(.udpAssociationsTotal) == 3)
+        #expect(gateway.eventually { gateway.total(.udpAssociationsActive) == 0 })
+    }
+}
