@@ -83,7 +83,7 @@ test-tsan: deps $(TOOLS)/bin/promtool
 # classification (Fuzz/ is its own package), FUZZ_SECONDS each, from the committed seed
 # corpus (new inputs go to Fuzz/.build/corpus; crashes to Fuzz/.build/crashes, and fail the run).
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := FuzzSocks5:socks5 FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config FuzzAddress:address
+FUZZ_TARGETS := FuzzSocks5:socks5 FuzzSocks5UDP:socks5-udp FuzzHTTPHead:http-head FuzzProxyProtocol:proxy-protocol FuzzConfig:config FuzzAddress:address
 fuzz: deps
 	cd Fuzz && swift build -c release -Xswiftc -sanitize=fuzzer,address -Xswiftc -use-ld=lld
 	@for t in $(FUZZ_TARGETS); do \

@@ -1,7 +1,8 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
-// libFuzzer targets for the parsers that face the network and the operator: SOCKS5, HTTP
+// libFuzzer targets for the parsers that face the network and the operator: SOCKS5 (and its
+// UDP datagram header), HTTP
 // request heads, PROXY v1/v2, the configuration and users files. Its own package (like
 // Benchmarks/), built only with -sanitize=fuzzer: each main() hands its target to
 // libFuzzer's LLVMFuzzerRunDriver.
@@ -16,6 +17,7 @@ let package = Package(
         .target(name: "FuzzDriver"),
         .target(name: "FuzzSupport", dependencies: ["FuzzDriver"]),
         .executableTarget(name: "FuzzSocks5", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
+        .executableTarget(name: "FuzzSocks5UDP", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzHTTPHead", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzProxyProtocol", dependencies: ["FuzzSupport", .product(name: "IgrisProtocols", package: "igris")]),
         .executableTarget(name: "FuzzAddress", dependencies: ["FuzzSupport", .product(name: "IgrisPolicy", package: "igris")]),

@@ -95,9 +95,9 @@ struct Socks5CodecTests {
         #expect(run([5, 1, 2, 9, 1, 97, 1, 98], auth: true) == .malformedCredentials)
         #expect(run([5, 1, 2, 1, 0, 1, 98], auth: true) == .malformedCredentials)
         #expect(Socks5.Failure.malformedCredentials.reply == [1, 1])
-        // BIND and UDP ASSOCIATE: command not supported (0x07).
+        // BIND and unknown commands: command not supported (0x07); UDP ASSOCIATE is a request.
         #expect(run([5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80]) == .commandNotSupported(2))
-        #expect(run([5, 1, 0, 5, 3, 0, 1, 1, 2, 3, 4, 0, 80]) == .commandNotSupported(3))
+        #expect(run([5, 1, 0, 5, 3, 0, 1, 1, 2, 3, 4, 0, 80]) == nil)
         #expect(run([5, 1, 0, 5, 9, 0, 1, 1, 2, 3, 4, 0, 80]) == .commandNotSupported(9))
         #expect(Socks5.Failure.commandNotSupported(2).reply == [5, 7, 0, 1, 0, 0, 0, 0, 0, 0])
         // Unknown address type (0x08).
@@ -146,5 +146,37 @@ struct Socks5CodecTests {
         #expect(Socks5.reply(.succeeded, bound: .domain("ab"), port: 2) == [5, 0, 0, 3, 2, 97, 98, 0, 2])
         #expect(Socks5.methodSelection(.usernamePassword) == [5, 2])
         #expect(Socks5.authenticationStatus(succeeded: true) == [1, 0])
+    }
+}
+
+@Suite("SOCKS5 UDP header codec")
+struct Socks5UDPCodecTests {
+    static func parse(_ bytes: [UInt8]) -> Result<Socks5UDP.Header, Socks5UDP.Drop> { bytes.withUnsafeBytes { Socks5UDP.parse($0) } }
+
+    @Test("every address type parses back from its header; the data starts after it")
+    func roundTrip() throws {
+        let v6 = (0..<16).map { UInt8($0) }
+        for (address, length) in [(Socks5.Address.ipv4(192, 0, 2, 1), 10), (.ipv6(v6), 22), (.domain("dns.example"), 18)] {
+            let header = Socks5UDP.header(from: address, port: 53)
+            #expect(header.count == length)
+            let parsed = try Self.parse(header + [0xAB, 0xCD]).get()
+            #expect(parsed == Socks5UDP.Header(address: address, port: 53, length: length))
+        }
+    }
+
+    @Test("short, reserved, fragmented and unknown-type headers are refused with their reason")
+    func drops() {
+        #expect(Self.parse([]) == .failure(.short))
+        #expect(Self.parse([0, 0, 0]) == .failure(.short))
+        #expect(Self.parse([0, 0, 0, 1, 127, 0, 0, 1, 0]) == .failure(.short))
+        #expect(Self.parse([0, 0, 0, 4] + [UInt8](repeating: 0, count: 17)) == .failure(.short))
+        #expect(Self.parse([0, 0, 0, 3, 5, 97, 98]) == .failure(.short))
+        #expect(Self.parse([0, 0, 0, 3, 0, 0, 53]) == .failure(.short))
+        #expect(Self.parse([0, 1, 0, 1, 127, 0, 0, 1, 0, 53]) == .failure(.reserved))
+        #expect(Self.parse([0, 0, 1, 1, 127, 0, 0, 1, 0, 53]) == .failure(.fragmented))
+        #expect(Self.parse([0, 0, 0, 2, 127, 0, 0, 1, 0, 53]) == .failure(.addressType))
+        #expect(Self.parse([0, 0, 0, 3, 2, 10, 97, 0, 53]) == .failure(.addressType))
+        // An empty payload is a datagram too.
+        #expect((try? Self.parse([0, 0, 0, 1, 127, 0, 0, 1, 0, 53]).get())?.length == 10)
     }
 }
