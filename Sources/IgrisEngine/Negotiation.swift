@@ -51,9 +51,10 @@ public protocol DatagramPolicy: AnyObject {
     func associated(relay: SocketAddress?) -> NegotiationAction
     /// A datagram from the client: where its payload (from `payloadOffset`) goes.
     func route(_ datagram: UnsafeRawBufferPointer) -> DatagramRoute
-    /// A datagram from `source` for the client: the header to put before it; nil: `source`
-    /// is not a destination of this association, and the datagram is dropped.
-    func header(forReplyFrom source: SocketAddress) -> [UInt8]?
+    /// A datagram from `source` for the client: writes the header to put before it at the
+    /// start of `header` (room for 22 bytes) and returns its length; nil: `source` is not a
+    /// destination of this association, and the datagram is dropped.
+    func writeReplyHeader(from source: SocketAddress, into header: UnsafeMutableRawBufferPointer) -> Int?
     /// Datagrams held for a name that has resolved since (`resumed` said so): send them now.
     func takeResolved() -> [(destination: SocketAddress, payload: [UInt8])]
 }

@@ -129,8 +129,12 @@ extension SocketAddress {
     public var ipAddress: IPAddress {
         withSockAddr { sa, _ in
             if Int32(sa.pointee.sa_family) == AF_INET6 {
+                // Two loads, no generic byte loop: this runs per accepted connection and per datagram.
                 return sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { p in
-                    withUnsafeBytes(of: p.pointee.sin6_addr) { IPAddress(ipv6: $0) }
+                    withUnsafeBytes(of: p.pointee.sin6_addr) { raw in
+                        IPAddress(high: UInt64(bigEndian: raw.loadUnaligned(as: UInt64.self)),
+                                  low: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
+                    }
                 }
             }
             return sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { p in

@@ -6,6 +6,8 @@ import IgrisPolicy
 final class UDPAssociation {
     let relay: Int32
     let outbound: Int32
+    /// The negotiation that set it up, deciding where datagrams may go.
+    let policy: DatagramPolicy
     let clientIP: IPAddress
     /// The outbound socket is IPv6 (dual-stack); else IPv4 only (a host without IPv6).
     let outboundIPv6: Bool
@@ -14,7 +16,8 @@ final class UDPAssociation {
     var relayArmed = false
     var outboundArmed = false
 
-    init(relay: Int32, outbound: Int32, outboundIPv6: Bool, clientIP: IPAddress, clientPort: UInt16) {
+    init(relay: Int32, outbound: Int32, outboundIPv6: Bool, policy: DatagramPolicy, clientIP: IPAddress, clientPort: UInt16) {
+        self.policy = policy
         self.relay = relay
         self.outbound = outbound
         self.outboundIPv6 = outboundIPv6
@@ -58,7 +61,7 @@ extension Worker {
                 outbound = try? Syscall.datagramSocket(bound: SocketAddress(ip: IPAddress(ipv4: 0, 0, 0, 0), port: 0))
             }
             if let outbound, let bound = try? Syscall.localAddress(relay) {
-                association = UDPAssociation(relay: relay, outbound: outbound, outboundIPv6: outboundIPv6,
+                association = UDPAssociation(relay: relay, outbound: outbound, outboundIPv6: outboundIPv6, policy: policy,
                                              clientIP: peer.ipAddress, clientPort: clientPort)
                 relayAddress = bound
             } else {
@@ -128,7 +131,7 @@ extension Worker {
         guard let a = associations[s] else { return }
         if d == 0 { a.relayArmed = false } else { a.outboundArmed = false }
         guard p.pointee.state == .associated, result >= 0 else { return }
-        guard let policy = negotiations[Int(p.pointee.session)] as? DatagramPolicy else { return }
+        let policy = a.policy
         let buffer = datagramBuffer
         let payload = buffer + Self.datagramHeadroom
         let capacity = Self.datagramBufferSize - Self.datagramHeadroom
@@ -190,14 +193,16 @@ extension Worker {
 
     private func toClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ policy: DatagramPolicy,
                           _ n: Int, from: SocketAddress) {
-        guard a.clientPort != 0, let header = policy.header(forReplyFrom: from), header.count <= Self.datagramHeadroom else {
+        // The header is written into the headroom, then moved to end where the payload starts.
+        let scratchHeader = UnsafeMutableRawBufferPointer(start: datagramBuffer, count: Self.datagramHeadroom)
+        guard a.clientPort != 0, let length = policy.writeReplyHeader(from: from, into: scratchHeader), length <= Self.datagramHeadroom else {
             drop(.foreignSource)
             return
         }
         if p.pointee.user >= 0 && datagramOverRate(p, 1, n) { drop(.limit); return }
-        let start = datagramBuffer + Self.datagramHeadroom - header.count
-        header.withUnsafeBytes { start.copyMemory(from: $0.baseAddress!, byteCount: header.count) }
-        if backend.sendDatagram(fd: a.relay, UnsafeRawBufferPointer(start: start, count: header.count + n), to: a.client) < 0 {
+        let start = datagramBuffer + Self.datagramHeadroom - length
+        if length < Self.datagramHeadroom { start.copyMemory(from: datagramBuffer, byteCount: length) }
+        if backend.sendDatagram(fd: a.relay, UnsafeRawBufferPointer(start: start, count: length + n), to: a.client) < 0 {
             drop(.sendFailed)
             return
         }
@@ -215,8 +220,8 @@ extension Worker {
 
     /// Names resolved for held datagrams: sent now.
     func sendResolvedDatagrams(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
-        guard let a = associations[s], let policy = negotiations[Int(p.pointee.session)] as? DatagramPolicy else { return }
-        for (destination, payload) in policy.takeResolved() {
+        guard let a = associations[s] else { return }
+        for (destination, payload) in a.policy.takeResolved() {
             payload.withUnsafeBytes { sendToDestination(s, p, a, destination, $0) }
         }
     }

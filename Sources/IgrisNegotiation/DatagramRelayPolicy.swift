@@ -91,9 +91,10 @@ extension GatewayNegotiation: DatagramPolicy {
         }
     }
 
-    func header(forReplyFrom source: SocketAddress) -> [UInt8]? {
-        guard let state = udp, state.destinations.contains(DatagramRelayState.Endpoint(ip: source.ipAddress, port: source.port)) else { return nil }
-        return Socks5UDP.header(from: Socks5.Address(source.ipAddress), port: source.port)
+    func writeReplyHeader(from source: SocketAddress, into header: UnsafeMutableRawBufferPointer) -> Int? {
+        let ip = source.ipAddress
+        guard let state = udp, state.destinations.contains(DatagramRelayState.Endpoint(ip: ip, port: source.port)) else { return nil }
+        return Socks5UDP.writeHeader(ip: ip, port: source.port, into: header)
     }
 
     func takeResolved() -> [(destination: SocketAddress, payload: [UInt8])] {
@@ -142,5 +143,11 @@ extension GatewayNegotiation: DatagramPolicy {
         guard state.destinations.count < DatagramRelayState.maxDestinations else { return .failure(.limit) }
         state.destinations.insert(endpoint)
         return .success(address)
+    }
+}
+
+extension Socks5UDP {
+    static func writeHeader(ip: IPAddress, port: UInt16, into out: UnsafeMutableRawBufferPointer) -> Int {
+        writeHeader(high: ip.high, low: ip.low, port: port, into: out)
     }
 }

@@ -21,6 +21,7 @@ public struct IPAddress: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// 16 bytes in network order.
+    @inlinable
     public init<C: Collection>(ipv6 bytes: C) where C.Element == UInt8 {
         precondition(bytes.count == 16)
         var h: UInt64 = 0

@@ -51,6 +51,27 @@ public enum Socks5UDP {
         return .success(Header(address: address, port: port, length: i + 2))
     }
 
+    /// `header(from:port:)` for an IP source, written in place (10 or 22 bytes; `into` has
+    /// room for 22): the relay's per-datagram path, which must not allocate.
+    /// `high`/`low`: the address as two big-endian halves, IPv4 as its mapped form.
+    public static func writeHeader(high: UInt64, low: UInt64, port: UInt16, into out: UnsafeMutableRawBufferPointer) -> Int {
+        out.storeBytes(of: UInt16(0), toByteOffset: 0, as: UInt16.self)
+        out[2] = 0
+        var i = 4
+        if high == 0 && low >> 32 == 0xFFFF {
+            out[3] = Socks5.AddressType.ipv4.rawValue
+            out.storeBytes(of: UInt32(truncatingIfNeeded: low).bigEndian, toByteOffset: 4, as: UInt32.self)
+            i += 4
+        } else {
+            out[3] = Socks5.AddressType.ipv6.rawValue
+            out.storeBytes(of: high.bigEndian, toByteOffset: 4, as: UInt64.self)
+            out.storeBytes(of: low.bigEndian, toByteOffset: 12, as: UInt64.self)
+            i += 16
+        }
+        out.storeBytes(of: port.bigEndian, toByteOffset: i, as: UInt16.self)
+        return i + 2
+    }
+
     /// The header for a datagram to the client from `address`:`port` (IPv4 or IPv6).
     public static func header(from address: Socks5.Address, port: UInt16) -> [UInt8] {
         var out: [UInt8] = [0, 0, 0]

@@ -162,6 +162,12 @@ struct Socks5UDPCodecTests {
             let parsed = try Self.parse(header + [0xAB, 0xCD]).get()
             #expect(parsed == Socks5UDP.Header(address: address, port: 53, length: length))
         }
+        // Written in place (the relay's path) as built: IPv4 from its mapped form, IPv6.
+        var out = [UInt8](repeating: 0xEE, count: 22)
+        let n4 = out.withUnsafeMutableBytes { Socks5UDP.writeHeader(high: 0, low: 0xFFFF_C000_0201, port: 53, into: $0) }
+        #expect(Array(out[0..<n4]) == Socks5UDP.header(from: .ipv4(192, 0, 2, 1), port: 53))
+        let n6 = out.withUnsafeMutableBytes { Socks5UDP.writeHeader(high: 0x0001_0203_0405_0607, low: 0x0809_0A0B_0C0D_0E0F, port: 53, into: $0) }
+        #expect(Array(out[0..<n6]) == Socks5UDP.header(from: .ipv6(v6), port: 53))
     }
 
     @Test("short, reserved, fragmented and unknown-type headers are refused with their reason")
