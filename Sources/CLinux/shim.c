@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <sys/utsname.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/un.h>
 #include "CLinux.h"
 
@@ -131,3 +132,94 @@ long igris_send_room(int fd, long *size, long *queued) {
     long room = free - free / 4 - 4096;
     return room > 0 ? room : 0;
 }
+
+struct igris_dgram_batch {
+    unsigned slots;
+    size_t slot_size, headroom;
+    unsigned char *buffers;
+    struct mmsghdr *in;
+    struct iovec *in_iov;
+    struct sockaddr_storage *senders;
+    struct mmsghdr *out;
+    struct iovec *out_iov;
+    struct sockaddr_storage *targets;
+    unsigned queued;
+};
+
+struct igris_dgram_batch *igris_dgram_batch_create(unsigned slots, size_t slot_size, size_t headroom) {
+    struct igris_dgram_batch *b = calloc(1, sizeof *b);
+    if (!b) return NULL;
+    b->slots = slots;
+    b->slot_size = slot_size;
+    b->headroom = headroom;
+    b->buffers = malloc((size_t)slots * slot_size);
+    b->in = calloc(slots, sizeof *b->in);
+    b->in_iov = calloc(slots, sizeof *b->in_iov);
+    b->senders = calloc(slots, sizeof *b->senders);
+    b->out = calloc(slots, sizeof *b->out);
+    b->out_iov = calloc(slots, sizeof *b->out_iov);
+    b->targets = calloc(slots, sizeof *b->targets);
+    if (!b->buffers || !b->in || !b->in_iov || !b->senders || !b->out || !b->out_iov || !b->targets) {
+        igris_dgram_batch_free(b);
+        return NULL;
+    }
+    return b;
+}
+
+void igris_dgram_batch_free(struct igris_dgram_batch *b) {
+    if (!b) return;
+    free(b->buffers); free(b->in); free(b->in_iov); free(b->senders); free(b->out); free(b->out_iov); free(b->targets);
+    free(b);
+}
+
+int igris_dgram_receive(int fd, struct igris_dgram_batch *b) {
+    for (unsigned i = 0; i < b->slots; i++) {
+        b->in_iov[i].iov_base = b->buffers + (size_t)i * b->slot_size + b->headroom;
+        b->in_iov[i].iov_len = b->slot_size - b->headroom;
+        memset(&b->in[i].msg_hdr, 0, sizeof b->in[i].msg_hdr);
+        b->in[i].msg_hdr.msg_iov = &b->in_iov[i];
+        b->in[i].msg_hdr.msg_iovlen = 1;
+        b->in[i].msg_hdr.msg_name = &b->senders[i];
+        b->in[i].msg_hdr.msg_namelen = sizeof b->senders[i];
+        b->in[i].msg_len = 0;
+    }
+    int n;
+    do { n = recvmmsg(fd, b->in, b->slots, MSG_DONTWAIT, NULL); } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+unsigned char *igris_dgram_slot(struct igris_dgram_batch *b, unsigned i) { return b->buffers + (size_t)i * b->slot_size; }
+size_t igris_dgram_length(struct igris_dgram_batch *b, unsigned i) { return b->in[i].msg_len; }
+int igris_dgram_truncated(struct igris_dgram_batch *b, unsigned i) { return (b->in[i].msg_hdr.msg_flags & MSG_TRUNC) != 0; }
+
+const struct sockaddr *igris_dgram_sender(struct igris_dgram_batch *b, unsigned i, socklen_t *length) {
+    *length = b->in[i].msg_hdr.msg_namelen;
+    return (const struct sockaddr *)&b->senders[i];
+}
+
+void igris_dgram_queue(struct igris_dgram_batch *b, unsigned i, size_t offset, size_t length, const struct sockaddr *to, socklen_t to_length) {
+    unsigned k = b->queued;
+    if (k >= b->slots || to_length > sizeof b->targets[k]) return;
+    b->out_iov[k].iov_base = igris_dgram_slot(b, i) + offset;
+    b->out_iov[k].iov_len = length;
+    memcpy(&b->targets[k], to, to_length);
+    memset(&b->out[k].msg_hdr, 0, sizeof b->out[k].msg_hdr);
+    b->out[k].msg_hdr.msg_iov = &b->out_iov[k];
+    b->out[k].msg_hdr.msg_iovlen = 1;
+    b->out[k].msg_hdr.msg_name = &b->targets[k];
+    b->out[k].msg_hdr.msg_namelen = to_length;
+    b->queued = k + 1;
+}
+
+int igris_dgram_send(int fd, struct igris_dgram_batch *b, long *bytes) {
+    *bytes = 0;
+    unsigned total = b->queued;
+    b->queued = 0;
+    if (total == 0) return 0;
+    int n;
+    do { n = sendmmsg(fd, b->out, total, MSG_DONTWAIT | MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    for (int i = 0; i < n; i++) *bytes += (long)b->out[i].msg_len;
+    return n;
+}
+
+unsigned igris_dgram_queued(struct igris_dgram_batch *b) { return b->queued; }

@@ -300,15 +300,15 @@ public final class EpollBackend: IOBackend {
     }
 
     @inline(__always)
-    public func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int {
-        let n = Syscall.receiveDatagram(fd, buffer, length, from: &from)
-        if n == -Int(EAGAIN) { noteDrained(fd) }
+    public func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int {
+        let n = batch.receive(fd)
+        // Fewer than the batch holds: the socket is drained (a datagram arriving since makes
+        // a new edge, seen at the next wait).
+        if n < batch.slots { noteDrained(fd) }
         return n
     }
 
-    public func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int {
-        Syscall.sendDatagram(fd, bytes.baseAddress!, bytes.count, to: address)
-    }
+    public func sendDatagrams(fd: Int32, from batch: DatagramBatch, bytes: inout Int) -> Int { batch.send(fd, bytes: &bytes) }
 
     private func noteDrained(_ fd: Int32) {
         if Int(fd) < fds.count { fds[Int(fd)].readable = false }

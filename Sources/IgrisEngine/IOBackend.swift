@@ -117,11 +117,12 @@ public protocol IOBackend: AnyObject {
     /// Sends a small message (a handshake reply, a PROXY header) from caller memory: bytes
     /// sent or -errno. Meant for a socket's first bytes, which its send buffer takes whole.
     func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int
-    /// One datagram from a UDP socket, at once: bytes or -errno (-EAGAIN: none queued); the
-    /// sender in `from`.
-    func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int
-    /// One datagram to `address`, at once: bytes or -errno (a full buffer drops it).
-    func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int
+    /// Datagrams queued on a UDP socket, at once, into `batch`'s slots: how many, or -errno
+    /// (-EAGAIN: none).
+    func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int
+    /// `batch`'s queued datagrams, at once: how many went (the first ones; what a full
+    /// buffer doesn't take is dropped, as UDP would), or -errno; their bytes in `bytes`.
+    func sendDatagrams(fd: Int32, from batch: DatagramBatch, bytes: inout Int) -> Int
     /// shutdown(fd, how) at once: 0 or -errno.
     func shutdown(fd: Int32, how: Int32) -> Int32
 

@@ -60,20 +60,6 @@ public enum Syscall {
         return fd
     }
 
-    /// recvfrom, non-blocking: bytes (a datagram may be empty), or -errno; the sender in `from`.
-    @inline(never)
-    public static func receiveDatagram(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int, from: inout SocketAddress) -> Int {
-        var storage = sockaddr_storage()
-        var size = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let n = withUnsafeMutablePointer(to: &storage) { s in
-            s.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                retrying("recvfrom") { Glibc.recvfrom(fd, buffer, length, Int32(MSG_DONTWAIT), sa, &size) }
-            }
-        }
-        if n >= 0 { from = SocketAddress(storage: storage, length: size) }
-        return n
-    }
-
     /// sendto, non-blocking: bytes, or -errno (-EAGAIN: the socket's buffer is full; UDP drops).
     @inline(never)
     public static func sendDatagram(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int, to address: SocketAddress) -> Int {

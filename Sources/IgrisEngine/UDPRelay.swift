@@ -127,87 +127,88 @@ extension Worker {
         }
     }
 
+    /// Datagrams are read a batch at a time (recvmmsg), each routed, and what goes out is
+    /// sent as one batch (sendmmsg) to the other socket, until the socket is drained or
+    /// `datagramBatch` were handled this turn.
     func onDatagramReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         guard let a = associations[s] else { return }
         if d == 0 { a.relayArmed = false } else { a.outboundArmed = false }
-        guard p.pointee.state == .associated, result >= 0 else { return }
-        let policy = a.policy
-        let buffer = datagramBuffer
-        let payload = buffer + Self.datagramHeadroom
-        let capacity = Self.datagramBufferSize - Self.datagramHeadroom
-        var from = SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0)
+        guard p.pointee.state == .associated, result >= 0, let batch = datagramSlots else { return }
         var handled = 0
-        while handled < Self.datagramBatch {
-            let n = backend.receiveDatagram(fd: d == 0 ? a.relay : a.outbound, into: payload, length: capacity, from: &from)
-            if n < 0 {
-                if n == -Int(EAGAIN) { break }
-                continue  // an ICMP error queued by an earlier send: nothing to relay
-            }
-            handled += 1
+        while handled < Self.datagramBatch && p.pointee.state == .associated {
+            let k = backend.receiveDatagrams(fd: d == 0 ? a.relay : a.outbound, into: batch)
+            if k <= 0 { break }
+            handled += k
             p.pointee.lastActivity = now
-            if d == 0 {
-                fromClient(s, p, a, policy, UnsafeRawBufferPointer(start: payload, count: n), from: from)
-            } else {
-                toClient(s, p, a, policy, n, from: from)
+            for i in 0..<k {
+                if batch.truncated(i) { drop(.malformed); continue }
+                if d == 0 { fromClient(s, p, a, batch, i) } else { toClient(s, p, a, batch, i) }
             }
+            flush(batch, to: d == 0 ? a.outbound : a.relay, direction: d)
+            if k < batch.slots { break }
         }
         if p.pointee.state == .associated { armDatagramPoll(s, p, a, d) }
+    }
+
+    /// The worker's datagram slots (made with its first association).
+    var datagramSlots: DatagramBatch? {
+        if datagramBatchStorage == nil { datagramBatchStorage = DatagramBatch(slots: 16, headroom: Self.datagramHeadroom) }
+        return datagramBatchStorage
+    }
+
+    private func flush(_ batch: DatagramBatch, to fd: Int32, direction d: Int) {
+        let queued = batch.queued
+        guard queued > 0 else { return }
+        var bytes = 0
+        let sent = max(0, backend.sendDatagrams(fd: fd, from: batch, bytes: &bytes))
+        if sent < queued { statistics.add(WorkerStatistics.udpDropCounter(.sendFailed), Int64(queued - sent)) }
+        statistics.add(d == 0 ? .udpDatagramsToDestination : .udpDatagramsToClient, Int64(sent))
+        statistics.add(d == 0 ? .udpBytesToDestination : .udpBytesToClient, Int64(bytes))
     }
 
     private func drop(_ reason: DatagramDrop) {
         statistics.add(WorkerStatistics.udpDropCounter(reason))
     }
 
-    private func fromClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ policy: DatagramPolicy,
-                            _ datagram: UnsafeRawBufferPointer, from: SocketAddress) {
+    private func fromClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ batch: DatagramBatch, _ i: Int) {
+        let from = batch.sender(i)
         // Only the client that holds the control connection, from its one port.
         guard from.ipAddress == a.clientIP, a.clientPort == 0 || from.port == a.clientPort else { drop(.foreignSource); return }
         if a.clientPort == 0 { a.clientPort = from.port }
-        switch policy.route(datagram) {
+        let length = batch.length(i)
+        switch a.policy.route(UnsafeRawBufferPointer(start: batch.slot(i) + batch.headroom, count: length)) {
         case .drop(let reason):
             drop(reason)
         case .held:
             break
         case .send(let destination, let offset):
-            sendToDestination(s, p, a, destination, UnsafeRawBufferPointer(rebasing: datagram[offset...]))
+            guard let target = outboundTarget(a, destination) else { drop(.sendFailed); return }
+            if p.pointee.user >= 0 && datagramOverRate(p, 0, length - offset) { drop(.limit); return }
+            batch.queue(i, offset: batch.headroom + offset, length: length - offset, to: target)
         }
     }
 
-    private func sendToDestination(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation,
-                                   _ destination: SocketAddress, _ payload: UnsafeRawBufferPointer) {
-        if p.pointee.user >= 0 && datagramOverRate(p, 0, payload.count) { drop(.limit); return }
-        // A dual-stack outbound socket takes an IPv4 destination as a mapped address.
-        let target: SocketAddress
-        if a.outboundIPv6 {
-            target = destination.mappedToIPv6
-        } else if destination.family == AF_INET {
-            target = destination
-        } else {
-            drop(.sendFailed)
-            return
-        }
-        if backend.sendDatagram(fd: a.outbound, payload, to: target) < 0 { drop(.sendFailed); return }
-        statistics.add(.udpDatagramsToDestination)
-        statistics.add(.udpBytesToDestination, Int64(payload.count))
+    /// Where the outbound socket sends `destination`: a dual-stack socket takes an IPv4
+    /// destination as a mapped address; an IPv4-only one can't reach IPv6 (nil).
+    private func outboundTarget(_ a: UDPAssociation, _ destination: SocketAddress) -> SocketAddress? {
+        if a.outboundIPv6 { return destination.mappedToIPv6 }
+        return destination.family == AF_INET ? destination : nil
     }
 
-    private func toClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ policy: DatagramPolicy,
-                          _ n: Int, from: SocketAddress) {
-        // The header is written into the headroom, then moved to end where the payload starts.
-        let scratchHeader = UnsafeMutableRawBufferPointer(start: datagramBuffer, count: Self.datagramHeadroom)
-        guard a.clientPort != 0, let length = policy.writeReplyHeader(from: from, into: scratchHeader), length <= Self.datagramHeadroom else {
+    private func toClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ batch: DatagramBatch, _ i: Int) {
+        let n = batch.length(i)
+        let slot = batch.slot(i)
+        // The header is written at the slot's start, then moved to end where the payload starts.
+        guard a.clientPort != 0,
+              let length = a.policy.writeReplyHeader(from: batch.sender(i), into: UnsafeMutableRawBufferPointer(start: slot, count: batch.headroom)),
+              length <= batch.headroom else {
             drop(.foreignSource)
             return
         }
         if p.pointee.user >= 0 && datagramOverRate(p, 1, n) { drop(.limit); return }
-        let start = datagramBuffer + Self.datagramHeadroom - length
-        if length < Self.datagramHeadroom { start.copyMemory(from: datagramBuffer, byteCount: length) }
-        if backend.sendDatagram(fd: a.relay, UnsafeRawBufferPointer(start: start, count: length + n), to: a.client) < 0 {
-            drop(.sendFailed)
-            return
-        }
-        statistics.add(.udpDatagramsToClient)
-        statistics.add(.udpBytesToClient, Int64(n))
+        let start = batch.headroom - length
+        if start > 0 { (slot + start).copyMemory(from: slot, byteCount: length) }
+        batch.queue(i, offset: start, length: length + n, to: a.client)
     }
 
     /// A user's bytes either way are counted; a rate-limited user's datagram that would run
@@ -218,11 +219,18 @@ extension Worker {
         return (d == 0 ? account.upload : account.download).charge(n, now: now) > 0
     }
 
-    /// Names resolved for held datagrams: sent now.
+    /// Names resolved for held datagrams: sent now, one at a time (rare: a name's first use).
     func sendResolvedDatagrams(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
         guard let a = associations[s] else { return }
         for (destination, payload) in a.policy.takeResolved() {
-            payload.withUnsafeBytes { sendToDestination(s, p, a, destination, $0) }
+            guard let target = outboundTarget(a, destination) else { drop(.sendFailed); continue }
+            if p.pointee.user >= 0 && datagramOverRate(p, 0, payload.count) { drop(.limit); continue }
+            if payload.withUnsafeBytes({ Syscall.sendDatagram(a.outbound, $0.baseAddress!, $0.count, to: target) }) < 0 {
+                drop(.sendFailed)
+                continue
+            }
+            statistics.add(.udpDatagramsToDestination)
+            statistics.add(.udpBytesToDestination, Int64(payload.count))
         }
     }
 

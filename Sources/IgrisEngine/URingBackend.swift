@@ -250,13 +250,9 @@ public final class URingBackend: IOBackend {
         Syscall.send(fd, bytes.baseAddress!, bytes.count)
     }
 
-    public func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int {
-        Syscall.receiveDatagram(fd, buffer, length, from: &from)
-    }
+    public func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int { batch.receive(fd) }
 
-    public func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int {
-        Syscall.sendDatagram(fd, bytes.baseAddress!, bytes.count, to: address)
-    }
+    public func sendDatagrams(fd: Int32, from batch: DatagramBatch, bytes: inout Int) -> Int { batch.send(fd, bytes: &bytes) }
 
     public func shutdown(fd: Int32, how: Int32) -> Int32 {
         Syscall.shutdown(fd, how)

@@ -117,15 +117,8 @@ final class Worker<Backend: IOBackend> {
     var handshakesActive = 0
     /// UDP associations by their control connection's slot (`UDPRelay.swift`).
     var associations: [Int32: UDPAssociation] = [:]
-    /// Where datagrams are received and built (allocated with the first association).
-    static var datagramBufferSize: Int { 65536 + datagramHeadroom }
-    var datagramBufferStorage: UnsafeMutableRawPointer?
-    var datagramBuffer: UnsafeMutableRawPointer {
-        if let b = datagramBufferStorage { return b }
-        let b = UnsafeMutableRawPointer.allocate(byteCount: Self.datagramBufferSize, alignment: 16)
-        datagramBufferStorage = b
-        return b
-    }
+    /// Where datagrams are received and sent from (`datagramSlots`).
+    var datagramBatchStorage: DatagramBatch?
     /// Slots with `framedUpload`: where the client's request body ends.
     var uploadFramings: [Int32: HTTPBodyFraming] = [:]
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
@@ -167,7 +160,6 @@ final class Worker<Backend: IOBackend> {
 
     deinit {
         scratch.deallocate()
-        datagramBufferStorage?.deallocate()
         for a in connectAddresses { a.deallocate() }
     }
 

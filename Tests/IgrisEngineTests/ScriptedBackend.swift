@@ -107,9 +107,9 @@ final class ScriptedBackend: IOBackend {
     }
 
     /// No datagrams in these scripts.
-    func receiveDatagram(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int, from: inout SocketAddress) -> Int { -Int(EAGAIN) }
+    func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int { -Int(EAGAIN) }
 
-    func sendDatagram(fd: Int32, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress) -> Int { bytes.count }
+    func sendDatagrams(fd: Int32, from batch: DatagramBatch, bytes: inout Int) -> Int { 0 }
 
     func shutdown(fd: Int32, how: Int32) -> Int32 { 0 }
     func consumeWake(fd: Int32) { Syscall.drainEventFD(fd) }

@@ -23,18 +23,20 @@ final class TestDatagramSocket: @unchecked Sendable {
         _ = bytes.withUnsafeBytes { b in address.withSockAddr { Glibc.sendto(fd, b.baseAddress, b.count, 0, $0, $1) } }
     }
 
+    /// How long `receive` waits (a "nothing arrives" check waits this long).
+    var timeoutMilliseconds: Int32 = 5000
+
     /// One datagram and its sender, or nil at the timeout.
     func receive() -> ([UInt8], SocketAddress)? {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, timeoutMilliseconds) == 1 else { return nil }
         var buffer = [UInt8](repeating: 0, count: 65536)
-        var from = SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0)
-        let n = buffer.withUnsafeMutableBytes { Syscall.receiveDatagram(fd, $0.baseAddress!, $0.count, from: &from) }
-        // receiveDatagram is MSG_DONTWAIT: poll for the timeout first.
-        if n == -Int(EAGAIN) {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 5000) == 1 else { return nil }
-            return receive()
+        var storage = sockaddr_storage()
+        var size = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let n = withUnsafeMutablePointer(to: &storage) { s in
+            s.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT), $0, &size) }
         }
-        return n >= 0 ? (Array(buffer[0..<n]), from) : nil
+        return n >= 0 ? (Array(buffer[0..<n]), SocketAddress(storage: storage, length: size)) : nil
     }
 
     func close() { Glibc.close(fd) }
@@ -121,6 +123,7 @@ struct UDPAssociateTests {
         control.close()
         #expect(gateway.eventually { gateway.total(.udpAssociationsActive) == 0 && gateway.total(.activeConnections) == 0 })
         client.send(header + [9], to: relay)
+        client.timeoutMilliseconds = 1000
         #expect(client.receive() == nil, "nothing relays once the association has ended")
     }
 

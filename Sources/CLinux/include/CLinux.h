@@ -71,4 +71,25 @@ int igris_peer_credentials(int fd, int *pid, unsigned *uid);
 /// is the abstract namespace). 0, or -errno.
 int igris_notify(const char *path, const char *text);
 
+/// A batch of datagrams for recvmmsg/sendmmsg (Swift's Glibc has no mmsghdr): `slots`
+/// buffers of `slot_size` bytes, each read at `headroom` (room to write a header before the
+/// data), with its length and sender; and a queue of messages to send from those buffers.
+struct igris_dgram_batch;
+struct igris_dgram_batch *igris_dgram_batch_create(unsigned slots, size_t slot_size, size_t headroom);
+void igris_dgram_batch_free(struct igris_dgram_batch *b);
+/// recvmmsg(MSG_DONTWAIT) into every slot: datagrams received, or -1 with errno set.
+int igris_dgram_receive(int fd, struct igris_dgram_batch *b);
+/// Slot i's buffer (its headroom first).
+unsigned char *igris_dgram_slot(struct igris_dgram_batch *b, unsigned i);
+/// The length and sender of the datagram received in slot i (truncated ones are marked so).
+size_t igris_dgram_length(struct igris_dgram_batch *b, unsigned i);
+int igris_dgram_truncated(struct igris_dgram_batch *b, unsigned i);
+const struct sockaddr *igris_dgram_sender(struct igris_dgram_batch *b, unsigned i, socklen_t *length);
+/// Queues bytes [offset, offset + length) of slot i for `to`.
+void igris_dgram_queue(struct igris_dgram_batch *b, unsigned i, size_t offset, size_t length, const struct sockaddr *to, socklen_t to_length);
+/// sendmmsg(MSG_DONTWAIT) of the queue, which it empties: messages sent (the first ones), or
+/// -1 with errno set when none could be; `bytes` receives their payload bytes.
+int igris_dgram_send(int fd, struct igris_dgram_batch *b, long *bytes);
+unsigned igris_dgram_queued(struct igris_dgram_batch *b);
+
 #endif
