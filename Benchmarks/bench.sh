@@ -11,18 +11,21 @@ command -v nginx >/dev/null || need+=(nginx-light)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v microsocks >/dev/null || need+=(microsocks)
 command -v danted >/dev/null || need+=(dante-server)
+command -v tinyproxy >/dev/null || need+=(tinyproxy)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The packages start system services on default ports; the benchmark runs its own instances.
-for s in haproxy nginx danted; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
+for s in haproxy nginx danted tinyproxy; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
 ulimit -n "$(ulimit -Hn)"
 /usr/bin/python3 Benchmarks/bench.py "$@"
-# The pressure and upgrade sections (not for --quick or a --targets subset), appended to RESULTS.md.
+# The pressure, upgrade and gateway-mode sections (not for --quick or a --targets subset),
+# appended to RESULTS.md.
 case " $* " in
   *" --quick "*|*" --targets"*) ;;
   *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append
-     /usr/bin/python3 Benchmarks/handoff.py --output Benchmarks/RESULTS.md --append ;;
+     /usr/bin/python3 Benchmarks/handoff.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/gateway_modes.py --output Benchmarks/RESULTS.md --append ;;
 esac
