@@ -152,7 +152,7 @@ struct igris_dgram_batch *igris_dgram_batch_create(unsigned slots, size_t slot_s
     b->slots = slots;
     b->slot_size = slot_size;
     b->headroom = headroom;
-    b->buffers = malloc((size_t)slots * slot_size);
+    b->buffers = malloc((size_t)slots * slot_size + 1);  /* +1: a send-only batch has none */
     b->in = calloc(slots, sizeof *b->in);
     b->in_iov = calloc(slots, sizeof *b->in_iov);
     b->senders = calloc(slots, sizeof *b->senders);
@@ -198,9 +198,13 @@ const struct sockaddr *igris_dgram_sender(struct igris_dgram_batch *b, unsigned 
 }
 
 void igris_dgram_queue(struct igris_dgram_batch *b, unsigned i, size_t offset, size_t length, const struct sockaddr *to, socklen_t to_length) {
+    igris_dgram_queue_bytes(b, igris_dgram_slot(b, i) + offset, length, to, to_length);
+}
+
+void igris_dgram_queue_bytes(struct igris_dgram_batch *b, void *data, size_t length, const struct sockaddr *to, socklen_t to_length) {
     unsigned k = b->queued;
     if (k >= b->slots || to_length > sizeof b->targets[k]) return;
-    b->out_iov[k].iov_base = igris_dgram_slot(b, i) + offset;
+    b->out_iov[k].iov_base = data;
     b->out_iov[k].iov_len = length;
     memcpy(&b->targets[k], to, to_length);
     memset(&b->out[k].msg_hdr, 0, sizeof b->out[k].msg_hdr);

@@ -57,6 +57,30 @@ static inline void igris_sqe_select_buffer(struct io_uring_sqe *sqe, uint16_t gr
     sqe->buf_group = group;
 }
 
+/// A multishot recvmsg that takes each datagram into a buffer of provided-buffer group
+/// `group`, laid out as `struct io_uring_recvmsg_out`, the sender (`msg->msg_namelen`
+/// bytes), then the payload. `msg` is a template that must outlive the operation.
+static inline void igris_prep_recvmsg_multishot(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, uint16_t group) {
+    io_uring_prep_recvmsg_multishot(sqe, fd, msg, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = group;
+}
+
+/// One datagram of a multishot recvmsg in `buf` (`length` bytes): the offsets of its
+/// sender and payload, their lengths and whether it was truncated; 0, or -1 when the
+/// buffer does not hold a valid one.
+static inline int igris_recvmsg_parse(void *buf, int length, struct msghdr *msg, unsigned *name_offset, unsigned *name_length,
+                                      unsigned *payload_offset, unsigned *payload_length, int *truncated) {
+    struct io_uring_recvmsg_out *o = io_uring_recvmsg_validate(buf, length, msg);
+    if (!o) return -1;
+    *name_offset = (unsigned)((unsigned char *)io_uring_recvmsg_name(o) - (unsigned char *)buf);
+    *name_length = o->namelen;
+    *payload_offset = (unsigned)((unsigned char *)io_uring_recvmsg_payload(o, msg) - (unsigned char *)buf);
+    *payload_length = io_uring_recvmsg_payload_length(o, length, msg);
+    *truncated = (o->flags & MSG_TRUNC) != 0;
+    return 0;
+}
+
 static inline uint32_t igris_cqe_flag_buffer(void) { return IORING_CQE_F_BUFFER; }
 static inline uint32_t igris_cqe_flag_more(void) { return IORING_CQE_F_MORE; }
 static inline uint32_t igris_cqe_flag_notif(void) { return IORING_CQE_F_NOTIF; }

@@ -10,8 +10,10 @@ public final class DatagramBatch {
     public let headroom: Int
     private let batch: OpaquePointer
 
-    init?(slots: Int, headroom: Int) {
-        guard let b = igris_dgram_batch_create(UInt32(slots), 65536 + headroom, headroom) else { return nil }
+    /// `bufferSize`: bytes per slot after the headroom (0: a batch that only sends bytes the
+    /// caller holds, `queue(_:length:to:)`).
+    init?(slots: Int, headroom: Int, bufferSize: Int = 65536) {
+        guard let b = igris_dgram_batch_create(UInt32(slots), bufferSize + headroom, headroom) else { return nil }
         batch = b
         self.slots = slots
         self.headroom = headroom
@@ -43,6 +45,11 @@ public final class DatagramBatch {
     /// Queues slot `i`'s bytes [offset, offset + length) for `to`.
     func queue(_ i: Int, offset: Int, length: Int, to address: SocketAddress) {
         address.withSockAddr { igris_dgram_queue(batch, UInt32(i), offset, length, $0, $1) }
+    }
+
+    /// Queues `length` bytes at `data` (kept by the caller until sent) for `to`.
+    func queue(_ data: UnsafeMutableRawPointer, length: Int, to address: SocketAddress) {
+        address.withSockAddr { igris_dgram_queue_bytes(batch, data, length, $0, $1) }
     }
 
     var queued: Int { Int(igris_dgram_queued(batch)) }

@@ -300,6 +300,10 @@ public final class EpollBackend: IOBackend {
     }
 
     @inline(__always)
+    public func armDatagramReceive(fd: Int32, token: OperationToken) -> Bool { false }
+    public func datagram(_ buffer: UInt16, length: Int) -> ReceivedDatagram? { nil }
+    public func releaseDatagram(_ buffer: UInt16) {}
+
     public func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int {
         let n = batch.receive(fd)
         // Fewer than the batch holds: the socket is drained (a datagram arriving since makes

@@ -22,6 +22,7 @@ extension Worker {
         try backend.waitForCompletions(timeoutNanoseconds: nextTimeout())
         now = Syscall.monotonicNanoseconds()
         backend.drainCompletions { handle($0) }
+        if deliveredFD >= 0 { flushDeliveredDatagrams() }
         wheel.expire(now: now, table: table, into: &expired)
         if !expired.isEmpty {
             for s in expired { timerFired(s) }

@@ -117,6 +117,15 @@ public protocol IOBackend: AnyObject {
     /// Sends a small message (a handshake reply, a PROXY header) from caller memory: bytes
     /// sent or -errno. Meant for a socket's first bytes, which its send buffer takes whole.
     func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int
+    /// Arms a continuous receive of datagrams on `fd` into the backend's own buffers (io_uring:
+    /// a multishot recvmsg from a provided-buffer ring of its own): each datagram completes
+    /// `token` with a `bufferID` for `datagram(_:length:)`, to be given back with
+    /// `releaseDatagram`. False where the backend has none (epoll): the caller polls for
+    /// readable and takes them with `receiveDatagrams`.
+    func armDatagramReceive(fd: Int32, token: OperationToken) -> Bool
+    /// The datagram a continuous receive delivered in `buffer`.
+    func datagram(_ buffer: UInt16, length: Int) -> ReceivedDatagram?
+    func releaseDatagram(_ buffer: UInt16)
     /// Datagrams queued on a UDP socket, at once, into `batch`'s slots: how many, or -errno
     /// (-EAGAIN: none).
     func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int

@@ -107,10 +107,14 @@ extension Worker {
         backend.pollReadable(fd: p.pointee.client, token: token(s, .negotiationReadable))
     }
 
+    /// The datagrams of one of the association's sockets: a continuous receive where the
+    /// backend has one (io_uring's multishot recvmsg), else a poll for readable.
     private func armDatagramPoll(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ d: Int) {
         if d == 0 { a.relayArmed = true } else { a.outboundArmed = true }
         p.pointee.inflight += 1
-        backend.pollReadable(fd: d == 0 ? a.relay : a.outbound, token: token(s, .datagramReadable, d))
+        let fd = d == 0 ? a.relay : a.outbound
+        let token = token(s, .datagramReadable, d)
+        if !backend.armDatagramReceive(fd: fd, token: token) { backend.pollReadable(fd: fd, token: token) }
     }
 
     /// The control connection: anything it sends is ignored (RFC 1928 has nothing more to
@@ -127,27 +131,80 @@ extension Worker {
         }
     }
 
-    /// Datagrams are read a batch at a time (recvmmsg), each routed, and what goes out is
-    /// sent as one batch (sendmmsg) to the other socket, until the socket is drained or
-    /// `datagramBatch` were handled this turn.
-    func onDatagramReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
-        guard let a = associations[s] else { return }
-        if d == 0 { a.relayArmed = false } else { a.outboundArmed = false }
-        guard p.pointee.state == .associated, result >= 0, let batch = datagramSlots else { return }
-        var handled = 0
-        while handled < Self.datagramBatch && p.pointee.state == .associated {
-            let k = backend.receiveDatagrams(fd: d == 0 ? a.relay : a.outbound, into: batch)
-            if k <= 0 { break }
-            handled += k
-            p.pointee.lastActivity = now
-            for i in 0..<k {
-                if batch.truncated(i) { drop(.malformed); continue }
-                if d == 0 { fromClient(s, p, a, batch, i) } else { toClient(s, p, a, batch, i) }
-            }
-            flush(batch, to: d == 0 ? a.outbound : a.relay, direction: d)
-            if k < batch.slots { break }
+    /// A datagram the backend delivered (io_uring), relayed at once; or the socket is
+    /// readable (epoll): datagrams are read a batch at a time (recvmmsg), each routed, and
+    /// what goes out is sent as one batch (sendmmsg) to the other socket, until the socket is
+    /// drained or `datagramBatch` were handled this turn.
+    func onDatagramReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ c: Completion) {
+        guard let a = associations[s] else {
+            if let id = c.bufferID { backend.releaseDatagram(id) }
+            return
         }
-        if p.pointee.state == .associated { armDatagramPoll(s, p, a, d) }
+        if !c.more { if d == 0 { a.relayArmed = false } else { a.outboundArmed = false } }
+        if let id = c.bufferID {
+            var kept = false
+            if p.pointee.state == .associated, c.result > 0, let datagram = backend.datagram(id, length: Int(c.result)) {
+                p.pointee.lastActivity = now
+                kept = relay(s, p, a, d, datagram, buffer: id)
+            }
+            if !kept { backend.releaseDatagram(id) }
+        } else if c.result >= 0, p.pointee.state == .associated, let batch = datagramSlots {
+            var handled = 0
+            while handled < Self.datagramBatch && p.pointee.state == .associated {
+                let k = backend.receiveDatagrams(fd: d == 0 ? a.relay : a.outbound, into: batch)
+                if k <= 0 { break }
+                handled += k
+                p.pointee.lastActivity = now
+                for i in 0..<k {
+                    if batch.truncated(i) { drop(.malformed); continue }
+                    let data = batch.slot(i) + batch.headroom
+                    let out = d == 0 ? routeFromClient(p, a, data, batch.length(i), from: batch.sender(i))
+                                     : routeToClient(p, a, data, batch.length(i), from: batch.sender(i), headroom: batch.headroom)
+                    if let out { batch.queue(i, offset: batch.headroom + out.offset, length: out.length, to: out.target) }
+                }
+                flush(batch, to: d == 0 ? a.outbound : a.relay, direction: d)
+                if k < batch.slots { break }
+            }
+        }
+        // A poll completes once; a multishot receive ends on ENOBUFS (its ring ran dry until
+        // the datagrams were relayed and their buffers returned) and is armed again.
+        let armed = d == 0 ? a.relayArmed : a.outboundArmed
+        if p.pointee.state == .associated && !armed && (c.result >= 0 || c.result == -ENOBUFS) { armDatagramPoll(s, p, a, d) }
+    }
+
+    /// One datagram delivered in a backend buffer: routed, and queued to go on with the
+    /// others of this turn for the same socket (one sendmmsg, `flushDeliveredDatagrams`).
+    /// True when queued: the buffer is given back once sent.
+    private func relay(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ d: Int,
+                       _ datagram: ReceivedDatagram, buffer: UInt16) -> Bool {
+        if datagram.truncated { drop(.malformed); return false }
+        let out = d == 0 ? routeFromClient(p, a, datagram.payload, datagram.count, from: datagram.sender)
+                         : routeToClient(p, a, datagram.payload, datagram.count, from: datagram.sender, headroom: datagram.headroom)
+        guard let out, let batch = deliveredDatagrams else { return false }
+        let fd = d == 0 ? a.outbound : a.relay
+        if fd != deliveredFD || batch.queued == batch.slots { flushDeliveredDatagrams() }
+        deliveredFD = fd
+        deliveredDirection = d
+        batch.queue(datagram.payload + out.offset, length: out.length, to: out.target)
+        deliveredBuffers.append(buffer)
+        return true
+    }
+
+    /// The delivered datagrams queued for one socket go out with one sendmmsg, and their
+    /// buffers go back to the backend. Run when the socket changes, at the end of each loop
+    /// turn and before an association's sockets close.
+    func flushDeliveredDatagrams() {
+        guard deliveredFD >= 0, let batch = deliveredDatagrams else { return }
+        flush(batch, to: deliveredFD, direction: deliveredDirection)
+        for id in deliveredBuffers { backend.releaseDatagram(id) }
+        deliveredBuffers.removeAll(keepingCapacity: true)
+        deliveredFD = -1
+    }
+
+    /// The batch delivered datagrams are sent from (made with the first).
+    var deliveredDatagrams: DatagramBatch? {
+        if deliveredBatchStorage == nil { deliveredBatchStorage = DatagramBatch(slots: 32, headroom: 0, bufferSize: 0) }
+        return deliveredBatchStorage
     }
 
     /// The worker's datagram slots (made with its first association).
@@ -170,21 +227,23 @@ extension Worker {
         statistics.add(WorkerStatistics.udpDropCounter(reason))
     }
 
-    private func fromClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ batch: DatagramBatch, _ i: Int) {
-        let from = batch.sender(i)
+    /// Where a client's datagram (`data`, `length` bytes) goes: the bytes from `offset` on,
+    /// to `target`; nil when dropped (counted) or held for a name.
+    private func routeFromClient(_ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ data: UnsafeMutableRawPointer,
+                                 _ length: Int, from: SocketAddress) -> (offset: Int, length: Int, target: SocketAddress)? {
         // Only the client that holds the control connection, from its one port.
-        guard from.ipAddress == a.clientIP, a.clientPort == 0 || from.port == a.clientPort else { drop(.foreignSource); return }
+        guard from.ipAddress == a.clientIP, a.clientPort == 0 || from.port == a.clientPort else { drop(.foreignSource); return nil }
         if a.clientPort == 0 { a.clientPort = from.port }
-        let length = batch.length(i)
-        switch a.policy.route(UnsafeRawBufferPointer(start: batch.slot(i) + batch.headroom, count: length)) {
+        switch a.policy.route(UnsafeRawBufferPointer(start: data, count: length)) {
         case .drop(let reason):
             drop(reason)
+            return nil
         case .held:
-            break
+            return nil
         case .send(let destination, let offset):
-            guard let target = outboundTarget(a, destination) else { drop(.sendFailed); return }
-            if p.pointee.user >= 0 && datagramOverRate(p, 0, length - offset) { drop(.limit); return }
-            batch.queue(i, offset: batch.headroom + offset, length: length - offset, to: target)
+            guard let target = outboundTarget(a, destination) else { drop(.sendFailed); return nil }
+            if p.pointee.user >= 0 && datagramOverRate(p, 0, length - offset) { drop(.limit); return nil }
+            return (offset, length - offset, target)
         }
     }
 
@@ -195,20 +254,21 @@ extension Worker {
         return destination.family == AF_INET ? destination : nil
     }
 
-    private func toClient(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ batch: DatagramBatch, _ i: Int) {
-        let n = batch.length(i)
-        let slot = batch.slot(i)
-        // The header is written at the slot's start, then moved to end where the payload starts.
+    /// A destination's datagram for the client: its SOCKS5 header is written in the
+    /// `headroom` just before `data`; the result's offset is negative (where the header starts).
+    private func routeToClient(_ p: UnsafeMutablePointer<ConnectionSlot>, _ a: UDPAssociation, _ data: UnsafeMutableRawPointer,
+                               _ length: Int, from: SocketAddress, headroom: Int) -> (offset: Int, length: Int, target: SocketAddress)? {
+        let room = min(headroom, Self.datagramHeadroom)
         guard a.clientPort != 0,
-              let length = a.policy.writeReplyHeader(from: batch.sender(i), into: UnsafeMutableRawBufferPointer(start: slot, count: batch.headroom)),
-              length <= batch.headroom else {
+              let header = a.policy.writeReplyHeader(from: from, into: UnsafeMutableRawBufferPointer(start: data - room, count: room)),
+              header <= room else {
             drop(.foreignSource)
-            return
+            return nil
         }
-        if p.pointee.user >= 0 && datagramOverRate(p, 1, n) { drop(.limit); return }
-        let start = batch.headroom - length
-        if start > 0 { (slot + start).copyMemory(from: slot, byteCount: length) }
-        batch.queue(i, offset: start, length: length + n, to: a.client)
+        if p.pointee.user >= 0 && datagramOverRate(p, 1, length) { drop(.limit); return nil }
+        // Written at the headroom's start; moved to end where the payload starts.
+        if header < room { memmove(data - header, data - room, header) }
+        return (-header, header + length, a.client)
     }
 
     /// A user's bytes either way are counted; a rate-limited user's datagram that would run
@@ -237,6 +297,7 @@ extension Worker {
     /// The association's sockets close with its control connection (`closeSlot`).
     func closeAssociation(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
         guard let a = associations.removeValue(forKey: s) else { return }
+        if deliveredFD == a.relay || deliveredFD == a.outbound { flushDeliveredDatagrams() }
         statistics.add(.udpAssociationsActive, -1)
         for d in 0..<2 {
             let armed = d == 0 ? a.relayArmed : a.outboundArmed

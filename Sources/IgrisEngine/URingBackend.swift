@@ -30,6 +30,8 @@ public final class URingBackend: IOBackend {
     /// The reserve's ring (group 1), in the same mapping after the main one's pages.
     private let reserveRing: UnsafeMutableRawPointer
     private let bufferRingBytes: Int
+    /// UDP associations' datagrams (group 2), made with the first one.
+    private var datagramRing: URingDatagramRing?
     private let bufferGroup: UInt16 = 0
     private let reserveGroup: UInt16 = 1
     private let batch: UnsafeMutablePointer<igris_completion>
@@ -143,6 +145,7 @@ public final class URingBackend: IOBackend {
 
     deinit {
         io_uring_queue_exit(ring)
+        datagramRing = nil
         munmap(bufferRing, bufferRingBytes)
         ring.deallocate()
         batch.deallocate()
@@ -249,6 +252,19 @@ public final class URingBackend: IOBackend {
     public func sendNow(fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int {
         Syscall.send(fd, bytes.baseAddress!, bytes.count)
     }
+
+    public func armDatagramReceive(fd: Int32, token: OperationToken) -> Bool {
+        if datagramRing == nil { datagramRing = URingDatagramRing(ring: ring) }
+        guard let datagramRing else { return false }  // no ring to be had: poll and recvmmsg
+        let sqe = nextSQE()
+        datagramRing.arm(sqe, fd: fd)
+        io_uring_sqe_set_data64(sqe, token.raw)
+        return true
+    }
+
+    public func datagram(_ buffer: UInt16, length: Int) -> ReceivedDatagram? { datagramRing?.datagram(buffer, length: length) }
+
+    public func releaseDatagram(_ buffer: UInt16) { datagramRing?.release(buffer) }
 
     public func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int { batch.receive(fd) }
 
@@ -393,12 +409,13 @@ public final class URingBackend: IOBackend {
                     zeroCopyResults[c.user_data] = c.res
                     continue
                 }
-                if result == -ENOBUFS { exhausted = true }
+                if result == -ENOBUFS && OperationToken(raw: c.user_data).kind != .datagramReadable { exhausted = true }
                 var bufferID: UInt16? = nil
                 if c.flags & bufferFlag != 0 {
                     let id = UInt16(truncatingIfNeeded: c.flags >> shift)
                     bufferID = id
-                    buffers.markLent(id)
+                    // A datagram's buffer is the datagram ring's, not the pool's.
+                    if OperationToken(raw: c.user_data).kind != .datagramReadable { buffers.markLent(id) }
                 }
                 body(Completion(token: OperationToken(raw: c.user_data), result: result, bufferID: bufferID,
                                 more: c.flags & moreFlag != 0))

@@ -119,6 +119,12 @@ final class Worker<Backend: IOBackend> {
     var associations: [Int32: UDPAssociation] = [:]
     /// Where datagrams are received and sent from (`datagramSlots`).
     var datagramBatchStorage: DatagramBatch?
+    /// Datagrams a backend delivered this turn, queued for `deliveredFD` (`UDPRelay.swift`),
+    /// and the buffers they are in.
+    var deliveredBatchStorage: DatagramBatch?
+    var deliveredFD: Int32 = -1
+    var deliveredDirection = 0
+    var deliveredBuffers: [UInt16] = []
     /// Slots with `framedUpload`: where the client's request body ends.
     var uploadFramings: [Int32: HTTPBodyFraming] = [:]
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
@@ -201,7 +207,7 @@ final class Worker<Backend: IOBackend> {
         case .connect: onConnect(s, p, c.result)
         case .negotiationReadable:
             if p.pointee.state == .associated { onControlReadable(s, p, c.result) } else { onNegotiationReadable(s, p, c.result) }
-        case .datagramReadable: onDatagramReadable(s, p, d, c.result)
+        case .datagramReadable: onDatagramReadable(s, p, d, c)
         default: break  // close: only the in-flight count matters
         }
         if p.pointee.state == .closing && p.pointee.inflight == 0 { finish(s) }

@@ -106,6 +106,10 @@ final class ScriptedBackend: IOBackend {
         return bytes.count
     }
 
+    func armDatagramReceive(fd: Int32, token: OperationToken) -> Bool { false }
+    func datagram(_ buffer: UInt16, length: Int) -> ReceivedDatagram? { nil }
+    func releaseDatagram(_ buffer: UInt16) {}
+
     /// No datagrams in these scripts.
     func receiveDatagrams(fd: Int32, into batch: DatagramBatch) -> Int { -Int(EAGAIN) }
 

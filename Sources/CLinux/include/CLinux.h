@@ -91,5 +91,7 @@ void igris_dgram_queue(struct igris_dgram_batch *b, unsigned i, size_t offset, s
 /// -1 with errno set when none could be; `bytes` receives their payload bytes.
 int igris_dgram_send(int fd, struct igris_dgram_batch *b, long *bytes);
 unsigned igris_dgram_queued(struct igris_dgram_batch *b);
+/// Queues `length` bytes at `data` (memory the caller keeps until the send) for `to`.
+void igris_dgram_queue_bytes(struct igris_dgram_batch *b, void *data, size_t length, const struct sockaddr *to, socklen_t to_length);
 
 #endif
