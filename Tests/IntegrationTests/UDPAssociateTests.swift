@@ -167,7 +167,49 @@ struct UDPAssociateTests {
         // A stranger sending to the outbound side can't reach the client: only destinations
         // the client sent to are relayed back. (The outbound port is learnt from the echo.)
         #expect(gateway.eventually { gateway.total(.udpDatagramsToClient) == 2 })
+
+        // 256 destinations at most: with the echo server's counted, the 256th new one is over.
+        let allowAll = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32"])
+        defer { allowAll.stop() }
+        let (control2, relay2) = try Self.associate(allowAll)
+        defer { control2.close() }
+        client.send(header + [6], to: relay2)
+        #expect(client.receive()?.0 == header + [6])
+        for port in 20_000..<20_256 { client.send(Self.header(.ipv4(127, 0, 0, 1), UInt16(port)) + [1], to: relay2) }
+        #expect(allowAll.eventually { allowAll.total(WorkerStatistics.udpDropCounter(.limit)) == 1
+                                       && allowAll.total(.udpDatagramsToDestination) == 256 })
         #expect(gateway.eventually { gateway.total(.activeConnections) == 1 })
+    }
+
+    @Test("a user's association: authenticated, one of its connections, its bytes counted, its rate limit dropping what runs past it",
+          arguments: engineBackends)
+    func userLimits(backend: BackendChoice) throws {
+        let echo = try UDPEcho()
+        defer { echo.stop() }
+        // 20 kB/s up, with the limiter's burst: a quick 200 datagrams of 1,000 B can't all pass.
+        let alice = UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("pw".utf8)), uploadBytesPerSecond: 20_000)
+        let gateway = try ProxyGateway(backend: backend, auth: true, allow: ["127.0.0.1/32"], users: UserDirectory(accounts: [alice]))
+        defer { gateway.stop() }
+        let control = try TestSocket.connect(gateway.socks5)
+        control.setReceiveTimeout(seconds: 10)
+        control.write([5, 1, 2])
+        #expect(try control.readExactly(2) == [5, 2])
+        control.write([1, 5] + Array("alice".utf8) + [2] + Array("pw".utf8))
+        #expect(try control.readExactly(2) == [1, 0])
+        control.write([5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        let head = try control.readExactly(10)
+        #expect(head[1] == 0)
+        let relay = SocketAddress(ip: IPAddress(ipv4: head[4], head[5], head[6], head[7]), port: UInt16(head[8]) << 8 | UInt16(head[9]))
+        #expect(gateway.eventually { alice.activeConnections == 1 }, "an association is one of the user's connections")
+        let client = try TestDatagramSocket()
+        defer { client.close() }
+        let header = Self.header(.ipv4(127, 0, 0, 1), echo.port)
+        for _ in 0..<200 { client.send(header + [UInt8](repeating: 7, count: 1000), to: relay) }
+        func dropped(_ reason: DatagramDrop) -> Int64 { gateway.total(WorkerStatistics.udpDropCounter(reason)) }
+        #expect(gateway.eventually { gateway.total(.udpDatagramsToDestination) + dropped(.limit) == 200 })
+        #expect(dropped(.limit) > 0 && alice.bytesToDestination > 0, "limit drops \(dropped(.limit)), bytes \(alice.bytesToDestination)")
+        control.close()
+        #expect(gateway.eventually { alice.activeConnections == 0 && gateway.total(.udpAssociationsActive) == 0 })
     }
 
     @Test("a real DNS client (dnspython over PySocks UDP) resolves through the relay from a DNS server on loopback",
