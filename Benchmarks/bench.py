@@ -188,7 +188,7 @@ socksmethod: none
 user.privileged: root
 user.unprivileged: nobody
 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
-socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}
+socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect udpassociate udpreply }}
 """)
             cmd = ["danted", "-f", cfg, "-N", str(workers)]
         else:

@@ -19,63 +19,51 @@ import subprocess
 import tempfile
 import time
 
-from bench import IGRIS, LOAD, NO_SOURCE_LIMITS, free_port, log, start_server, tree_cpu, wait_port
+from bench import IGRIS, LOAD, NO_SOURCE_LIMITS, Proxy, free_port, log, start_server, tree_cpu, wait_port
 
 
-def proxy(kind, port, workdir, workers=2):
-    """Starts a proxy listening on port; returns its Popen."""
-    if kind.startswith("igris-"):
-        backend = kind.split("-", 2)[2]
-        mode = "--socks5" if kind.startswith("igris-socks") else "--http-connect"
-        cmd = [IGRIS, "serve", mode, f"127.0.0.1:{port}", "--no-auth", "--allow", "127.0.0.0/8", "--backend", backend,
-               "--workers", str(workers), "--log-level", "warning", "--no-access-log"] + NO_SOURCE_LIMITS
-    elif kind == "dante":
-        cfg = os.path.join(workdir, f"danted-{port}.conf")
-        with open(cfg, "w") as f:
-            f.write(f"""logoutput: /dev/null
-internal: 127.0.0.1 port = {port}
-external: 127.0.0.1
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}
-socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: udpassociate udpreply connect }}
-""")
-        cmd = ["danted", "-f", cfg, "-N", str(workers)]
-    elif kind == "tinyproxy":
-        cfg = os.path.join(workdir, f"tinyproxy-{port}.conf")
-        with open(cfg, "w") as f:
-            f.write(f"Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 1000\nAllow 127.0.0.1\nLogLevel Critical\n"
-                    f"PidFile \"{workdir}/tinyproxy-{port}.pid\"\n")
-        cmd = ["tinyproxy", "-d", "-c", cfg]
-    else:
-        raise ValueError(kind)
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not wait_port(port):
-        p.kill()
-        raise RuntimeError(f"{kind} did not start")
-    return p
+class HTTPProxy:
+    """An HTTP proxy process (igris's HTTP listener or tinyproxy) on a fresh port."""
 
+    def __init__(self, kind, workdir, workers=2):
+        self.kind, self.port = kind, free_port()
+        if kind.startswith("igris-http-"):
+            cmd = [IGRIS, "serve", "--http-connect", f"127.0.0.1:{self.port}", "--no-auth", "--allow", "127.0.0.0/8",
+                   "--backend", kind.split("-", 2)[2], "--workers", str(workers), "--log-level", "warning",
+                   "--no-access-log"] + NO_SOURCE_LIMITS
+        elif kind == "tinyproxy":
+            cfg = os.path.join(workdir, f"tinyproxy-{self.port}.conf")
+            with open(cfg, "w") as f:
+                f.write(f"Port {self.port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 1000\nAllow 127.0.0.1\n"
+                        f"LogLevel Critical\nPidFile \"{workdir}/tinyproxy-{self.port}.pid\"\n")
+            cmd = ["tinyproxy", "-d", "-c", cfg]
+        else:
+            raise ValueError(kind)
+        self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.stop()
+            raise RuntimeError(f"{kind} did not start")
 
-def measure(kind, workdir, client_args):
-    """Runs igris-load with client_args against a fresh proxy; returns (rate, cpu seconds, table)."""
-    port = free_port()
-    p = proxy(kind, port, workdir)
-    try:
-        before = tree_cpu(p.pid)
-        args = [a.replace("{proxy}", f"127.0.0.1:{port}") for a in client_args]
-        out = subprocess.run([LOAD] + args, capture_output=True, text=True, timeout=120).stdout.split("\n")
-        cpu = tree_cpu(p.pid) - before
-        row = dict(zip(out[0].split(), out[1].split()))
-        return row, cpu
-    finally:
-        p.terminate()
+    def stop(self):
+        self.p.terminate()
         try:
-            p.wait(timeout=5)
+            self.p.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            self.p.kill()
+            self.p.wait()
+
+
+def measure(make_proxy, client_args):
+    """Runs igris-load with client_args against a fresh proxy; returns (its result row, proxy CPU seconds)."""
+    proxy = make_proxy()
+    try:
+        before = tree_cpu(proxy.p.pid)
+        args = [a.replace("{proxy}", f"127.0.0.1:{proxy.port}") for a in client_args]
+        out = subprocess.run([LOAD] + args, capture_output=True, text=True, timeout=120).stdout.split("\n")
+        cpu = tree_cpu(proxy.p.pid) - before
+        return dict(zip(out[0].split(), out[1].split())), cpu
+    finally:
+        proxy.stop()
 
 
 def main():
@@ -85,7 +73,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
     a = parser.parse_args()
-    udp_targets = ["igris-socks-io_uring", "igris-socks-epoll", "dante"]
+    udp_targets = ["igris-socks-io_uring", "igris-socks-epoll", "dante"]  # bench.Proxy kinds
     http_targets = ["igris-http-io_uring", "igris-http-epoll", "tinyproxy"]
     udp = {}   # (target, size) -> [(rate, cpu per million)]
     http = {}  # target -> [(rate, cpu ms per 1000)]
@@ -97,14 +85,14 @@ def main():
                 for size in (64, 1200):
                     for t in udp_targets:
                         log(f"udp: {t} {size} B, repetition {rep + 1}")
-                        row, cpu = measure(t, workdir, ["udp", "--socks5", "{proxy}", "--target", echo_addr, "--size", str(size),
+                        row, cpu = measure(lambda: Proxy(t, None, 2), ["udp", "--socks5", "{proxy}", "--target", echo_addr, "--size", str(size),
                                                         "--threads", "4", "--window", "8", "--seconds", str(a.seconds)])
                         echoed = int(row["echoed"])
                         udp.setdefault((t, size), []).append((int(row["datagrams_per_s"]), cpu / (2 * echoed) * 1e6 if echoed else float("inf"),
                                                               int(row["lost"]), int(row["failed_flows"])))
                 for t in http_targets:
                     log(f"http: {t}, repetition {rep + 1}")
-                    row, cpu = measure(t, workdir, ["http", "--proxy", "{proxy}", "--target", origin_addr, "--threads", "4",
+                    row, cpu = measure(lambda: HTTPProxy(t, workdir), ["http", "--proxy", "{proxy}", "--target", origin_addr, "--threads", "4",
                                                     "--seconds", str(a.seconds)])
                     ok = int(row["ok"])
                     http.setdefault(t, []).append((int(row["requests_per_s"]), cpu / ok * 1e6 if ok else float("inf"), int(row["failed"])))

@@ -20,21 +20,7 @@ struct EchoServer: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
-        let address: SocketAddress
-        do { address = try SocketAddress.resolve(listen, passive: true) } catch { throw ValidationError(error.description) }
-        var fds: [Int32] = []
-        var bound = address
-        for i in 0..<max(1, threads) {
-            let fd = try Syscall.streamSocket(family: bound.family)
-            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
-            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
-            try Syscall.bind(fd, bound)
-            try Syscall.listen(fd, backlog: 4096)
-            if i == 0 { bound = try Syscall.localAddress(fd) }
-            fds.append(fd)
-        }
-        var line = "listening \(bound)\n"
-        line.withUTF8 { _ = write(1, $0.baseAddress, $0.count) }
+        let fds = try announcedSockets(listen, threads: threads, kind: .stream(nonBlocking: true))
         let sink = self.sink
         var threads: [pthread_t] = []
         for fd in fds {
@@ -49,6 +35,39 @@ struct EchoServer: ParsableCommand {
         }
         for t in threads { pthread_join(t, nil) }
     }
+}
+
+/// What `announcedSockets` makes.
+enum ServerSocketKind {
+    case stream(nonBlocking: Bool)
+    case datagram
+}
+
+/// One SO_REUSEPORT socket per thread on `listen` (port 0: the first picks one, the rest
+/// join it), listening if a stream; then `listening HOST:PORT` on stdout, the ready signal
+/// tests and benchmarks wait for.
+func announcedSockets(_ listen: String, threads: Int, kind: ServerSocketKind) throws -> [Int32] {
+    var bound: SocketAddress
+    do { bound = try SocketAddress.resolve(listen, passive: true) } catch { throw ValidationError(error.description) }
+    var fds: [Int32] = []
+    for i in 0..<max(1, threads) {
+        let fd: Int32
+        switch kind {
+        case .stream(let nonBlocking):
+            fd = try Syscall.streamSocket(family: bound.family, nonBlocking: nonBlocking)
+            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, "SO_REUSEADDR")
+        case .datagram:
+            fd = Glibc.socket(bound.family, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        }
+        try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
+        try Syscall.bind(fd, bound)
+        if case .stream = kind { try Syscall.listen(fd, backlog: 4096) }
+        if i == 0 { bound = try Syscall.localAddress(fd) }
+        fds.append(fd)
+    }
+    var line = "listening \(bound)\n"
+    line.withUTF8 { _ = write(1, $0.baseAddress, $0.count) }
+    return fds
 }
 
 private final class LoopBox {

@@ -20,18 +20,7 @@ struct HTTPOrigin: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
-        var bound = try resolveTarget(listen)
-        var fds: [Int32] = []
-        for i in 0..<max(1, threads) {
-            let fd = try Syscall.streamSocket(family: bound.family, nonBlocking: false)
-            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
-            try Syscall.bind(fd, bound)
-            try Syscall.listen(fd, backlog: 4096)
-            if i == 0 { bound = try Syscall.localAddress(fd) }
-            fds.append(fd)
-        }
-        var line = "listening \(bound)\n"
-        line.withUTF8 { _ = write(1, $0.baseAddress, $0.count) }
+        let fds = try announcedSockets(listen, threads: threads, kind: .stream(nonBlocking: false))
         let response = Array("HTTP/1.1 200 OK\r\nContent-Length: \(size)\r\nConnection: close\r\n\r\n".utf8) + [UInt8](repeating: 0x61, count: size)
         let threads = fds.map { listener in
             WorkerThread.spawn(name: "http-origin") {

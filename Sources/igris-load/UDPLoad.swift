@@ -1,4 +1,5 @@
 import ArgumentParser
+import CLinux
 import Glibc
 import IgrisEngine
 import IgrisPolicy
@@ -17,17 +18,7 @@ struct UDPEchoServer: ParsableCommand {
     var threads: Int = 1
 
     func run() throws {
-        var bound = try resolveTarget(listen)
-        var fds: [Int32] = []
-        for i in 0..<max(1, threads) {
-            let fd = Glibc.socket(bound.family, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-            try Syscall.setIntOption(fd, level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, "SO_REUSEPORT")
-            try Syscall.bind(fd, bound)
-            if i == 0 { bound = try Syscall.localAddress(fd) }
-            fds.append(fd)
-        }
-        var line = "listening \(bound)\n"
-        line.withUTF8 { _ = write(1, $0.baseAddress, $0.count) }
+        let fds = try announcedSockets(listen, threads: threads, kind: .datagram)
         let threads = fds.map { fd in
             WorkerThread.spawn(name: "udp-echo") {
                 var buffer = [UInt8](repeating: 0, count: 65536)
