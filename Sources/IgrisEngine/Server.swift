@@ -41,6 +41,9 @@ public struct ServerConfiguration: Sendable {
     /// Per-source and handshake-phase bounds (all off unless set; `igris serve` sets
     /// `SourceLimits.Settings.defaults`).
     public var sourceLimits = SourceLimits.Settings()
+    /// The ports UDP ASSOCIATE relays bind (nil: any ephemeral port), so a firewall can open
+    /// exactly them.
+    public var udpRelayPorts: ClosedRange<UInt16>?
     public var buffers = BackendConfiguration()
     public var listenBacklog: Int32 = 4096
     public var splice: SpliceMode = .auto
@@ -306,7 +309,8 @@ public final class Server: Sendable {
                 maxPipes: configuration.maxPipes,
                 workerCount: configuration.workers,
                 accounts: configuration.accounts,
-                sourceLimits: sourceLimits)
+                sourceLimits: sourceLimits,
+                udpRelayPorts: configuration.udpRelayPorts)
             let kind = backend
             let control = controls[w]
             let stats = statistics[w]

@@ -53,7 +53,7 @@ extension Worker {
         var association: UDPAssociation? = nil
         var relayAddress: SocketAddress? = nil
         if let local = try? Syscall.localAddress(p.pointee.client), let peer = try? Syscall.peerAddress(p.pointee.client),
-           let relay = try? Syscall.datagramSocket(bound: SocketAddress(ip: local.ipAddress, port: 0)) {
+           let relay = relaySocket(on: local.ipAddress) {
             var outboundIPv6 = true
             var outbound = try? Syscall.datagramSocket(bound: SocketAddress(ip: IPAddress(high: 0, low: 0), port: 0))
             if outbound == nil {
@@ -92,6 +92,25 @@ extension Worker {
         armControlWatch(s, p)
         armDatagramPoll(s, p, association, 0)
         armDatagramPoll(s, p, association, 1)
+    }
+
+    /// The relay socket on the address the control connection arrived on: any port, or a
+    /// free one of `udp_relay_ports` (tried from a random one on, 256 at most; nil when none
+    /// is free: the client gets a general failure).
+    private func relaySocket(on ip: IPAddress) -> Int32? {
+        guard let ports = configuration.udpRelayPorts else { return try? Syscall.datagramSocket(bound: SocketAddress(ip: ip, port: 0)) }
+        let count = Int(ports.upperBound) - Int(ports.lowerBound) + 1
+        let first = Int.random(in: 0..<count)
+        for k in 0..<min(count, 256) {
+            let port = UInt16(Int(ports.lowerBound) + (first + k) % count)
+            do {
+                return try Syscall.datagramSocket(bound: SocketAddress(ip: ip, port: port))
+            } catch {
+                if error.errno != EADDRINUSE { return nil }
+            }
+        }
+        statistics.add(.udpRelayPortsExhausted)
+        return nil
     }
 
     /// An association without datagrams either way for this long ends (the listener's idle

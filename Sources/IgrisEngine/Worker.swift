@@ -23,6 +23,8 @@ public struct WorkerConfiguration: Sendable {
     public var accounts: [UserAccount] = []
     /// Per-source and handshake-phase bounds, shared by every worker.
     public var sourceLimits = SourceLimits(.init())
+    /// Where UDP relays bind (`ServerConfiguration.udpRelayPorts`).
+    public var udpRelayPorts: ClosedRange<UInt16>? = nil
 }
 
 /// One worker thread: its backend, connection table, timers and listeners. Its subsystems

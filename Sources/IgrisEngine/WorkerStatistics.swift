@@ -60,6 +60,7 @@ public final class WorkerStatistics: Sendable {
         // SOCKS5 UDP ASSOCIATE
         case udpAssociationsActive   // gauge (add/subtract)
         case udpAssociationsTotal
+        case udpRelayPortsExhausted  // no free port in udp_relay_ports for a new association
         case udpDatagramsToDestination
         case udpDatagramsToClient
         case udpBytesToDestination

@@ -58,6 +58,8 @@ public struct ConfigFile: Sendable {
     public var drainGraceNanoseconds: UInt64 = 0
     /// The unix socket a successor takes the listeners over from (`--takeover`); nil: none.
     public var handoffSocket: String?
+    /// `udp_relay_ports: 40000-40999`: where UDP ASSOCIATE relays bind (nil: ephemeral).
+    public var udpRelayPorts: ClosedRange<UInt16>?
     public var handshakeTimeoutNanoseconds: UInt64 = 10_000_000_000
     public var usersFile: String?
     public var aclRules: [DestinationACL.Rule] = []
@@ -150,6 +152,7 @@ public struct ConfigFile: Sendable {
         c.deadPeerTimeoutNanoseconds = deadPeerTimeoutNanoseconds
         c.drainTimeoutNanoseconds = drainTimeoutNanoseconds
         c.accessLog = accessLog
+        c.udpRelayPorts = udpRelayPorts
         return c
     }
 }
@@ -161,7 +164,7 @@ private struct Decoded: Decodable {
 
     init(from decoder: Decoder) throws {
         let top = ["workers", "backend", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
-                   "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "users_file", "acl", "log", "pools", "listeners"]
+                   "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "udp_relay_ports", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
@@ -221,6 +224,10 @@ private struct Decoded: Decodable {
         }
         if let d = try duration("drain_timeout", allowZero: true) { config.drainTimeoutNanoseconds = d }
         if let d = try duration("drain_grace", allowZero: true) { config.drainGraceNanoseconds = d }
+        if let text = try c.decodeIfPresent(String.self, forKey: key("udp_relay_ports")) {
+            guard let range = PortRange.parse(text) else { throw fail("udp_relay_ports", "expected a port range such as 40000-40999, got '\(text)'") }
+            config.udpRelayPorts = range
+        }
         if let path = try c.decodeIfPresent(String.self, forKey: key("handoff_socket")) {
             guard ListenerHandoff.isValidPath(path) else {
                 throw fail("handoff_socket", "expected an absolute path shorter than 108 bytes, got '\(path)'")
@@ -457,5 +464,14 @@ private struct PoolEntry: Decodable {
             }
             healthCheck = check
         }
+    }
+}
+
+/// `LOW-HIGH` (or one port) from operator text.
+public enum PortRange {
+    public static func parse(_ text: String) -> ClosedRange<UInt16>? {
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { String($0.filter { $0 != " " }) }
+        guard parts.count == 1 || parts.count == 2, let low = UInt16(parts[0]), let high = UInt16(parts.last!), low > 0, low <= high else { return nil }
+        return low...high
     }
 }

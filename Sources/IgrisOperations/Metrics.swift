@@ -67,6 +67,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_throttle_pauses_total", .throttlePauses, "Times a rate-limited direction paused its receives."),
             ("igris_http_bytes_after_request_dropped_total", .bytesAfterRequestDropped, "HTTP proxy: bytes a client sent after a forwarded request's body (never forwarded to that origin)."),
             ("igris_udp_associations_total", .udpAssociationsTotal, "SOCKS5 UDP associations opened."),
+            ("igris_udp_relay_ports_exhausted_total", .udpRelayPortsExhausted, "UDP ASSOCIATE requests refused because no port of udp_relay_ports was free."),
             ("igris_udp_datagrams_to_destination_total", .udpDatagramsToDestination, "Datagrams relayed from clients to destinations."),
             ("igris_udp_datagrams_to_client_total", .udpDatagramsToClient, "Datagrams relayed from destinations to clients."),
             ("igris_udp_bytes_to_destination_total", .udpBytesToDestination, "Payload bytes relayed from clients to destinations."),

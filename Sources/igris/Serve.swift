@@ -92,6 +92,10 @@ struct Serve: ParsableCommand {
             help: "Connections open at once from one client address (an IPv6 /64), 0 for no limit (default: a quarter of --max-connections). Balancers in proxy_protocol_from are exempt.")
     var maxConnectionsPerSource: Int?
 
+    @Option(name: .customLong("udp-relay-ports"),
+            help: "Ports SOCKS5 UDP ASSOCIATE relays bind, LOW-HIGH, so a firewall can open exactly them (default: any ephemeral port).")
+    var udpRelayPorts: String?
+
     @Option(name: .customLong("max-handshakes"),
             help: "Connections still in their SOCKS5/HTTP CONNECT/PROXY handshake at once, 0 for no limit (default: half of --max-connections).")
     var maxHandshakes: Int?
@@ -137,6 +141,9 @@ struct Serve: ParsableCommand {
         }
         if workers < 1 || workers > 1024 { throw ValidationError("--workers must be between 1 and 1024") }
         if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if let udpRelayPorts, PortRange.parse(udpRelayPorts) == nil {
+            throw ValidationError("--udp-relay-ports: expected a port range such as 40000-40999, got '\(udpRelayPorts)'")
+        }
         for (flag, value) in [("--max-connections-per-source", maxConnectionsPerSource), ("--max-handshakes", maxHandshakes),
                               ("--max-handshakes-per-source", maxHandshakesPerSource)] {
             if let value, value < 0 { throw ValidationError("\(flag) must be 0 (no limit) or more") }
@@ -222,6 +229,7 @@ struct Serve: ParsableCommand {
         configuration.maxConnectionsGiven = self.maxConnections != nil
         configuration.sourceLimits = SourceLimits.Settings.resolved(maxConnections: maxConnections, perSource: maxConnectionsPerSource,
                                                                     handshakes: maxHandshakes, handshakesPerSource: maxHandshakesPerSource)
+        configuration.udpRelayPorts = udpRelayPorts.flatMap(PortRange.parse)
         let memory = bufferMemory.flatMap { ByteSize.parse($0) }.map { Int($0) }
             ?? BackendConfiguration.defaultBufferMemory(maxConnections: maxConnections, workers: workers)
         let count = buffers ?? BackendConfiguration.bufferCount(memory: memory, bufferSize: bufferSize, workers: workers)

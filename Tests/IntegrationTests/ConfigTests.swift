@@ -98,6 +98,8 @@ struct ConfigTests {
         #expect(try settings("max_connections_per_source: 0\nmax_handshakes_per_source: 8\n")
                 == SourceLimits.Settings(maxConnectionsPerSource: 0, maxHandshakes: 500, maxHandshakesPerSource: 8))
         #expect(try settings("max_handshakes: 0\n").maxHandshakes == 0)
+        #expect(try ConfigFile.parse("udp_relay_ports: 40000-40999\nlisteners:\n  - {listen: \"127.0.0.1:0\", mode: socks5, auth: none}\n", file: "u.yaml").udpRelayPorts == 40000...40999)
+        #expect(PortRange.parse("53") == 53...53 && PortRange.parse("9-1") == nil && PortRange.parse("0-9") == nil && PortRange.parse("1-70000") == nil)
         do {
             _ = try settings("max_handshakes: -1\n")
             Issue.record("a negative limit was accepted")

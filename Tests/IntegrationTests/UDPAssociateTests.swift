@@ -186,7 +186,8 @@ struct UDPAssociateTests {
     func userLimits(backend: BackendChoice) throws {
         let echo = try UDPEcho()
         defer { echo.stop() }
-        // 20 kB/s up, with the limiter's burst: a quick 200 datagrams of 1,000 B can't all pass.
+        // 20 kB/s up, with the limiter's burst: a quick 60 datagrams of 1,000 B can't all pass.
+        // (60 KB: well within the relay socket's receive buffer, so the kernel drops none.)
         let alice = UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("pw".utf8)), uploadBytesPerSecond: 20_000)
         let gateway = try ProxyGateway(backend: backend, auth: true, allow: ["127.0.0.1/32"], users: UserDirectory(accounts: [alice]))
         defer { gateway.stop() }
@@ -204,12 +205,45 @@ struct UDPAssociateTests {
         let client = try TestDatagramSocket()
         defer { client.close() }
         let header = Self.header(.ipv4(127, 0, 0, 1), echo.port)
-        for _ in 0..<200 { client.send(header + [UInt8](repeating: 7, count: 1000), to: relay) }
+        for _ in 0..<60 { client.send(header + [UInt8](repeating: 7, count: 1000), to: relay) }
         func dropped(_ reason: DatagramDrop) -> Int64 { gateway.total(WorkerStatistics.udpDropCounter(reason)) }
-        #expect(gateway.eventually { gateway.total(.udpDatagramsToDestination) + dropped(.limit) == 200 })
+        #expect(gateway.eventually { gateway.total(.udpDatagramsToDestination) + dropped(.limit) == 60 })
         #expect(dropped(.limit) > 0 && alice.bytesToDestination > 0, "limit drops \(dropped(.limit)), bytes \(alice.bytesToDestination)")
         control.close()
         #expect(gateway.eventually { alice.activeConnections == 0 && gateway.total(.udpAssociationsActive) == 0 })
+    }
+
+    @Test("udp_relay_ports: relays bind only there; with every port taken, the next association gets a general failure",
+          arguments: engineBackends)
+    func relayPortRange(backend: BackendChoice) throws {
+        // Three consecutive free UDP ports.
+        var base: UInt16 = 0
+        for _ in 0..<50 where base == 0 {
+            let candidate = UInt16.random(in: 40_000...60_000)
+            let probes = (UInt16(0)..<3).compactMap { try? TestDatagramSocket(bound: "127.0.0.1:\(candidate + $0)") }
+            if probes.count == 3 { base = candidate }
+            for p in probes { p.close() }
+        }
+        try #require(base != 0)
+        let gateway = try ProxyGateway(backend: backend, allow: ["127.0.0.1/32"]) { $0.udpRelayPorts = base...(base + 2) }
+        defer { gateway.stop() }
+        var controls: [TestSocket] = []
+        defer { for c in controls { c.close() } }
+        var relays = Set<UInt16>()
+        for _ in 0..<3 {
+            let (control, relay) = try Self.associate(gateway)
+            controls.append(control)
+            relays.insert(relay.port)
+        }
+        #expect(relays == Set(base...(base + 2)))
+        #expect(throws: (any Error).self) { try Self.associate(gateway) }
+        #expect(gateway.total(.udpRelayPortsExhausted) == 1)
+        // One ends: its port is free for the next.
+        controls.removeFirst().close()
+        #expect(gateway.eventually { gateway.total(.udpAssociationsActive) == 2 })
+        let (again, relay) = try Self.associate(gateway)
+        controls.append(again)
+        #expect((base...(base + 2)).contains(relay.port))
     }
 
     @Test("a real DNS client (dnspython over PySocks UDP) resolves through the relay from a DNS server on loopback",
