@@ -6,6 +6,7 @@ import Glibc
 extension Worker {
     func run() throws(SyscallError) {
         start()
+        defer { accessLogger?.flush() }
         while try turn() {}
     }
 
@@ -39,6 +40,10 @@ extension Worker {
             nextBufferAdjustment = now + Self.bufferAdjustmentNanoseconds
         }
         publishGauges()
+        if accessLogPending {
+            accessLogPending = false
+            accessLogger?.flush()
+        }
         if draining {
             if now >= drainDeadline && !abortedAtDeadline { abortAllAtDeadline() }
             if table.active == 0 && listenersOpen == 0 { return false }

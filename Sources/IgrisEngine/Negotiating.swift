@@ -178,7 +178,7 @@ extension Worker {
 
     /// The access log line of a connection being released: listener, client, destination,
     /// user, bytes each way, duration, why it closed. logfmt keys; values never hold secrets.
-    func logAccess(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ log: Logger) {
+    func logAccess(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ log: any AccessLogSink) {
         var client = "-"
         var destination = "-"
         if let info = accessInfo.removeValue(forKey: s) {
@@ -193,15 +193,9 @@ extension Worker {
         if p.pointee.server >= 0 { destination = serverName(p) }
         let user = p.pointee.user >= 0 ? accounts[Int(p.pointee.user)].name : "-"
         let duration = Double(now &- p.pointee.openedAt) / 1e9
-        log.info("closed", metadata: [
-            "listener": "\(listeners[Int(p.pointee.listener)].name)",
-            "client": "\(client)",
-            "destination": "\(destination)",
-            "user": "\(user)",
-            "bytes_up": "\(p.pointee.toUpstream.bytes)",
-            "bytes_down": "\(p.pointee.toClient.bytes)",
-            "duration": "\((duration * 1000).rounded() / 1000)s",
-            "reason": "\(p.pointee.closeReason.text)",
-        ])
+        log.record(AccessRecord(listener: listeners[Int(p.pointee.listener)].name, client: client, destination: destination, user: user,
+                                bytesUp: p.pointee.toUpstream.bytes, bytesDown: p.pointee.toClient.bytes,
+                                duration: (duration * 1000).rounded() / 1000, reason: p.pointee.closeReason.text))
+        accessLogPending = true
     }
 }

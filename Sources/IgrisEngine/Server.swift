@@ -57,6 +57,9 @@ public struct ServerConfiguration: Sendable {
     /// for embedders unless asked for; `igris serve` turns it on (`--no-access-log`,
     /// `log.access_log: false`).
     public var accessLog = false
+    /// Makes a worker's access-log sink, on that worker's thread (nil: lines go to the
+    /// `igris.access` Logger one at a time).
+    public var accessLogSink: (@Sendable () -> any AccessLogSink)?
 
     public init(listeners: [ListenerRule], workers: Int = Syscall.onlineCPUs(), backend: BackendChoice = .auto) {
         self.listeners = listeners
@@ -315,7 +318,8 @@ public final class Server: Sendable {
             let control = controls[w]
             let stats = statistics[w]
             let budget = budget
-            let accessLogger: Logger? = configuration.accessLog ? Logger(label: "igris.access") : nil
+            let accessLog = configuration.accessLog
+            let accessLogSink = configuration.accessLogSink
             var log = logger
             log[metadataKey: "worker"] = "\(w)"
             let workerLogger = log
@@ -330,13 +334,15 @@ public final class Server: Sendable {
                             ])
                         }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger, accessLogger: accessLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger,
+                                            accessLogger: accessLog ? (accessLogSink?() ?? LoggerAccessLog(Logger(label: "igris.access"))) : nil)
                         ready.signal()
                         try worker.run()
                     case .epoll:
                         let backend = try EpollBackend(configuration: workerConfiguration.backend)
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
-                                            statistics: stats, budget: budget, logger: workerLogger, accessLogger: accessLogger)
+                                            statistics: stats, budget: budget, logger: workerLogger,
+                                            accessLogger: accessLog ? (accessLogSink?() ?? LoggerAccessLog(Logger(label: "igris.access"))) : nil)
                         ready.signal()
                         try worker.run()
                     }

@@ -96,8 +96,9 @@ final class Worker<Backend: IOBackend> {
     /// Slots whose timer fired this turn (kept to reuse its storage).
     var expired: [Int32] = []
 
-    /// One logfmt line per closed connection (nil: access log off).
-    let accessLogger: Logger?
+    /// One line per closed connection (nil: access log off), flushed once per loop turn.
+    let accessLogger: (any AccessLogSink)?
+    var accessLogPending = false
     /// Per open connection, while the access log is on: who and where, as text.
     var accessInfo: [Int32: (client: String, destination: String)] = [:]
 
@@ -144,7 +145,7 @@ final class Worker<Backend: IOBackend> {
     var probes: [HealthProbe] = []
 
     init(backend: Backend, configuration: WorkerConfiguration, control: WorkerControl,
-         statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger, accessLogger: Logger? = nil) {
+         statistics: WorkerStatistics, budget: ConnectionBudget, logger: Logger, accessLogger: (any AccessLogSink)? = nil) {
         self.backend = backend
         self.configuration = configuration
         self.control = control

@@ -253,6 +253,10 @@ struct Serve: ParsableCommand {
     private func start(configuration: ServerConfiguration, gateway: Gateway, admins: [(String, SocketAddress)], logLevel: Logger.Level,
                        configPath: String?, handoffPath: String?, drainGraceNanoseconds: UInt64) throws {
         defer { gateway.shutdown() }
+        var configuration = configuration
+        // Access lines are info events: buffered per worker turn (one write for many), and
+        // not written at all above info, as with any info event.
+        if logLevel <= .info { configuration.accessLogSink = { LogfmtAccessLog() } } else { configuration.accessLog = false }
         LoggingSystem.bootstrap { label in
             if label == "igris.access" { return LogfmtLogHandler(label: "access", level: logLevel) }
             var handler = StreamLogHandler.standardError(label: label)
