@@ -137,17 +137,19 @@ extension Worker {
     }
 
     /// The control connection: anything it sends is ignored (RFC 1928 has nothing more to
-    /// say on it); its end ends the association.
+    /// say on it); its end ends the association. A few reads per readiness at most, so a
+    /// client streaming junk there can't hold the worker.
     func onControlReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
         p.pointee.negotiationPollArmed = false
         guard p.pointee.state == .associated else { return }
         if result < 0 { closeSlot(s, abort: false); return }
-        while true {
+        for _ in 0..<4 {
             let n = backend.receiveNow(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
             if n > 0 { continue }
-            if n == -Int(EAGAIN) { armControlWatch(s, p) } else { closeSlot(s, abort: n < 0, reason: n == 0 ? .eof : .reset) }
-            return
+            if n != -Int(EAGAIN) { closeSlot(s, abort: n < 0, reason: n == 0 ? .eof : .reset); return }
+            break
         }
+        armControlWatch(s, p)
     }
 
     /// A datagram the backend delivered (io_uring), relayed at once; or the socket is

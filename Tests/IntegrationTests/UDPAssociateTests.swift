@@ -160,6 +160,8 @@ struct UDPAssociateTests {
         client.send([0, 0, 0, 9, 1, 2, 3, 4, 0, 80], to: relay)
         client.send([1, 0, 0, 1, 127, 0, 0, 1, 0, 80], to: relay)
         #expect(gateway.eventually { dropped(.malformed) == 3 })
+        // Bytes on the control connection are ignored, however many (64 KiB here).
+        control.write([UInt8](repeating: 0x42, count: 65536))
         // Nothing of those reached the echo: the next reply is the next datagram's.
         client.send(header + [5], to: relay)
         #expect(client.receive()?.0 == header + [5])
