@@ -6,6 +6,7 @@
 #include <linux/sock_diag.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <string.h>
 #include <stdlib.h>
@@ -227,3 +228,5 @@ int igris_dgram_send(int fd, struct igris_dgram_batch *b, long *bytes) {
 }
 
 unsigned igris_dgram_queued(struct igris_dgram_batch *b) { return b->queued; }
+
+pid_t igris_thread_id(void) { return (pid_t)syscall(SYS_gettid); }

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 
 /// The worker's loop: wait for completions, route them, fire timers, then the once-per-turn
@@ -12,6 +13,7 @@ extension Worker {
 
     /// Arms the listeners and the wake-up poll.
     func start() {
+        statistics.set(.threadID, Int64(igris_thread_id()))
         for i in listeners.indices { armAccept(i) }
         armWake()
         if !accounts.isEmpty { endRevokedTunnels() }

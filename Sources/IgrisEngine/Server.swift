@@ -383,6 +383,25 @@ public final class Server: Sendable {
 
     /// The drain is coming (a grace period runs first): /readyz fails from now on, while the
     /// listeners still accept, so a balancer stops sending before they close.
+    /// CPU seconds (user + system) each worker thread has used, from /proc (0 for a worker
+    /// not running yet).
+    public func workerCPUSeconds() -> [Double] {
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        return statistics.map { s in
+            let tid = s.load(.threadID)
+            guard tid > 0, let f = fopen("/proc/self/task/\(tid)/stat", "r") else { return 0 }
+            defer { fclose(f) }
+            var line = [CChar](repeating: 0, count: 1024)
+            guard fgets(&line, Int32(line.count), f) != nil else { return 0 }
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            // After the name's closing parenthesis: state is field 3, utime 14, stime 15.
+            guard let close = text.lastIndex(of: ")") else { return 0 }
+            let fields = text[text.index(after: close)...].split(separator: " ")
+            guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+            return (user + system) / ticks
+        }
+    }
+
     /// The users file's accounts now (a reload appends; removed ones stay, marked).
     public var accounts: [UserAccount] { currentAccounts.withLock { $0 } }
 

@@ -18,6 +18,7 @@ public final class WorkerStatistics: Sendable {
         case acceptPauses            // EMFILE/ENFILE: accepting paused ~100 ms
         case acceptPaused            // gauge: 1 while accepting pauses for lack of descriptors (last second)
         case acceptErrors
+        case threadID                // gauge: the worker thread's kernel id (0 until it runs)
         case connectFailures         // refused, unreachable, …
         case connectTimeouts
         case idleTimeouts

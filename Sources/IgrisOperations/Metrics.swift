@@ -87,6 +87,8 @@ public struct MetricsRenderer: Sendable {
         }
         out.family("igris_handshakes_active", "gauge", "Connections still negotiating (SOCKS5, HTTP CONNECT, PROXY header) now, all workers; counted while per-source limits are on.")
         out.sample("igris_handshakes_active", [:], server.total(.handshakesActive))
+        out.family("igris_worker_cpu_seconds_total", "counter", "CPU seconds (user + system) each worker thread has used (io_uring's own kernel workers, iou-wrk, count separately).")
+        for (w, seconds) in server.workerCPUSeconds().enumerated() { out.sample("igris_worker_cpu_seconds_total", ["worker": "\(w)"], double: seconds) }
         out.family("igris_buffers_in_use", "gauge", "Pool buffers lent out, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_buffers_in_use", ["worker": "\(w)"], s.load(.buffersInUse)) }
         out.family("igris_accept_paused", "gauge", "1 while a worker's accepting is paused for lack of descriptors or memory (within the last second).")
@@ -188,6 +190,14 @@ public struct MetricsText {
     }
 
     mutating func sample(_ name: String, _ labels: [String: String], _ value: Int64) {
+        sample(name, labels, text: "\(value)")
+    }
+
+    mutating func sample(_ name: String, _ labels: [String: String], double value: Double) {
+        sample(name, labels, text: "\(value)")
+    }
+
+    private mutating func sample(_ name: String, _ labels: [String: String], text value: String) {
         text += name
         if !labels.isEmpty {
             text += "{" + labels.sorted { $0.key < $1.key }.map { "\($0.key)=\"\(Self.escape($0.value))\"" }.joined(separator: ",") + "}"

@@ -277,6 +277,8 @@ struct AdminTests {
                          "igris_build_info{backend=\"\(backend == .ioUring ? "io_uring" : "epoll")\",version=\"0.1.0\"} 1"] {
             #expect(metrics.contains(expected + "\n"), "missing: \(expected)")
         }
+        // Every worker's CPU, as /proc counts it for its thread.
+        for w in 0..<2 { #expect(metrics.contains("igris_worker_cpu_seconds_total{worker=\"\(w)\"} "), "worker \(w)'s CPU") }
         // promtool (Debian's prometheus package) validates the exposition format and naming.
         let file = try writeTemporaryFile(metrics)
         defer { unlink(file) }

@@ -19,18 +19,21 @@ struct NegotiationStallTests {
     func stalledNegotiationIsIdle(backend: BackendChoice, stall: Stall) throws {
         let gatewayStop: () -> Void
         let listen: SocketAddress
+        let server: Server
         switch stall {
         case .socks5Greeting, .socks5Request, .httpHead:
             // A handshake timeout well past the test: a loaded machine must not close the
             // stalled client before it is looked at.
             let gateway = try ProxyGateway(backend: backend, handshakeTimeout: 120_000_000_000)
             gatewayStop = gateway.stop
+            server = gateway.server
             listen = stall == .httpHead ? gateway.http : gateway.socks5
         case .proxyV1, .proxyV2:
             let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(try unusedPort())")) {
                 $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0], handshakeTimeout: 120_000_000_000)
             }
             gatewayStop = gateway.stop
+            server = gateway.server
             listen = gateway.address
         }
         defer { gatewayStop() }
@@ -61,9 +64,15 @@ struct NegotiationStallTests {
         #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the first byte was consumed")
         client.write(Array(partial.dropFirst()))
         #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the second drip was consumed")
-        let before = workerCPUSeconds()
+        // This gateway's workers only (other tests' may be running beside it): each worker
+        // has recorded its thread, which /proc knows by that id under this process.
+        #expect(server.statistics.allSatisfy { s in
+            let tid = s.load(.threadID)
+            return tid > 0 && FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)/stat")
+        })
+        let before = server.workerCPUSeconds().reduce(0, +)
         usleep(2_000_000)  // the measurement window, not a synchronisation
-        let used = workerCPUSeconds() - before
+        let used = server.workerCPUSeconds().reduce(0, +) - before
         #expect(used < 0.1, "worker threads used \(used) s of CPU while the client waited")
         // Still negotiating: the connection is open, nothing was answered or closed.
         var pending = pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)
@@ -71,23 +80,6 @@ struct NegotiationStallTests {
         #expect(poll(&pending, 1, 0) == 0,
                 "the gateway neither replied nor closed (recv: \(poll(&pending, 1, 0) == 1 ? Syscall.recv(client.fd, &byte, 1) : 0))")
     }
-}
-
-/// User + system CPU of this process's worker threads (named igris-w*), from /proc.
-func workerCPUSeconds() -> Double {
-    let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
-    var total = 0.0
-    guard let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") else { return 0 }
-    for task in tasks {
-        guard let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
-              let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")") else { continue }
-        guard stat[stat.index(after: open)..<close].hasPrefix("igris-w") else { continue }
-        // Fields after the name: state is field 3, utime 14, stime 15.
-        let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
-        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { continue }
-        total += (user + system) / ticks
-    }
-    return total
 }
 
 /// Bytes queued to read on the IPv4 loopback socket with these ports (the gateway's side of

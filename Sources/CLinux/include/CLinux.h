@@ -12,6 +12,9 @@
 #include <fcntl.h>
 #include <stddef.h>
 
+/// The calling thread's kernel id (what /proc/self/task/<tid> names).
+pid_t igris_thread_id(void);
+
 /// errno as an lvalue-free read, for the Swift syscall wrappers.
 static inline int igris_errno(void) { return errno; }
 
