@@ -165,8 +165,9 @@ extension Worker {
         probes = Self.makeProbes(listeners: open, worker: configuration.index, workers: configuration.workerCount, now: now)
     }
 
-    /// At an account's expiry and after a users-file reload: tunnels of expired and removed
-    /// users end now (not at their next connect), and changed rate limits take effect.
+    /// At an account's expiry and after a users-file reload: tunnels and UDP associations of
+    /// expired and removed users end now (not at their next connect), and changed rate limits
+    /// take effect.
     /// Then the timer is set for the next expiry.
     func endRevokedTunnels() {
         var wallClock = timespec()
@@ -176,7 +177,7 @@ extension Worker {
         while s < table.used {
             let p = table.pointer(s)
             let state = p.pointee.state
-            if p.pointee.user >= 0 && (state == .connecting || state == .bridging) {
+            if p.pointee.user >= 0 && (state == .connecting || state == .bridging || state == .associated) {
                 let account = accounts[Int(p.pointee.user)]
                 if account.isRevoked(atEpochSeconds: epoch) {
                     statistics.add(.accountsRevoked)

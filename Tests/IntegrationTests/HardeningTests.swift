@@ -197,12 +197,16 @@ struct HardeningTests {
         let alice = try Self.tunnel(gateway, "alice", "pw", from: Self.loopback(2), to: port)
         let bob = try Self.tunnel(gateway, "bob", "pw", from: Self.loopback(2), to: port)
         let carol = try Self.tunnel(gateway, "carol", "pw", from: Self.loopback(2), to: port)
+        // A UDP association is one of its user's connections too: it ends with the user.
+        let (carolUDP, _) = try UDPAssociateTests.associate(gateway, credentials: ("carol", "pw"))
+        let (bobUDP, _) = try UDPAssociateTests.associate(gateway, credentials: ("bob", "pw"))
 
         #expect(Self.closedByGateway(carol), "carol's tunnel ends at her expiry")
+        #expect(Self.closedByGateway(carolUDP), "and her UDP association")
         var wallClock = timespec()
         clock_gettime(CLOCK_REALTIME, &wallClock)  // time() is the coarse clock: it may lag
         #expect(Int64(wallClock.tv_sec) >= expiry)
-        #expect(gateway.total(.accountsRevoked) == 1)
+        #expect(gateway.total(.accountsRevoked) == 2)
 
         // The users file without bob, and with a new user.
         let auth = try #require(gateway.policy.authenticator)
@@ -213,13 +217,14 @@ struct HardeningTests {
         #expect(changes.removed == ["bob"] && changes.added == ["dave"])
         gateway.server.updateAccounts(directory.accounts)
         #expect(Self.closedByGateway(bob), "bob's tunnel ends when he leaves the users file")
-        #expect(gateway.total(.accountsRevoked) == 2)
+        #expect(Self.closedByGateway(bobUDP), "and his UDP association")
+        #expect(gateway.total(.accountsRevoked) == 4)
         alice.write([1, 2, 3])
         #expect(try alice.readExactly(3) == [1, 2, 3], "alice's tunnel carries on")
         #expect(throws: (any Error).self) { try Self.tunnel(gateway, "bob", "pw", from: Self.loopback(2), to: port) }
         let dave = try Self.tunnel(gateway, "dave", "pw", from: Self.loopback(2), to: port)
         #expect(gateway.server.accounts.map(\.name) == ["alice", "bob", "carol", "dave"])
-        for s in [alice, bob, carol, dave] { s.close() }
+        for s in [alice, bob, carol, dave, carolUDP, bobUDP] { s.close() }
         #expect(gateway.eventually { gateway.total(.activeConnections) == 0 })
     }
 

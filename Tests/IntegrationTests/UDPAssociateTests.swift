@@ -72,12 +72,21 @@ final class UDPEcho: @unchecked Sendable {
 
 @Suite("SOCKS5 UDP ASSOCIATE", .serialized)
 struct UDPAssociateTests {
-    /// A control connection with its association: the relay address from the reply.
-    static func associate(_ gateway: ProxyGateway, clientPort: UInt16 = 0) throws -> (control: TestSocket, relay: SocketAddress) {
+    /// A control connection with its association (after an RFC 1929 login with
+    /// `credentials`): the relay address from the reply.
+    static func associate(_ gateway: ProxyGateway, clientPort: UInt16 = 0,
+                          credentials: (String, String)? = nil) throws -> (control: TestSocket, relay: SocketAddress) {
         let control = try TestSocket.connect(gateway.socks5)
         control.setReceiveTimeout(seconds: 10)
-        control.write([5, 1, 0])
-        guard try control.readExactly(2) == [5, 0] else { throw TestFailure("method refused") }
+        if let (user, password) = credentials {
+            control.write([5, 1, 2])
+            guard try control.readExactly(2) == [5, 2] else { throw TestFailure("method refused") }
+            control.write([1, UInt8(user.utf8.count)] + Array(user.utf8) + [UInt8(password.utf8.count)] + Array(password.utf8))
+            guard try control.readExactly(2) == [1, 0] else { throw TestFailure("\(user) refused") }
+        } else {
+            control.write([5, 1, 0])
+            guard try control.readExactly(2) == [5, 0] else { throw TestFailure("method refused") }
+        }
         control.write([5, 3, 0, 1, 0, 0, 0, 0, UInt8(clientPort >> 8), UInt8(clientPort & 0xFF)])
         let head = try control.readExactly(4)
         guard head[0] == 5, head[1] == 0, head[3] == 1 else { throw TestFailure("UDP ASSOCIATE refused: \(head)") }
@@ -193,16 +202,7 @@ struct UDPAssociateTests {
         let alice = UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("pw".utf8)), uploadBytesPerSecond: 20_000)
         let gateway = try ProxyGateway(backend: backend, auth: true, allow: ["127.0.0.1/32"], users: UserDirectory(accounts: [alice]))
         defer { gateway.stop() }
-        let control = try TestSocket.connect(gateway.socks5)
-        control.setReceiveTimeout(seconds: 10)
-        control.write([5, 1, 2])
-        #expect(try control.readExactly(2) == [5, 2])
-        control.write([1, 5] + Array("alice".utf8) + [2] + Array("pw".utf8))
-        #expect(try control.readExactly(2) == [1, 0])
-        control.write([5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
-        let head = try control.readExactly(10)
-        #expect(head[1] == 0)
-        let relay = SocketAddress(ip: IPAddress(ipv4: head[4], head[5], head[6], head[7]), port: UInt16(head[8]) << 8 | UInt16(head[9]))
+        let (control, relay) = try Self.associate(gateway, credentials: ("alice", "pw"))
         #expect(gateway.eventually { alice.activeConnections == 1 }, "an association is one of the user's connections")
         let client = try TestDatagramSocket()
         defer { client.close() }
