@@ -155,16 +155,22 @@ extension SocketAddress {
             withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin) { dst.copyMemory(from: $0) } }
             self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in>.size))
         } else {
-            var sin6 = sockaddr_in6()
-            sin6.sin6_family = sa_family_t(AF_INET6)
-            sin6.sin6_port = port.bigEndian
-            withUnsafeMutableBytes(of: &sin6.sin6_addr) { dst in
-                for i in 0..<8 { dst[i] = UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i))) }
-                for i in 0..<8 { dst[8 + i] = UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i))) }
-            }
-            withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin6) { dst.copyMemory(from: $0) } }
-            self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
+            self.init(ipv6Form: ip, port: port)
         }
+    }
+
+    /// An IPv6 socket address, an IPv4 one as its mapped form (what a dual-stack socket takes).
+    init(ipv6Form ip: IPAddress, port: UInt16) {
+        var sin6 = sockaddr_in6()
+        sin6.sin6_family = sa_family_t(AF_INET6)
+        sin6.sin6_port = port.bigEndian
+        withUnsafeMutableBytes(of: &sin6.sin6_addr) { dst in
+            for i in 0..<8 { dst[i] = UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i))) }
+            for i in 0..<8 { dst[8 + i] = UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i))) }
+        }
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin6) { dst.copyMemory(from: $0) } }
+        self.init(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
     }
 
     public func withPort(_ port: UInt16) -> SocketAddress {

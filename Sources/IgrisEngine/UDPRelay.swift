@@ -28,10 +28,10 @@ final class UDPAssociation {
     var client: SocketAddress { SocketAddress(ip: clientIP, port: clientPort) }
 }
 
-/// SOCKS5 UDP ASSOCIATE on the worker that owns the control connection: datagrams are read
-/// when their socket polls readable (a bounded batch per turn, then the poll is re-armed),
-/// relayed with one `sendto` each, and never buffered: what can't be sent at once is dropped
-/// and counted, as UDP would. Where a datagram may go is the negotiation's `DatagramPolicy`
+/// SOCKS5 UDP ASSOCIATE on the worker that owns the control connection: datagrams arrive by
+/// the backend's continuous receive (io_uring) or a bounded recvmmsg batch per readiness
+/// (epoll), leave with one sendmmsg per turn and socket, and are never buffered: what can't
+/// be sent at once is dropped and counted, as UDP would. Where a datagram may go is the negotiation's `DatagramPolicy`
 /// (ACL, names, per-association bounds); this file moves the bytes.
 extension Worker {
     /// Datagrams handled per readiness before the poll is re-armed (other connections' turn).
@@ -271,7 +271,7 @@ extension Worker {
     /// Where the outbound socket sends `destination`: a dual-stack socket takes an IPv4
     /// destination as a mapped address; an IPv4-only one can't reach IPv6 (nil).
     private func outboundTarget(_ a: UDPAssociation, _ destination: SocketAddress) -> SocketAddress? {
-        if a.outboundIPv6 { return destination.mappedToIPv6 }
+        if a.outboundIPv6 { return destination.family == AF_INET ? SocketAddress(ipv6Form: destination.ipAddress, port: destination.port) : destination }
         return destination.family == AF_INET ? destination : nil
     }
 
@@ -326,23 +326,5 @@ extension Worker {
             backend.close(fd: d == 0 ? a.relay : a.outbound, pending: armed ? PendingOperations(read: token(s, .datagramReadable, d)) : .none,
                           abort: false, token: token(s, .close, d))
         }
-    }
-}
-
-extension SocketAddress {
-    /// An IPv4 address as an IPv4-mapped IPv6 one (for a dual-stack socket); others as they are.
-    var mappedToIPv6: SocketAddress {
-        guard family == AF_INET else { return self }
-        var sin6 = sockaddr_in6()
-        sin6.sin6_family = sa_family_t(AF_INET6)
-        sin6.sin6_port = port.bigEndian
-        let ip = ipAddress
-        withUnsafeMutableBytes(of: &sin6.sin6_addr) { dst in
-            for i in 0..<8 { dst[i] = UInt8(truncatingIfNeeded: ip.high >> (56 - 8 * UInt64(i))) }
-            for i in 0..<8 { dst[8 + i] = UInt8(truncatingIfNeeded: ip.low >> (56 - 8 * UInt64(i))) }
-        }
-        var storage = sockaddr_storage()
-        withUnsafeMutableBytes(of: &storage) { dst in withUnsafeBytes(of: sin6) { dst.copyMemory(from: $0) } }
-        return SocketAddress(storage: storage, length: socklen_t(MemoryLayout<sockaddr_in6>.size))
     }
 }

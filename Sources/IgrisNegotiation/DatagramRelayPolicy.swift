@@ -29,14 +29,7 @@ extension GatewayNegotiation: DatagramPolicy {
     /// The client asked for an association: it counts as one of its user's connections.
     func associate(_ request: Socks5.Request) -> NegotiationAction {
         destinationDescription = "udp"
-        if account >= 0 {
-            let user = policy.accounts[Int(account)]
-            guard user.tryAcquireConnection() else {
-                statistics.add(.userLimitRejections)
-                account = -1
-                return NegotiationAction(reply: Socks5.reply(.notAllowedByRuleset), .close(.refused))
-            }
-        }
+        guard holdUserConnection() else { return NegotiationAction(reply: Socks5.reply(.notAllowedByRuleset), .close(.refused)) }
         udp = DatagramRelayState()
         // DST.ADDR/DST.PORT: where the client will send from, if it knows; only its port
         // matters here (the address is the control connection's own).
@@ -57,28 +50,22 @@ extension GatewayNegotiation: DatagramPolicy {
         case .failure(.fragmented): return .drop(.fragmented)
         case .failure: return .drop(.malformed)
         }
-        switch header.address {
-        case .ipv4, .ipv6:
-            let ip: IPAddress
-            switch header.address {
-            case let .ipv4(a, b, c, d): ip = IPAddress(ipv4: a, b, c, d)
-            case .ipv6(let bytes): ip = IPAddress(ipv6: bytes)
-            case .domain: return .drop(.malformed)
-            }
-            switch admit(SocketAddress(ip: ip, port: header.port), state) {
+        func sendOrDrop(_ admitted: Result<SocketAddress, DatagramDrop>) -> DatagramRoute {
+            switch admitted {
             case .success(let destination): return .send(destination, payloadOffset: header.length)
             case .failure(let drop): return .drop(drop)
             }
+        }
+        switch header.address {
+        case let .ipv4(a, b, c, d):
+            return sendOrDrop(admit(SocketAddress(ip: IPAddress(ipv4: a, b, c, d), port: header.port), state))
+        case .ipv6(let bytes):
+            return sendOrDrop(admit(SocketAddress(ip: IPAddress(ipv6: bytes), port: header.port), state))
         case .domain(let name):
-            if let answer = policy.resolver.cached(name, port: header.port) {
-                switch answer {
-                case .failure: return .drop(.unresolved)
-                case .success(let addresses):
-                    switch firstAdmitted(addresses, state) {
-                    case .success(let destination): return .send(destination, payloadOffset: header.length)
-                    case .failure(let drop): return .drop(drop)
-                    }
-                }
+            switch policy.resolver.cached(name, port: header.port) {
+            case .failure?: return .drop(.unresolved)
+            case .success(let addresses)?: return sendOrDrop(firstAdmitted(addresses, state))
+            case nil: break
             }
             guard state.held.count < DatagramRelayState.maxHeld else { return .drop(.limit) }
             state.held.append((name, header.port, Array(UnsafeRawBufferPointer(rebasing: datagram[header.length...]))))
@@ -94,7 +81,7 @@ extension GatewayNegotiation: DatagramPolicy {
     func writeReplyHeader(from source: SocketAddress, into header: UnsafeMutableRawBufferPointer) -> Int? {
         let ip = source.ipAddress
         guard let state = udp, state.destinations.contains(DatagramRelayState.Endpoint(ip: ip, port: source.port)) else { return nil }
-        return Socks5UDP.writeHeader(ip: ip, port: source.port, into: header)
+        return Socks5UDP.writeHeader(high: ip.high, low: ip.low, port: source.port, into: header)
     }
 
     func takeResolved() -> [(destination: SocketAddress, payload: [UInt8])] {
@@ -143,11 +130,5 @@ extension GatewayNegotiation: DatagramPolicy {
         guard state.destinations.count < DatagramRelayState.maxDestinations else { return .failure(.limit) }
         state.destinations.insert(endpoint)
         return .success(address)
-    }
-}
-
-extension Socks5UDP {
-    static func writeHeader(ip: IPAddress, port: UInt16, into out: UnsafeMutableRawBufferPointer) -> Int {
-        writeHeader(high: ip.high, low: ip.low, port: port, into: out)
     }
 }

@@ -311,16 +311,22 @@ final class GatewayNegotiation: Negotiation {
             ])
             return failure(socks: .notAllowedByRuleset, http: .forbidden)
         }
-        if account >= 0 {
-            let user = policy.accounts[Int(account)]
-            guard user.tryAcquireConnection() else {
-                statistics.add(.userLimitRejections)
-                context.logger.info("user at max_connections", metadata: ["user": "\(user.name)", "client": "\(clientDescription)"])
-                account = -1  // holds none of its connections
-                return failure(socks: .notAllowedByRuleset, http: .tooManyRequests)
-            }
-        }
+        guard holdUserConnection() else { return failure(socks: .notAllowedByRuleset, http: .tooManyRequests) }
         return connectNext()
+    }
+
+    /// Takes one of the authenticated user's connections (a tunnel, or a UDP association);
+    /// false, counted and logged, at its max_connections.
+    func holdUserConnection() -> Bool {
+        guard account >= 0 else { return true }
+        let user = policy.accounts[Int(account)]
+        guard user.tryAcquireConnection() else {
+            statistics.add(.userLimitRejections)
+            context.logger.info("user at max_connections", metadata: ["user": "\(user.name)", "client": "\(clientDescription)"])
+            account = -1  // holds none of its connections
+            return false
+        }
+        return true
     }
 
     private func connectNext() -> NegotiationAction {
