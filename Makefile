@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(PATH):/opt/swift/usr/bin
 
-APT_PACKAGES := liburing-dev libsodium-dev pkg-config util-linux iproute2 curl wget python3 python3-venv python3-requests python3-dnspython python3-socks haproxy
+APT_PACKAGES := liburing-dev libsodium-dev libssl-dev openssl pkg-config util-linux iproute2 curl wget python3 python3-venv python3-requests python3-dnspython python3-socks haproxy
 # promtool checks the /metrics output; it comes out of Debian's prometheus package without
 # installing (and starting) the Prometheus server.
 TOOLS := $(CURDIR)/.build/tools

@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "IgrisPolicy", targets: ["IgrisPolicy"]),
         .library(name: "IgrisNegotiation", targets: ["IgrisNegotiation"]),
         .library(name: "IgrisOperations", targets: ["IgrisOperations"]),
+        .library(name: "IgrisTLS", targets: ["IgrisTLS"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -27,6 +28,14 @@ let package = Package(
         .systemLibrary(name: "CURing"),
         .target(name: "CLinux"),
         .systemLibrary(name: "CSodium", pkgConfig: "libsodium"),
+        // OpenSSL 3 (Debian's libssl-dev): the headers plus what Swift can't call as is.
+        .target(
+            name: "COpenSSL",
+            linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]
+        ),
+        // TLS through memory: contexts from certificate files, sessions the engine feeds and
+        // drains with its own recv and send.
+        .target(name: "IgrisTLS", dependencies: ["COpenSSL"]),
         // Pure byte-level codecs, no I/O: SOCKS5, HTTP/1.1 request heads.
         .target(name: "IgrisProtocols"),
         // Who may go where: users (argon2id via libsodium), rate limits, destination ACL.
@@ -42,6 +51,7 @@ let package = Package(
                 "CLinux",
                 "IgrisProtocols",
                 "IgrisPolicy",
+                "IgrisTLS",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -101,6 +111,10 @@ let package = Package(
         .testTarget(
             name: "IgrisProtocolsTests",
             dependencies: ["IgrisProtocols"]
+        ),
+        .testTarget(
+            name: "IgrisTLSTests",
+            dependencies: ["IgrisTLS"]
         ),
         .testTarget(
             name: "IgrisPolicyTests",

@@ -1,0 +1,62 @@
+// COpenSSL: OpenSSL 3 (libssl, libcrypto) for IgrisTLS — the headers, plus functions for what
+// Swift cannot call as is (macros, callbacks) and the few multi-step jobs done once per
+// context or handshake (ticket-key rotation, CRL loading, a peer certificate's name).
+#ifndef IGRIS_COPENSSL_H
+#define IGRIS_COPENSSL_H
+
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+#include <openssl/pem.h>
+#include <stddef.h>
+
+static inline long igris_ssl_ctx_set_min_version(SSL_CTX *ctx, int version) { return SSL_CTX_set_min_proto_version(ctx, version); }
+static inline long igris_ssl_ctx_set_max_version(SSL_CTX *ctx, int version) { return SSL_CTX_set_max_proto_version(ctx, version); }
+static inline long igris_ssl_ctx_set_mode(SSL_CTX *ctx, long mode) { return SSL_CTX_set_mode(ctx, mode); }
+static inline long igris_ssl_ctx_set_groups(SSL_CTX *ctx, const char *groups) { return SSL_CTX_set1_groups_list(ctx, groups); }
+static inline long igris_ssl_ctx_set_session_cache_mode(SSL_CTX *ctx, long mode) { return SSL_CTX_set_session_cache_mode(ctx, mode); }
+static inline long igris_ssl_set_host_name(SSL *ssl, const char *name) { return SSL_set_tlsext_host_name(ssl, name); }
+static inline long igris_bio_mem_data(BIO *bio, char **data) { return BIO_get_mem_data(bio, data); }
+static inline int igris_err_reason(unsigned long e) { return ERR_GET_REASON(e); }
+static inline int igris_err_library(unsigned long e) { return ERR_GET_LIB(e); }
+
+/// No renegotiation, no compression, the server's cipher order.
+static inline uint64_t igris_ssl_default_options(void) { return SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION | SSL_OP_CIPHER_SERVER_PREFERENCE; }
+/// The peer's certificate must hold this IP address (client side).
+static inline int igris_ssl_expect_ip(SSL *ssl, const char *ip) { return X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), ip); }
+
+/// TLS versions and modes, as plain ints (the macros are not imported).
+static inline int igris_tls1_2_version(void) { return TLS1_2_VERSION; }
+static inline int igris_tls1_3_version(void) { return TLS1_3_VERSION; }
+static inline long igris_mode_release_buffers(void) { return SSL_MODE_RELEASE_BUFFERS; }
+static inline long igris_mode_partial_write(void) { return SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER; }
+
+/// SNI: `callback(ssl, arg)` returns 0 to go on (the context may have been switched with
+/// SSL_set_SSL_CTX), 1 to refuse the handshake with an unrecognized_name alert.
+typedef int (*igris_sni_callback)(SSL *ssl, void *arg);
+void igris_ssl_ctx_set_sni(SSL_CTX *ctx, igris_sni_callback callback, void *arg);
+
+/// ALPN (server): picks the first of the client's protocols that `wire` (length-prefixed, the
+/// server's preference order) lists; no overlap → no_application_protocol alert. `wire`
+/// must outlive the context.
+void igris_ssl_ctx_set_alpn_select(SSL_CTX *ctx, const unsigned char *wire, unsigned length);
+
+/// Session tickets under keys this process makes and rotates: a new key every
+/// `rotate_seconds`, the previous one still accepted (renewed on use) for another period.
+/// Returns 0 on success.
+int igris_ssl_ctx_rotate_ticket_keys(SSL_CTX *ctx, unsigned rotate_seconds);
+
+/// Adds the CRLs in a PEM file to the context's store and turns CRL checking on for the
+/// leaf. The count loaded, or -1 (reason on the error queue).
+int igris_ssl_ctx_load_crl(SSL_CTX *ctx, const char *path);
+
+/// The verified peer certificate's name: its subject CN (`use_san` 0), or its first DNS,
+/// e-mail or URI subjectAltName (1). Length written (NUL-terminated), or -1 without one.
+int igris_ssl_peer_name(SSL *ssl, int use_san, char *out, size_t capacity);
+
+/// A certificate file's first certificate: seconds until notAfter (negative: expired), and
+/// whether it parsed at all (0 on success, -1 not found / not PEM).
+int igris_certificate_expiry(const char *path, long long *seconds_left);
+
+#endif

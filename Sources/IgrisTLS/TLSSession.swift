@@ -1,0 +1,204 @@
+import COpenSSL
+
+/// One connection's TLS state, driven entirely through memory: ciphertext the engine received
+/// is `feed`, plaintext comes out of `read`, plaintext to protect goes into `write`, and the
+/// records to send come out of `takeOutput`. No socket, no thread, nothing blocks: the worker
+/// moves every byte with its own recv and send, the same way for both backends.
+///
+/// Memory: OpenSSL's record buffers are released while the connection is idle
+/// (SSL_MODE_RELEASE_BUFFERS), and each memory BIO is replaced once drained after more than
+/// `trimThreshold` bytes went through it (a drained memory BIO keeps its peak allocation), so an idle TLS connection holds only its `SSL` object.
+public final class TLSSession {
+    let ssl: OpaquePointer
+    private var inputBIO: OpaquePointer
+    private var outputBIO: OpaquePointer
+    public let isServer: Bool
+    /// Plaintext read during the negotiation phase and not yet consumed (SOCKS5 / HTTP heads).
+    public var negotiationBytes: [UInt8] = []
+    /// Bytes fed since the last trim, to tell when the input BIO may have grown.
+    private var fedSinceTrim = 0
+    /// Bytes of records taken since the last trim, likewise for the output BIO.
+    private var takenSinceTrim = 0
+    static let trimThreshold = 16 * 1024
+
+    init?(context: OpaquePointer, server: Bool) {
+        guard let ssl = SSL_new(context) else { return nil }
+        guard let input = BIO_new(BIO_s_mem()), let output = BIO_new(BIO_s_mem()) else {
+            SSL_free(ssl)
+            return nil
+        }
+        // An empty memory BIO reports "retry", not EOF: more bytes may come.
+        BIO_ctrl(input, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
+        BIO_ctrl(output, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
+        SSL_set_bio(ssl, input, output)
+        if server { SSL_set_accept_state(ssl) } else { SSL_set_connect_state(ssl) }
+        self.ssl = ssl
+        inputBIO = input
+        outputBIO = output
+        isServer = server
+    }
+
+    deinit { SSL_free(ssl) }  // frees both BIOs
+
+    // MARK: - Ciphertext in
+
+    /// Ciphertext received from the peer.
+    public func feed(_ bytes: UnsafeRawPointer, count: Int) {
+        guard count > 0 else { return }
+        _ = BIO_write(inputBIO, bytes, Int32(count))
+        fedSinceTrim += count
+    }
+
+    /// Ciphertext fed and not yet taken by OpenSSL.
+    public var bufferedCiphertext: Int { Int(BIO_ctrl_pending(inputBIO)) }
+
+    /// Input is waiting: ciphertext not yet processed, or plaintext of a record already
+    /// decrypted. `read` must be called before waiting for more from the socket.
+    public var hasBufferedInput: Bool { BIO_ctrl_pending(inputBIO) > 0 || SSL_pending(ssl) > 0 }
+
+    // MARK: - Handshake
+
+    public enum HandshakeStep: Equatable {
+        case done
+        /// Needs more bytes from the peer (after sending `takeOutput`'s).
+        case wantInput
+        case failed(TLSFailure)
+    }
+
+    public func handshake() -> HandshakeStep {
+        ERR_clear_error()
+        let rc = SSL_do_handshake(ssl)
+        if rc == 1 { return .done }
+        let error = SSL_get_error(ssl, rc)
+        if error == SSL_ERROR_WANT_READ { return .wantInput }
+        return .failed(TLSFailure.current(ssl: ssl, error: error))
+    }
+
+    public var handshakeDone: Bool { SSL_is_init_finished(ssl) == 1 }
+
+    // MARK: - Plaintext out
+
+    public enum ReadResult: Equatable {
+        /// Plaintext bytes written to the buffer (at least one).
+        case bytes(Int)
+        /// Everything fed has been read; more must come from the peer.
+        case wantInput
+        /// The peer sent close_notify: its direction is at its end.
+        case closed
+        case failed(TLSFailure)
+    }
+
+    /// Decrypts into `buffer` until it is full or the input runs out.
+    public func read(into buffer: UnsafeMutableRawPointer, capacity: Int) -> ReadResult {
+        var total = 0
+        while total < capacity {
+            ERR_clear_error()
+            var n = 0
+            let rc = SSL_read_ex(ssl, buffer + total, capacity - total, &n)
+            if rc == 1 {
+                total += n
+                continue
+            }
+            let error = SSL_get_error(ssl, rc)
+            if total > 0 && (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_ZERO_RETURN) { break }
+            switch error {
+            case SSL_ERROR_WANT_READ:
+                trimIfDrained()
+                return .wantInput
+            case SSL_ERROR_ZERO_RETURN: return .closed
+            default: return total > 0 ? .bytes(total) : .failed(TLSFailure.current(ssl: ssl, error: error))
+            }
+        }
+        return .bytes(total)
+    }
+
+    // MARK: - Plaintext in, records out
+
+    /// Protects `count` bytes; their records wait in the output (`takeOutput`). False when
+    /// the connection is no longer writable (after a fatal error or a shutdown).
+    public func write(_ bytes: UnsafeRawPointer, count: Int) -> Bool {
+        guard count > 0 else { return true }
+        ERR_clear_error()
+        var written = 0
+        return SSL_write_ex(ssl, bytes, count, &written) == 1 && written == count
+    }
+
+    /// Records waiting to be sent to the peer.
+    public var pendingOutput: Int { Int(BIO_ctrl_pending(outputBIO)) }
+
+    /// Moves up to `capacity` bytes of pending records into `buffer`.
+    public func takeOutput(into buffer: UnsafeMutableRawPointer, capacity: Int) -> Int {
+        let n = max(0, Int(BIO_read(outputBIO, buffer, Int32(min(capacity, Int(Int32.max))))))
+        takenSinceTrim += n
+        trimOutputIfDrained()
+        return n
+    }
+
+    /// The pending records in place (for a direct send), then `discardOutput` what was sent.
+    public func withPendingOutput<R>(_ body: (UnsafeRawBufferPointer) -> R) -> R {
+        var data: UnsafeMutablePointer<CChar>? = nil
+        let n = igris_bio_mem_data(outputBIO, &data)
+        return body(UnsafeRawBufferPointer(start: data.map { UnsafeRawPointer($0) }, count: n > 0 ? n : 0))
+    }
+
+    public func discardOutput(_ count: Int, scratch: UnsafeMutableRawPointer, scratchSize: Int) {
+        var left = count
+        while left > 0 {
+            let n = BIO_read(outputBIO, scratch, Int32(min(left, scratchSize)))
+            if n <= 0 { break }
+            left -= Int(n)
+            takenSinceTrim += Int(n)
+        }
+        trimOutputIfDrained()
+    }
+
+    /// Queues close_notify (once): the end of this side's writing.
+    public func shutdown() {
+        guard SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN == 0, handshakeDone else { return }
+        ERR_clear_error()
+        _ = SSL_shutdown(ssl)
+    }
+
+    // MARK: - What was negotiated
+
+    public var version: String { String(cString: SSL_get_version(ssl)) }
+    public var cipher: String { SSL_CIPHER_get_name(SSL_get_current_cipher(ssl)).map { String(cString: $0) } ?? "-" }
+    public var resumed: Bool { SSL_session_reused(ssl) == 1 }
+    public var serverName: String? {
+        SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) }
+    }
+    public var alpn: String? {
+        var data: UnsafePointer<UInt8>? = nil
+        var length: UInt32 = 0
+        SSL_get0_alpn_selected(ssl, &data, &length)
+        guard let data, length > 0 else { return nil }
+        return String(decoding: UnsafeBufferPointer(start: data, count: Int(length)), as: UTF8.self)
+    }
+
+    /// The verified client certificate's name (its CN, or its first subjectAltName).
+    public func peerName(subjectAltName: Bool) -> String? {
+        guard SSL_get_verify_result(ssl) == X509_V_OK else { return nil }
+        var out = [CChar](repeating: 0, count: 256)
+        let n = igris_ssl_peer_name(ssl, subjectAltName ? 1 : 0, &out, out.count)
+        guard n > 0 else { return nil }
+        return String(decoding: out.prefix(Int(n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    // MARK: - Memory
+
+    private func trimIfDrained() {
+        guard fedSinceTrim > Self.trimThreshold, BIO_ctrl_pending(inputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
+        BIO_ctrl(fresh, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
+        SSL_set0_rbio(ssl, fresh)  // frees the old one
+        inputBIO = fresh
+        fedSinceTrim = 0
+    }
+
+    private func trimOutputIfDrained() {
+        guard takenSinceTrim > Self.trimThreshold, BIO_ctrl_pending(outputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
+        BIO_ctrl(fresh, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
+        SSL_set0_wbio(ssl, fresh)
+        outputBIO = fresh
+        takenSinceTrim = 0
+    }
+}

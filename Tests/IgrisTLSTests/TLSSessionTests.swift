@@ -1,0 +1,222 @@
+import Foundation
+import Testing
+@testable import IgrisTLS
+
+/// Certificates made once per test process by Tests/fixtures/make-certs.sh.
+enum Certificates {
+    static let directory: String = {
+        let dir = NSTemporaryDirectory() + "igris-tls-unit-\(getpid())"
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("fixtures/make-certs.sh").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = [script, dir]
+        try! p.run()
+        p.waitUntilExit()
+        precondition(p.terminationStatus == 0, "make-certs.sh failed")
+        return dir
+    }()
+
+    static func path(_ name: String) -> String { directory + "/" + name }
+    static func files(_ name: String) -> TLSCertificateFiles { TLSCertificateFiles(certificate: path("\(name).pem"), key: path("\(name).key")) }
+}
+
+/// Moves records between two sessions until neither has anything to send.
+func pump(_ a: TLSSession, _ b: TLSSession) {
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    for _ in 0..<32 {
+        var moved = false
+        for (from, to) in [(a, b), (b, a)] {
+            let n = buffer.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            if n > 0 {
+                buffer.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+                moved = true
+            }
+        }
+        _ = a.handshakeDone ? .done : a.handshake()
+        _ = b.handshakeDone ? .done : b.handshake()
+        if !moved && a.pendingOutput == 0 && b.pendingOutput == 0 { break }
+    }
+}
+
+/// Runs a handshake; the step each side ended in.
+func handshake(_ client: TLSSession, _ server: TLSSession) -> (client: TLSSession.HandshakeStep, server: TLSSession.HandshakeStep) {
+    var c = client.handshake()
+    var s = TLSSession.HandshakeStep.wantInput
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    for _ in 0..<16 {
+        for (from, to) in [(client, server), (server, client)] {
+            let n = buffer.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            if n > 0 { buffer.withUnsafeBytes { to.feed($0.baseAddress!, count: n) } }
+        }
+        if s != .done { s = server.handshake() }
+        if c != .done { c = client.handshake() }
+        if case .failed = s { break }
+        if case .failed = c { break }
+        if c == .done && s == .done && server.pendingOutput == 0 && client.pendingOutput == 0 { break }
+    }
+    // A failing side's alert reaches the other.
+    for (from, to) in [(client, server), (server, client)] {
+        let n = buffer.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        if n > 0 { buffer.withUnsafeBytes { to.feed($0.baseAddress!, count: n) } }
+    }
+    if c == .wantInput { c = client.handshake() }
+    if s == .wantInput { s = server.handshake() }
+    return (c, s)
+}
+
+func send(_ bytes: [UInt8], from: TLSSession, to: TLSSession) -> [UInt8] {
+    #expect(bytes.withUnsafeBytes { from.write($0.baseAddress!, count: $0.count) })
+    var wire = [UInt8](repeating: 0, count: bytes.count + 4096)
+    let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+    wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+    var out = [UInt8](repeating: 0, count: bytes.count + 16)
+    var got = 0
+    while true {
+        let r = out.withUnsafeMutableBytes { to.read(into: $0.baseAddress! + got, capacity: $0.count - got) }
+        guard case .bytes(let k) = r else { break }
+        got += k
+    }
+    return Array(out.prefix(got))
+}
+
+func clientContext(ca: String = Certificates.path("ca.pem"), certificate: String? = nil, minVersion: TLSVersion = .tls12,
+                   serverName: String? = nil) throws -> TLSClientContext {
+    var s = TLSClientSettings()
+    s.ca = ca
+    s.serverName = serverName
+    s.minVersion = minVersion
+    if let certificate { s.certificate = Certificates.files(certificate) }
+    return try TLSClientContext(s)
+}
+
+@Suite struct TLSSessionTests {
+    @Test func handshakeAndBytesBothWaysThenCloseNotify() throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        let client = try clientContext()
+        let c = try #require(client.makeSession(host: "localhost"))
+        let s = try #require(server.makeSession())
+        let (cs, ss) = handshake(c, s)
+        #expect(cs == .done)
+        #expect(ss == .done)
+        #expect(s.version == "TLSv1.3")
+        #expect(s.cipher.hasPrefix("TLS_"))
+        // 200 KiB one way, spanning many records and more than one output chunk.
+        let big = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        #expect(send(big, from: c, to: s) == big)
+        #expect(send(Array("pong".utf8), from: s, to: c) == Array("pong".utf8))
+        c.shutdown()
+        var wire = [UInt8](repeating: 0, count: 512)
+        let n = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        #expect(n > 0)
+        wire.withUnsafeBytes { s.feed($0.baseAddress!, count: n) }
+        let r = wire.withUnsafeMutableBytes { s.read(into: $0.baseAddress!, capacity: $0.count) }
+        #expect(r == .closed)
+    }
+
+    @Test func serverCertificateIsVerified() throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        // Wrong CA: the client refuses the server.
+        let rogue = try clientContext(ca: Certificates.path("rogue-ca.pem"))
+        var (cs, _) = handshake(try #require(rogue.makeSession(host: "localhost")), try #require(server.makeSession()))
+        guard case .failed(let f) = cs else { Issue.record("handshake with an unknown CA: \(cs)"); return }
+        #expect(f.reason == .serverCertificate)
+        // Wrong name: the certificate is for localhost.
+        let named = try clientContext(serverName: "example.org")
+        (cs, _) = handshake(try #require(named.makeSession(host: "127.0.0.1")), try #require(server.makeSession()))
+        guard case .failed(let g) = cs else { Issue.record("handshake with the wrong name: \(cs)"); return }
+        #expect(g.reason == .serverCertificate)
+        // The address as the name: the certificate holds IP:127.0.0.1.
+        (cs, _) = handshake(try #require(try clientContext().makeSession(host: "127.0.0.1")), try #require(server.makeSession()))
+        #expect(cs == .done)
+    }
+
+    @Test func sniPicksTheCertificateAndUnknownNamesAreRefusedWithoutADefault() throws {
+        var settings = TLSServerSettings()
+        settings.sniCertificates = [Certificates.files("server"), Certificates.files("other")]
+        let server = try TLSServerContext(settings)
+        for host in ["localhost", "other.test", "x.wild.test"] {
+            let (cs, ss) = handshake(try #require(try clientContext().makeSession(host: host)), try #require(server.makeSession()))
+            #expect(cs == .done, "\(host)")
+            #expect(ss == .done, "\(host)")
+        }
+        let (_, ss) = handshake(try #require(try clientContext(serverName: "nobody.test").makeSession(host: "")), try #require(server.makeSession()))
+        guard case .failed(let f) = ss else { Issue.record("unknown name: \(ss)"); return }
+        #expect(f.reason == .unknownName)
+        // With a default certificate, an unknown name gets it.
+        settings.defaultCertificate = Certificates.files("server")
+        settings.sniCertificates = [Certificates.files("other")]
+        let lenient = try TLSServerContext(settings)
+        let (cs2, ss2) = handshake(try #require(try clientContext(serverName: "localhost").makeSession(host: "")), try #require(lenient.makeSession()))
+        #expect(cs2 == .done)
+        #expect(ss2 == .done)
+    }
+
+    @Test func clientCertificatesNameUsersAndOthersAreRefused() throws {
+        var settings = TLSServerSettings(certificate: Certificates.files("server"))
+        settings.clientCA = Certificates.path("ca.pem")
+        settings.crl = Certificates.path("crl.pem")
+        let server = try TLSServerContext(settings)
+        let s = try #require(server.makeSession())
+        let (cs, ss) = handshake(try #require(try clientContext(certificate: "alice").makeSession(host: "localhost")), s)
+        #expect(cs == .done)
+        #expect(ss == .done)
+        #expect(s.peerName(subjectAltName: false) == "alice")
+        #expect(s.peerName(subjectAltName: true) == "alice@example.test")
+        for (who, certificate) in [("another CA", Optional("mallory")), ("revoked", "bob"), ("no certificate", nil)] {
+            let (_, refused) = handshake(try #require(try clientContext(certificate: certificate).makeSession(host: "localhost")), try #require(server.makeSession()))
+            guard case .failed(let f) = refused else { Issue.record("\(who): \(refused)"); continue }
+            #expect(f.reason == .clientCertificate, "\(who): \(f)")
+        }
+    }
+
+    @Test func versionFloorAndPlaintextAndTampering() throws {
+        var settings = TLSServerSettings(certificate: Certificates.files("server"))
+        settings.minVersion = .tls13
+        let server = try TLSServerContext(settings)
+        // A client that stops at TLS 1.2.
+        var oldSettings = TLSClientSettings()
+        oldSettings.ca = Certificates.path("ca.pem")
+        oldSettings.maxVersion = .tls12
+        let c = try #require(try TLSClientContext(oldSettings).makeSession(host: "localhost"))
+        let (_, ss) = handshake(c, try #require(server.makeSession()))
+        guard case .failed(let f) = ss else { Issue.record("TLS 1.2 client: \(ss)"); return }
+        #expect(f.reason == .version)
+
+        let s = try #require(server.makeSession())
+        let http = Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+        http.withUnsafeBytes { s.feed($0.baseAddress!, count: $0.count) }
+        guard case .failed(let p) = s.handshake() else { Issue.record("plaintext accepted"); return }
+        #expect(p.reason == .plaintext)
+
+        // A flipped byte in an application record: bad_record_mac, never plaintext.
+        let c2 = try #require(try clientContext().makeSession(host: "localhost"))
+        let s2 = try #require(server.makeSession())
+        _ = handshake(c2, s2)
+        let data = [UInt8](repeating: 7, count: 1000)
+        _ = data.withUnsafeBytes { c2.write($0.baseAddress!, count: $0.count) }
+        var wire = [UInt8](repeating: 0, count: 2000)
+        let n = wire.withUnsafeMutableBytes { c2.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire[n - 20] ^= 0x40
+        wire.withUnsafeBytes { s2.feed($0.baseAddress!, count: n) }
+        let r = wire.withUnsafeMutableBytes { s2.read(into: $0.baseAddress!, capacity: $0.count) }
+        guard case .failed(let b) = r else { Issue.record("tampered record read as \(r)"); return }
+        #expect(b.reason == .badRecord)
+    }
+
+    @Test func configurationErrorsNameTheFile() throws {
+        func error(_ settings: TLSServerSettings) -> String {
+            do { _ = try TLSServerContext(settings); return "" } catch { return error.description }
+        }
+        #expect(error(TLSServerSettings(certificate: TLSCertificateFiles(certificate: "/nonexistent.pem", key: Certificates.path("server.key"))))
+            == "certificate /nonexistent.pem: No such file or directory")
+        #expect(error(TLSServerSettings(certificate: TLSCertificateFiles(certificate: Certificates.path("server.pem"), key: Certificates.path("alice.key"))))
+            == "key \(Certificates.path("alice.key")) does not match certificate \(Certificates.path("server.pem"))")
+        #expect(error(TLSServerSettings(certificate: Certificates.files("expired"))).hasPrefix("certificate \(Certificates.path("expired.pem")): expired "))
+        var bad = TLSServerSettings(certificate: Certificates.files("server"))
+        bad.clientCA = Certificates.path("server.key")
+        #expect(error(bad).hasPrefix("client_ca \(Certificates.path("server.key")): does not parse"))
+        #expect(error(TLSServerSettings(certificate: TLSCertificateFiles(certificate: Certificates.path("ca.cnf"), key: Certificates.path("server.key"))))
+            == "certificate \(Certificates.path("ca.cnf")): not a PEM certificate")
+    }
+}
