@@ -169,7 +169,7 @@ extension Worker {
         // Accepted while the drain began (a completion already on its way): served like the
         // rest, since the client sees it connected. Only past the deadline is it refused.
         if abortedAtDeadline { Syscall.close(client); return }
-        let negotiates = listeners[i].bound.rule.negotiator != nil
+        let negotiates = listeners[i].bound.rule.negotiator != nil || listeners[i].bound.rule.tls != nil
         var peer: SocketAddress? = nil
         var sourceKey: IPAddress? = nil
         if configuration.sourceLimits.settings.isActive {
@@ -234,16 +234,27 @@ extension Worker {
         }
         // Forwarded bytes go out as they arrive; Nagle would only add latency here.
         _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+        if let tls = listeners[i].bound.rule.tls {
+            startServerTLS(s, p, tls)
+            return
+        }
         if let factory = listeners[i].bound.rule.negotiator {
             startNegotiation(s, p, factory, peer: peer ?? (try? Syscall.peerAddress(client)))
             return
         }
+        connectForward(s, p)
+    }
+
+    /// A forward listener's connection (after its TLS handshake, if any): to the pool.
+    func connectForward(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+        let l = listeners[Int(p.pointee.listener)]
         if accessLogger != nil {
-            let peer = (try? Syscall.peerAddress(client))?.description ?? "-"
-            accessInfo[s] = (peer, listeners[i].pool?.name ?? "-")
+            let peer = (try? Syscall.peerAddress(p.pointee.client))?.description ?? "-"
+            accessInfo[s] = (peer, l.pool?.name ?? "-")
         }
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).
-        wheel.schedule(s, deadline: now + listeners[i].connectTimeoutNanoseconds, table: table)
+        p.pointee.lastActivity = now
+        wheel.schedule(s, deadline: now + l.connectTimeoutNanoseconds, table: table)
         if !connectUpstream(s) {
             // Out of descriptors: accepting has paused (and goes single while the shortage
             // lasts), but a multishot accept may have taken a few more meanwhile. They wait

@@ -11,6 +11,8 @@ public struct AccessRecord: Sendable {
     /// Seconds, to the millisecond.
     public var duration: Double
     public var reason: String
+    /// TLS connections: version/cipher (the client side's, else the upstream's).
+    public var tls: String? = nil
 }
 
 /// Where one worker's access-log lines go. Called only on that worker's thread: `record`
@@ -33,6 +35,7 @@ final class LoggerAccessLog: AccessLogSink {
         logger.info("closed", metadata: [
             "listener": "\(r.listener)", "client": "\(r.client)", "destination": "\(r.destination)", "user": "\(r.user)",
             "bytes_up": "\(r.bytesUp)", "bytes_down": "\(r.bytesDown)", "duration": "\(r.duration)s", "reason": "\(r.reason)",
+            "tls": "\(r.tls ?? "-")",
         ])
     }
 

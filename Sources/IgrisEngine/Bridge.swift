@@ -34,6 +34,10 @@ extension Worker {
                 limit = max(room, Self.smallestBoundedRead)
             }
         }
+        if p.pointee.tls != 0 {
+            let most = tlsReadLimit(p, d)
+            if most > 0 && (limit == 0 || limit > most) { limit = most }
+        }
         dir.pointee.reading = .recv
         p.pointee.inflight += 1
         backend.recv(fd: dir.pointee.source, limit: limit, reserve: reserve, token: token(s, .recv, d))
@@ -105,7 +109,11 @@ extension Worker {
     /// The destination has room again (or an error, which the next send reports).
     func onRoom(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int, _ result: Int32) {
         direction(p, d).pointee.writing = .idle
-        guard p.pointee.state == .bridging else { return }
+        guard p.pointee.state == .bridging else {
+            // A TLS handshake's or negotiation's records waited for room.
+            if p.pointee.tls != 0 && result >= 0 && p.pointee.state != .closing { flushTLS(s, p, side: 1 - d) }
+            return
+        }
         if result < 0 { peerFailed(s, result); return }
         armRecv(s, p, d, woken: true)
     }
@@ -149,6 +157,23 @@ extension Worker {
             return
         }
         var n = UInt32(c.result)
+        if p.pointee.tls & TLSSides.source(d) != 0 {
+            guard let plain = decryptReceived(s, p, d, b, Int(n)) else {
+                // close_notify: this direction's end (a failure has closed the connection).
+                if p.pointee.state == .bridging {
+                    returnBuffer(b)
+                    dir.pointee.reading = .eof
+                    if dir.pointee.writing == .idle { queueShutdown(s, p, d) }
+                }
+                return
+            }
+            if plain == 0 {
+                returnBuffer(b)
+                armRecv(s, p, d)
+                return
+            }
+            n = UInt32(plain)
+        }
         if d == 0 && p.pointee.framedUpload {
             n = requestBodyPart(s, b, n)
             if n == 0 {
@@ -180,6 +205,7 @@ extension Worker {
         dir.pointee.sendBuffer = b
         dir.pointee.sendOffset = 0
         dir.pointee.sendRemaining = n
+        if p.pointee.tls & TLSSides.destination(d) != 0 { encryptSendBuffer(s, p, d) }
         armSend(s, p, d)
         // One buffer in flight to the writer, one recv ahead of it — unless the destination
         // has no room for it, the pool is under pressure, or this direction is about to move
@@ -206,6 +232,8 @@ extension Worker {
             armSend(s, p, d)
             return
         }
+        // Records the buffer could not hold go out next, in the same buffer.
+        if p.pointee.tls & TLSSides.destination(d) != 0 && sendQueuedRecords(s, p, d) { return }
         returnBuffer(dir.pointee.sendBuffer)
         dir.pointee.sendBuffer = Direction.noBuffer
         if dir.pointee.queuedBuffer != Direction.noBuffer {
@@ -213,6 +241,7 @@ extension Worker {
             dir.pointee.sendOffset = 0
             dir.pointee.sendRemaining = dir.pointee.queuedLength
             dir.pointee.queuedBuffer = Direction.noBuffer
+            if p.pointee.tls & TLSSides.destination(d) != 0 { encryptSendBuffer(s, p, d) }
             armSend(s, p, d)
             if dir.pointee.reading == .idle && mayReadAhead(dir) { armRecv(s, p, d) }
         } else if dir.pointee.reading == .eof {
@@ -240,6 +269,7 @@ extension Worker {
     func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         guard dir.pointee.writing != .shutdown && dir.pointee.writing != .finished else { return }
+        if p.pointee.tls & TLSSides.destination(d) != 0 { sendCloseNotify(s, p, d) }
         dir.pointee.writing = .shutdown
         p.pointee.inflight += 1
         backend.shutdownWrite(fd: dir.pointee.destination, token: token(s, .shutdown, d))
@@ -384,6 +414,7 @@ extension Worker {
                                         write: direction(p, 1 - side).pointee.pendingWrite(token(s, .none, 1 - side)))
         if side == 0 && p.pointee.negotiationPollArmed { pending.read = token(s, .negotiationReadable) }
         if side == 1 && p.pointee.connectArmed { pending.write = token(s, .connect) }
+        if side == 1 && p.pointee.tls & TLSSides.upstreamPollArmed != 0 { pending.read = token(s, .negotiationReadable, 1) }
         p.pointee.inflight += 1
         backend.close(fd: fd, pending: pending, abort: abort, token: token(s, .close, side))
     }
@@ -391,6 +422,11 @@ extension Worker {
     func finish(_ s: Int32) {
         let p = table.pointer(s)
         if let accessLogger { logAccess(s, p, accessLogger) }
+        if p.pointee.tls != 0 {
+            clientTLS[s] = nil
+            upstreamTLS[s] = nil
+            p.pointee.tls = 0
+        }
         for d in 0..<2 {
             let dir = direction(p, d)
             guard dir.pointee.pipeRead >= 0 else { continue }

@@ -97,6 +97,24 @@ struct Direction {
     }
 }
 
+/// Bits of `ConnectionSlot.tls`.
+enum TLSSides {
+    /// The client side is TLS (`Worker.clientTLS` holds its session).
+    static let client: UInt8 = 1
+    /// The upstream side is TLS (`Worker.upstreamTLS`).
+    static let upstream: UInt8 = 2
+    /// Handshaking with the client (the slot is `.negotiating`).
+    static let clientHandshake: UInt8 = 4
+    /// Handshaking with the upstream (the slot is `.connecting`).
+    static let upstreamHandshake: UInt8 = 8
+    /// A poll for the upstream's handshake bytes is in flight.
+    static let upstreamPollArmed: UInt8 = 16
+
+    /// The TLS bit of the socket a direction reads from (its source) or writes to.
+    @inline(__always) static func source(_ d: Int) -> UInt8 { d == 0 ? client : upstream }
+    @inline(__always) static func destination(_ d: Int) -> UInt8 { d == 0 ? upstream : client }
+}
+
 enum SlotState: UInt8 {
     case free
     /// SOCKS5 / HTTP CONNECT / PROXY header: the connection's negotiator reads the client
@@ -141,6 +159,8 @@ struct ConnectionSlot {
     /// The negotiation waits for work done elsewhere (a password check, a name): the
     /// client is watched only for going away, so that work can be dropped.
     var awaitingAnswer = false
+    /// Which sides speak TLS and where their handshakes are (`TLSSides`).
+    var tls: UInt8 = 0
     var timerBucket: Int32 = -1
     var timerNext: Int32 = -1
     var timerPrevious: Int32 = -1

@@ -102,6 +102,13 @@ extension Worker {
             poolConnectFailed(s, p, errno: -result)
             return
         }
+        if let tls = listeners[Int(p.pointee.listener)].pool?.tls {
+            // The PROXY header goes before the handshake, in the clear.
+            if !sendProxyHeader(p) { closeSlot(s, abort: true); return }
+            let server = listeners[Int(p.pointee.listener)].pool!.servers[Int(p.pointee.server)]
+            startClientTLS(s, p, tls, host: server.ipAddress.description)
+            return
+        }
         startBridging(s, p)
     }
 
@@ -144,14 +151,26 @@ extension Worker {
     /// The upstream is connected (and any success reply sent): the PROXY header goes first,
     /// then both directions start.
     func startBridging(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, preamble: [UInt8] = []) {
-        if !sendProxyHeader(p) {
+        if p.pointee.tls & TLSSides.upstream == 0 && !sendProxyHeader(p) {
             closeSlot(s, abort: true)
             return
         }
-        // A fresh socket's send buffer takes a request head (8 KiB at most) whole.
-        if !preamble.isEmpty && preamble.withUnsafeBytes({ backend.sendNow(fd: p.pointee.upstream, $0) }) != preamble.count {
+        // A TLS client's bytes decrypted before now (sent right behind its handshake or
+        // request) go first, after the preamble.
+        guard let early = takeEarlyPlaintext(s) else {
             closeSlot(s, abort: true)
             return
+        }
+        let first = early.isEmpty ? preamble : preamble + early
+        if !first.isEmpty {
+            if let session = upstreamTLS[s] {
+                _ = first.withUnsafeBytes { session.write($0.baseAddress!, count: $0.count) }
+                if !flushTLS(s, p, side: 1) || session.pendingOutput > 0 { closeSlot(s, abort: true); return }
+            } else if first.withUnsafeBytes({ backend.sendNow(fd: p.pointee.upstream, $0) }) != first.count {
+                // A fresh socket's send buffer takes a request head (8 KiB at most) whole.
+                closeSlot(s, abort: true)
+                return
+            }
         }
         if p.pointee.session >= 0 {
             if accessLogger != nil, let n = negotiations[Int(p.pointee.session)] {
@@ -169,7 +188,9 @@ extension Worker {
         if let idle = listeners[Int(p.pointee.listener)].idleTimeoutNanoseconds {
             wheel.schedule(s, deadline: now + idle, table: table)
         }
-        // A rate-limited user's bytes must pass through user space to be paced.
+        // A rate-limited user's bytes must pass through user space to be paced, and TLS's to
+        // be encrypted or decrypted.
+        if p.pointee.tls != 0 { p.pointee.splice = .never }
         let path: Direction.Path = p.pointee.splice == .always && !p.pointee.rateLimited ? .splice : .copy
         // A framed upload's bytes must be seen to find where its body ends.
         p.pointee.toUpstream.path = p.pointee.framedUpload ? .copy : path
@@ -181,7 +202,7 @@ extension Worker {
     /// The PROXY header for an upstream: the balancer's view when one told us, else this
     /// connection's own peer and local address. Sent first on the fresh upstream socket,
     /// whose send buffer takes it whole.
-    private func sendProxyHeader(_ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
+    func sendProxyHeader(_ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
         let l = listeners[Int(p.pointee.listener)]
         guard let version = l.pool?.sendProxyProtocol ?? l.bound.rule.sendProxyProtocol else { return true }
         var header = ProxyProtocol.Header.local

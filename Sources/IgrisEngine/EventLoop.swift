@@ -221,9 +221,11 @@ extension Worker {
         switch p.pointee.state {
         case .negotiating:
             statistics.add(.handshakeTimeouts)
+            if p.pointee.tls & TLSSides.clientHandshake != 0 { statistics.add(WorkerStatistics.tlsFailureCounter(.timeout)) }
             closeSlot(s, abort: false, reason: .handshakeTimeout)
         case .connecting:
             statistics.add(.connectTimeouts)
+            if p.pointee.tls & TLSSides.upstreamHandshake != 0 { statistics.add(WorkerStatistics.tlsFailureCounter(.timeout)) }
             connectTimedOut(s, p)
         case .bridging:
             if p.pointee.rateLimited { resumeThrottled(s, p) }

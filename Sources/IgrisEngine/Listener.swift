@@ -1,3 +1,4 @@
+import IgrisTLS
 import IgrisPolicy
 import IgrisProtocols
 
@@ -29,6 +30,8 @@ public struct ListenerRule: Sendable {
     /// Sources not held to the per-source limits (`SourceLimits`): the balancers in front of
     /// a PROXY-protocol listener, through which every client arrives.
     public var sourceLimitsExempt: [CIDR] = []
+    /// TLS with the clients: the handshake comes first, then the mode's negotiation.
+    public var tls: TLSServerContext?
 
     public init(listen: SocketAddress, name: String? = nil, pool: UpstreamPool? = nil, negotiator: (any NegotiatorFactory)? = nil) {
         self.listen = listen
@@ -51,14 +54,15 @@ public struct ListenerRule: Sendable {
         [listen.description, pool?.signature ?? "-", negotiator.map { "\($0.name):\($0.signature)" } ?? "-",
          sendProxyProtocol?.rawValue ?? "-", splice?.rawValue ?? "-", "\(connectTimeoutNanoseconds ?? 0)",
          "\(String(describing: idleTimeoutNanoseconds))", "\(String(describing: deadPeerTimeoutNanoseconds))",
-         "\(maxConnections ?? 0)", sourceLimitsExempt.map(\.description).joined(separator: ",")].joined(separator: "|")
+         "\(maxConnections ?? 0)", sourceLimitsExempt.map(\.description).joined(separator: ","),
+         tls.map { "tls:\($0.fingerprint)" } ?? "-"].joined(separator: "|")
     }
 }
 
 extension UpstreamPool {
     var signature: String {
         let check = healthCheck.map { "\($0.intervalNanoseconds),\($0.timeoutNanoseconds),\($0.rise),\($0.fall)" } ?? "-"
-        return "\(name);\(servers.map(\.description).joined(separator: ","));\(balance.rawValue);\(check);\(sendProxyProtocol?.rawValue ?? "-")"
+        return "\(name);\(servers.map(\.description).joined(separator: ","));\(balance.rawValue);\(check);\(sendProxyProtocol?.rawValue ?? "-");\(tls?.fingerprint ?? "-")"
     }
 }
 

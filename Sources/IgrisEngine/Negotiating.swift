@@ -2,6 +2,7 @@ import Glibc
 import IgrisProtocols
 import CLinux
 import Logging
+import IgrisTLS
 
 /// The engine's side of a negotiation: peek the client's bytes, hand them to the listener's
 /// `Negotiation`, take exactly what it consumed, and carry out its action (reply, wait,
@@ -23,6 +24,7 @@ extension Worker {
         negotiations[Int(h)] = factory.makeNegotiation(context)
         p.pointee.session = h
         p.pointee.state = .negotiating
+        if p.pointee.timerBucket >= 0 { wheel.cancel(s, table: table) }
         wheel.schedule(s, deadline: now + factory.timeoutNanoseconds, table: table)
         // Clients send their greeting right after connecting, so it has often arrived by the
         // time the accept is handled: look now, and poll only if nothing is there yet.
@@ -35,7 +37,7 @@ extension Worker {
         p.pointee.session = -1
     }
 
-    private func armNegotiationRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+    func armNegotiationRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
         guard !p.pointee.negotiationPollArmed else { return }  // the armed one serves
         p.pointee.negotiationPollArmed = true
         p.pointee.inflight += 1
@@ -47,10 +49,15 @@ extension Worker {
     /// client that sends data before the reply) stays queued for the bridge.
     func onNegotiationReadable(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ result: Int32) {
         p.pointee.negotiationPollArmed = false
+        if p.pointee.tls & TLSSides.clientHandshake != 0 {
+            guard p.pointee.state == .negotiating else { return }
+            continueHandshake(s, p, side: 0)
+            return
+        }
         guard p.pointee.state == .negotiating, p.pointee.session >= 0, let negotiation = negotiations[Int(p.pointee.session)] else { return }
         if result < 0 { closeSlot(s, abort: false); return }
         if p.pointee.awaitingAnswer { watchWhileAwaiting(s, p); return }
-        let n = backend.peek(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
+        let n = p.pointee.tls & TLSSides.client != 0 ? decryptNegotiationInput(s, p) : backend.peek(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
         if n == 0 { closeSlot(s, abort: false); return }  // the client gave up
         if n < 0 {
             if n == -Int(EAGAIN) { armNegotiationRead(s, p) } else { closeSlot(s, abort: true) }
@@ -63,13 +70,52 @@ extension Worker {
             offset += consumed
             action = next
             guard action.next == .read else { break }
-            sendReply(p, action.reply)
+            sendReply(p, action.reply, s)
             action.reply = []
             if consumed == 0 { break }
         }
-        // Take what was consumed (it is queued: this cannot block or come up short).
-        if offset > 0 { _ = backend.receiveNow(fd: p.pointee.client, into: scratch, length: offset) }
+        if let session = clientTLS[s] {
+            session.negotiationBytes.removeFirst(offset)
+            // More may be decrypted already: no readiness would say so.
+            if action.next == .read && offset > 0 && (session.hasBufferedInput || !session.negotiationBytes.isEmpty) {
+                sendReply(p, action.reply, s)
+                onNegotiationReadable(s, p, 0)
+                return
+            }
+        } else if offset > 0 {
+            // Take what was consumed (it is queued: this cannot block or come up short).
+            _ = backend.receiveNow(fd: p.pointee.client, into: scratch, length: offset)
+        }
         perform(s, p, action)
+    }
+
+    /// A TLS client's negotiation input: its ciphertext taken off the socket, decrypted and
+    /// kept in the session (`negotiationBytes`, up to the scratch size), then copied to the
+    /// scratch as `peek` would. Bytes there, 0 when the client ended, -EAGAIN for none yet,
+    /// another -errno on failure.
+    private func decryptNegotiationInput(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) -> Int {
+        guard let session = clientTLS[s] else { return -Int(EBADF) }
+        let failure = receiveCiphertext(s, p, side: 0, session)
+        var ended = failure != nil
+        while session.negotiationBytes.count < Self.scratchSize {
+            let room = Self.scratchSize - session.negotiationBytes.count
+            switch session.read(into: scratch, capacity: room) {
+            case .bytes(let n):
+                session.negotiationBytes += UnsafeRawBufferPointer(start: scratch, count: n)
+                continue
+            case .wantInput: break
+            case .closed: ended = true
+            case .failed(let f):
+                statistics.add(.tlsRecordFailures)
+                logger.info("TLS record failed", metadata: ["listener": "\(listeners[Int(p.pointee.listener)].name)", "error": "\(f)"])
+                return -Int(EPROTO)
+            }
+            break
+        }
+        flushTLS(s, p, side: 0)
+        if session.negotiationBytes.isEmpty { return ended ? 0 : -Int(EAGAIN) }
+        session.negotiationBytes.withUnsafeBytes { scratch.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        return session.negotiationBytes.count
     }
 
     /// While the answer is computed elsewhere: a client that has gone is closed now, and its
@@ -86,7 +132,7 @@ extension Worker {
 
     /// Carries out a negotiation's answer.
     func perform(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ action: NegotiationAction) {
-        sendReply(p, action.reply)
+        sendReply(p, action.reply, s)
         switch action.next {
         case .read:
             armNegotiationRead(s, p)
@@ -135,8 +181,13 @@ extension Worker {
     /// Replies are a few hundred bytes at most, the first the socket sends: its send buffer
     /// takes them whole (a failure means the client is gone, and the next read or the close
     /// finds out).
-    private func sendReply(_ p: UnsafeMutablePointer<ConnectionSlot>, _ bytes: [UInt8]) {
+    private func sendReply(_ p: UnsafeMutablePointer<ConnectionSlot>, _ bytes: [UInt8], _ s: Int32) {
         guard !bytes.isEmpty else { return }
+        if let session = clientTLS[s] {
+            _ = bytes.withUnsafeBytes { session.write($0.baseAddress!, count: $0.count) }
+            flushTLS(s, p, side: 0)
+            return
+        }
         _ = bytes.withUnsafeBytes { backend.sendNow(fd: p.pointee.client, $0) }
     }
 
@@ -148,6 +199,10 @@ extension Worker {
             let n = backend.receiveNow(fd: p.pointee.client, into: scratch, length: Self.scratchSize)
             if n <= 0 { break }
             drained += n
+        }
+        if let session = clientTLS[s] {
+            session.shutdown()
+            flushTLS(s, p, side: 0)
         }
         _ = backend.shutdown(fd: p.pointee.client, how: Int32(SHUT_WR))
         closeSlot(s, abort: false, reason: reason)
@@ -195,7 +250,8 @@ extension Worker {
         let duration = Double(now &- p.pointee.openedAt) / 1e9
         log.record(AccessRecord(listener: listeners[Int(p.pointee.listener)].name, client: client, destination: destination, user: user,
                                 bytesUp: p.pointee.toUpstream.bytes, bytesDown: p.pointee.toClient.bytes,
-                                duration: (duration * 1000).rounded() / 1000, reason: p.pointee.closeReason.text))
+                                duration: (duration * 1000).rounded() / 1000, reason: p.pointee.closeReason.text,
+                                tls: p.pointee.tls != 0 ? tlsDescription(s) : nil))
         accessLogPending = true
     }
 }

@@ -176,6 +176,8 @@ public enum CloseReason: UInt8, Sendable {
     case deadPeer
     /// The connection's user expired or was removed from the users file.
     case revoked
+    /// The TLS handshake with the client failed (see igris_tls_handshake_failures_total).
+    case tlsFailed
 
     var text: String {
         switch self {
@@ -193,6 +195,7 @@ public enum CloseReason: UInt8, Sendable {
         case .noServer: return "no_server"
         case .deadPeer: return "dead_peer"
         case .revoked: return "account_revoked"
+        case .tlsFailed: return "tls_failed"
         }
     }
 }

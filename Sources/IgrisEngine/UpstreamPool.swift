@@ -1,5 +1,6 @@
 import Glibc
 import IgrisProtocols
+import IgrisTLS
 import Synchronization
 
 /// How a forward listener picks the server for a new connection.
@@ -41,6 +42,8 @@ public final class UpstreamPool: @unchecked Sendable {
     public let healthCheck: HealthCheck?
     /// Send a PROXY header to these servers (overrides the listener's setting).
     public let sendProxyProtocol: ProxyProtocol.Version?
+    /// upstream_tls: TLS toward these servers (plain in, TLS out).
+    public let tls: TLSClientContext?
 
     /// Stable copies of the addresses: io_uring reads a connect's address at submission,
     /// a loop turn after the call. Immutable after init (hence @unchecked Sendable).
@@ -53,13 +56,14 @@ public final class UpstreamPool: @unchecked Sendable {
     private let turn = Atomic<Int>(0)
 
     public init(name: String, servers: [SocketAddress], balance: BalanceAlgorithm = .roundRobin, healthCheck: HealthCheck? = nil,
-                sendProxyProtocol: ProxyProtocol.Version? = nil) {
+                sendProxyProtocol: ProxyProtocol.Version? = nil, tls: TLSClientContext? = nil) {
         precondition(!servers.isEmpty && servers.count <= Self.maxServers)
         self.name = name
         self.servers = servers
         self.balance = balance
         self.healthCheck = healthCheck
         self.sendProxyProtocol = sendProxyProtocol
+        self.tls = tls
         addresses = .allocate(capacity: servers.count)
         for (i, s) in servers.enumerated() { (addresses + i).initialize(to: s.storage) }
         state = servers.map { _ in ServerState() }

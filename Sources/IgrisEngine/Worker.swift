@@ -2,6 +2,7 @@ import Glibc
 import Logging
 import IgrisPolicy
 import IgrisProtocols
+import IgrisTLS
 
 /// Per-worker settings.
 public struct WorkerConfiguration: Sendable {
@@ -29,7 +30,8 @@ public struct WorkerConfiguration: Sendable {
 
 /// One worker thread: its backend, connection table, timers and listeners. Its subsystems
 /// are extensions, one file each: EventLoop (run, wake, reload, drain), Acceptor,
-/// Negotiating, Connector, Bridge (copy path, half-close, close), Splice, HealthChecks.
+/// Negotiating, TLSLayer, Connector, Bridge (copy path, half-close, close), Splice,
+/// HealthChecks.
 ///
 /// Generic over the backend so every I/O call is statically dispatched; confined to the
 /// thread that created it (the io_uring ring is `SINGLE_ISSUER`), so nothing here is locked.
@@ -128,6 +130,10 @@ final class Worker<Backend: IOBackend> {
     var deliveredFD: Int32 = -1
     var deliveredDirection = 0
     var deliveredBuffers: [UInt16] = []
+    /// TLS sessions of the slots whose client side (`TLSSides.client`) or upstream side
+    /// (`TLSSides.upstream`) speaks TLS (`TLSLayer.swift`).
+    var clientTLS: [Int32: TLSSession] = [:]
+    var upstreamTLS: [Int32: TLSSession] = [:]
     /// Slots with `framedUpload`: where the client's request body ends.
     var uploadFramings: [Int32: HTTPBodyFraming] = [:]
     /// Indexed by `ConnectionSlot.session`; reused through `freeNegotiations`.
@@ -209,7 +215,8 @@ final class Worker<Backend: IOBackend> {
         case .shutdown: onShutdown(s, p, d)
         case .connect: onConnect(s, p, c.result)
         case .negotiationReadable:
-            if p.pointee.state == .associated { onControlReadable(s, p, c.result) } else { onNegotiationReadable(s, p, c.result) }
+            if d == 1 { onUpstreamTLSReadable(s, p, c.result) }
+            else if p.pointee.state == .associated { onControlReadable(s, p, c.result) } else { onNegotiationReadable(s, p, c.result) }
         case .datagramReadable: onDatagramReadable(s, p, d, c)
         default: break  // close: only the in-flight count matters
         }

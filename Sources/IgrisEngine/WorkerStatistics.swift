@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import IgrisTLS
 
 /// Counters one worker writes and the admin plane (and tests) read.
 ///
@@ -68,6 +69,14 @@ public final class WorkerStatistics: Sendable {
         case udpBytesToClient
         // Drops, in `DatagramDrop` order (see `udpDropCounter`).
         case udpDropMalformed, udpDropFragmented, udpDropForeignSource, udpDropDenied, udpDropUnresolved, udpDropLimit, udpDropSendFailed
+        // TLS
+        case tlsHandshakes           // completed, with clients and with upstreams
+        case tlsResumed              // of those, resumed from a session ticket
+        case tlsClientIdentities     // a client certificate named the connection's user
+        // Handshake failures, in `TLSFailure.Reason` order (see `tlsFailureCounter`).
+        case tlsFailPlaintext, tlsFailVersion, tlsFailCipher, tlsFailUnknownName, tlsFailALPN, tlsFailClientCertificate
+        case tlsFailServerCertificate, tlsFailBadRecord, tlsFailPeerAlert, tlsFailMalformed, tlsFailPeerGone, tlsFailTimeout
+        case tlsRecordFailures       // bridging: a record failed (bad MAC, malformed): the connection was reset
         case serversDown             // health checks took a server out of rotation
         case serversUp               // health checks put a server back
     }
@@ -75,6 +84,11 @@ public final class WorkerStatistics: Sendable {
     /// The counter of a datagram drop reason.
     public static func udpDropCounter(_ reason: DatagramDrop) -> Counter {
         Counter(rawValue: Counter.udpDropMalformed.rawValue + reason.rawValue)!
+    }
+
+    /// The counter of a TLS handshake failure reason.
+    public static func tlsFailureCounter(_ reason: TLSFailure.Reason) -> Counter {
+        Counter(rawValue: Counter.tlsFailPlaintext.rawValue + TLSFailure.Reason.allCases.firstIndex(of: reason)!)!
     }
 
     /// Atomic is ~Copyable, so each lives in a cell of its own (allocated once).
@@ -104,6 +118,8 @@ public final class WorkerStatistics: Sendable {
     private let listenerCells: [Cell]
     private let latencyBuckets: [Cell]
     private let latencySum = Cell()
+    private let tlsBuckets: [Cell]
+    private let tlsSum = Cell()
     public let listenerCount: Int
 
     public init(listeners: Int = 0) {
@@ -111,6 +127,7 @@ public final class WorkerStatistics: Sendable {
         listenerCount = listeners
         listenerCells = (0..<(listeners * ListenerCounter.count)).map { _ in Cell() }
         latencyBuckets = (0...Self.connectLatencyBounds.count).map { _ in Cell() }
+        tlsBuckets = (0...Self.connectLatencyBounds.count).map { _ in Cell() }
     }
 
     @inline(__always)
@@ -124,17 +141,28 @@ public final class WorkerStatistics: Sendable {
     }
 
     /// One successful upstream connect that took `nanoseconds`.
-    public func recordConnectLatency(_ nanoseconds: UInt64) {
-        var b = 0
-        while b < Self.connectLatencyBounds.count && nanoseconds > Self.connectLatencyBounds[b] { b += 1 }
-        let cell = latencyBuckets[b]
-        cell.value.store(cell.value.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
-        latencySum.value.store(latencySum.value.load(ordering: .relaxed) &+ Int64(nanoseconds), ordering: .relaxed)
-    }
+    public func recordConnectLatency(_ nanoseconds: UInt64) { Self.record(nanoseconds, latencyBuckets, latencySum) }
 
     /// Per-bucket counts (not cumulative) and the sum in ns.
     public func connectLatency() -> (buckets: [Int64], sumNanoseconds: Int64) {
         (latencyBuckets.map { $0.value.load(ordering: .relaxed) }, latencySum.value.load(ordering: .relaxed))
+    }
+
+    /// One completed TLS handshake that took `nanoseconds` (from accept, or from the
+    /// upstream connect).
+    public func recordTLSHandshake(_ nanoseconds: UInt64) { Self.record(nanoseconds, tlsBuckets, tlsSum) }
+
+    /// Like `connectLatency`, for TLS handshakes (same bounds).
+    public func tlsHandshakeDuration() -> (buckets: [Int64], sumNanoseconds: Int64) {
+        (tlsBuckets.map { $0.value.load(ordering: .relaxed) }, tlsSum.value.load(ordering: .relaxed))
+    }
+
+    private static func record(_ nanoseconds: UInt64, _ buckets: [Cell], _ sum: Cell) {
+        var b = 0
+        while b < connectLatencyBounds.count && nanoseconds > connectLatencyBounds[b] { b += 1 }
+        let cell = buckets[b]
+        cell.value.store(cell.value.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
+        sum.value.store(sum.value.load(ordering: .relaxed) &+ Int64(nanoseconds), ordering: .relaxed)
     }
 
     @inline(__always)

@@ -3,6 +3,7 @@ import IgrisEngine
 import IgrisNegotiation
 import IgrisPolicy
 import IgrisProtocols
+import IgrisTLS
 
 /// The YAML configuration file (`igris serve -c FILE`, `igris check -c FILE`).
 ///
@@ -32,6 +33,9 @@ public struct ConfigFile: Sendable {
         public var deadPeerTimeoutNanoseconds: UInt64??
         public var handshakeTimeoutNanoseconds: UInt64?
         public var maxConnections: Int?
+        /// TLS with clients (`tls:`), and toward a single upstream (`upstream_tls:`).
+        public var tls: TLSServerContext?
+        public var upstreamTLS: TLSClientContext?
     }
 
     public var workers: Int?
@@ -118,7 +122,7 @@ public struct ConfigFile: Sendable {
                                          handshakeTimeoutNanoseconds: l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds)
             var pool: UpstreamPool? = nil
             if l.mode == .forward {
-                pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0]) }
+                pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0], tls: l.upstreamTLS) }
             }
             var rule = try gateway.rule(listen: l.listen, name: l.name, mode: l.mode, pool: pool, options: options,
                                         acceptProxyProtocol: l.acceptProxyProtocol,
@@ -129,6 +133,7 @@ public struct ConfigFile: Sendable {
             rule.idleTimeoutNanoseconds = l.idleTimeoutNanoseconds
             rule.deadPeerTimeoutNanoseconds = l.deadPeerTimeoutNanoseconds
             rule.maxConnections = l.maxConnections
+            rule.tls = l.tls
             rules.append(rule)
         }
         return rules
@@ -250,7 +255,7 @@ private struct Decoded: Decodable {
             for name in pools.allKeys {
                 let entry = try pools.decode(PoolEntry.self, forKey: name)
                 config.pools[name.stringValue] = UpstreamPool(name: name.stringValue, servers: entry.servers, balance: entry.balance,
-                                                              healthCheck: entry.healthCheck, sendProxyProtocol: entry.sendProxyProtocol)
+                                                              healthCheck: entry.healthCheck, sendProxyProtocol: entry.sendProxyProtocol, tls: entry.tls)
             }
         }
         guard c.contains(key("listeners")) else { throw DecodingError.keyNotFound(key("listeners"), .init(codingPath: c.codingPath, debugDescription: "")) }
@@ -268,6 +273,11 @@ private struct Decoded: Decodable {
             }
         }
         config.listeners = listeners.map(\.value)
+        // A TLS recv leaves a whole record's room in its buffer (`Worker.tlsDecryptHeadroom`).
+        if config.bufferSize < 32 * 1024, listeners.contains(where: { $0.value.tls != nil || $0.value.upstreamTLS != nil })
+            || config.pools.values.contains(where: { $0.tls != nil }) {
+            throw fail("buffer_size", "TLS needs buffer_size of at least 32KiB")
+        }
     }
 }
 
@@ -320,7 +330,7 @@ private struct ListenerEntry: Decodable {
     init(from decoder: Decoder) throws {
         try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "proxy_protocol_from", "send_proxy_protocol",
                                        "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout", "handshake_timeout",
-                                       "max_connections"])
+                                       "max_connections", "tls", "upstream_tls"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -396,6 +406,11 @@ private struct ListenerEntry: Decodable {
                 throw fail(k, "admin listeners have no \(k)")
             }
         }
+        value.tls = try c.decodeIfPresent(TLSServerSection.self, forKey: key("tls"))?.context
+        if c.contains(key("upstream_tls")) {
+            guard mode == .forward && upstream != nil else { throw fail("upstream_tls", "only forward listeners with an upstream (a pool has its own upstream_tls)") }
+            value.upstreamTLS = try c.decode(TLSClientSection.self, forKey: key("upstream_tls")).context
+        }
         if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
             guard mode == .forward else { throw fail("send_proxy_protocol", "only forward listeners send PROXY headers upstream") }
             guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else { throw fail("send_proxy_protocol", "expected v1, v2 or off, got '\(send)'") }
@@ -409,9 +424,10 @@ private struct PoolEntry: Decodable {
     var balance = BalanceAlgorithm.roundRobin
     var healthCheck: HealthCheck?
     var sendProxyProtocol: ProxyProtocol.Version?
+    var tls: TLSClientContext?
 
     init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["servers", "balance", "health_check", "send_proxy_protocol"])
+        try decoder.rejectUnknownKeys(["servers", "balance", "health_check", "send_proxy_protocol", "upstream_tls"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ path: [CodingKey], _ message: String) -> DecodingError {
@@ -440,6 +456,7 @@ private struct PoolEntry: Decodable {
             }
             sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
         }
+        tls = try c.decodeIfPresent(TLSClientSection.self, forKey: key("upstream_tls"))?.context
         if c.contains(key("health_check")) {
             let h = try c.nestedContainer(keyedBy: AnyCodingKey.self, forKey: key("health_check"))
             let known: Set<String> = ["interval", "timeout", "rise", "fall"]

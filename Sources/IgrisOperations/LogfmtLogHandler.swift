@@ -86,7 +86,9 @@ public final class LogfmtAccessLog: AccessLogSink {
         var line = "time=\(LogfmtLogHandler.timestamp()) level=info logger=access msg=closed"
         line += " bytes_down=\(r.bytesDown) bytes_up=\(r.bytesUp) client=\(LogfmtLogHandler.quote(r.client))"
         line += " destination=\(LogfmtLogHandler.quote(r.destination)) duration=\(r.duration)s listener=\(LogfmtLogHandler.quote(r.listener))"
-        line += " reason=\(r.reason) user=\(LogfmtLogHandler.quote(r.user))\n"
+        line += " reason=\(r.reason)"
+        if let tls = r.tls { line += " tls=\(tls)" }
+        line += " user=\(LogfmtLogHandler.quote(r.user))\n"
         buffer.append(contentsOf: line.utf8)
         if buffer.count >= Self.flushAt { flush() }
     }

@@ -77,6 +77,16 @@ public struct TLSClientSettings: Sendable, Equatable {
 /// A configuration problem, naming the file and what is wrong with it.
 public struct TLSConfigurationError: Error, Sendable, CustomStringConvertible {
     public var description: String
+    /// The settings key at fault (`certificate`, `key`, `client_ca`, `crl`, `ca`, `alpn`), when one is.
+    public var key: String? {
+        let word = description.prefix { $0 != " " && $0 != ":" }
+        switch word {
+        case "certificate", "key", "client_ca", "crl": return String(word)
+        case "upstream_tls": return description.hasPrefix("upstream_tls ca") ? "ca" : nil
+        case "tls": return description.hasPrefix("tls alpn") ? "alpn" : description.hasPrefix("tls crl") ? "crl" : nil
+        default: return nil
+        }
+    }
     init(_ description: String) { self.description = description }
 }
 
@@ -137,6 +147,16 @@ enum OpenSSLContext {
         }
     }
 
+    /// The files as they are now (path, size, modification time): a reload rebuilds a
+    /// listener whose certificate files changed.
+    static func fingerprint(_ paths: [String]) -> String {
+        paths.map { path -> String in
+            var st = stat()
+            guard stat(path, &st) == 0 else { return path }
+            return "\(path)@\(st.st_size).\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+        }.joined(separator: ",")
+    }
+
     static func lastError() -> String {
         let code = ERR_peek_last_error()
         defer { ERR_clear_error() }
@@ -152,6 +172,8 @@ enum OpenSSLContext {
 /// each reload; connections keep the context they began with.
 public final class TLSServerContext: @unchecked Sendable {
     public let settings: TLSServerSettings
+    /// The settings and the state of their files when loaded (see `OpenSSLContext.fingerprint`).
+    public let fingerprint: String
     /// The context handshakes start on: the default certificate's, or the first SNI one's.
     private let primary: OpaquePointer
     /// SNI: each certificate's context and its leaf (for X509_check_host).
@@ -160,6 +182,7 @@ public final class TLSServerContext: @unchecked Sendable {
 
     public init(_ settings: TLSServerSettings) throws(TLSConfigurationError) {
         self.settings = settings
+        fingerprint = "\(settings.minVersion.rawValue);\(settings.alpn);\(settings.clientIdentity.rawValue);" + OpenSSLContext.fingerprint(settings.files)
         let files = (settings.defaultCertificate.map { [$0] } ?? []) + settings.sniCertificates
         guard !files.isEmpty else { throw TLSConfigurationError("tls: needs a certificate and key") }
         var wire: [UInt8] = []
@@ -246,16 +269,20 @@ public final class TLSServerContext: @unchecked Sendable {
         return settings.defaultCertificate != nil
     }
 
-    public func makeSession() -> TLSSession? { TLSSession(context: primary, server: true) }
+    public func makeSession() -> TLSSession? { TLSSession(context: primary, server: true, owner: self) }
 }
 
 /// `upstream_tls`'s context: verification on by default, optional client certificate.
 public final class TLSClientContext: @unchecked Sendable {
     public let settings: TLSClientSettings
+    public let fingerprint: String
     private let ctx: OpaquePointer
 
     public init(_ settings: TLSClientSettings) throws(TLSConfigurationError) {
         self.settings = settings
+        let files = [settings.ca, settings.certificate?.certificate, settings.certificate?.key].compactMap { $0 }
+        fingerprint = "\(settings.verify);\(settings.serverName ?? "-");\(settings.minVersion.rawValue);\(settings.maxVersion?.rawValue ?? "-");"
+            + OpenSSLContext.fingerprint(files)
         ctx = try OpenSSLContext.make(server: false, minVersion: settings.minVersion)
         if let max = settings.maxVersion { _ = igris_ssl_ctx_set_max_version(ctx, max.openSSL) }
         do throws(TLSConfigurationError) {
@@ -279,7 +306,7 @@ public final class TLSClientContext: @unchecked Sendable {
     /// A client session for a server known as `host` (its address when no server_name is
     /// set): SNI, and the name its certificate must hold.
     public func makeSession(host: String) -> TLSSession? {
-        guard let session = TLSSession(context: ctx, server: false) else { return nil }
+        guard let session = TLSSession(context: ctx, server: false, owner: self) else { return nil }
         let name = settings.serverName ?? host
         if !name.isEmpty && !name.contains(":") && !name.allSatisfy({ $0.isNumber || $0 == "." }) {
             _ = igris_ssl_set_host_name(session.ssl, name)

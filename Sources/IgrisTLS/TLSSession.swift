@@ -13,6 +13,9 @@ public final class TLSSession {
     private var inputBIO: OpaquePointer
     private var outputBIO: OpaquePointer
     public let isServer: Bool
+    /// The context object the session was made from: kept alive (its SNI callback and
+    /// contexts) for as long as the session, across reloads.
+    private let owner: AnyObject
     /// Plaintext read during the negotiation phase and not yet consumed (SOCKS5 / HTTP heads).
     public var negotiationBytes: [UInt8] = []
     /// Bytes fed since the last trim, to tell when the input BIO may have grown.
@@ -21,7 +24,7 @@ public final class TLSSession {
     private var takenSinceTrim = 0
     static let trimThreshold = 16 * 1024
 
-    init?(context: OpaquePointer, server: Bool) {
+    init?(context: OpaquePointer, server: Bool, owner: AnyObject) {
         guard let ssl = SSL_new(context) else { return nil }
         guard let input = BIO_new(BIO_s_mem()), let output = BIO_new(BIO_s_mem()) else {
             SSL_free(ssl)
@@ -36,6 +39,7 @@ public final class TLSSession {
         inputBIO = input
         outputBIO = output
         isServer = server
+        self.owner = owner
     }
 
     deinit { SSL_free(ssl) }  // frees both BIOs

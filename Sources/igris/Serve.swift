@@ -39,6 +39,24 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("http-connect"), help: "HTTP proxy listener address (CONNECT tunnels and plain http:// requests), HOST:PORT (repeatable).")
     var httpConnect: [String] = []
 
+    @Option(name: .customLong("tls-cert"), help: "TLS on every listener given by flags: certificate chain (PEM), with --tls-key.")
+    var tlsCertificate: String?
+
+    @Option(name: .customLong("tls-key"), help: "The private key (PEM) of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(name: .customLong("tls-client-ca"), help: "Require client certificates signed by this CA bundle (PEM); a certificate's CN names its user.")
+    var tlsClientCA: String?
+
+    @Option(name: .customLong("tls-min-version"), help: "Lowest TLS version accepted: 1.2 (default) or 1.3.")
+    var tlsMinVersion: String?
+
+    @Flag(name: .customLong("upstream-tls"), help: "TLS toward each --upstream, its certificate verified against the system's CAs.")
+    var upstreamTLS = false
+
+    @Option(name: .customLong("upstream-tls-ca"), help: "TLS toward each --upstream, verified against this CA bundle (PEM).")
+    var upstreamTLSCA: String?
+
     @Option(name: .customLong("users"), help: "Users file (YAML, argon2id hashes from `igris passwd`) for --socks5/--http-connect.")
     var usersFile: String?
 
@@ -163,6 +181,7 @@ struct Serve: ParsableCommand {
         if maxPipes < 0 { throw ValidationError("--max-pipes must be 0 or more") }
         if connectTimeout.nanoseconds == 0 { throw ValidationError("--connect-timeout must be greater than 0") }
         if handshakeTimeout.nanoseconds == 0 { throw ValidationError("--handshake-timeout must be greater than 0") }
+        try validateTLSFlags()
         if noAuth && usersFile != nil { throw ValidationError("--no-auth and --users contradict each other: choose one") }
         if let handoffSocket, !ListenerHandoff.isValidPath(handoffSocket) {
             throw ValidationError("--handoff-socket must be an absolute path shorter than 108 bytes")
@@ -204,20 +223,7 @@ struct Serve: ParsableCommand {
             throw ValidationError("--socks5/--http-connect need --users FILE, or --no-auth to let anyone in")
         }
         let gateway = Gateway(policy: try makePolicy())
-        var rules: [ListenerRule] = []
-        do {
-            for (l, u) in zip(listen, upstream) {
-                rules.append(ListenerRule(listen: try SocketAddress.resolve(l, passive: true), upstream: try SocketAddress.resolve(u)))
-            }
-            let options = GatewayOptions(requireAuthentication: !noAuth, handshakeTimeoutNanoseconds: handshakeTimeout.nanoseconds)
-            for (mode, addresses) in [(ListenerMode.socks5, socks5), (.httpConnect, httpConnect)] {
-                for l in addresses { rules.append(try gateway.rule(listen: try SocketAddress.resolve(l, passive: true), mode: mode, options: options)) }
-            }
-        } catch let error as GatewayError {
-            throw CommandFailure(error.description)
-        } catch {
-            throw CommandFailure("\(error)")
-        }
+        let rules = try commandLineRules(gateway: gateway)
         var configuration = ServerConfiguration(listeners: rules, workers: workers, backend: backend)
         configuration.accounts = gateway.policy.accounts
         configuration.connectTimeoutNanoseconds = connectTimeout.nanoseconds
@@ -340,12 +346,15 @@ struct Serve: ParsableCommand {
                                   drainGraceNanoseconds: drainGraceNanoseconds)
         if let handoff { lifecycle.serveHandoffs(handoff) }
         let usersPath = usersFile
+        // Without a file, a reload rebuilds the flags' listeners: new certificates take effect.
+        let flags = self
         Lifecycle.notifyReady(successor: session != nil)
         signals.start { _, signal in
             switch signal {
             case SIGHUP:
                 lifecycle.whileListenersStay {
                     Self.reload(server: server, gateway: gateway, configPath: configPath, usersPath: usersPath, logger: logger)
+                    if configPath == nil && flags.tlsCertificate != nil { flags.reloadCommandLineTLS(server: server, gateway: gateway, logger: logger) }
                 }
             case SIGUSR2:
                 lifecycle.upgrade()
