@@ -125,7 +125,7 @@ let package = Package(
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["IgrisEngine", "IgrisNegotiation", "IgrisOperations", "IgrisPolicy", "IgrisProtocols", "CSodium", "igris", "igris-load"]
+            dependencies: ["IgrisEngine", "IgrisNegotiation", "IgrisOperations", "IgrisPolicy", "IgrisProtocols", "IgrisTLS", "CSodium", "igris", "igris-load"]
         ),
     ],
     swiftLanguageModes: [.v6]

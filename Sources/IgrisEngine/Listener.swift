@@ -32,6 +32,9 @@ public struct ListenerRule: Sendable {
     public var sourceLimitsExempt: [CIDR] = []
     /// TLS with the clients: the handshake comes first, then the mode's negotiation.
     public var tls: TLSServerContext?
+    /// A TLS forward's handshake must finish within this (default 10 s); a negotiating
+    /// listener's whole handshake, TLS included, is bounded by its negotiation's timeout.
+    public var handshakeTimeoutNanoseconds: UInt64?
 
     public init(listen: SocketAddress, name: String? = nil, pool: UpstreamPool? = nil, negotiator: (any NegotiatorFactory)? = nil) {
         self.listen = listen

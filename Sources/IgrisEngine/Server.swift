@@ -437,11 +437,16 @@ public final class Server: Sendable {
     }
 
     /// The connect latency histogram summed over the workers: per-bucket counts and sum (ns).
-    public func connectLatency() -> (buckets: [Int64], sumNanoseconds: Int64) {
+    public func connectLatency() -> (buckets: [Int64], sumNanoseconds: Int64) { histogram { $0.connectLatency() } }
+
+    /// TLS handshake durations, all workers (same buckets as `connectLatency`).
+    public func tlsHandshakeDuration() -> (buckets: [Int64], sumNanoseconds: Int64) { histogram { $0.tlsHandshakeDuration() } }
+
+    private func histogram(_ read: (WorkerStatistics) -> (buckets: [Int64], sumNanoseconds: Int64)) -> (buckets: [Int64], sumNanoseconds: Int64) {
         var buckets = [Int64](repeating: 0, count: WorkerStatistics.connectLatencyBounds.count + 1)
         var sum: Int64 = 0
         for s in statistics {
-            let (b, total) = s.connectLatency()
+            let (b, total) = read(s)
             for i in buckets.indices { buckets[i] += b[i] }
             sum += total
         }

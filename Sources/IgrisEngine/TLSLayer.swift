@@ -44,7 +44,8 @@ extension Worker {
     }
 
     func tlsHandshakeTimeout(_ p: UnsafeMutablePointer<ConnectionSlot>) -> UInt64 {
-        listeners[Int(p.pointee.listener)].bound.rule.negotiator?.timeoutNanoseconds ?? 10_000_000_000
+        let rule = listeners[Int(p.pointee.listener)].bound.rule
+        return rule.negotiator?.timeoutNanoseconds ?? rule.handshakeTimeoutNanoseconds ?? 10_000_000_000
     }
 
     /// upstream_tls: the upstream is connected (and any PROXY header sent, in the clear as

@@ -134,6 +134,7 @@ public struct ConfigFile: Sendable {
             rule.deadPeerTimeoutNanoseconds = l.deadPeerTimeoutNanoseconds
             rule.maxConnections = l.maxConnections
             rule.tls = l.tls
+            rule.handshakeTimeoutNanoseconds = l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds
             rules.append(rule)
         }
         return rules

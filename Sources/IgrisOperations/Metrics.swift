@@ -1,4 +1,5 @@
 import IgrisEngine
+import IgrisTLS
 import IgrisNegotiation
 import IgrisPolicy
 
@@ -72,6 +73,10 @@ public struct MetricsRenderer: Sendable {
             ("igris_udp_datagrams_to_client_total", .udpDatagramsToClient, "Datagrams relayed from destinations to clients."),
             ("igris_udp_bytes_to_destination_total", .udpBytesToDestination, "Payload bytes relayed from clients to destinations."),
             ("igris_udp_bytes_to_client_total", .udpBytesToClient, "Payload bytes relayed from destinations to clients."),
+            ("igris_tls_handshakes_total", .tlsHandshakes, "TLS handshakes completed, with clients and with upstreams."),
+            ("igris_tls_resumed_total", .tlsResumed, "TLS handshakes that resumed a session from a ticket."),
+            ("igris_tls_client_identities_total", .tlsClientIdentities, "Connections whose user a client certificate named."),
+            ("igris_tls_record_failures_total", .tlsRecordFailures, "Bridges reset because a TLS record failed (bad MAC, malformed)."),
             ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),
         ]
         for (name, counter, help) in counters {
@@ -110,17 +115,13 @@ public struct MetricsRenderer: Sendable {
         out.family("igris_pipes_in_use", "gauge", "Splice pipes borrowed, per worker.")
         for (w, s) in server.statistics.enumerated() { out.sample("igris_pipes_in_use", ["worker": "\(w)"], s.load(.pipesInUse)) }
 
-        let (buckets, sum) = server.connectLatency()
-        out.family("igris_upstream_connect_duration_seconds", "histogram", "Time from starting an upstream connect to the bridge being up.")
-        var cumulative: Int64 = 0
-        for (i, bound) in WorkerStatistics.connectLatencyBounds.enumerated() {
-            cumulative += buckets[i]
-            out.sample("igris_upstream_connect_duration_seconds_bucket", ["le": seconds(bound)], cumulative)
+        histogram(&out, "igris_upstream_connect_duration_seconds", "Time from starting an upstream connect to the bridge being up.", server.connectLatency())
+        histogram(&out, "igris_tls_handshake_duration_seconds", "TLS handshakes completed, from accept (clients) or from the connect (upstreams).",
+                  server.tlsHandshakeDuration())
+        out.family("igris_tls_handshake_failures_total", "counter", "TLS handshakes that failed, by reason.")
+        for reason in TLSFailure.Reason.allCases {
+            out.sample("igris_tls_handshake_failures_total", ["reason": reason.rawValue], server.total(WorkerStatistics.tlsFailureCounter(reason)))
         }
-        cumulative += buckets[buckets.count - 1]
-        out.sample("igris_upstream_connect_duration_seconds_bucket", ["le": "+Inf"], cumulative)
-        out.line("igris_upstream_connect_duration_seconds_sum \(seconds(UInt64(max(0, sum))))")
-        out.sample("igris_upstream_connect_duration_seconds_count", [:], cumulative)
 
         var pools: [UpstreamPool] = []
         for (rule, _) in server.openListeners {
@@ -170,6 +171,19 @@ public struct MetricsRenderer: Sendable {
         out.family("igris_resolver_cache_hits_total", "counter", "Names answered from the resolver cache.")
         out.sample("igris_resolver_cache_hits_total", [:], resolver.cacheHits)
         return out.text
+    }
+
+    private func histogram(_ out: inout MetricsText, _ name: String, _ help: String, _ h: (buckets: [Int64], sumNanoseconds: Int64)) {
+        out.family(name, "histogram", help)
+        var cumulative: Int64 = 0
+        for (i, bound) in WorkerStatistics.connectLatencyBounds.enumerated() {
+            cumulative += h.buckets[i]
+            out.sample("\(name)_bucket", ["le": seconds(bound)], cumulative)
+        }
+        cumulative += h.buckets[h.buckets.count - 1]
+        out.sample("\(name)_bucket", ["le": "+Inf"], cumulative)
+        out.line("\(name)_sum \(seconds(UInt64(max(0, h.sumNanoseconds))))")
+        out.sample("\(name)_count", [:], cumulative)
     }
 
     private func seconds(_ ns: UInt64) -> String {

@@ -37,6 +37,7 @@ extension Serve {
                 let address = try SocketAddress.resolve(l, passive: true)
                 var rule = ListenerRule(listen: address, pool: UpstreamPool(name: address.description, servers: [try SocketAddress.resolve(u)], tls: client))
                 rule.tls = server
+                rule.handshakeTimeoutNanoseconds = handshakeTimeout.nanoseconds
                 rules.append(rule)
             }
             let options = GatewayOptions(requireAuthentication: !noAuth, handshakeTimeoutNanoseconds: handshakeTimeout.nanoseconds)
