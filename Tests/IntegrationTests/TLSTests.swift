@@ -162,3 +162,168 @@ final class TLSGateway: @unchecked Sendable {
         #expect(echo.status == 0, "\(echo.line)")
     }
 }
+
+extension TLSTests {
+    @Test("client certificates name users (max_connections applies); another CA's, a revoked one, a missing one and an unknown name are refused", arguments: engineBackends)
+    func clientCertificates(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let users = UserDirectory(accounts: [UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("unused".utf8)), maxConnections: 1)])
+        let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server(clientCA: true), users: users)
+        defer { g.stop() }
+        func echo(_ who: String) throws -> (status: Int32, line: String) {
+            try TLSFixtures.client(["echo", "\(g.forward.port)", "50000", "--cert", TLSFixtures.path("\(who).pem"), "--key", TLSFixtures.path("\(who).key")])
+        }
+        let alice = try echo("alice")
+        #expect(alice.status == 0, "alice: \(alice.line)")
+        #expect(g.total(.tlsClientIdentities) == 1)
+        // alice holds her one connection; a second is refused after the handshake.
+        let held = try ChildProcess("/usr/bin/openssl", ["s_client", "-quiet", "-connect", "127.0.0.1:\(g.forward.port)", "-CAfile", TLSFixtures.path("ca.pem"),
+                                                         "-cert", TLSFixtures.path("alice.pem"), "-key", TLSFixtures.path("alice.key")])
+        defer { held.terminate() }
+        #expect(eventually { g.total(.tlsClientIdentities) == 2 && g.total(.activeConnections) == 1 })
+        #expect(try echo("alice").status == 1)
+        #expect(eventually { g.total(.userLimitRejections) == 1 })
+        held.terminate()
+        for who in ["mallory", "bob"] {
+            let r = try echo(who)
+            #expect(r.status == 1, "\(who) got through: \(r.line)")
+        }
+        let none = try TLSFixtures.client(["echo", "\(g.forward.port)", "50000"])
+        #expect(none.status == 1, "no certificate got through: \(none.line)")
+        let stranger = try echo("other")  // a valid certificate, CN=other.test: not a user
+        #expect(stranger.status == 1, "a name not in the users file got through: \(stranger.line)")
+        #expect(eventually {
+            g.total(WorkerStatistics.tlsFailureCounter(.clientCertificate)) == 3 && g.total(.authFailures) == 2 && g.total(.activeConnections) == 0
+        }, "client_certificate failures \(g.total(WorkerStatistics.tlsFailureCounter(.clientCertificate))), auth failures \(g.total(.authFailures))")
+        #expect(g.total(.tlsClientIdentities) == 2)
+    }
+
+    @Test("interop with HAProxy both ways: igris upstream_tls into HAProxy `bind … ssl`, HAProxy `server … ssl verify required` into igris", arguments: engineBackends)
+    func haproxyInterop(backend: BackendChoice) throws {
+        // client → igris (plain in, upstream_tls) → HAProxy (ssl in, ssl out) → igris (tls in) → echo
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let combined = NSTemporaryDirectory() + "igris-haproxy-\(getpid()).pem"
+        try (String(contentsOfFile: TLSFixtures.path("server.pem"), encoding: .utf8) + String(contentsOfFile: TLSFixtures.path("server.key"), encoding: .utf8))
+            .write(toFile: combined, atomically: true, encoding: .utf8)
+        defer { unlink(combined) }
+        let haproxyPort = try unusedPort()
+        var clientSettings = TLSClientSettings()
+        clientSettings.ca = TLSFixtures.path("ca.pem")
+        clientSettings.serverName = "localhost"
+        let toHAProxy = UpstreamPool(name: "haproxy", servers: [try SocketAddress.resolve("127.0.0.1:\(haproxyPort)")], tls: try TLSClientContext(clientSettings))
+        var inbound = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: upstream.address, name: "tls-in")
+        inbound.tls = try TLSFixtures.server()
+        let configuration = ServerConfiguration(listeners: [
+            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), name: "plain-in", pool: toHAProxy), inbound,
+        ], workers: 2, backend: backend)
+        let server = try Server(configuration: configuration)
+        try server.start()
+        defer { server.beginDrain(); server.wait() }
+        let config = try writeTemporaryFile("""
+            global
+                maxconn 100
+            defaults
+                mode tcp
+                timeout connect 5s
+                timeout client 20s
+                timeout server 20s
+            frontend tls_in
+                bind 127.0.0.1:\(haproxyPort) ssl crt \(combined)
+                default_backend to_igris
+            backend to_igris
+                server igris \(server.listenAddresses[1]) ssl verify required ca-file \(TLSFixtures.path("ca.pem")) sni str(localhost)
+
+            """)
+        defer { unlink(config) }
+        let haproxy = try ChildProcess("/usr/sbin/haproxy", ["-f", config, "-db"])
+        defer { haproxy.terminate() }
+        if !waitUntilAccepting("127.0.0.1:\(haproxyPort)") {
+            haproxy.signal(SIGTERM)
+            Issue.record("haproxy did not start: \(haproxy.finish().stderr.replacingOccurrences(of: "\n", with: " | "))")
+            return
+        }
+        let client = try TestSocket.connect(server.listenAddresses[0])
+        client.setReceiveTimeout(seconds: 20)
+        let count = 4 << 20
+        let receiver = SharedBox<(received: Int, digest: [UInt8], error: Int32?)>((0, [], nil))
+        let reader = TestThread { receiver.update { $0 = receiveDigest(client) } }
+        let sent = sendPattern(client, seed: 77, count: count)
+        client.shutdownWrite()
+        reader.join()
+        client.close()
+        #expect(sent.sent == count)
+        #expect(receiver.value.received == count && receiver.value.digest == sent.digest, "echo through HAProxy: \(receiver.value.received) bytes, error \(String(describing: receiver.value.error))")
+        #expect(server.total(.tlsHandshakes) == 2)
+        #expect(eventually { server.total(.activeConnections) == 0 })
+    }
+
+    @Test("a tampered record mid-bridge resets that connection only; the other keeps flowing", arguments: engineBackends)
+    func tamperedRecord(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server())
+        defer { g.stop() }
+        // A TLS client over a plain socket, driven by IgrisTLS itself, so a record can be altered.
+        var settings = TLSClientSettings()
+        settings.ca = TLSFixtures.path("ca.pem")
+        let session = try #require(try TLSClientContext(settings).makeSession(host: "localhost"))
+        let socket = try TestSocket.connect(g.forward)
+        socket.setReceiveTimeout(seconds: 10)
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        func flush() {
+            let n = buffer.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            if n > 0 { #expect(socket.write(Array(buffer.prefix(n)))) }
+        }
+        var step = session.handshake()
+        while step == .wantInput {
+            flush()
+            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+            guard n > 0 else { break }
+            buffer.withUnsafeBytes { session.feed($0.baseAddress!, count: n) }
+            step = session.handshake()
+        }
+        #expect(step == .done)
+        flush()
+        let message = [UInt8](repeating: 0x42, count: 2000)
+        _ = message.withUnsafeBytes { session.write($0.baseAddress!, count: $0.count) }
+        var record = [UInt8](repeating: 0, count: 4096)
+        let n = record.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        record[n - 5] ^= 0x01
+        #expect(socket.write(Array(record.prefix(n))))
+        // The gateway resets it.
+        while buffer.withUnsafeMutableBytes({ socket.read(into: $0) }) > 0 {}
+        socket.close()
+        #expect(eventually { g.total(.tlsRecordFailures) == 1 })
+        let other = try TLSFixtures.client(["echo", "\(g.forward.port)", "200000"])
+        #expect(other.status == 0, "\(other.line)")
+        #expect(eventually { g.total(.activeConnections) == 0 })
+    }
+
+    @Test("configuration errors name key path and line: missing file, key not matching, expired certificate, CA that does not parse")
+    func configurationErrors() throws {
+        func error(_ tls: String) -> String {
+            let yaml = """
+                listeners:
+                  - mode: forward
+                    listen: 127.0.0.1:0
+                    upstream: 127.0.0.1:9
+                    tls:
+                \(tls)
+                """
+            do { _ = try ConfigFile.parse(yaml, file: "igris.yaml"); return "" } catch { return error.description }
+        }
+        let dir = TLSFixtures.directory
+        let missing = error("      certificate: /nonexistent.pem\n      key: \(dir)/server.key")
+        #expect(missing.contains("igris.yaml:6: listeners[0].tls.certificate:") && missing.contains("/nonexistent.pem: No such file or directory"), "\(missing)")
+        let mismatch = error("      certificate: \(dir)/server.pem\n      key: \(dir)/alice.key")
+        #expect(mismatch.contains("igris.yaml:7: listeners[0].tls.key:") && mismatch.contains("does not match certificate"), "\(mismatch)")
+        let expired = error("      certificate: \(dir)/expired.pem\n      key: \(dir)/expired.key")
+        #expect(expired.contains("igris.yaml:6: listeners[0].tls.certificate:") && expired.contains("expired"), "\(expired)")
+        let ca = error("      certificate: \(dir)/server.pem\n      key: \(dir)/server.key\n      client_ca: \(dir)/server.key")
+        #expect(ca.contains("igris.yaml:8: listeners[0].tls.client_ca:") && ca.contains("does not parse"), "\(ca)")
+        let small = try? ConfigFile.parse("buffer_size: 16384\nlisteners:\n  - mode: forward\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:9\n    tls: {certificate: \(dir)/server.pem, key: \(dir)/server.key}\n", file: "x")
+        #expect(small == nil)
+    }
+}
