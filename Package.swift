@@ -89,6 +89,7 @@ let package = Package(
             dependencies: [
                 "CLinux",
                 "IgrisEngine",
+                "IgrisTLS",
                 "IgrisPolicy",
                 "IgrisProtocols",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -127,6 +127,43 @@ int igris_ssl_ctx_rotate_ticket_keys(SSL_CTX *ctx, unsigned rotate_seconds) {
     return SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_callback) == 1 ? 0 : -1;
 }
 
+// MARK: - Client sessions
+
+struct remembered { pthread_mutex_t lock; SSL_SESSION *session; };
+static int remembered_index = -1;
+static pthread_once_t remembered_once = PTHREAD_ONCE_INIT;
+static void remembered_init(void) { remembered_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL); }
+
+static int remember_session(SSL *ssl, SSL_SESSION *session) {
+    struct remembered *r = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), remembered_index);
+    if (r == NULL) return 0;
+    pthread_mutex_lock(&r->lock);
+    SSL_SESSION *old = r->session;
+    r->session = session;  // the callback's reference is ours now (return 1)
+    pthread_mutex_unlock(&r->lock);
+    if (old) SSL_SESSION_free(old);
+    return 1;
+}
+
+int igris_ssl_ctx_remember_sessions(SSL_CTX *ctx) {
+    pthread_once(&remembered_once, remembered_init);
+    struct remembered *r = OPENSSL_zalloc(sizeof *r);
+    if (r == NULL) return -1;
+    pthread_mutex_init(&r->lock, NULL);
+    SSL_CTX_set_ex_data(ctx, remembered_index, r);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, remember_session);
+    return 0;
+}
+
+void igris_ssl_resume(SSL *ssl) {
+    struct remembered *r = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), remembered_index);
+    if (r == NULL) return;
+    pthread_mutex_lock(&r->lock);
+    if (r->session && SSL_SESSION_is_resumable(r->session)) SSL_set_session(ssl, r->session);
+    pthread_mutex_unlock(&r->lock);
+}
+
 // MARK: - CRL
 
 int igris_ssl_ctx_load_crl(SSL_CTX *ctx, const char *path) {

@@ -70,6 +70,8 @@ public struct TLSClientSettings: Sendable, Equatable {
     public var minVersion: TLSVersion = .tls12
     /// The highest version offered (nil: the library's, TLS 1.3), for servers that need less.
     public var maxVersion: TLSVersion?
+    /// Offer the newest session ticket a server gave (an abbreviated handshake).
+    public var resumeSessions = true
 
     public init() {}
 }
@@ -281,7 +283,7 @@ public final class TLSClientContext: @unchecked Sendable {
     public init(_ settings: TLSClientSettings) throws(TLSConfigurationError) {
         self.settings = settings
         let files = [settings.ca, settings.certificate?.certificate, settings.certificate?.key].compactMap { $0 }
-        fingerprint = "\(settings.verify);\(settings.serverName ?? "-");\(settings.minVersion.rawValue);\(settings.maxVersion?.rawValue ?? "-");"
+        fingerprint = "\(settings.verify);\(settings.serverName ?? "-");\(settings.minVersion.rawValue);\(settings.maxVersion?.rawValue ?? "-");\(settings.resumeSessions);"
             + OpenSSLContext.fingerprint(files)
         ctx = try OpenSSLContext.make(server: false, minVersion: settings.minVersion)
         if let max = settings.maxVersion { _ = igris_ssl_ctx_set_max_version(ctx, max.openSSL) }
@@ -295,6 +297,9 @@ public final class TLSClientContext: @unchecked Sendable {
                 SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
             }
             if let c = settings.certificate { try OpenSSLContext.loadCertificate(ctx, c) }
+            if settings.resumeSessions && igris_ssl_ctx_remember_sessions(ctx) != 0 {
+                throw TLSConfigurationError("upstream_tls: session cache: \(OpenSSLContext.lastError())")
+            }
         } catch {
             SSL_CTX_free(ctx)
             throw error
@@ -307,6 +312,7 @@ public final class TLSClientContext: @unchecked Sendable {
     /// set): SNI, and the name its certificate must hold.
     public func makeSession(host: String) -> TLSSession? {
         guard let session = TLSSession(context: ctx, server: false, owner: self) else { return nil }
+        if settings.resumeSessions { igris_ssl_resume(session.ssl) }
         let name = settings.serverName ?? host
         if !name.isEmpty && !name.contains(":") && !name.allSatisfy({ $0.isNumber || $0 == "." }) {
             _ = igris_ssl_set_host_name(session.ssl, name)

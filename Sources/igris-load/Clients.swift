@@ -6,8 +6,10 @@ import IgrisEngine
 import Synchronization
 
 /// A blocking TCP client socket for the load modes.
-struct ClientSocket {
+struct ClientSocket: Sendable {
     let fd: Int32
+    /// `--tls`: what is written and read goes through this session.
+    var tls: TLSConnection? = nil
 
     /// `source`: bind here first (a loopback address of its own gives the connection a fresh
     /// 64K-port range, so tens of thousands of connections to one target don't run out).
@@ -26,6 +28,7 @@ struct ClientSocket {
     }
 
     func writeAll(_ p: UnsafeRawPointer, _ count: Int) -> Bool {
+        if let tls { return tls.writeAll(p, count) }
         var off = 0
         while off < count {
             let n = Syscall.send(fd, p + off, count - off)
@@ -36,6 +39,7 @@ struct ClientSocket {
     }
 
     func readExactly(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        if let tls { return tls.readExactly(p, count) }
         var off = 0
         while off < count {
             let n = Syscall.recv(fd, p + off, count - off)
@@ -45,7 +49,10 @@ struct ClientSocket {
         return true
     }
 
-    func close() { Glibc.close(fd) }
+    func close() {
+        tls?.finish()
+        Glibc.close(fd)
+    }
 }
 
 /// The default output: a header row and a value row, columns aligned.
@@ -139,6 +146,7 @@ struct Bulk: ParsableCommand {
 
     func run() throws {
         let route = try proxy.route(to: connect)
+        if duplex && proxy.tls.tls { throw ValidationError("--duplex with --tls: one thread per direction can't share a TLS session; use a sink") }
         guard duration > 0, duration <= 600, connections >= 1, connections <= 10000 else {
             throw ValidationError("--duration must be in (0, 600] and --connections in [1, 10000]")
         }
@@ -390,10 +398,13 @@ struct Churn: ParsableCommand {
         }
         let done = UnsafeMutablePointer<Int>.allocate(capacity: connections)
         let failed = UnsafeMutablePointer<Int>.allocate(capacity: connections)
+        let resumed = UnsafeMutablePointer<Int>.allocate(capacity: connections)
         done.initialize(repeating: 0, count: connections)
         failed.initialize(repeating: 0, count: connections)
+        resumed.initialize(repeating: 0, count: connections)
         nonisolated(unsafe) let d = done
         nonisolated(unsafe) let f = failed
+        nonisolated(unsafe) let r = resumed
         let start = Syscall.monotonicNanoseconds()
         let deadline = start + UInt64(duration * 1e9)
         let progress = Progress()
@@ -411,6 +422,7 @@ struct Churn: ParsableCommand {
                 }
                 if s.writeAll(&byte, 1) && s.readExactly(&byte, 1) {
                     d[i] += 1
+                    if s.tls?.resumed == true { r[i] += 1 }
                     progress.add(1)
                 } else {
                     if f[i] == 0 { writeStandardError("churn: echo failed: \(Errno.describe(errno))\n") }
@@ -423,12 +435,13 @@ struct Churn: ParsableCommand {
         let elapsed = Double(Syscall.monotonicNanoseconds() - start) / 1e9
         let total = (0..<connections).reduce(0) { $0 + done[$1] }
         let failures = (0..<connections).reduce(0) { $0 + failed[$1] }
+        let resumedTotal = (0..<connections).reduce(0) { $0 + resumed[$1] }
         let rate = Double(total) / elapsed
         if json {
-            print("{\"mode\":\"churn\",\"connections\":\(total),\"failures\":\(failures),\"seconds\":\(elapsed),\"per_s\":\(rate)}")
+            print("{\"mode\":\"churn\",\"connections\":\(total),\"failures\":\(failures),\"resumed\":\(resumedTotal),\"seconds\":\(elapsed),\"per_s\":\(rate)}")
         } else {
             printTable([("mode", "churn"), ("connections", "\(total)"), ("failures", "\(failures)"), ("seconds", String(format2: elapsed)),
-                        ("connections/s", "\(Int(rate))")])
+                        ("connections/s", "\(Int(rate))")] + (proxy.tls.tls ? [("resumed", "\(resumedTotal)")] : []))
         }
         if total == 0 { throw ExitCode(1) }
     }

@@ -3,6 +3,7 @@ import Glibc
 import IgrisEngine
 import IgrisPolicy
 import IgrisProtocols
+import IgrisTLS
 
 /// `--socks5 HOST:PORT [--socks-user U:P]` or `--http-proxy HOST:PORT`: every client
 /// connection goes through that proxy to `--connect` (sent as given: an IP literal, or a
@@ -16,6 +17,8 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(name: .customLong("http-proxy"), help: "Reach --connect through this HTTP CONNECT proxy, HOST:PORT.")
     var httpProxy: String?
+
+    @OptionGroup var tls: TLSOptions
 
     func validate() throws {
         if socks5 != nil && httpProxy != nil { throw ValidationError("--socks5 and --http-proxy: choose one") }
@@ -31,13 +34,13 @@ struct ProxyOptions: ParsableArguments {
             if let u = socksUser, let colon = u.firstIndex(of: ":") {
                 credentials = (Array(u[..<colon].utf8), Array(u[u.index(after: colon)...].utf8))
             }
-            return ConnectRoute(dial: try resolveTarget(socks5), handshake: .socks5(host: host, port: port, credentials: credentials))
+            return ConnectRoute(dial: try resolveTarget(socks5), handshake: .socks5(host: host, port: port, credentials: credentials), tls: try tls.context())
         }
         if let httpProxy {
             _ = try splitTarget(target)
-            return ConnectRoute(dial: try resolveTarget(httpProxy), handshake: .httpConnect(authority: target))
+            return ConnectRoute(dial: try resolveTarget(httpProxy), handshake: .httpConnect(authority: target), tls: try tls.context())
         }
-        return ConnectRoute(dial: try resolveTarget(target), handshake: .none)
+        return ConnectRoute(dial: try resolveTarget(target), handshake: .none, tls: try tls.context())
     }
 
     private func splitTarget(_ target: String) throws -> (String, UInt16) {
@@ -54,6 +57,8 @@ struct ConnectRoute: Sendable {
 
     var dial: SocketAddress
     var handshake: Handshake
+    /// `--tls`: the dialled address speaks TLS (the proxy's handshake goes inside it).
+    var tls: TLSClientContext? = nil
 
     /// A connected socket, through the proxy when there is one. With `sourceIndex`, a
     /// loopback target is dialled from 127.0.0.(1 + index % 250), spreading many connections
@@ -63,8 +68,9 @@ struct ConnectRoute: Sendable {
         if let i = sourceIndex, dial.family == AF_INET, dial.ipAddress.description.hasPrefix("127.") {
             source = SocketAddress(ip: IPAddress(ipv4: 127, 0, 0, UInt8(1 + i % 250)), port: 0)
         }
-        let s = try ClientSocket(dial, source: source)
+        var s = try ClientSocket(dial, source: source)
         do {
+            if let tls { s.tls = try TLSConnection(fd: s.fd, context: tls) }
             try negotiate(s)
         } catch {
             s.close()

@@ -327,3 +327,142 @@ extension TLSTests {
         #expect(small == nil)
     }
 }
+
+extension TLSTests {
+    @Test("1,000 concurrent TLS bridges, each verified by an echo (igris-load hold --tls)", arguments: engineBackends)
+    func thousandBridges(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server())
+        defer { g.stop() }
+        let load = try ChildProcess(productPath("igris-load"), ["hold", "--connect", "\(g.forward)", "--tls", "--tls-ca", TLSFixtures.path("ca.pem"),
+                                                                 "--connections", "1000", "--hold", "0.5"])
+        #expect(load.readLine() == "hold open=1000")
+        #expect(g.total(.activeConnections) == 1000)
+        #expect(load.readLine() == "hold verified=1000 of=1000")
+        #expect(load.finish(timeout: 60).status == 0)
+        #expect(eventually(seconds: 20) { g.total(.activeConnections) == 0 })
+        #expect(g.total(.tlsHandshakes) == 1000)
+    }
+
+    @Test("half-close through TLS, the upstream first: its FIN reaches the client as close_notify, the client's bytes still reach it after", arguments: engineBackends)
+    func halfCloseUpstreamFirst(backend: BackendChoice) throws {
+        let received = SharedBox<(count: Int, digest: [UInt8])>((0, []))
+        let upstream = try TestUpstream { socket in
+            _ = sendPattern(socket, seed: 5, count: 300_000)
+            socket.shutdownWrite()
+            let r = receiveDigest(socket)
+            received.update { $0 = (r.received, r.digest) }
+            socket.close()
+        }
+        defer { upstream.stop() }
+        let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server())
+        defer { g.stop() }
+        var settings = TLSClientSettings()
+        settings.ca = TLSFixtures.path("ca.pem")
+        let session = try #require(try TLSClientContext(settings).makeSession(host: "localhost"))
+        let socket = try TestSocket.connect(g.forward)
+        socket.setReceiveTimeout(seconds: 10)
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        func flush() {
+            while session.pendingOutput > 0 {
+                let n = buffer.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+                #expect(socket.write(Array(buffer.prefix(n))))
+            }
+        }
+        func receive() -> Bool {
+            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+            guard n > 0 else { return false }
+            buffer.withUnsafeBytes { session.feed($0.baseAddress!, count: n) }
+            return true
+        }
+        var step = session.handshake()
+        while step == .wantInput {
+            flush()
+            guard receive() else { break }
+            step = session.handshake()
+        }
+        #expect(step == .done)
+        flush()
+        // Everything the upstream sent, then its end as close_notify.
+        var hash = SHA256()
+        var got = 0
+        var plain = [UInt8](repeating: 0, count: 65536)
+        reading: while true {
+            switch plain.withUnsafeMutableBytes({ session.read(into: $0.baseAddress!, capacity: $0.count) }) {
+            case .bytes(let n):
+                plain.withUnsafeBytes { hash.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                got += n
+            case .wantInput:
+                guard receive() else { break reading }
+            case .closed: break reading
+            case .failed(let f):
+                Issue.record("read failed: \(f)")
+                break reading
+            }
+        }
+        #expect(got == 300_000 && hash.finish() == patternDigest(seed: 5, count: 300_000))
+        // The other direction is still open: send, then close_notify and FIN.
+        var stream = PatternStream(seed: 6)
+        for _ in 0..<4 {
+            plain.withUnsafeMutableBytes { stream.fill($0) }
+            _ = plain.withUnsafeBytes { session.write($0.baseAddress!, count: $0.count) }
+            flush()
+        }
+        session.shutdown()
+        flush()
+        socket.shutdownWrite()
+        #expect(eventually { received.value.count == 4 * 65536 })
+        #expect(received.value.digest == patternDigest(seed: 6, count: 4 * 65536))
+        socket.close()
+        #expect(eventually { g.total(.activeConnections) == 0 })
+        #expect(g.total(.closedAborted) == 0)
+    }
+
+    @Test("certificates reload during a running transfer: it finishes intact on the old one, new connections get the new one", arguments: engineBackends)
+    func reloadDuringTransfer(backend: BackendChoice) throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let dir = NSTemporaryDirectory() + "igris-reload-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func install(_ name: String) throws {
+            for ext in ["pem", "key"] {
+                _ = try? FileManager.default.removeItem(atPath: "\(dir)/current.\(ext)")
+                try FileManager.default.copyItem(atPath: TLSFixtures.path("\(name).\(ext)"), toPath: "\(dir)/current.\(ext)")
+            }
+        }
+        try install("server")
+        let yaml = """
+            listeners:
+              - name: tls
+                mode: forward
+                listen: 127.0.0.1:0
+                upstream: \(upstream.address)
+                tls: {certificate: \(dir)/current.pem, key: \(dir)/current.key}
+            """
+        let gateway = IgrisNegotiation.Gateway(policy: GatewayPolicy(acl: DestinationACL(rules: []), authenticator: nil))
+        defer { gateway.shutdown() }
+        var configuration = ServerConfiguration(listeners: try ConfigFile.parse(yaml, file: "igris.yaml").listenerRules(gateway: gateway), workers: 2, backend: backend)
+        configuration.workers = 2
+        let server = try Server(configuration: configuration)
+        try server.start()
+        defer { server.beginDrain(); server.wait() }
+        let port = server.listenAddresses[0].port
+        let transfer = try ChildProcess("/usr/bin/python3", [TLSFixtures.fixtures + "/tls_client.py", "echo", "\(port)", "\(24 << 20)", "--ca", TLSFixtures.path("ca.pem")])
+        #expect(eventually { server.total(.bytesUpstreamToClient) > 0 })
+        // Unchanged files: the listener stays.
+        var summary = try server.reload(listeners: try ConfigFile.parse(yaml, file: "igris.yaml").listenerRules(gateway: gateway))
+        #expect(summary.kept == ["tls"])
+        try install("other")
+        summary = try server.reload(listeners: try ConfigFile.parse(yaml, file: "igris.yaml").listenerRules(gateway: gateway))
+        #expect(summary.added == ["tls"] && summary.removed == ["tls"])
+        let fresh = try TLSFixtures.client(["handshake", "\(port)", "--name", "other.test"])
+        #expect(fresh.status == 0, "a new connection after the reload: \(fresh.line)")
+        let old = try TLSFixtures.client(["handshake", "\(port)", "--name", "localhost"])
+        #expect(old.status == 1, "the old certificate is still served: \(old.line)")
+        let line = transfer.readLine()
+        #expect(transfer.finish(timeout: 120).status == 0 && line.count == 64, "the transfer across the reload: \(line)")
+        #expect(server.total(.closedAborted) == 0)
+    }
+}

@@ -47,6 +47,11 @@ void igris_ssl_ctx_set_alpn_select(SSL_CTX *ctx, const unsigned char *wire, unsi
 /// Returns 0 on success.
 int igris_ssl_ctx_rotate_ticket_keys(SSL_CTX *ctx, unsigned rotate_seconds);
 
+/// Client side: remembers the newest session (ticket) the context's connections were given,
+/// and `igris_ssl_resume` offers it on a new connection. Returns 0 on success.
+int igris_ssl_ctx_remember_sessions(SSL_CTX *ctx);
+void igris_ssl_resume(SSL *ssl);
+
 /// Adds the CRLs in a PEM file to the context's store and turns CRL checking on for the
 /// leaf. The count loaded, or -1 (reason on the error queue).
 int igris_ssl_ctx_load_crl(SSL_CTX *ctx, const char *path);
