@@ -106,10 +106,11 @@ static int ticket_callback(SSL *ssl, unsigned char key_name[16], unsigned char *
             rc = -1;
         }
     } else if (memcmp(key_name, keys->current.name, 16) == 0) {
-        rc = set_cipher_and_mac(&keys->current, iv, cctx, mctx, 0) ? 1 : -1;
+        // 2 (renew): a resumed connection gets a fresh ticket. OpenSSL clients use a TLS 1.3
+        // session once, so without one every other connection would be a full handshake.
+        rc = set_cipher_and_mac(&keys->current, iv, cctx, mctx, 0) ? 2 : -1;
     } else if (keys->have_previous && memcmp(key_name, keys->previous.name, 16) == 0
                && now - keys->previous.made < 2 * (time_t)keys->rotate_seconds) {
-        // Accepted, and the client is given a ticket under the current key (2: renew).
         rc = set_cipher_and_mac(&keys->previous, iv, cctx, mctx, 0) ? 2 : -1;
     }
     pthread_mutex_unlock(&keys->lock);

@@ -14,6 +14,8 @@ struct Probe: ParsableCommand {
         for line in IOUringProbe.report() { out.write("  \(line)\n") }
         var limit = rlimit()
         getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        let ktls = KernelTLSProbe.run()
+        out.write("kTLS: \(ktls.available ? "available" : "unavailable") (\(ktls.reason)); IGRIS's TLS runs in user space (OpenSSL 3)\n")
         out.write("RLIMIT_NOFILE: soft \(limit.rlim_cur), hard \(limit.rlim_max)\n")
         out.write("--backend auto would use: \(probe.usable ? "io_uring" : "epoll")\n")
     }

@@ -129,6 +129,18 @@ final class TLSGateway: @unchecked Sendable {
         let resumed = try TLSFixtures.client(["handshake", "\(g.forward.port)", "--sessions", "4"])
         #expect(resumed.status == 0 && resumed.line.hasSuffix("resumed=3"), "\(resumed.line)")
         #expect(eventually { g.total(.tlsResumed) == 3 })
+        // Each resumed connection gets a fresh ticket: an OpenSSL client uses a TLS 1.3 session
+        // once, so a chain of connections resumes every time after the first.
+        let churn = try ChildProcess(productPath("igris-load"), ["churn", "--connect", "\(g.forward)", "--tls", "--tls-ca", TLSFixtures.path("ca.pem"),
+                                                                  "--connections", "1", "--duration", "0.3", "--json"])
+        let report = churn.readLine()
+        #expect(churn.finish().status == 0)
+        let fields = report.split(separator: ",").reduce(into: [String: String]()) { d, kv in
+            let parts = kv.split(separator: ":")
+            if parts.count == 2 { d[parts[0].filter { $0 != "\"" && $0 != "{" }] = String(parts[1]) }
+        }
+        let connections = Int(fields["connections"] ?? "") ?? 0, resumedCount = Int(fields["resumed"] ?? "") ?? -1
+        #expect(connections > 1 && resumedCount == connections - 1, "\(report)")
 
         // Plaintext HTTP to the TLS port: closed, counted as plaintext.
         let plain = try TestSocket.connect(g.forward)
@@ -325,6 +337,12 @@ extension TLSTests {
         #expect(ca.contains("igris.yaml:8: listeners[0].tls.client_ca:") && ca.contains("does not parse"), "\(ca)")
         let small = try? ConfigFile.parse("buffer_size: 16384\nlisteners:\n  - mode: forward\n    listen: 127.0.0.1:0\n    upstream: 127.0.0.1:9\n    tls: {certificate: \(dir)/server.pem, key: \(dir)/server.key}\n", file: "x")
         #expect(small == nil)
+        // The flags: one line, non-zero exit.
+        let half = try runCommand(productPath("igris"), ["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9", "--tls-cert", "\(dir)/server.pem"])
+        #expect(half.status != 0 && half.stderr.contains("--tls-cert and --tls-key go together"), "\(half.stderr)")
+        let wrong = try runCommand(productPath("igris"), ["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                                                          "--tls-cert", "\(dir)/server.pem", "--tls-key", "\(dir)/alice.key"])
+        #expect(wrong.status != 0 && wrong.stderr.contains("does not match certificate"), "\(wrong.stderr)")
     }
 }
 
