@@ -68,7 +68,7 @@ let package = Package(
         .target(
             name: "IgrisOperations",
             dependencies: [
-                "IgrisEngine", "IgrisNegotiation", "IgrisPolicy", "IgrisProtocols",
+                "IgrisEngine", "IgrisNegotiation", "IgrisPolicy", "IgrisProtocols", "IgrisTLS",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
             ]
@@ -80,6 +80,7 @@ let package = Package(
                 "IgrisNegotiation",
                 "IgrisOperations",
                 "IgrisPolicy",
+                "IgrisTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end comparison (see bench.py): igris on each backend and splice setting, its SOCKS5
-# listener, HAProxy, nginx stream, microsocks and dante, same machine, same run. Installs the
+# listener, HAProxy, nginx stream, microsocks and dante, same machine, same run; then TLS
+# termination against HAProxy, nginx, stunnel4 and ssh -L (tls.py). Installs the
 # peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
 # Usage: Benchmarks/bench.sh [--quick] [bench.py options]
 set -euo pipefail
@@ -12,6 +13,9 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v microsocks >/dev/null || need+=(microsocks)
 command -v danted >/dev/null || need+=(dante-server)
 command -v tinyproxy >/dev/null || need+=(tinyproxy)
+command -v stunnel4 >/dev/null || need+=(stunnel4)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null || need+=(openssh-client)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}" >&2
@@ -21,11 +25,12 @@ fi
 for s in haproxy nginx danted tinyproxy; do systemctl stop "$s" 2>/dev/null || service "$s" stop 2>/dev/null || true; done
 ulimit -n "$(ulimit -Hn)"
 /usr/bin/python3 Benchmarks/bench.py "$@"
-# The pressure, upgrade and gateway-mode sections (not for --quick or a --targets subset),
+# The pressure, upgrade, gateway-mode and TLS sections (not for --quick or a --targets subset),
 # appended to RESULTS.md.
 case " $* " in
   *" --quick "*|*" --targets"*) ;;
   *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/handoff.py --output Benchmarks/RESULTS.md --append
-     /usr/bin/python3 Benchmarks/gateway_modes.py --output Benchmarks/RESULTS.md --append ;;
+     /usr/bin/python3 Benchmarks/gateway_modes.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/tls.py --output Benchmarks/RESULTS.md --append ;;
 esac

@@ -17,10 +17,11 @@ extension Worker {
             negotiations.append(nil)
             connectAddresses.append(.allocate(capacity: 1))
         }
-        let context = NegotiationContext(
+        var context = NegotiationContext(
             client: peer, listener: listeners[Int(p.pointee.listener)].name,
             statistics: statistics, logger: logger,
             resume: NegotiationResumer(mailbox: mailbox, slot: s, generation: p.pointee.generation))
+        context.authenticatedAccount = p.pointee.user
         negotiations[Int(h)] = factory.makeNegotiation(context)
         p.pointee.session = h
         p.pointee.state = .negotiating

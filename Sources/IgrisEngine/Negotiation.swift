@@ -138,6 +138,9 @@ public struct NegotiationContext: Sendable {
     public var logger: Logger
     /// Hands a result of work done elsewhere back to this negotiation, on its worker.
     public var resume: NegotiationResumer
+    /// A verified client certificate already named this users-file account (the engine
+    /// holds one of its connections): no password is asked. -1: none.
+    public var authenticatedAccount: Int32 = -1
 }
 
 /// Posts a value to the worker that owns a negotiation; `Negotiation.resumed` receives it

@@ -159,7 +159,9 @@ final class GatewayNegotiation: Negotiation {
             return (consumed, .read)
         case .greeting(let methods):
             let method: Socks5.Method
-            if factory.options.requireAuthentication {
+            if context.authenticatedAccount >= 0 && methods.contains(Socks5.Method.noAuthentication.rawValue) {
+                method = .noAuthentication  // a client certificate named the user
+            } else if factory.options.requireAuthentication {
                 method = methods.contains(Socks5.Method.usernamePassword.rawValue) ? .usernamePassword : .noAcceptableMethods
             } else {
                 method = methods.contains(Socks5.Method.noAuthentication.rawValue) ? .noAuthentication : .noAcceptableMethods
@@ -202,7 +204,9 @@ final class GatewayNegotiation: Negotiation {
                 return (consumed, NegotiationAction(reply: HTTPConnect.response(failure.status), .close(.refused)))
             case .success(let request):
                 pendingForward = request.forward
-                guard factory.options.requireAuthentication else { return (consumed, route(host: request.host, port: request.port)) }
+                guard factory.options.requireAuthentication && context.authenticatedAccount < 0 else {
+                    return (consumed, route(host: request.host, port: request.port))
+                }
                 guard let credentials = request.credentials else {
                     statistics.add(.handshakeFailures)
                     return (consumed, NegotiationAction(reply: HTTPConnect.response(.proxyAuthenticationRequired), .close(.refused)))
@@ -264,7 +268,8 @@ final class GatewayNegotiation: Negotiation {
         }
         switch answer {
         case .authenticated(.accepted(let index)):
-            account = Int32(index)
+            // With a client certificate's user, the engine already holds that user's connection.
+            account = context.authenticatedAccount >= 0 ? -1 : Int32(index)
             if factory.kind == .socks5 {
                 socks.authenticated()
                 return NegotiationAction(reply: Socks5.authenticationStatus(succeeded: true), .read)

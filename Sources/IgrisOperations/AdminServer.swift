@@ -2,12 +2,14 @@ import Glibc
 import IgrisEngine
 import IgrisPolicy
 import IgrisProtocols
+import IgrisTLS
 import Synchronization
 
 /// The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process answers),
 /// `/readyz` (503 once draining, so a balancer stops sending new clients). Control plane,
 /// not data plane: a thread of its own with blocking sockets, at most 64 requests at once and
-/// 8 from one source address, each with 5 s to send its whole head (at most 8 KiB).
+/// 8 from one source address, each with 5 s to send its whole head (at most 8 KiB) — TLS
+/// handshake included when the listener has `tls:`.
 public final class AdminServer: Sendable {
     public let address: SocketAddress
     private let listener: Int32
@@ -24,12 +26,15 @@ public final class AdminServer: Sendable {
     /// The whole request head must arrive within this, however slowly it drips.
     public static let headDeadlineNanoseconds: UInt64 = 5_000_000_000
     private let perSource = Locked<[String: Int]>([:])
+    /// HTTPS instead of HTTP (`tls:` on the admin listener).
+    private let tls: TLSServerContext?
 
     /// Binds `listen`, or adopts the socket a predecessor handed over for that address. The
     /// listener is non-blocking (it may be shared with a predecessor or successor while a
     /// hand-off runs): the accept thread polls it.
-    public init(listen: SocketAddress, metrics: MetricsRenderer, inherited: InheritedSockets? = nil) throws(ServerError) {
+    public init(listen: SocketAddress, metrics: MetricsRenderer, inherited: InheritedSockets? = nil, tls: TLSServerContext? = nil) throws(ServerError) {
         self.metrics = metrics
+        self.tls = tls
         do throws(SyscallError) {
             let fd: Int32
             if let handed = inherited?.take(.admin, address: listen.description).first {
@@ -147,65 +152,81 @@ public final class AdminServer: Sendable {
         }
     }
 
+    /// One request on connection `c`: plain, or through a TLS stream (handshake first).
     private func serve(_ c: Int32) {
         var timeout = timeval(tv_sec: 5, tv_usec: 0)
         setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        var parser = HTTPHeadParser(limit: 8192)
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        var head: HTTPRequestHead? = nil
         let deadline = Syscall.monotonicNanoseconds() + Self.headDeadlineNanoseconds
-        reading: while true {
-            // The deadline is for the whole head: each read may only wait for what is left.
+        // The deadline is for the whole head: each read may only wait for what is left.
+        func waitNoLongerThanDeadline() -> Bool {
             let now = Syscall.monotonicNanoseconds()
-            guard now < deadline else { return }
+            guard now < deadline else { return false }
             let left = deadline - now
             var wait = timeval(tv_sec: Int(left / 1_000_000_000), tv_usec: max(1, Int(left % 1_000_000_000 / 1000)))
             setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &wait, socklen_t(MemoryLayout<timeval>.size))
-            let n = buffer.withUnsafeMutableBytes { Syscall.recv(c, $0.baseAddress!, $0.count) }
+            return true
+        }
+        guard let tls else {
+            serve(c, receive: { p, n in waitNoLongerThanDeadline() ? Syscall.recv(c, p, n) : -1 },
+                  send: { p, n in Syscall.send(c, p, n) })
+            return
+        }
+        guard waitNoLongerThanDeadline(), let session = tls.makeSession(), let stream = try? BlockingTLSStream(fd: c, session: session) else { return }
+        serve(c, receive: { p, n in waitNoLongerThanDeadline() ? stream.read(into: p, capacity: n) : -1 },
+              send: { p, n in stream.write(p, count: n) ? n : -1 })
+        stream.finish()
+    }
+
+    private func serve(_ c: Int32, receive: (UnsafeMutableRawPointer, Int) -> Int, send: (UnsafeRawPointer, Int) -> Int) {
+        var parser = HTTPHeadParser(limit: 8192)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var head: HTTPRequestHead? = nil
+        reading: while true {
+            let n = buffer.withUnsafeMutableBytes { receive($0.baseAddress!, $0.count) }
             if n <= 0 { return }  // gone, or too slow
             let (_, event) = buffer.withUnsafeBytes { parser.feed(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
             switch event {
             case .needMore: continue
             case .head(let h): head = h; break reading
-            case .failure: respond(c, 400, "Bad Request", "bad request\n"); return
+            case .failure: respond(send, 400, "Bad Request", "bad request\n"); return
             }
         }
         guard let head else { return }
         servedCount.wrappingAdd(1, ordering: .relaxed)
         guard head.method == "GET" || head.method == "HEAD" else {
-            respond(c, 405, "Method Not Allowed", "only GET\n", extra: "Allow: GET, HEAD\r\n")
+            respond(send, 405, "Method Not Allowed", "only GET\n", extra: "Allow: GET, HEAD\r\n")
             return
         }
         let path = head.target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.target
         let bodyless = head.method == "HEAD"
         switch path {
         case "/metrics":
-            respond(c, 200, "OK", metrics.render(), type: "text/plain; version=0.0.4; charset=utf-8", bodyless: bodyless)
+            respond(send, 200, "OK", metrics.render(), type: "text/plain; version=0.0.4; charset=utf-8", bodyless: bodyless)
         case "/healthz":
             // Alive either way; the body says what an operator needs to know.
             let body = metrics.server.isAcceptingPaused ? "ok; accepting paused: out of descriptors or memory\n" : "ok\n"
-            respond(c, 200, "OK", body, bodyless: bodyless)
+            respond(send, 200, "OK", body, bodyless: bodyless)
         case "/readyz":
             if metrics.server.isDraining {
-                respond(c, 503, "Service Unavailable", "draining\n", bodyless: bodyless)
+                respond(send, 503, "Service Unavailable", "draining\n", bodyless: bodyless)
             } else if metrics.server.isAcceptingPaused {
-                respond(c, 503, "Service Unavailable", "accepting paused: out of descriptors or memory\n", bodyless: bodyless)
+                respond(send, 503, "Service Unavailable", "accepting paused: out of descriptors or memory\n", bodyless: bodyless)
             } else {
-                respond(c, 200, "OK", "ready\n", bodyless: bodyless)
+                respond(send, 200, "OK", "ready\n", bodyless: bodyless)
             }
         default:
-            respond(c, 404, "Not Found", "not found (try /metrics, /healthz, /readyz)\n", bodyless: bodyless)
+            respond(send, 404, "Not Found", "not found (try /metrics, /healthz, /readyz)\n", bodyless: bodyless)
         }
     }
 
-    private func respond(_ c: Int32, _ status: Int, _ reason: String, _ body: String, type: String = "text/plain; charset=utf-8",
+    private func respond(_ send: (UnsafeRawPointer, Int) -> Int, _ status: Int, _ reason: String, _ body: String, type: String = "text/plain; charset=utf-8",
                          extra: String = "", bodyless: Bool = false) {
         let bodyBytes = Array(body.utf8)
         var response = Array("HTTP/1.1 \(status) \(reason)\r\nContent-Type: \(type)\r\nContent-Length: \(bodyBytes.count)\r\n\(extra)Connection: close\r\n\r\n".utf8)
         if !bodyless { response += bodyBytes }
         var offset = 0
         while offset < response.count {
-            let n = response.withUnsafeBytes { Syscall.send(c, $0.baseAddress! + offset, $0.count - offset) }
+            let n = response.withUnsafeBytes { send($0.baseAddress! + offset, $0.count - offset) }
             if n <= 0 { return }
             offset += n
         }

@@ -24,70 +24,29 @@ struct TLSOptions: ParsableArguments {
     }
 }
 
-/// A TLS session over a connected blocking socket.
+/// A client connection's TLS: IgrisTLS's blocking stream, with the load modes' calls.
 final class TLSConnection: @unchecked Sendable {
-    let fd: Int32
-    let session: TLSSession
-    private let buffer = UnsafeMutableRawPointer.allocate(byteCount: 64 * 1024, alignment: 64)
+    let stream: BlockingTLSStream
 
     init(fd: Int32, context: TLSClientContext) throws {
-        self.fd = fd
         guard let session = context.makeSession(host: "") else { throw ProxyError("TLS: no session") }
-        self.session = session
-        var step = session.handshake()
-        while true {
-            guard flush() else { throw ProxyError("TLS handshake: send failed") }
-            switch step {
-            case .done: return
-            case .failed(let f): throw ProxyError("TLS handshake: \(f)")
-            case .wantInput:
-                let n = Syscall.recv(fd, buffer, 64 * 1024)
-                guard n > 0 else { throw ProxyError("TLS handshake: the server closed") }
-                session.feed(buffer, count: n)
-                step = session.handshake()
-            }
-        }
+        do { stream = try BlockingTLSStream(fd: fd, session: session) } catch { throw ProxyError("TLS handshake: \(error)") }
     }
 
-    deinit { buffer.deallocate() }
+    var resumed: Bool { stream.session.resumed }
 
-    var resumed: Bool { session.resumed }
-
-    private func flush() -> Bool {
-        while session.pendingOutput > 0 {
-            let n = session.takeOutput(into: buffer, capacity: 64 * 1024)
-            var off = 0
-            while off < n {
-                let k = Syscall.send(fd, buffer + off, n - off)
-                if k <= 0 { return false }
-                off += k
-            }
-        }
-        return true
-    }
-
-    func writeAll(_ p: UnsafeRawPointer, _ count: Int) -> Bool {
-        session.write(p, count: count) && flush()
-    }
+    func writeAll(_ p: UnsafeRawPointer, _ count: Int) -> Bool { stream.write(p, count: count) }
 
     func readExactly(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
         var off = 0
         while off < count {
-            switch session.read(into: p + off, capacity: count - off) {
-            case .bytes(let n): off += n
-            case .wantInput:
-                let n = Syscall.recv(fd, buffer, 64 * 1024)
-                if n <= 0 { return false }
-                session.feed(buffer, count: n)
-            case .closed, .failed: return false
-            }
+            let n = stream.read(into: p + off, capacity: count - off)
+            if n <= 0 { return false }
+            off += n
         }
         return true
     }
 
     /// close_notify, then the socket's write side.
-    func finish() {
-        session.shutdown()
-        _ = flush()
-    }
+    func finish() { stream.finish() }
 }

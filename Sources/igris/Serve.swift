@@ -4,6 +4,7 @@ import IgrisEngine
 import IgrisNegotiation
 import IgrisOperations
 import IgrisPolicy
+import IgrisTLS
 import Logging
 import Synchronization
 
@@ -205,7 +206,7 @@ struct Serve: ParsableCommand {
             } catch {
                 throw CommandFailure(error.description)
             }
-            let admins = file.listeners.filter { $0.mode == .admin }.map { ($0.name, $0.listen) }
+            let admins = file.listeners.filter { $0.mode == .admin }.map { AdminListener(name: $0.name, listen: $0.listen, tls: $0.tls) }
             let gateway = Gateway(policy: policy)
             let configuration: ServerConfiguration
             do { configuration = try file.serverConfiguration(gateway: gateway) } catch { throw CommandFailure(error.description) }
@@ -245,9 +246,9 @@ struct Serve: ParsableCommand {
         configuration.pipeSize = pipeSize
         configuration.maxPipes = maxPipes
         configuration.accessLog = !noAccessLog
-        var admins: [(String, SocketAddress)] = []
+        var admins: [AdminListener] = []
         if let admin {
-            do { admins.append(("admin", try SocketAddress.resolve(admin, passive: true))) } catch { throw CommandFailure(error.description) }
+            do { admins.append(AdminListener(name: "admin", listen: try SocketAddress.resolve(admin, passive: true), tls: nil)) } catch { throw CommandFailure(error.description) }
         }
         try start(configuration: configuration, gateway: gateway, admins: admins, logLevel: logLevel, configPath: nil,
                   handoffPath: handoffSocket, drainGraceNanoseconds: drainGrace?.nanoseconds ?? 0)
@@ -256,7 +257,14 @@ struct Serve: ParsableCommand {
     /// Takes the listeners over (--takeover), binds the rest, starts the workers and admin
     /// endpoints, then waits for signals until drained. Everything that can fail happens
     /// before a worker accepts: a successor that fails leaves its predecessor as it was.
-    private func start(configuration: ServerConfiguration, gateway: Gateway, admins: [(String, SocketAddress)], logLevel: Logger.Level,
+    /// An admin endpoint to start: HTTP, or HTTPS with `tls:` in the file.
+    struct AdminListener {
+        var name: String
+        var listen: SocketAddress
+        var tls: TLSServerContext?
+    }
+
+    private func start(configuration: ServerConfiguration, gateway: Gateway, admins: [AdminListener], logLevel: Logger.Level,
                        configPath: String?, handoffPath: String?, drainGraceNanoseconds: UInt64) throws {
         defer { gateway.shutdown() }
         var configuration = configuration
@@ -301,9 +309,9 @@ struct Serve: ParsableCommand {
         var adminServers: [AdminServer] = []
         do {
             server = try Server(configuration: configuration, inherited: session?.sockets, logger: logger)
-            for (_, address) in admins {
-                adminServers.append(try AdminServer(listen: address, metrics: MetricsRenderer(server: server, gateway: gateway),
-                                                    inherited: session?.sockets))
+            for admin in admins {
+                adminServers.append(try AdminServer(listen: admin.listen, metrics: MetricsRenderer(server: server, gateway: gateway),
+                                                    inherited: session?.sockets, tls: admin.tls))
             }
         } catch {
             throw fail(error.description)
@@ -312,9 +320,9 @@ struct Serve: ParsableCommand {
         // Only a limit the operator set can be too high: the default follows RLIMIT_NOFILE.
         if configuration.maxConnectionsGiven, let warning = server.descriptorWarning { logger.warning("\(warning)") }
         do { try server.start() } catch { throw fail(error.description) }
-        for (a, (name, _)) in zip(adminServers, admins) {
+        for (a, admin) in zip(adminServers, admins) {
             a.start()
-            logger.info("listening", metadata: ["mode": "admin", "name": "\(name)", "listen": "\(a.address)"])
+            logger.info("listening", metadata: ["mode": "admin", "name": "\(admin.name)", "listen": "\(a.address)", "tls": "\(admin.tls != nil)"])
         }
         for (rule, address) in zip(rules, server.listenAddresses) {
             if let pool = rule.pool {

@@ -48,8 +48,8 @@ final class TLSGateway: @unchecked Sendable {
     var http: SocketAddress { server.listenAddresses[2] }
 
     init(backend: BackendChoice, upstream: SocketAddress, tls: TLSServerContext, users: UserDirectory? = nil,
-         handshakeTimeout: UInt64 = 10_000_000_000) throws {
-        let options = GatewayOptions(requireAuthentication: false, handshakeTimeoutNanoseconds: handshakeTimeout)
+         handshakeTimeout: UInt64 = 10_000_000_000, auth: Bool = false) throws {
+        let options = GatewayOptions(requireAuthentication: auth, handshakeTimeoutNanoseconds: handshakeTimeout)
         gateway = IgrisNegotiation.Gateway(policy: GatewayPolicy(acl: DestinationACL(rules: [try DestinationACL.parseRule(.allow, "127.0.0.1/32").get()]),
                                                                  authenticator: try users.map { try Authenticator(directory: $0) }))
         var rules = [
@@ -482,5 +482,56 @@ extension TLSTests {
         let line = transfer.readLine()
         #expect(transfer.finish(timeout: 120).status == 0 && line.count == 64, "the transfer across the reload: \(line)")
         #expect(server.total(.closedAborted) == 0)
+    }
+}
+
+extension TLSTests {
+    @Test("a client certificate's user needs no password on SOCKS5 (no-auth method) or the HTTPS proxy (no Proxy-Authorization)", arguments: engineBackends)
+    func certificateUsersOnProxies(backend: BackendChoice) throws {
+        let files = try FileServer()
+        defer { files.stop() }
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let users = UserDirectory(accounts: [UserAccount(name: "alice", passwordHash: try PasswordHasher.hash(Array("secret".utf8)))])
+        let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server(clientCA: true), users: users, auth: true)
+        defer { g.stop() }
+        let hex = files.digest.map { String(format: "%02x", $0) }.joined()
+        let socks = try TLSFixtures.client(["socks5", "\(g.socks5.port)", "\(files.port)", "/blob",
+                                            "--cert", TLSFixtures.path("alice.pem"), "--key", TLSFixtures.path("alice.key")])
+        #expect(socks.status == 0 && socks.line == hex, "SOCKS5 with alice's certificate: \(socks.line)")
+        let r = try curl(["--proxy", "https://localhost:\(g.http.port)", "--proxy-cacert", TLSFixtures.path("ca.pem"),
+                          "--proxy-cert", TLSFixtures.path("alice.pem"), "--proxy-key", TLSFixtures.path("alice.key"),
+                          "-p", "http://127.0.0.1:\(files.port)/blob"])
+        #expect(r.status == 0 && r.digest == files.digest, "curl with alice's certificate: \(r.stderr)")
+        #expect(g.total(.tlsClientIdentities) == 2)
+        #expect(g.total(.authFailures) == 0)
+        #expect(eventually { g.total(.activeConnections) == 0 })
+        #expect(users.accounts[0].connectionsTotal == 2 && users.accounts[0].activeConnections == 0)
+    }
+
+    @Test("the admin endpoint over TLS: curl --cacert gets /healthz and /metrics (with the TLS families)")
+    func adminOverTLS() throws {
+        let upstream = try echoUpstream()
+        defer { upstream.stop() }
+        let g = try TLSGateway(backend: .epoll, upstream: upstream.address, tls: try TLSFixtures.server())
+        defer { g.stop() }
+        let admin = try AdminServer(listen: try SocketAddress.resolve("127.0.0.1:0"), metrics: MetricsRenderer(server: g.server), tls: try TLSFixtures.server())
+        admin.start()
+        defer { admin.stop() }
+        let health = try curl(["--cacert", TLSFixtures.path("ca.pem"), "https://localhost:\(admin.address.port)/healthz"])
+        #expect(health.status == 0, "\(health.stderr)")
+        let out = NSTemporaryDirectory() + "igris-admin-\(getpid()).txt"
+        defer { unlink(out) }
+        let (status, stderr) = try runCommand("/usr/bin/curl", ["-sS", "--max-time", "20", "--cacert", TLSFixtures.path("ca.pem"), "-o", out,
+                                                                "https://localhost:\(admin.address.port)/metrics"])
+        #expect(status == 0, "\(stderr)")
+        let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+        for family in ["igris_tls_handshakes_total", "igris_tls_handshake_failures_total{reason=\"plaintext\"}", "igris_tls_handshake_duration_seconds_bucket"] {
+            #expect(text.contains(family), "\(family) missing from /metrics")
+        }
+        // Plain HTTP to the HTTPS admin port: refused, and the endpoint keeps answering.
+        let plain = try runCommand("/usr/bin/curl", ["-sS", "--max-time", "5", "http://127.0.0.1:\(admin.address.port)/healthz"])
+        #expect(plain.status != 0)
+        #expect(try curl(["--cacert", TLSFixtures.path("ca.pem"), "https://localhost:\(admin.address.port)/healthz"]).status == 0)
     }
 }
