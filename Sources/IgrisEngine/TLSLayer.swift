@@ -87,11 +87,13 @@ extension Worker {
         if session.resumed { statistics.add(.tlsResumed) }
         if side == 1 {
             p.pointee.tls &= ~TLSSides.upstreamHandshake
+            session.releaseMemory(threshold: 0)
             statistics.recordTLSHandshake(now &- p.pointee.lastActivity)
             startBridging(s, p)
             return
         }
         p.pointee.tls &= ~TLSSides.clientHandshake
+        session.releaseMemory(threshold: 0)
         statistics.recordTLSHandshake(now &- p.pointee.openedAt)
         wheel.cancel(s, table: table)
         let l = listeners[Int(p.pointee.listener)]
@@ -237,6 +239,8 @@ extension Worker {
         let buffer = backend.buffers.pointer(b)
         session.feed(buffer, count: n)
         let result = session.read(into: buffer, capacity: backend.buffers.size)
+        // A short read: the peer paused, so the session's memory can go back.
+        if n < backend.buffers.size / 4 { session.releaseMemory() }
         // A key update or alert the read produced goes out now if nothing is being sent there.
         if session.pendingOutput > 0 { flushTLS(s, p, side: d) }
         switch result {
@@ -262,9 +266,11 @@ extension Worker {
         guard let session = tlsSession(s, side: 1 - d) else { return }
         let dir = direction(p, d)
         let buffer = backend.buffers.pointer(dir.pointee.sendBuffer)
-        _ = session.write(buffer, count: Int(dir.pointee.sendRemaining))
+        let plain = Int(dir.pointee.sendRemaining)
+        _ = session.write(buffer, count: plain)
         dir.pointee.sendOffset = 0
         dir.pointee.sendRemaining = UInt32(session.takeOutput(into: buffer, capacity: backend.buffers.size))
+        if plain < backend.buffers.size / 4 { session.releaseMemory() }
     }
 
     /// After a send to a TLS destination completed: records still queued in the session go

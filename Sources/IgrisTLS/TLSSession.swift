@@ -6,8 +6,11 @@ import COpenSSL
 /// moves every byte with its own recv and send, the same way for both backends.
 ///
 /// Memory: OpenSSL's record buffers are released while the connection is idle
-/// (SSL_MODE_RELEASE_BUFFERS), and each memory BIO is replaced once drained after more than
-/// `trimThreshold` bytes went through it (a drained memory BIO keeps its peak allocation), so an idle TLS connection holds only its `SSL` object.
+/// (SSL_MODE_RELEASE_BUFFERS), and `releaseMemory` — called when traffic pauses, after the
+/// handshake and by the engine when a direction reads less than it could — replaces a
+/// drained memory BIO that grew past `trimThreshold` (a drained memory BIO keeps its peak
+/// allocation; replacing it while bulk flows would only regrow and re-zero it each time), so
+/// an idle TLS connection holds only its `SSL` object.
 public final class TLSSession {
     let ssl: OpaquePointer
     private var inputBIO: OpaquePointer
@@ -22,7 +25,7 @@ public final class TLSSession {
     private var fedSinceTrim = 0
     /// Bytes of records taken since the last trim, likewise for the output BIO.
     private var takenSinceTrim = 0
-    static let trimThreshold = 16 * 1024
+    public static let trimThreshold = 4 * 1024
 
     init?(context: OpaquePointer, server: Bool, owner: AnyObject) {
         guard let ssl = SSL_new(context) else { return nil }
@@ -107,7 +110,6 @@ public final class TLSSession {
             if total > 0 && (error == SSL_ERROR_WANT_READ || error == SSL_ERROR_ZERO_RETURN) { break }
             switch error {
             case SSL_ERROR_WANT_READ:
-                trimIfDrained()
                 return .wantInput
             case SSL_ERROR_ZERO_RETURN: return .closed
             default: return total > 0 ? .bytes(total) : .failed(TLSFailure.current(ssl: ssl, error: error))
@@ -134,7 +136,6 @@ public final class TLSSession {
     public func takeOutput(into buffer: UnsafeMutableRawPointer, capacity: Int) -> Int {
         let n = max(0, Int(BIO_read(outputBIO, buffer, Int32(min(capacity, Int(Int32.max))))))
         takenSinceTrim += n
-        trimOutputIfDrained()
         return n
     }
 
@@ -153,7 +154,6 @@ public final class TLSSession {
             left -= Int(n)
             takenSinceTrim += Int(n)
         }
-        trimOutputIfDrained()
     }
 
     /// Queues close_notify (once): the end of this side's writing.
@@ -190,16 +190,25 @@ public final class TLSSession {
 
     // MARK: - Memory
 
-    private func trimIfDrained() {
-        guard fedSinceTrim > Self.trimThreshold, BIO_ctrl_pending(inputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
+    /// Gives back what the memory BIOs grew to, where drained: for a connection whose
+    /// traffic paused.
+    /// `threshold`: bytes that must have gone through a BIO since its last replacement (0
+    /// after a handshake: whatever it holds is no longer needed).
+    public func releaseMemory(threshold: Int = TLSSession.trimThreshold) {
+        trimIfDrained(threshold)
+        trimOutputIfDrained(threshold)
+    }
+
+    private func trimIfDrained(_ threshold: Int) {
+        guard fedSinceTrim > threshold, BIO_ctrl_pending(inputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
         BIO_ctrl(fresh, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
         SSL_set0_rbio(ssl, fresh)  // frees the old one
         inputBIO = fresh
         fedSinceTrim = 0
     }
 
-    private func trimOutputIfDrained() {
-        guard takenSinceTrim > Self.trimThreshold, BIO_ctrl_pending(outputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
+    private func trimOutputIfDrained(_ threshold: Int) {
+        guard takenSinceTrim > threshold, BIO_ctrl_pending(outputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
         BIO_ctrl(fresh, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
         SSL_set0_wbio(ssl, fresh)
         outputBIO = fresh
