@@ -149,7 +149,7 @@ struct ConfigTests {
         defer { unlink(bad) }
         let result = try runCommand(igris, ["check", "-c", bad])
         #expect(result.status == 1)
-        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, connect_timeout, dead_peer_timeout, handshake_timeout, idle_timeout, listen, max_connections, mode, name, pool, proxy_protocol_from, send_proxy_protocol, splice, upstream)\n")
+        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, connect_timeout, dead_peer_timeout, handshake_timeout, idle_timeout, listen, max_connections, mode, name, pool, proxy_protocol_from, send_proxy_protocol, splice, tls, upstream, upstream_tls)\n")
         let needsUsers = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n")
         defer { unlink(needsUsers) }
         let missing = try runCommand(igris, ["check", "-c", needsUsers])
