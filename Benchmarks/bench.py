@@ -45,6 +45,15 @@ def log(msg):
 NO_SOURCE_LIMITS = ["--max-connections-per-source", "0", "--max-handshakes", "0", "--max-handshakes-per-source", "0"]
 
 
+def write_section(path, append, lines):
+    """Writes a results section (a list of lines) to `path`, or after what is there with
+    `append`, and prints it."""
+    text = "\n".join(lines) + "\n"
+    with open(path, "a" if append else "w") as f:
+        f.write(("\n" if append else "") + text)
+    print(text)
+
+
 def start_server(args):
     p = subprocess.Popen([LOAD] + args, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from bench import IGRIS, LOAD, NO_SOURCE_LIMITS, Proxy, free_port, log, start_server, tree_cpu, wait_port
+from bench import write_section, IGRIS, LOAD, NO_SOURCE_LIMITS, Proxy, free_port, log, start_server, tree_cpu, wait_port
 
 
 class HTTPProxy:
@@ -125,10 +125,7 @@ def main():
         rates = [r[0] / p[0] for r, p in zip(runs, peer) if p[0]]
         out.append(f"| {t} | {statistics.median(r[0] for r in runs):,.0f} | {statistics.median(r[1] for r in runs):.0f} | "
                    f"{sum(r[2] for r in runs)} | {'' if t == 'tinyproxy' else ratio_text(rates)} |")
-    text = "\n".join(out) + "\n"
-    with open(a.output, "a" if a.append else "w") as f:
-        f.write(("\n" if a.append else "") + text)
-    print(text)
+    write_section(a.output, a.append, out)
 
 
 if __name__ == "__main__":

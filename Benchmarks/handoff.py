@@ -13,7 +13,7 @@ Loopback only; every client is bounded in time.
 """
 import argparse, json, os, subprocess, tempfile, time
 
-from bench import IGRIS, LOAD, free_port, log
+from bench import write_section, IGRIS, LOAD, free_port, log
 
 
 def run(backend, old_workers, new_workers, workdir):
@@ -80,10 +80,7 @@ def main():
                 out.append(f"| {backend} | {old_workers} → {new_workers} | {took * 1000:.0f} ms | {churn['connections']:,} | "
                            f"{churn['failures']} | {int(held['echoes']):,} ({held['rounds']} rounds, closed at the deadline: "
                            f"{held['closed_by_peer']}) | {held['errors']} |")
-    text = "\n".join(out) + "\n"
-    with open(a.output, "a" if a.append else "w") as f:
-        f.write(("\n" if a.append else "") + text)
-    print(text)
+    write_section(a.output, a.append, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ come from one run, side by side.
 """
 import argparse, json, os, shutil, subprocess, sys, time, urllib.request
 
-from bench import IGRIS, LOAD, Proxy, free_port, log, start_server, tree_cpu, tree_rss_kib, wait_port
+from bench import write_section, IGRIS, LOAD, Proxy, free_port, log, start_server, tree_cpu, tree_rss_kib, wait_port
 from idle_churn import established
 
 
@@ -250,12 +250,11 @@ def main():
             {"rate": section_rate, "slow": section_slow, "overload": section_overload, "busy": section_busy}[name](a, echo_addr, out)
     finally:
         echo.kill()
-    text = "\n".join(out) + "\n"
-    print(text)
     if a.output:
-        with open(a.output, "a" if a.append else "w") as f:
-            f.write(("\n" if a.append else "") + text)
+        write_section(a.output, a.append, out)
         log(f"wrote {a.output}")
+    else:
+        print("\n".join(out))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,7 @@ struct TLSServerSection: Decodable {
             .dataCorrupted(.init(codingPath: c.codingPath + [key(k)], debugDescription: message))
         }
         var settings = TLSServerSettings()
-        let certificate = try c.decodeIfPresent(String.self, forKey: key("certificate"))
-        let privateKey = try c.decodeIfPresent(String.self, forKey: key("key"))
-        switch (certificate, privateKey) {
-        case (let cert?, let k?): settings.defaultCertificate = TLSCertificateFiles(certificate: cert, key: k)
-        case (nil, nil): break
-        case (nil, _): throw fail("key", "needs certificate too")
-        case (_, nil): throw fail("certificate", "needs key too")
-        }
+        settings.defaultCertificate = try certificatePair(c)
         settings.sniCertificates = try c.decodeIfPresent([CertificatePair].self, forKey: key("sni"))?.map(\.files) ?? []
         if settings.defaultCertificate == nil && settings.sniCertificates.isEmpty {
             throw DecodingError.keyNotFound(key("certificate"), .init(codingPath: c.codingPath, debugDescription: "tls needs certificate and key (or sni: [{certificate, key}, …])"))
@@ -54,6 +47,19 @@ struct TLSServerSection: Decodable {
     }
 }
 
+/// `certificate:` and `key:` of a section: both, or neither.
+private func certificatePair(_ c: KeyedDecodingContainer<AnyCodingKey>) throws -> TLSCertificateFiles? {
+    let certificate = try c.decodeIfPresent(String.self, forKey: AnyCodingKey(stringValue: "certificate"))
+    let privateKey = try c.decodeIfPresent(String.self, forKey: AnyCodingKey(stringValue: "key"))
+    switch (certificate, privateKey) {
+    case (let cert?, let k?): return TLSCertificateFiles(certificate: cert, key: k)
+    case (nil, nil): return nil
+    case (nil, _), (_, nil):
+        let (missing, given) = certificate == nil ? ("certificate", "key") : ("key", "certificate")
+        throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [AnyCodingKey(stringValue: given)], debugDescription: "needs \(missing) too"))
+    }
+}
+
 private struct CertificatePair: Decodable {
     var files: TLSCertificateFiles
 
@@ -79,14 +85,7 @@ struct TLSClientSection: Decodable {
         settings.verify = try c.decodeIfPresent(Bool.self, forKey: key("verify")) ?? true
         settings.ca = try c.decodeIfPresent(String.self, forKey: key("ca"))
         settings.serverName = try c.decodeIfPresent(String.self, forKey: key("server_name"))
-        let certificate = try c.decodeIfPresent(String.self, forKey: key("certificate"))
-        let privateKey = try c.decodeIfPresent(String.self, forKey: key("key"))
-        switch (certificate, privateKey) {
-        case (let cert?, let k?): settings.certificate = TLSCertificateFiles(certificate: cert, key: k)
-        case (nil, nil): break
-        case (nil, _): throw fail("key", "needs certificate too")
-        case (_, nil): throw fail("certificate", "needs key too")
-        }
+        settings.certificate = try certificatePair(c)
         if let v = try TLSServerSection.version(c, "min_version") { settings.minVersion = v }
         settings.maxVersion = try TLSServerSection.version(c, "max_version")
         do {

@@ -98,8 +98,9 @@ public final class TLSSession {
     /// Decrypts into `buffer` until it is full or the input runs out.
     public func read(into buffer: UnsafeMutableRawPointer, capacity: Int) -> ReadResult {
         var total = 0
+        // Once per call: a successful SSL_read_ex leaves the queue empty.
+        ERR_clear_error()
         while total < capacity {
-            ERR_clear_error()
             var n = 0
             let rc = SSL_read_ex(ssl, buffer + total, capacity - total, &n)
             if rc == 1 {

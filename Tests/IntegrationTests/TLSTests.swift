@@ -278,26 +278,9 @@ extension TLSTests {
         let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server())
         defer { g.stop() }
         // A TLS client over a plain socket, driven by IgrisTLS itself, so a record can be altered.
-        var settings = TLSClientSettings()
-        settings.ca = TLSFixtures.path("ca.pem")
-        let session = try #require(try TLSClientContext(settings).makeSession(host: "localhost"))
-        let socket = try TestSocket.connect(g.forward)
-        socket.setReceiveTimeout(seconds: 10)
+        let client = try ManualTLSClient(g.forward)
+        let (session, socket) = (client.session, client.socket)
         var buffer = [UInt8](repeating: 0, count: 65536)
-        func flush() {
-            let n = buffer.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
-            if n > 0 { #expect(socket.write(Array(buffer.prefix(n)))) }
-        }
-        var step = session.handshake()
-        while step == .wantInput {
-            flush()
-            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-            guard n > 0 else { break }
-            buffer.withUnsafeBytes { session.feed($0.baseAddress!, count: n) }
-            step = session.handshake()
-        }
-        #expect(step == .done)
-        flush()
         let message = [UInt8](repeating: 0x42, count: 2000)
         _ = message.withUnsafeBytes { session.write($0.baseAddress!, count: $0.count) }
         var record = [UInt8](repeating: 0, count: 4096)
@@ -376,32 +359,10 @@ extension TLSTests {
         defer { upstream.stop() }
         let g = try TLSGateway(backend: backend, upstream: upstream.address, tls: try TLSFixtures.server())
         defer { g.stop() }
-        var settings = TLSClientSettings()
-        settings.ca = TLSFixtures.path("ca.pem")
-        let session = try #require(try TLSClientContext(settings).makeSession(host: "localhost"))
-        let socket = try TestSocket.connect(g.forward)
-        socket.setReceiveTimeout(seconds: 10)
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        func flush() {
-            while session.pendingOutput > 0 {
-                let n = buffer.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
-                #expect(socket.write(Array(buffer.prefix(n))))
-            }
-        }
-        func receive() -> Bool {
-            let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
-            guard n > 0 else { return false }
-            buffer.withUnsafeBytes { session.feed($0.baseAddress!, count: n) }
-            return true
-        }
-        var step = session.handshake()
-        while step == .wantInput {
-            flush()
-            guard receive() else { break }
-            step = session.handshake()
-        }
-        #expect(step == .done)
-        flush()
+        let client = try ManualTLSClient(g.forward)
+        let (session, socket) = (client.session, client.socket)
+        func flush() { client.flush() }
+        func receive() -> Bool { client.receive() }
         // Everything the upstream sent, then its end as close_notify.
         var hash = SHA256()
         var got = 0
@@ -533,5 +494,47 @@ extension TLSTests {
         let plain = try runCommand("/usr/bin/curl", ["-sS", "--max-time", "5", "http://127.0.0.1:\(admin.address.port)/healthz"])
         #expect(plain.status != 0)
         #expect(try curl(["--cacert", TLSFixtures.path("ca.pem"), "https://localhost:\(admin.address.port)/healthz"]).status == 0)
+    }
+}
+
+/// A TLS client on a blocking test socket, driven step by step through IgrisTLS, for tests that
+/// alter records or watch each end of the stream.
+final class ManualTLSClient {
+    let session: TLSSession
+    let socket: TestSocket
+    private var buffer = [UInt8](repeating: 0, count: 65536)
+
+    /// Connects and completes the handshake (verifying the gateway as localhost).
+    init(_ address: SocketAddress) throws {
+        var settings = TLSClientSettings()
+        settings.ca = TLSFixtures.path("ca.pem")
+        guard let session = try TLSClientContext(settings).makeSession(host: "localhost") else { throw TestFailure("no TLS session") }
+        self.session = session
+        socket = try TestSocket.connect(address)
+        socket.setReceiveTimeout(seconds: 10)
+        var step = session.handshake()
+        while step == .wantInput {
+            flush()
+            guard receive() else { break }
+            step = session.handshake()
+        }
+        guard step == .done else { throw TestFailure("handshake: \(step)") }
+        flush()
+    }
+
+    /// Sends every pending record.
+    func flush() {
+        while session.pendingOutput > 0 {
+            let n = buffer.withUnsafeMutableBytes { session.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            #expect(socket.write(Array(buffer.prefix(n))))
+        }
+    }
+
+    /// Feeds what the socket has; false at EOF or error.
+    func receive() -> Bool {
+        let n = buffer.withUnsafeMutableBytes { socket.read(into: $0) }
+        guard n > 0 else { return false }
+        buffer.withUnsafeBytes { session.feed($0.baseAddress!, count: n) }
+        return true
     }
 }
