@@ -116,7 +116,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IgrisTLSTests",
-            dependencies: ["IgrisTLS"]
+            dependencies: ["IgrisTLS", "COpenSSL"]
         ),
         .testTarget(
             name: "IgrisPolicyTests",

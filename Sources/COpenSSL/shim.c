@@ -5,6 +5,14 @@
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <linux/tls.h>
+#include <openssl/kdf.h>
 
 // MARK: - SNI
 
@@ -220,4 +228,169 @@ int igris_certificate_expiry(const char *path, long long *seconds_left) {
     if (!ok) return -1;
     *seconds_left = (long long)days * 86400 + seconds;
     return 0;
+}
+
+// MARK: - Kernel TLS hand-off
+
+struct traffic_secrets { unsigned char client[64], server[64]; size_t client_length, server_length; };
+static int secrets_index = -1;
+static pthread_once_t secrets_once = PTHREAD_ONCE_INIT;
+
+static void secrets_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (ptr) OPENSSL_clear_free(ptr, sizeof(struct traffic_secrets));
+}
+static void secrets_init(void) { secrets_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, secrets_free); }
+
+static int unhex(const char *text, unsigned char *out, size_t capacity) {
+    size_t n = 0;
+    while (text[0] && text[1] && text[0] != ' ' && n < capacity) {
+        unsigned v;
+        if (sscanf(text, "%2x", &v) != 1) return -1;
+        out[n++] = (unsigned char)v;
+        text += 2;
+    }
+    return (int)n;
+}
+
+static void keylog(const SSL *ssl, const char *line) {
+    int client = strncmp(line, "CLIENT_TRAFFIC_SECRET_0 ", 24) == 0;
+    int server = strncmp(line, "SERVER_TRAFFIC_SECRET_0 ", 24) == 0;
+    if (!client && !server) return;
+    const char *random_end = strchr(line + 24, ' ');
+    if (random_end == NULL) return;
+    struct traffic_secrets *t = SSL_get_ex_data(ssl, secrets_index);
+    if (t == NULL) {
+        t = OPENSSL_zalloc(sizeof *t);
+        if (t == NULL || !SSL_set_ex_data((SSL *)ssl, secrets_index, t)) { OPENSSL_free(t); return; }
+    }
+    int n = unhex(random_end + 1, client ? t->client : t->server, 64);
+    if (n > 0) { if (client) t->client_length = (size_t)n; else t->server_length = (size_t)n; }
+}
+
+int igris_ssl_ctx_capture_traffic_secrets(SSL_CTX *ctx) {
+    pthread_once(&secrets_once, secrets_init);
+    if (secrets_index < 0) return -1;
+    SSL_CTX_set_keylog_callback(ctx, keylog);
+    return 0;
+}
+
+/// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1.
+static int expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
+                        unsigned char *out, size_t length) {
+    unsigned char info[2 + 1 + 255 + 1];
+    size_t label_length = strlen(label);
+    info[0] = (unsigned char)(length >> 8);
+    info[1] = (unsigned char)length;
+    info[2] = (unsigned char)(6 + label_length);
+    memcpy(info + 3, "tls13 ", 6);
+    memcpy(info + 9, label, label_length);
+    info[9 + label_length] = 0;  // empty context
+    EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
+    if (kdf == NULL) return 0;
+    EVP_KDF_CTX *kctx = EVP_KDF_CTX_new(kdf);
+    EVP_KDF_free(kdf);
+    if (kctx == NULL) return 0;
+    int mode = EVP_KDF_HKDF_MODE_EXPAND_ONLY;
+    OSSL_PARAM params[5];
+    params[0] = OSSL_PARAM_construct_int(OSSL_KDF_PARAM_MODE, &mode);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_DIGEST, (char *)digest, 0);
+    params[2] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_KEY, (void *)secret, secret_length);
+    params[3] = OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_INFO, info, 10 + label_length);
+    params[4] = OSSL_PARAM_construct_end();
+    int ok = EVP_KDF_derive(kctx, out, length, params) == 1;
+    EVP_KDF_CTX_free(kctx);
+    return ok;
+}
+
+int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_t *key_length, unsigned char iv[12]) {
+    if (SSL_version(ssl) != TLS1_3_VERSION || secrets_index < 0) return -1;
+    struct traffic_secrets *t = SSL_get_ex_data(ssl, secrets_index);
+    if (t == NULL) return -1;
+    int ours_is_client = !SSL_is_server(ssl);
+    int want_client = sending ? ours_is_client : !ours_is_client;
+    const unsigned char *secret = want_client ? t->client : t->server;
+    size_t secret_length = want_client ? t->client_length : t->server_length;
+    if (secret_length == 0) return -1;
+    const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
+    if (c == NULL) return -1;
+    int cipher; const char *digest; size_t length;
+    switch (SSL_CIPHER_get_id(c) & 0xFFFF) {
+    case 0x1301: cipher = TLS_CIPHER_AES_GCM_128; digest = "SHA256"; length = 16; break;
+    case 0x1302: cipher = TLS_CIPHER_AES_GCM_256; digest = "SHA384"; length = 32; break;
+    case 0x1303: cipher = TLS_CIPHER_CHACHA20_POLY1305; digest = "SHA256"; length = 32; break;
+    default: return -1;
+    }
+    if (!expand_label(digest, secret, secret_length, "key", key, length) || !expand_label(digest, secret, secret_length, "iv", iv, 12)) return -1;
+    *key_length = length;
+    return cipher;
+}
+
+int igris_ktls_attach(int fd) {
+    return setsockopt(fd, IPPROTO_TCP, TCP_ULP, "tls", 3) == 0 ? 0 : -errno;
+}
+
+int igris_ktls_install(int fd, int transmit, int cipher, const unsigned char *key, size_t key_length,
+                       const unsigned char iv[12], unsigned long long sequence) {
+    unsigned char seq[8];
+    for (int i = 0; i < 8; i++) seq[i] = (unsigned char)(sequence >> (56 - 8 * i));
+    union {
+        struct tls12_crypto_info_aes_gcm_128 gcm128;
+        struct tls12_crypto_info_aes_gcm_256 gcm256;
+        struct tls12_crypto_info_chacha20_poly1305 chacha;
+    } info;
+    memset(&info, 0, sizeof info);
+    size_t size;
+    switch (cipher) {
+    case TLS_CIPHER_AES_GCM_128:
+        if (key_length != 16) return -EINVAL;
+        info.gcm128.info.version = TLS_1_3_VERSION; info.gcm128.info.cipher_type = TLS_CIPHER_AES_GCM_128;
+        memcpy(info.gcm128.salt, iv, 4); memcpy(info.gcm128.iv, iv + 4, 8); memcpy(info.gcm128.key, key, 16); memcpy(info.gcm128.rec_seq, seq, 8);
+        size = sizeof info.gcm128;
+        break;
+    case TLS_CIPHER_AES_GCM_256:
+        if (key_length != 32) return -EINVAL;
+        info.gcm256.info.version = TLS_1_3_VERSION; info.gcm256.info.cipher_type = TLS_CIPHER_AES_GCM_256;
+        memcpy(info.gcm256.salt, iv, 4); memcpy(info.gcm256.iv, iv + 4, 8); memcpy(info.gcm256.key, key, 32); memcpy(info.gcm256.rec_seq, seq, 8);
+        size = sizeof info.gcm256;
+        break;
+    case TLS_CIPHER_CHACHA20_POLY1305:
+        if (key_length != 32) return -EINVAL;
+        info.chacha.info.version = TLS_1_3_VERSION; info.chacha.info.cipher_type = TLS_CIPHER_CHACHA20_POLY1305;
+        memcpy(info.chacha.iv, iv, 12); memcpy(info.chacha.key, key, 32); memcpy(info.chacha.rec_seq, seq, 8);
+        size = sizeof info.chacha;
+        break;
+    default:
+        return -EINVAL;
+    }
+    int rc = setsockopt(fd, SOL_TLS, transmit ? TLS_TX : TLS_RX, &info, (socklen_t)size);
+    OPENSSL_cleanse(&info, sizeof info);
+    return rc == 0 ? 0 : -errno;
+}
+
+long igris_tls13_open_record(int cipher, const unsigned char *key, size_t key_length, const unsigned char iv[12],
+                             unsigned long long sequence, const unsigned char *record, size_t length,
+                             unsigned char *out, int *type) {
+    if (length < 5 + 16 + 1) return -1;
+    const EVP_CIPHER *evp = cipher == TLS_CIPHER_AES_GCM_128 ? EVP_aes_128_gcm()
+        : cipher == TLS_CIPHER_AES_GCM_256 ? EVP_aes_256_gcm() : EVP_chacha20_poly1305();
+    (void)key_length;
+    unsigned char nonce[12];
+    memcpy(nonce, iv, 12);
+    for (int i = 0; i < 8; i++) nonce[4 + i] ^= (unsigned char)(sequence >> (56 - 8 * i));
+    size_t body = length - 5 - 16;
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    int n = 0, final = 0;
+    int ok = ctx && EVP_DecryptInit_ex(ctx, evp, NULL, key, nonce) == 1
+        && EVP_DecryptUpdate(ctx, NULL, &n, record, 5) == 1
+        && EVP_DecryptUpdate(ctx, out, &n, record + 5, (int)body) == 1
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)(record + 5 + body)) == 1
+        && EVP_DecryptFinal_ex(ctx, out + n, &final) == 1;
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok) return -1;
+    long plain = n + final;
+    while (plain > 0 && out[plain - 1] == 0) plain--;  // padding
+    if (plain == 0) return -1;
+    *type = out[plain - 1];
+    return plain - 1;
 }

@@ -109,6 +109,10 @@ enum TLSSides {
     static let upstreamHandshake: UInt8 = 8
     /// A poll for the upstream's handshake bytes is in flight.
     static let upstreamPollArmed: UInt8 = 16
+    /// The client side's TLS went to the kernel (kTLS) after the handshake: plain from here.
+    static let clientInKernel: UInt8 = 32
+    /// The bits that make a side's bytes pass through a session.
+    static let sessions: UInt8 = client | upstream
 
     /// The TLS bit of the socket a direction reads from (its source) or writes to.
     @inline(__always) static func source(_ d: Int) -> UInt8 { d == 0 ? client : upstream }

@@ -190,7 +190,7 @@ extension Worker {
         }
         // A rate-limited user's bytes must pass through user space to be paced, and TLS's to
         // be encrypted or decrypted.
-        if p.pointee.tls != 0 { p.pointee.splice = .never }
+        if p.pointee.tls & TLSSides.sessions != 0 { p.pointee.splice = .never }
         let path: Direction.Path = p.pointee.splice == .always && !p.pointee.rateLimited ? .splice : .copy
         // A framed upload's bytes must be seen to find where its body ends.
         p.pointee.toUpstream.path = p.pointee.framedUpload ? .copy : path

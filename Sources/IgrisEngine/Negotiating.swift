@@ -252,7 +252,7 @@ extension Worker {
         log.record(AccessRecord(listener: listeners[Int(p.pointee.listener)].name, client: client, destination: destination, user: user,
                                 bytesUp: p.pointee.toUpstream.bytes, bytesDown: p.pointee.toClient.bytes,
                                 duration: (duration * 1000).rounded() / 1000, reason: p.pointee.closeReason.text,
-                                tls: p.pointee.tls != 0 ? tlsDescription(s) : nil))
+                                tls: p.pointee.tls != 0 ? tlsDescription(s, p) : nil))
         accessLogPending = true
     }
 }

@@ -68,7 +68,11 @@ extension Worker {
             failHandshake(s, p, side: side, failure)
             return
         }
+        let queued = session.pendingOutput
         let step = session.handshake()
+        // A server's last step writes its session tickets: the first records under its
+        // traffic key, which kTLS must count.
+        let ticketRecords = step == .done ? session.pendingRecords(from: queued) : nil
         let sent = flushTLS(s, p, side: side)
         switch step {
         case .wantInput:
@@ -78,11 +82,11 @@ extension Worker {
             failHandshake(s, p, side: side, failure)
         case .done:
             if !sent { failHandshake(s, p, side: side, TLSFailure(.peerGone, "send failed")); return }
-            handshakeDone(s, p, side: side, session)
+            handshakeDone(s, p, side: side, session, ticketRecords: ticketRecords)
         }
     }
 
-    private func handshakeDone(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, side: Int, _ session: TLSSession) {
+    private func handshakeDone(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, side: Int, _ session: TLSSession, ticketRecords: Int?) {
         statistics.add(.tlsHandshakes)
         if session.resumed { statistics.add(.tlsResumed) }
         if side == 1 {
@@ -103,9 +107,41 @@ extension Worker {
         if let factory = l.bound.rule.negotiator {
             startNegotiation(s, p, factory, peer: try? Syscall.peerAddress(p.pointee.client))
         } else {
+            if l.bound.rule.tls?.offloadsToKernel == true, let ticketRecords, !offloadToKernel(s, p, session, sent: ticketRecords) { return }
             endHandshakeCount(s, p)
             p.pointee.state = .connecting
             connectForward(s, p)
+        }
+    }
+
+    /// kTLS: the client side's records go to the kernel (a forward listener's TLS 1.3
+    /// connection, right after its handshake): the session's tickets are out (`sent`
+    /// records under our key), whatever the client sent behind its Finished is decrypted here
+    /// and kept for the upstream, and the kernel takes over from the next record each way.
+    /// False when the connection was closed (the kernel took one side and refused the other).
+    private func offloadToKernel(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ session: TLSSession, sent: Int) -> Bool {
+        guard session.pendingOutput == 0, let received = session.bufferedRecords,
+              let transmit = session.kernelKeys(sending: true), let receive = session.kernelKeys(sending: false) else { return true }
+        while session.hasBufferedInput {
+            guard case .bytes(let n) = session.read(into: scratch, capacity: Self.scratchSize) else { break }
+            session.negotiationBytes += UnsafeRawBufferPointer(start: scratch, count: n)
+        }
+        guard session.holdsNoInput else { return true }
+        switch KernelTLS.install(fd: p.pointee.client, transmit: transmit, sent: UInt64(sent), receive: receive, received: UInt64(received)) {
+        case .installed:
+            // The session now only carries the early plaintext to `startBridging`.
+            p.pointee.tls = (p.pointee.tls & ~TLSSides.client) | TLSSides.clientInKernel
+            statistics.add(.tlsOffloaded)
+            return true
+        case .unavailable(let e):
+            statistics.add(.tlsOffloadFailures)
+            logger.debug("kTLS not taken; user space goes on", metadata: ["error": "\(Errno.describe(e))"])
+            return true
+        case .broken(let e):
+            statistics.add(.tlsOffloadFailures)
+            logger.warning("kTLS took the transmit side and refused the receive side; connection closed", metadata: ["error": "\(Errno.describe(e))"])
+            closeSlot(s, abort: true, reason: .tlsFailed)
+            return false
         }
     }
 
@@ -306,6 +342,10 @@ extension Worker {
         guard let session = clientTLS[s] else { return [] }
         var bytes = session.negotiationBytes
         session.negotiationBytes = []
+        if table.pointer(s).pointee.tls & TLSSides.clientInKernel != 0 {
+            clientTLS[s] = nil  // the kernel has the records now: OpenSSL's state can go
+            return bytes
+        }
         while session.hasBufferedInput {
             switch session.read(into: scratch, capacity: Self.scratchSize) {
             case .bytes(let n): bytes += UnsafeRawBufferPointer(start: scratch, count: n)
@@ -316,8 +356,10 @@ extension Worker {
         return bytes
     }
 
-    /// The access log's `tls` field: version and cipher of the client side (or upstream's).
-    func tlsDescription(_ s: Int32) -> String? {
+    /// The access log's `tls` field: version and cipher of the client side (or upstream's),
+    /// or `kernel` once kTLS carries it.
+    func tlsDescription(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) -> String? {
+        if p.pointee.tls & TLSSides.clientInKernel != 0 { return "kernel" }
         guard let session = clientTLS[s] ?? upstreamTLS[s], session.handshakeDone else { return nil }
         return "\(session.version)/\(session.cipher)"
     }

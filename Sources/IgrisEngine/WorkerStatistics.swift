@@ -73,6 +73,8 @@ public final class WorkerStatistics: Sendable {
         case tlsHandshakes           // completed, with clients and with upstreams
         case tlsResumed              // of those, resumed from a session ticket
         case tlsClientIdentities     // a client certificate named the connection's user
+        case tlsOffloaded            // connections whose TLS went to the kernel (kTLS) after the handshake
+        case tlsOffloadFailures      // kTLS attempts the kernel refused
         // Handshake failures, in `TLSFailure.Reason` order (see `tlsFailureCounter`).
         case tlsFailPlaintext, tlsFailVersion, tlsFailCipher, tlsFailUnknownName, tlsFailALPN, tlsFailClientCertificate
         case tlsFailServerCertificate, tlsFailBadRecord, tlsFailPeerAlert, tlsFailMalformed, tlsFailPeerGone, tlsFailTimeout

@@ -10,7 +10,7 @@ struct TLSServerSection: Decodable {
     var context: TLSServerContext
 
     init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["certificate", "key", "sni", "client_ca", "crl", "client_identity", "min_version", "alpn"])
+        try decoder.rejectUnknownKeys(["certificate", "key", "sni", "client_ca", "crl", "client_identity", "min_version", "alpn", "offload"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -31,6 +31,10 @@ struct TLSServerSection: Decodable {
         }
         if let v = try Self.version(c, "min_version") { settings.minVersion = v }
         settings.alpn = try c.decodeIfPresent([String].self, forKey: key("alpn")) ?? []
+        if let text = try c.decodeIfPresent(String.self, forKey: key("offload")) {
+            guard let v = TLSServerSettings.Offload(rawValue: text) else { throw fail("offload", "expected auto or never, got '\(text)'") }
+            settings.offload = v
+        }
         do {
             context = try TLSServerContext(settings)
         } catch {

@@ -37,9 +37,21 @@ public struct TLSServerSettings: Sendable, Equatable {
     public var minVersion: TLSVersion = .tls12
     /// ALPN protocols offered, in preference order (empty: no ALPN).
     public var alpn: [String] = []
+    /// `auto`: a TLS 1.3 connection of a forward listener goes to the kernel after its
+    /// handshake where the kernel has kTLS (`KernelTLS.support`); `never`: always user space.
+    public var offload: Offload = .auto
+    /// Capture each connection's traffic secrets so `TLSSession.kernelKeys` can derive the
+    /// kernel's keys; on by itself where `offload` goes to the kernel (tests set it to check
+    /// the derivation on a kernel without kTLS).
+    public var exposeTrafficKeys = false
     /// Session tickets are encrypted under a key replaced this often (the previous one is
     /// still accepted for as long again).
     public var ticketKeySeconds: UInt32 = 3600
+
+    public enum Offload: String, Sendable, Equatable {
+        case auto
+        case never
+    }
 
     public enum ClientIdentity: String, Sendable, Equatable {
         case commonName = "cn"
@@ -72,6 +84,8 @@ public struct TLSClientSettings: Sendable, Equatable {
     public var maxVersion: TLSVersion?
     /// Offer the newest session ticket a server gave (an abbreviated handshake).
     public var resumeSessions = true
+    /// See `TLSServerSettings.exposeTrafficKeys`.
+    public var exposeTrafficKeys = false
 
     public init() {}
 }
@@ -176,6 +190,8 @@ public final class TLSServerContext: @unchecked Sendable {
     public let settings: TLSServerSettings
     /// The settings and the state of their files when loaded (see `OpenSSLContext.fingerprint`).
     public let fingerprint: String
+    /// Connections may go to the kernel after their handshake (`offload` and the kernel allow).
+    public let offloadsToKernel: Bool
     /// The context handshakes start on: the default certificate's, or the first SNI one's.
     private let primary: OpaquePointer
     /// SNI: each certificate's context and its leaf (for X509_check_host).
@@ -184,7 +200,9 @@ public final class TLSServerContext: @unchecked Sendable {
 
     public init(_ settings: TLSServerSettings) throws(TLSConfigurationError) {
         self.settings = settings
-        fingerprint = "\(settings.minVersion.rawValue);\(settings.alpn);\(settings.clientIdentity.rawValue);" + OpenSSLContext.fingerprint(settings.files)
+        fingerprint = "\(settings.minVersion.rawValue);\(settings.alpn);\(settings.clientIdentity.rawValue);\(settings.offload.rawValue);"
+            + OpenSSLContext.fingerprint(settings.files)
+        offloadsToKernel = settings.offload == .auto && KernelTLS.support.available
         let files = (settings.defaultCertificate.map { [$0] } ?? []) + settings.sniCertificates
         guard !files.isEmpty else { throw TLSConfigurationError("tls: needs a certificate and key") }
         var wire: [UInt8] = []
@@ -206,6 +224,9 @@ public final class TLSServerContext: @unchecked Sendable {
                 contexts.append((ctx, ctx))
                 try OpenSSLContext.loadCertificate(ctx, f)
                 try Self.configure(ctx, settings, alpn: alpnWire, alpnLength: wire.count)
+                if (offloadsToKernel || settings.exposeTrafficKeys) && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
+                    throw TLSConfigurationError("tls: traffic secrets for kTLS: \(OpenSSLContext.lastError())")
+                }
                 guard let leaf = SSL_CTX_get0_certificate(ctx) else { throw TLSConfigurationError("certificate \(f.certificate): no certificate") }
                 contexts[contexts.count - 1].1 = leaf
             }
@@ -297,6 +318,9 @@ public final class TLSClientContext: @unchecked Sendable {
                 SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
             }
             if let c = settings.certificate { try OpenSSLContext.loadCertificate(ctx, c) }
+            if settings.exposeTrafficKeys && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
+                throw TLSConfigurationError("upstream_tls: traffic secrets: \(OpenSSLContext.lastError())")
+            }
             if settings.resumeSessions && igris_ssl_ctx_remember_sessions(ctx) != 0 {
                 throw TLSConfigurationError("upstream_tls: session cache: \(OpenSSLContext.lastError())")
             }

@@ -13,7 +13,7 @@ import COpenSSL
 /// an idle TLS connection holds only its `SSL` object.
 public final class TLSSession {
     let ssl: OpaquePointer
-    private var inputBIO: OpaquePointer
+    private(set) var inputBIO: OpaquePointer
     private var outputBIO: OpaquePointer
     public let isServer: Bool
     /// The context object the session was made from: kept alive (its SNI callback and

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import IgrisEngine
+import IgrisTLS
 
 struct Probe: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -14,8 +15,8 @@ struct Probe: ParsableCommand {
         for line in IOUringProbe.report() { out.write("  \(line)\n") }
         var limit = rlimit()
         getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-        let ktls = KernelTLSProbe.run()
-        out.write("kTLS: \(ktls.available ? "available" : "unavailable") (\(ktls.reason)); IGRIS's TLS runs in user space (OpenSSL 3)\n")
+        let ktls = KernelTLS.support
+        out.write("kTLS: \(ktls.available ? "available" : "unavailable") (\(ktls.reason))\(ktls.available ? "" : "; TLS runs in user space (OpenSSL 3)")\n")
         out.write("RLIMIT_NOFILE: soft \(limit.rlim_cur), hard \(limit.rlim_max)\n")
         out.write("--backend auto would use: \(probe.usable ? "io_uring" : "epoll")\n")
     }

@@ -220,3 +220,80 @@ func clientContext(ca: String = Certificates.path("ca.pem"), certificate: String
             == "certificate \(Certificates.path("ca.cnf")): not a PEM certificate")
     }
 }
+
+import COpenSSL
+
+@Suite struct KernelTLSKeyTests {
+    /// What the kernel would be given: keys derived from the traffic secrets and the record
+    /// counts each way. Checked by opening the next real record with them, as the kernel would
+    /// (this machine's kernel has no kTLS to try them on).
+    @Test(arguments: ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"])
+    func keysAndSequenceNumbersOpenTheNextRecords(suite: String) throws {
+        var settings = TLSServerSettings(certificate: Certificates.files("server"))
+        settings.exposeTrafficKeys = true
+        let server = try TLSServerContext(settings)
+        var clientSettings = TLSClientSettings()
+        clientSettings.ca = Certificates.path("ca.pem")
+        let c = try #require(try TLSClientContext(clientSettings).makeSession(host: "localhost"))
+        _ = SSL_set_ciphersuites(c.ssl, suite)
+        let s = try #require(server.makeSession())
+        // Drive the handshake by hand to see the server's last step: its tickets.
+        var wire = [UInt8](repeating: 0, count: 65536)
+        func move(_ from: TLSSession, _ to: TLSSession) {
+            let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+        }
+        #expect(c.handshake() == .wantInput)   // ClientHello
+        move(c, s)
+        #expect(s.handshake() == .wantInput)   // ServerHello … Finished
+        move(s, c)
+        #expect(c.handshake() == .done)        // client Finished
+        move(c, s)
+        let queued = s.pendingOutput
+        #expect(s.handshake() == .done)        // the tickets
+        let tickets = try #require(s.pendingRecords(from: queued))
+        #expect(tickets == 1)
+        #expect(s.cipher == suite)
+        let transmit = try #require(s.kernelKeys(sending: true))
+        let receive = try #require(s.kernelKeys(sending: false))
+        #expect(s.holdsNoInput)
+
+        func open(_ keys: KernelTLS.Keys, sequence: UInt64, _ record: [UInt8]) -> (String, Int32)? {
+            var out = [UInt8](repeating: 0, count: record.count)
+            var type: Int32 = 0
+            let n = igris_tls13_open_record(keys.cipher, keys.key, keys.key.count, keys.iv, sequence, record, record.count, &out, &type)
+            return n < 0 ? nil : (String(decoding: out.prefix(n), as: UTF8.self), type)
+        }
+        // Server → client: the first record after the tickets carries sequence number 1.
+        let text = Array("from the server".utf8)
+        _ = s.takeOutput(into: &wire, capacity: wire.count)  // the tickets, as flushed before the hand-off
+        #expect(text.withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        let recordLength = wire.withUnsafeMutableBytes { s.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        let record = Array(wire.prefix(recordLength))
+        #expect(open(transmit, sequence: UInt64(tickets), record)?.0 == "from the server")
+        #expect(open(transmit, sequence: 0, record) == nil)
+        // Client → server: the client's first application record is number 0.
+        let ping = Array("from the client".utf8)
+        #expect(ping.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        let clientLength = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        let clientRecord = Array(wire.prefix(clientLength))
+        #expect(KernelTLS.wholeRecords(clientRecord.withUnsafeBytes { $0 }) == 1)
+        let opened = open(receive, sequence: 0, clientRecord)
+        #expect(opened?.0 == "from the client" && opened?.1 == 23)
+    }
+
+    @Test func recordCounting() {
+        let two: [UInt8] = [23, 3, 3, 0, 2, 9, 9, 23, 3, 3, 0, 1, 7]
+        #expect(two.withUnsafeBytes { KernelTLS.wholeRecords($0) } == 2)
+        #expect(two.dropLast().withUnsafeBytes { KernelTLS.wholeRecords($0) } == nil)
+        #expect([UInt8]().withUnsafeBytes { KernelTLS.wholeRecords($0) } == 0)
+    }
+
+    @Test func probeSaysWhy() {
+        let support = KernelTLS.support
+        #expect(!support.reason.isEmpty)
+        // A context only captures secrets (and the engine only hands off) where kTLS is there.
+        let context = try? TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        #expect(context?.offloadsToKernel == support.available)
+    }
+}

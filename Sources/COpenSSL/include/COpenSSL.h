@@ -64,4 +64,32 @@ int igris_ssl_peer_name(SSL *ssl, int use_san, char *out, size_t capacity);
 /// whether it parsed at all (0 on success, -1 not found / not PEM).
 int igris_certificate_expiry(const char *path, long long *seconds_left);
 
+// MARK: - Kernel TLS hand-off (TLS 1.3)
+
+/// Records the TLS 1.3 application traffic secrets of the context's connections (through the
+/// keylog callback, into the SSL's own ex_data, freed with it). Only contexts that may hand
+/// connections to the kernel turn this on. Returns 0 on success.
+int igris_ssl_ctx_capture_traffic_secrets(SSL_CTX *ctx);
+
+/// The negotiated TLS 1.3 cipher's traffic keys for one direction (`sending`: this side's
+/// records, else the peer's), derived from the captured secret with HKDF-Expand-Label:
+/// `key` (16 or 32 bytes, `*key_length` set) and the 12-byte `iv`. The kernel's cipher
+/// (TLS_CIPHER_*) is returned, or -1: not TLS 1.3, no secret captured, or a cipher the kernel
+/// path doesn't take.
+int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_t *key_length, unsigned char iv[12]);
+
+/// Hands one direction of `fd` to the kernel (`setsockopt(SOL_TLS, TLS_TX or TLS_RX)`; the
+/// `tls` ULP must be attached, `igris_ktls_attach`): 0, or -errno.
+int igris_ktls_install(int fd, int transmit, int cipher, const unsigned char *key, size_t key_length,
+                       const unsigned char iv[12], unsigned long long sequence);
+/// `setsockopt(IPPROTO_TCP, TCP_ULP, "tls")`: 0, or -errno.
+int igris_ktls_attach(int fd);
+
+/// Test support: decrypts one TLS 1.3 record (header included) with a direction's key, IV
+/// and sequence number, as the kernel would. The inner plaintext's length (content type
+/// stripped, in `*type`), or -1 when it does not authenticate.
+long igris_tls13_open_record(int cipher, const unsigned char *key, size_t key_length, const unsigned char iv[12],
+                             unsigned long long sequence, const unsigned char *record, size_t length,
+                             unsigned char *out, int *type);
+
 #endif
