@@ -152,11 +152,11 @@ extension Worker {
         let useSAN = l.bound.rule.tls?.settings.clientIdentity == .subjectAltName
         guard let name = session.peerName(subjectAltName: useSAN) else { return nil }
         guard !accounts.isEmpty else { return nil }  // no users file: the certificate alone admits
-        guard let index = accounts.firstIndex(where: { $0.name == name }) else {
+        guard let index = accountIndex[name] else {
             refuseIdentity(s, p, name, "not in the users file")
             return false
         }
-        let account = accounts[index]
+        let account = accounts[Int(index)]
         var wallClock = timespec()
         clock_gettime(CLOCK_REALTIME, &wallClock)
         if account.isRevoked(atEpochSeconds: Int64(wallClock.tv_sec)) {
@@ -168,7 +168,7 @@ extension Worker {
             refuseIdentity(s, p, name, "at its max_connections")
             return false
         }
-        p.pointee.user = Int32(index)
+        p.pointee.user = index
         p.pointee.rateLimited = account.isRateLimited
         statistics.add(.tlsClientIdentities)
         return true
@@ -194,7 +194,31 @@ extension Worker {
             "listener": "\(listeners[Int(p.pointee.listener)].name)", "peer": "\(peer)",
             "reason": "\(failure.reason.rawValue)", "error": "\(failure.detail)",
         ])
+        if side == 1 && tryNextServerAfterTLSFailure(s, p) { return }
         closeSlot(s, abort: false, reason: side == 0 ? .tlsFailed : .connectFailed)
+    }
+
+    /// upstream_tls: the handshake with this pool server failed; like a failed connect, the
+    /// next healthy server not yet tried gets the connection (within the same connect
+    /// timeout). False when there is none.
+    private func tryNextServerAfterTLSFailure(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
+        let l = listeners[Int(p.pointee.listener)]
+        guard let pool = l.pool, p.pointee.server >= 0, pool.pick(tried: p.pointee.triedServers, clientHash: 0) != nil else { return false }
+        statistics.add(.connectFailures)
+        pool.release(Int(p.pointee.server))
+        p.pointee.server = -1
+        upstreamTLS[s] = nil
+        // Whatever is still armed on the socket (a poll for its bytes, a wait for room) is
+        // cancelled with it.
+        var pending = PendingOperations(write: direction(p, 0).pointee.pendingWrite(token(s, .none, 0)))
+        if p.pointee.tls & TLSSides.upstreamPollArmed != 0 { pending.read = token(s, .negotiationReadable, 1) }
+        p.pointee.tls &= ~(TLSSides.upstream | TLSSides.upstreamHandshake | TLSSides.upstreamPollArmed)
+        direction(p, 0).pointee.writing = .idle
+        p.pointee.inflight += 1
+        backend.close(fd: p.pointee.upstream, pending: pending, abort: true, token: token(s, .close, 1))
+        p.pointee.setUpstream(-1)
+        _ = connectUpstream(s)
+        return true
     }
 
     /// Reads the ciphertext queued on a side's socket into its session (handshake and

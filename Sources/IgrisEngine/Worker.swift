@@ -107,7 +107,9 @@ final class Worker<Backend: IOBackend> {
     // Negotiations (see Negotiating.swift).
     let mailbox: WorkerMailbox
     /// The users file's accounts, indexed by `ConnectionSlot.user` (append-only on reload).
-    var accounts: [UserAccount]
+    var accounts: [UserAccount] { didSet { accountIndex = Self.index(accounts) } }
+    /// Account index by name, for client certificates that name their user.
+    var accountIndex: [String: Int32] = [:]
     /// When the next account expires (loop clock; .max: none does).
     var nextAccountExpiry: UInt64 = .max
     /// The source each counted slot is charged to (see `SourceLimits`).
@@ -161,6 +163,7 @@ final class Worker<Backend: IOBackend> {
         self.accessLogger = accessLogger
         mailbox = WorkerMailbox(control: control)
         accounts = configuration.accounts
+        accountIndex = Self.index(accounts)
         scratch = .allocate(byteCount: Self.scratchSize, alignment: 16)
         table = ConnectionTable(capacity: configuration.slotCapacity)
         pipes = PipePool(requestedSize: configuration.pipeSize, limit: configuration.maxPipes)
@@ -171,6 +174,12 @@ final class Worker<Backend: IOBackend> {
         bufferWaiters.reserveCapacity(256)
         probes = Self.makeProbes(listeners: configuration.listeners.map(\.rule), worker: configuration.index,
                                  workers: configuration.workerCount, now: now)
+    }
+
+    static func index(_ accounts: [UserAccount]) -> [String: Int32] {
+        var index: [String: Int32] = [:]
+        for (i, a) in accounts.enumerated() { index[a.name] = Int32(i) }
+        return index
     }
 
     deinit {

@@ -219,3 +219,39 @@ final class ManualTLSClient {
         return true
     }
 }
+
+extension TLSTests {
+    @Test("upstream_tls: a pool server that fails the handshake (it isn't TLS) is skipped for the next one, like a failed connect", arguments: engineBackends)
+    func upstreamTLSFailover(backend: BackendChoice) throws {
+        let echo = try echoUpstream()
+        defer { echo.stop() }
+        // The pool: a plain echo server (the handshake fails against it) and igris's own TLS
+        // listener in front of the same echo.
+        var tlsIn = ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), upstream: echo.address, name: "tls-in")
+        tlsIn.tls = try TLSFixtures.server()
+        let front = try Server(configuration: ServerConfiguration(listeners: [tlsIn], workers: 1, backend: backend))
+        try front.start()
+        defer { front.beginDrain(); front.wait() }
+        var settings = TLSClientSettings()
+        settings.ca = TLSFixtures.path("ca.pem")
+        settings.serverName = "localhost"
+        let pool = UpstreamPool(name: "mixed", servers: [echo.address, front.listenAddresses[0]], tls: try TLSClientContext(settings))
+        let server = try Server(configuration: ServerConfiguration(listeners: [
+            ListenerRule(listen: try SocketAddress.resolve("127.0.0.1:0"), name: "plain-in", pool: pool),
+        ], workers: 1, backend: backend))
+        try server.start()
+        defer { server.beginDrain(); server.wait() }
+        for i in 0..<4 {
+            let client = try TestSocket.connect(server.listenAddresses[0])
+            client.setReceiveTimeout(seconds: 10)
+            let message = [UInt8]("connection \(i)".utf8)
+            #expect(client.write(message))
+            #expect(try client.readExactly(message.count) == message, "connection \(i)")
+            client.close()
+        }
+        // Round robin sent half of them to the plain server first.
+        #expect(server.total(WorkerStatistics.tlsFailureCounter(.plaintext)) + server.total(WorkerStatistics.tlsFailureCounter(.malformed)) >= 1)
+        #expect(server.total(.tlsHandshakes) == 4)
+        #expect(eventually { server.total(.activeConnections) == 0 })
+    }
+}
