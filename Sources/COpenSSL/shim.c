@@ -230,6 +230,78 @@ int igris_certificate_expiry(const char *path, long long *seconds_left) {
     return 0;
 }
 
+// MARK: - Input in place
+
+struct input { const unsigned char *data; size_t length; };
+static BIO_METHOD *input_method;
+static pthread_once_t input_once = PTHREAD_ONCE_INIT;
+
+static int input_read(BIO *bio, char *out, int capacity) {
+    struct input *in = BIO_get_data(bio);
+    BIO_clear_retry_flags(bio);
+    if (in->length == 0) {
+        BIO_set_retry_read(bio);
+        return -1;
+    }
+    size_t n = in->length < (size_t)capacity ? in->length : (size_t)capacity;
+    memcpy(out, in->data, n);
+    in->data += n;
+    in->length -= n;
+    return (int)n;
+}
+
+static int input_write(BIO *bio, const char *data, int length) { (void)bio; (void)data; (void)length; return -1; }
+
+static long input_ctrl(BIO *bio, int cmd, long num, void *ptr) {
+    (void)num; (void)ptr;
+    struct input *in = BIO_get_data(bio);
+    switch (cmd) {
+    case BIO_CTRL_PENDING: return (long)in->length;
+    case BIO_CTRL_FLUSH: return 1;
+    default: return 0;
+    }
+}
+
+static int input_create(BIO *bio) {
+    struct input *in = OPENSSL_zalloc(sizeof *in);
+    if (in == NULL) return 0;
+    BIO_set_data(bio, in);
+    BIO_set_init(bio, 1);
+    return 1;
+}
+
+static int input_destroy(BIO *bio) {
+    OPENSSL_free(BIO_get_data(bio));
+    BIO_set_data(bio, NULL);
+    return 1;
+}
+
+static void input_init(void) {
+    input_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "igris input");
+    if (input_method == NULL) return;
+    BIO_meth_set_read(input_method, input_read);
+    BIO_meth_set_write(input_method, input_write);
+    BIO_meth_set_ctrl(input_method, input_ctrl);
+    BIO_meth_set_create(input_method, input_create);
+    BIO_meth_set_destroy(input_method, input_destroy);
+}
+
+BIO *igris_input_bio_new(void) {
+    pthread_once(&input_once, input_init);
+    return input_method ? BIO_new(input_method) : NULL;
+}
+
+void igris_input_bio_set(BIO *bio, const void *data, size_t length) {
+    struct input *in = BIO_get_data(bio);
+    in->data = data;
+    in->length = length;
+}
+
+size_t igris_input_bio_left(BIO *bio) {
+    struct input *in = BIO_get_data(bio);
+    return in->length;
+}
+
 // MARK: - Kernel TLS hand-off
 
 struct traffic_secrets { unsigned char client[64], server[64]; size_t client_length, server_length; };

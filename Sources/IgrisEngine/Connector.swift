@@ -161,6 +161,10 @@ extension Worker {
             closeSlot(s, abort: true)
             return
         }
+        // Bridging: the sessions read ciphertext where it was received (no copy).
+        let readBufferLength = backend.buffers.size + Self.tlsDecryptHeadroom
+        _ = clientTLS[s]?.useInPlaceInput(readBufferLength: readBufferLength)
+        _ = upstreamTLS[s]?.useInPlaceInput(readBufferLength: readBufferLength)
         let first = early.isEmpty ? preamble : preamble + early
         if !first.isEmpty {
             if let session = upstreamTLS[s] {

@@ -298,7 +298,7 @@ extension Worker {
         guard let session = tlsSession(s, side: d) else { return n }
         let buffer = backend.buffers.pointer(b)
         session.feed(buffer, count: n)
-        let result = session.read(into: buffer, capacity: backend.buffers.size)
+        let result = session.read(into: buffer, capacity: backend.buffers.size, spare: scratch, spareCapacity: Self.scratchSize)
         // A short read: the peer paused, so the session's memory can go back.
         if n < backend.buffers.size / 4 { session.releaseMemory() }
         // A key update or alert the read produced goes out now if nothing is being sent there.

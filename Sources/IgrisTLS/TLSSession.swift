@@ -21,6 +21,8 @@ public final class TLSSession {
     private let owner: AnyObject
     /// Plaintext read during the negotiation phase and not yet consumed (SOCKS5 / HTTP heads).
     public var negotiationBytes: [UInt8] = []
+    /// Input is read where the caller received it (`useInPlaceInput`), not from a memory BIO.
+    public private(set) var inPlace = false
     /// Bytes fed since the last trim, to tell when the input BIO may have grown.
     private var fedSinceTrim = 0
     /// Bytes of records taken since the last trim, likewise for the output BIO.
@@ -49,11 +51,33 @@ public final class TLSSession {
 
     // MARK: - Ciphertext in
 
-    /// Ciphertext received from the peer.
+    /// Ciphertext received from the peer: copied into the input BIO, or (in place) read from
+    /// where it is during the next `read`, which must come before the memory is reused.
     public func feed(_ bytes: UnsafeRawPointer, count: Int) {
         guard count > 0 else { return }
+        if inPlace {
+            igris_input_bio_set(inputBIO, bytes, count)
+            return
+        }
         _ = BIO_write(inputBIO, bytes, Int32(count))
         fedSinceTrim += count
+    }
+
+    /// From now on `feed` hands OpenSSL the caller's memory instead of copying it, and `read`
+    /// may decrypt into that same memory. Safe because OpenSSL reads ahead: with a record
+    /// buffer of `readBufferLength` (at least the most fed at once plus a whole record) its
+    /// first read takes everything fed before any plaintext is written, which `read` checks.
+    /// Only while nothing is buffered inside (else false, and input stays copied).
+    public func useInPlaceInput(readBufferLength: Int) -> Bool {
+        // SSL_free_buffers: the record buffer must be allocated anew at the larger size.
+        guard !inPlace, BIO_ctrl_pending(inputBIO) == 0, SSL_has_pending(ssl) == 0, SSL_free_buffers(ssl) == 1,
+              let bio = igris_input_bio_new() else { return false }
+        SSL_set_read_ahead(ssl, 1)
+        SSL_set_default_read_buffer_len(ssl, readBufferLength)
+        SSL_set0_rbio(ssl, bio)  // frees the memory BIO
+        inputBIO = bio
+        inPlace = true
+        return true
     }
 
     /// Ciphertext fed and not yet taken by OpenSSL.
@@ -96,15 +120,41 @@ public final class TLSSession {
     }
 
     /// Decrypts into `buffer` until it is full or the input runs out.
-    public func read(into buffer: UnsafeMutableRawPointer, capacity: Int) -> ReadResult {
+    /// In place (`useInPlaceInput`), `spare` (16 KiB at least: one record's plaintext) takes
+    /// the plaintext of a record the session already holds part of: completing it reads just
+    /// that record's rest, so the input behind it is still unread, and its plaintext must not
+    /// land on it. The next read takes all the rest (read-ahead) before writing anything.
+    public func read(into buffer: UnsafeMutableRawPointer, capacity: Int,
+                     spare: UnsafeMutableRawPointer? = nil, spareCapacity: Int = 0) -> ReadResult {
         var total = 0
+        let fed = inPlace ? igris_input_bio_left(inputBIO) : 0
         // Once per call: a successful SSL_read_ex leaves the queue empty.
         ERR_clear_error()
+        var parked = 0
+        if inPlace, fed > 0, SSL_has_pending(ssl) == 1, let spare {
+            var n = 0
+            let rc = SSL_read_ex(ssl, spare, min(spareCapacity, capacity), &n)
+            if rc == 1 {
+                parked = n
+                total = n
+            } else {
+                let error = SSL_get_error(ssl, rc)
+                switch error {
+                case SSL_ERROR_WANT_READ: return .wantInput
+                case SSL_ERROR_ZERO_RETURN: return .closed
+                default: return .failed(TLSFailure.current(ssl: ssl, error: error))
+                }
+            }
+        }
         while total < capacity {
             var n = 0
             let rc = SSL_read_ex(ssl, buffer + total, capacity - total, &n)
             if rc == 1 {
                 total += n
+                // In place, plaintext must never overtake ciphertext not yet taken.
+                if inPlace, case let left = igris_input_bio_left(inputBIO), left > 0, total > fed - left {
+                    return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place (\(left) bytes left)"))
+                }
                 continue
             }
             let error = SSL_get_error(ssl, rc)
@@ -115,6 +165,13 @@ public final class TLSSession {
             case SSL_ERROR_ZERO_RETURN: return .closed
             default: return total > 0 ? .bytes(total) : .failed(TLSFailure.current(ssl: ssl, error: error))
             }
+        }
+        // The parked record goes first; the input it sat on has all been taken by now.
+        if parked > 0 {
+            if igris_input_bio_left(inputBIO) > 0 && total > parked {
+                return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place"))
+            }
+            buffer.copyMemory(from: spare!, byteCount: parked)
         }
         return .bytes(total)
     }

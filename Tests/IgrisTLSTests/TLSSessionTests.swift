@@ -297,3 +297,39 @@ import COpenSSL
         #expect(context?.offloadsToKernel == support.available)
     }
 }
+
+@Suite struct InPlaceInputTests {
+    /// Ciphertext decrypted where it was received, in chunks that split records anywhere
+    /// (as recvs do), comes out whole and in order — the case the spare buffer is for.
+    @Test(arguments: [47 * 1024, 16_000, 5_000, 1_000, 17])
+    func decryptsInTheReceivedBufferWhateverTheSplit(chunk: Int) throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        let c = try #require(try clientContext().makeSession(host: "localhost"))
+        let s = try #require(server.makeSession())
+        _ = handshake(c, s)
+        #expect(s.useInPlaceInput(readBufferLength: 65536 + 18 * 1024))
+        let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) }
+        _ = data.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) }
+        var wire = [UInt8](repeating: 0, count: 400_000)
+        let total = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        var offset = 0
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var spare = [UInt8](repeating: 0, count: 16384)
+        var plain: [UInt8] = []
+        while offset < total {
+            let n = min(chunk, total - offset)
+            buffer.withUnsafeMutableBytes { b in wire.withUnsafeBytes { b.baseAddress!.copyMemory(from: $0.baseAddress! + offset, byteCount: n) } }
+            buffer.withUnsafeMutableBytes { s.feed($0.baseAddress!, count: n) }
+            let r = buffer.withUnsafeMutableBytes { b in
+                spare.withUnsafeMutableBytes { s.read(into: b.baseAddress!, capacity: b.count, spare: $0.baseAddress!, spareCapacity: $0.count) }
+            }
+            switch r {
+            case .bytes(let k): plain += buffer.prefix(k)
+            case .wantInput: break
+            default: Issue.record("chunk \(chunk) at \(offset): \(r)"); return
+            }
+            offset += n
+        }
+        #expect(plain == data)
+    }
+}

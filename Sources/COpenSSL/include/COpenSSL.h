@@ -64,6 +64,12 @@ int igris_ssl_peer_name(SSL *ssl, int use_san, char *out, size_t capacity);
 /// whether it parsed at all (0 on success, -1 not found / not PEM).
 int igris_certificate_expiry(const char *path, long long *seconds_left);
 
+/// A read-only BIO over caller memory (`igris_input_bio_set`): OpenSSL reads the ciphertext
+/// where the engine received it, with no copy into a memory BIO. Empty: "retry".
+BIO *igris_input_bio_new(void);
+void igris_input_bio_set(BIO *bio, const void *data, size_t length);
+size_t igris_input_bio_left(BIO *bio);
+
 // MARK: - Kernel TLS hand-off (TLS 1.3)
 
 /// Records the TLS 1.3 application traffic secrets of the context's connections (through the
