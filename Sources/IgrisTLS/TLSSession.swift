@@ -77,6 +77,7 @@ public final class TLSSession {
         SSL_set0_rbio(ssl, bio)  // frees the memory BIO
         inputBIO = bio
         inPlace = true
+        fedSinceTrim = 0
         return true
     }
 
@@ -258,7 +259,8 @@ public final class TLSSession {
     }
 
     private func trimIfDrained(_ threshold: Int) {
-        guard fedSinceTrim > threshold, BIO_ctrl_pending(inputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
+        // In place there is no memory BIO to trim (and replacing the input would undo it).
+        guard !inPlace, fedSinceTrim > threshold, BIO_ctrl_pending(inputBIO) == 0, let fresh = BIO_new(BIO_s_mem()) else { return }
         BIO_ctrl(fresh, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
         SSL_set0_rbio(ssl, fresh)  // frees the old one
         inputBIO = fresh

@@ -333,3 +333,30 @@ import COpenSSL
         #expect(plain == data)
     }
 }
+
+extension InPlaceInputTests {
+    /// Releasing memory must leave in-place input alone: a handshake's bytes counted toward
+    /// trimming once made it swap a memory BIO in under the in-place reader (a crash).
+    @Test func releasingMemoryKeepsInPlaceInput() throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        let c = try #require(try clientContext().makeSession(host: "localhost"))
+        let s = try #require(server.makeSession())
+        _ = handshake(c, s)
+        // More than the trim threshold fed before the switch.
+        let early = [UInt8](repeating: 3, count: 10_000)
+        _ = early.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) }
+        var wire = [UInt8](repeating: 0, count: 20_000)
+        var n = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire.withUnsafeBytes { s.feed($0.baseAddress!, count: n) }
+        var out = [UInt8](repeating: 0, count: 20_000)
+        #expect(out.withUnsafeMutableBytes { s.read(into: $0.baseAddress!, capacity: $0.count) } == .bytes(10_000))
+        #expect(s.useInPlaceInput(readBufferLength: 82 * 1024))
+        s.releaseMemory()
+        s.releaseMemory(threshold: 0)
+        _ = early.withUnsafeBytes { c.write($0.baseAddress!, count: 100) }
+        n = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire.withUnsafeMutableBytes { s.feed($0.baseAddress!, count: n) }
+        #expect(wire.withUnsafeMutableBytes { s.read(into: $0.baseAddress!, capacity: $0.count) } == .bytes(100))
+        #expect(s.inPlace)
+    }
+}
