@@ -122,11 +122,7 @@ extension Worker {
     private func offloadToKernel(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ session: TLSSession, sent: Int) -> Bool {
         guard session.pendingOutput == 0, let received = session.bufferedRecords,
               let transmit = session.kernelKeys(sending: true), let receive = session.kernelKeys(sending: false) else { return true }
-        while session.hasBufferedInput {
-            guard case .bytes(let n) = session.read(into: scratch, capacity: Self.scratchSize) else { break }
-            session.negotiationBytes += UnsafeRawBufferPointer(start: scratch, count: n)
-        }
-        guard session.holdsNoInput else { return true }
+        guard decryptBuffered(session), session.holdsNoInput else { return true }
         switch KernelTLS.install(fd: p.pointee.client, transmit: transmit, sent: UInt64(sent), receive: receive, received: UInt64(received)) {
         case .installed:
             // The session now only carries the early plaintext to `startBridging`.
@@ -364,20 +360,25 @@ extension Worker {
     /// decrypted with the handshake's last flight): it goes to the upstream first.
     func takeEarlyPlaintext(_ s: Int32) -> [UInt8]? {
         guard let session = clientTLS[s] else { return [] }
-        var bytes = session.negotiationBytes
+        guard decryptBuffered(session) else { return nil }
+        let bytes = session.negotiationBytes
         session.negotiationBytes = []
         if table.pointer(s).pointee.tls & TLSSides.clientInKernel != 0 {
             clientTLS[s] = nil  // the kernel has the records now: OpenSSL's state can go
-            return bytes
-        }
-        while session.hasBufferedInput {
-            switch session.read(into: scratch, capacity: Self.scratchSize) {
-            case .bytes(let n): bytes += UnsafeRawBufferPointer(start: scratch, count: n)
-            case .wantInput, .closed: return bytes
-            case .failed: return nil
-            }
         }
         return bytes
+    }
+
+    /// Decrypts whatever the session holds onto `negotiationBytes`; false when a record failed.
+    private func decryptBuffered(_ session: TLSSession) -> Bool {
+        while session.hasBufferedInput {
+            switch session.read(into: scratch, capacity: Self.scratchSize) {
+            case .bytes(let n): session.negotiationBytes += UnsafeRawBufferPointer(start: scratch, count: n)
+            case .wantInput, .closed: return true
+            case .failed: return false
+            }
+        }
+        return true
     }
 
     /// The access log's `tls` field: version and cipher of the client side (or upstream's),

@@ -129,6 +129,11 @@ public final class TLSSession {
                      spare: UnsafeMutableRawPointer? = nil, spareCapacity: Int = 0) -> ReadResult {
         var total = 0
         let fed = inPlace ? igris_input_bio_left(inputBIO) : 0
+        // In place, bytes written up to `end` of the buffer must not reach input not yet taken.
+        func overtakesInput(_ end: Int) -> Bool {
+            let left = igris_input_bio_left(inputBIO)
+            return left > 0 && end > fed - left
+        }
         // Once per call: a successful SSL_read_ex leaves the queue empty.
         ERR_clear_error()
         var parked = 0
@@ -152,9 +157,8 @@ public final class TLSSession {
             let rc = SSL_read_ex(ssl, buffer + total, capacity - total, &n)
             if rc == 1 {
                 total += n
-                // In place, plaintext must never overtake ciphertext not yet taken.
-                if inPlace, case let left = igris_input_bio_left(inputBIO), left > 0, total > fed - left {
-                    return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place (\(left) bytes left)"))
+                if inPlace && overtakesInput(total) {
+                    return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place (\(igris_input_bio_left(inputBIO)) bytes left)"))
                 }
                 continue
             }
@@ -169,7 +173,7 @@ public final class TLSSession {
         }
         // The parked record goes first; the input it sat on has all been taken by now.
         if parked > 0 {
-            if igris_input_bio_left(inputBIO) > 0 && total > parked {
+            if overtakesInput(parked) {
                 return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place"))
             }
             buffer.copyMemory(from: spare!, byteCount: parked)
