@@ -18,7 +18,7 @@
 Loopback only; every client is bounded in time. Machines here are shared and noisy: ratios
 come from one run, side by side.
 """
-import argparse, json, os, shutil, subprocess, sys, time, urllib.request
+import argparse, ctypes, json, os, shutil, subprocess, sys, time, urllib.request
 
 from bench import write_section, IGRIS, LOAD, Proxy, free_port, log, start_server, tree_cpu, tree_rss_kib, wait_port
 from idle_churn import established
@@ -60,6 +60,30 @@ def time_wait():
         return int(next(l for l in f if l.startswith("TCP:")).split()[6])
 
 
+class FreshNetwork:
+    """Runs a step in a network namespace of its own (loopback only), so that every step
+    starts from the same kernel state: no TIME_WAIT sockets or bound ports left by the steps
+    before. Those crowd the ephemeral ports toward the upstream, and the kernel's port search
+    in connect() (`__inet_hash_connect`) then costs what the previous step left behind."""
+
+    CLONE_NEWNET = 0x40000000
+
+    def __enter__(self):
+        self.original = os.open("/proc/self/ns/net", os.O_RDONLY)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(self.CLONE_NEWNET) != 0:
+            os.close(self.original)
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return self
+
+    def __exit__(self, *exc):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(self.original, self.CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns(original network namespace)")
+        os.close(self.original)
+
+
 def user_system(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -75,38 +99,49 @@ def stop(p):
             p.kill()
 
 
+def rate_target(target, upstream, workers, binary):
+    """A proxy for the rate section: igris on a backend, or HAProxy for reference."""
+    if target == "haproxy":
+        px = Proxy("haproxy", upstream, workers, maxconn=9800)
+        px.admin = None
+        return px
+    return igris(target, upstream, workers, binary=binary)
+
+
 def section_rate(a, echo_addr, out):
     out.append("### Connection rate as idle tunnels accumulate\n")
-    out.append("connect + 1-byte echo + close, 8 client threads, %.0f s each; ratio to the rate with no idle tunnel.\n" % a.duration)
-    out.append("| backend | " + " | ".join(f"{n:,} idle" for n in a.idle) + " |")
+    out.append("connect + 1-byte echo + close, 8 client threads, %.0f s each; ratio to the rate with no idle tunnel. "
+               "Each step runs in a network namespace of its own, so none starts with the TIME_WAIT sockets of "
+               "the one before (they fill the ephemeral ports toward the upstream, and connect()'s port search "
+               "then costs more on every backend and proxy). HAProxy is the reference.\n" % a.duration)
+    out.append("| target | " + " | ".join(f"{n:,} idle" for n in a.idle) + " |")
     out.append("|---|" + "---|" * len(a.idle))
-    for backend in a.backends:
+    for target in a.backends + a.rate_references:
         cells, base = [], None
         for n in a.idle:
-            # A fresh echo server (a fresh port) per step: the TIME_WAITs of the step before
-            # would otherwise crowd the same 4-tuples and slow every connect() in the kernel.
-            echo, fresh = start_server(["echo", "--threads", str(a.workers)])
-            px = igris(backend, fresh, a.workers, binary=a.igris)
-            h = None
-            try:
-                if n:
-                    h = hold(px.address, n, a.duration + 120)
-                tw = time_wait()
-                c0 = tree_cpu(px.p.pid)
-                u0 = user_system(px.p.pid)
-                t0 = time.time()
-                rate = load_json(["churn", "--connect", px.address, "--connections", "8", "--duration", str(a.duration)])["per_s"]
-                log(f"rate {backend} idle {n}: igris used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs, "
-                    f"{metric(px.admin, 'igris_accept_pauses_total'):.0f} accept pauses, user/system "
-                    f"{[round(b - a, 2) for a, b in zip(u0, user_system(px.p.pid))]} s, {tw} in TIME_WAIT before")
-                base = base or rate
-                cells.append(f"{rate:,.0f}/s ({rate / base:.2f}x)")
-                log(f"rate {backend} idle {n}: {rate:.0f}/s")
-            finally:
-                stop(h)
-                px.stop()
-                echo.kill()
-        out.append(f"| {backend} | " + " | ".join(cells) + " |")
+            with FreshNetwork():
+                echo, fresh = start_server(["echo", "--threads", str(a.workers)])
+                px = rate_target(target, fresh, a.workers, a.igris)
+                h = None
+                try:
+                    if n:
+                        h = hold(px.address, n, a.duration + 120)
+                    c0 = tree_cpu(px.p.pid)
+                    u0 = user_system(px.p.pid)
+                    t0 = time.time()
+                    rate = load_json(["churn", "--connect", px.address, "--connections", "8", "--duration", str(a.duration)])["per_s"]
+                    pauses = f"{metric(px.admin, 'igris_accept_pauses_total'):.0f} accept pauses, " if px.admin else ""
+                    log(f"rate {target} idle {n}: {rate:.0f}/s; used {(tree_cpu(px.p.pid) - c0) / (time.time() - t0):.2f} CPUs, "
+                        f"{pauses}user/system {[round(b - a, 2) for a, b in zip(u0, user_system(px.p.pid))]} s, "
+                        f"{time_wait()} in TIME_WAIT after")
+                    base = base or rate
+                    cells.append(f"{rate:,.0f}/s ({rate / base:.2f}x)")
+                finally:
+                    stop(h)
+                    px.stop()
+                    echo.kill()
+                    echo.wait()
+        out.append(f"| {target} | " + " | ".join(cells) + " |")
     out.append("")
 
 
@@ -229,6 +264,7 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--duration", type=float, default=4)
     ap.add_argument("--idle", default="0,3000,9000")
+    ap.add_argument("--rate-references", default="haproxy", help="other proxies in the rate section ('' for none)")
     ap.add_argument("--slow", type=int, help="slow readers in all (default: 1,000 per worker)")
     ap.add_argument("--slow-push", type=int, default=256 << 10,
                     help="bytes each slow reader pushes into the echo (4 MiB × 2,000 takes the kernel past tcp_mem)")
@@ -240,6 +276,7 @@ def main():
     a = ap.parse_args()
     a.backends = a.backends.split(",")
     a.idle = [int(x) for x in a.idle.split(",")]
+    a.rate_references = [x for x in a.rate_references.split(",") if x]
     a.busy = [int(x) for x in a.busy.split(",")]
     a.slow = a.slow or 1000 * a.workers
     echo, echo_addr = start_server(["echo", "--threads", str(a.workers)])

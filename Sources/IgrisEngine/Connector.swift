@@ -36,6 +36,17 @@ extension Worker {
             closeSlot(s, abort: false, reason: .connectFailed)
             return true
         }
+        if let source = pool.source(family: pool.servers[server].family) {
+            do {
+                try Syscall.bindSource(upstream, source)
+            } catch {
+                close(upstream)
+                statistics.add(.connectFailures)
+                logger.warning("binding the upstream source failed", metadata: ["listener": "\(l.name)", "source": "\(source.ipAddress)", "error": "\(error)"])
+                closeSlot(s, abort: false, reason: .connectFailed)
+                return true
+            }
+        }
         p.pointee.server = Int16(server)
         p.pointee.triedServers |= 1 << UInt64(server)
         pool.acquire(server)

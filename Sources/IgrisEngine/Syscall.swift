@@ -117,6 +117,14 @@ public enum Syscall {
     }
 
     @inline(never)
+    /// Binds an outgoing socket's source address, leaving the port to connect(), which picks
+    /// one unique for the whole 4-tuple (IP_BIND_ADDRESS_NO_PORT; a bind-time port would
+    /// have to be unique for the address alone).
+    public static func bindSource(_ fd: Int32, _ address: SocketAddress) throws(SyscallError) {
+        try setIntOption(fd, level: Int32(IPPROTO_IP), name: 24 /* IP_BIND_ADDRESS_NO_PORT */, value: 1, "IP_BIND_ADDRESS_NO_PORT")
+        try bind(fd, address)
+    }
+
     public static func bind(_ fd: Int32, _ address: SocketAddress) throws(SyscallError) {
         _ = try checked("bind") { address.withSockAddr { Glibc.bind(fd, $0, $1) } }
     }

@@ -44,6 +44,11 @@ public final class UpstreamPool: @unchecked Sendable {
     public let sendProxyProtocol: ProxyProtocol.Version?
     /// upstream_tls: TLS toward these servers (plain in, TLS out).
     public let tls: TLSClientContext?
+    /// `source:` the local addresses connections to these servers come from, in turn (port
+    /// chosen at connect). One address gives about 28,000 ports toward each server, shared
+    /// by open connections and TIME_WAIT; each more address adds as many again, and the
+    /// kernel's port search in connect() stays short when the space is sparse.
+    public let sources: [SocketAddress]
 
     /// Stable copies of the addresses: io_uring reads a connect's address at submission,
     /// a loop turn after the call. Immutable after init (hence @unchecked Sendable).
@@ -54,9 +59,10 @@ public final class UpstreamPool: @unchecked Sendable {
     }
     private let state: [ServerState]
     private let turn = Atomic<Int>(0)
+    private let sourceTurn = Atomic<Int>(0)
 
     public init(name: String, servers: [SocketAddress], balance: BalanceAlgorithm = .roundRobin, healthCheck: HealthCheck? = nil,
-                sendProxyProtocol: ProxyProtocol.Version? = nil, tls: TLSClientContext? = nil) {
+                sendProxyProtocol: ProxyProtocol.Version? = nil, tls: TLSClientContext? = nil, sources: [SocketAddress] = []) {
         precondition(!servers.isEmpty && servers.count <= Self.maxServers)
         self.name = name
         self.servers = servers
@@ -64,6 +70,7 @@ public final class UpstreamPool: @unchecked Sendable {
         self.healthCheck = healthCheck
         self.sendProxyProtocol = sendProxyProtocol
         self.tls = tls
+        self.sources = sources.map { $0.withPort(0) }
         addresses = .allocate(capacity: servers.count)
         for (i, s) in servers.enumerated() { (addresses + i).initialize(to: s.storage) }
         state = servers.map { _ in ServerState() }
@@ -79,6 +86,29 @@ public final class UpstreamPool: @unchecked Sendable {
     public func activeConnections(_ server: Int) -> Int { state[server].active.load(ordering: .relaxed) }
     func acquire(_ server: Int) { state[server].active.wrappingAdd(1, ordering: .relaxed) }
     func release(_ server: Int) { state[server].active.wrappingSubtract(1, ordering: .relaxed) }
+
+    /// The next source address of `family` (in turn), or nil: the kernel picks the source.
+    func source(family: Int32) -> SocketAddress? {
+        guard !sources.isEmpty else { return nil }
+        let start = Int(UInt(bitPattern: sourceTurn.wrappingAdd(1, ordering: .relaxed).oldValue) % UInt(sources.count))
+        for k in 0..<sources.count where sources[(start + k) % sources.count].family == family {
+            return sources[(start + k) % sources.count]
+        }
+        return nil
+    }
+
+    /// Whether this host can connect from `address`: nil, or why not (checked when the
+    /// configuration is read, so a typo is a startup error, not a failed connection each time).
+    public static func checkSource(_ address: SocketAddress) -> String? {
+        do {
+            let fd = try Syscall.streamSocket(family: address.family)
+            defer { close(fd) }
+            try Syscall.bindSource(fd, address.withPort(0))
+            return nil
+        } catch {
+            return error.errno == EADDRNOTAVAIL ? "\(address.ipAddress) is not an address of this host" : "\(error)"
+        }
+    }
 
     /// A healthy server this connection has not tried yet, or nil.
     func pick(tried: UInt64, clientHash: UInt64) -> Int? {

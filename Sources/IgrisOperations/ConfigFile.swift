@@ -36,6 +36,8 @@ public struct ConfigFile: Sendable {
         /// TLS with clients (`tls:`), and toward a single upstream (`upstream_tls:`).
         public var tls: TLSServerContext?
         public var upstreamTLS: TLSClientContext?
+        /// forward with upstream: the local addresses to connect from (`source:`).
+        public var upstreamSources: [SocketAddress] = []
     }
 
     public var workers: Int?
@@ -122,7 +124,7 @@ public struct ConfigFile: Sendable {
                                          handshakeTimeoutNanoseconds: l.handshakeTimeoutNanoseconds ?? handshakeTimeoutNanoseconds)
             var pool: UpstreamPool? = nil
             if l.mode == .forward {
-                pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0], tls: l.upstreamTLS) }
+                pool = l.pool.flatMap { pools[$0] } ?? l.upstream.map { UpstreamPool(name: l.name, servers: [$0], tls: l.upstreamTLS, sources: l.upstreamSources) }
             }
             var rule = try gateway.rule(listen: l.listen, name: l.name, mode: l.mode, pool: pool, options: options,
                                         acceptProxyProtocol: l.acceptProxyProtocol,
@@ -256,7 +258,8 @@ private struct Decoded: Decodable {
             for name in pools.allKeys {
                 let entry = try pools.decode(PoolEntry.self, forKey: name)
                 config.pools[name.stringValue] = UpstreamPool(name: name.stringValue, servers: entry.servers, balance: entry.balance,
-                                                              healthCheck: entry.healthCheck, sendProxyProtocol: entry.sendProxyProtocol, tls: entry.tls)
+                                                              healthCheck: entry.healthCheck, sendProxyProtocol: entry.sendProxyProtocol, tls: entry.tls,
+                                                              sources: entry.sources)
             }
         }
         guard c.contains(key("listeners")) else { throw DecodingError.keyNotFound(key("listeners"), .init(codingPath: c.codingPath, debugDescription: "")) }
@@ -331,7 +334,7 @@ private struct ListenerEntry: Decodable {
     init(from decoder: Decoder) throws {
         try decoder.rejectUnknownKeys(["name", "listen", "mode", "upstream", "pool", "auth", "accept_proxy_protocol", "proxy_protocol_from", "send_proxy_protocol",
                                        "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout", "handshake_timeout",
-                                       "max_connections", "tls", "upstream_tls"])
+                                       "max_connections", "tls", "upstream_tls", "source"])
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
         func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
         func fail(_ k: String, _ message: String) -> DecodingError {
@@ -412,75 +415,14 @@ private struct ListenerEntry: Decodable {
             guard mode == .forward && upstream != nil else { throw fail("upstream_tls", "only forward listeners with an upstream (a pool has its own upstream_tls)") }
             value.upstreamTLS = try c.decode(TLSClientSection.self, forKey: key("upstream_tls")).context
         }
+        if c.contains(key("source")) {
+            guard mode == .forward && upstream != nil else { throw fail("source", "only forward listeners with an upstream (a pool has its own source)") }
+            value.upstreamSources = try decodeSources(c, key("source"))
+        }
         if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
             guard mode == .forward else { throw fail("send_proxy_protocol", "only forward listeners send PROXY headers upstream") }
             guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else { throw fail("send_proxy_protocol", "expected v1, v2 or off, got '\(send)'") }
             value.sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
-        }
-    }
-}
-
-private struct PoolEntry: Decodable {
-    var servers: [SocketAddress] = []
-    var balance = BalanceAlgorithm.roundRobin
-    var healthCheck: HealthCheck?
-    var sendProxyProtocol: ProxyProtocol.Version?
-    var tls: TLSClientContext?
-
-    init(from decoder: Decoder) throws {
-        try decoder.rejectUnknownKeys(["servers", "balance", "health_check", "send_proxy_protocol", "upstream_tls"])
-        let c = try decoder.container(keyedBy: AnyCodingKey.self)
-        func key(_ s: String) -> AnyCodingKey { AnyCodingKey(stringValue: s) }
-        func fail(_ path: [CodingKey], _ message: String) -> DecodingError {
-            .dataCorrupted(.init(codingPath: c.codingPath + path, debugDescription: message))
-        }
-        var list = try c.nestedUnkeyedContainer(forKey: key("servers"))
-        while !list.isAtEnd {
-            let index = list.currentIndex
-            let text = try list.decode(String.self)
-            do { servers.append(try SocketAddress.resolve(text)) } catch {
-                throw fail([key("servers"), AnyCodingKey(intValue: index)], error.description)
-            }
-        }
-        guard (1...UpstreamPool.maxServers).contains(servers.count) else {
-            throw fail([key("servers")], "a pool has 1 to \(UpstreamPool.maxServers) servers")
-        }
-        if let b = try c.decodeIfPresent(String.self, forKey: key("balance")) {
-            guard let v = BalanceAlgorithm(rawValue: b) else {
-                throw fail([key("balance")], "expected one of \(BalanceAlgorithm.allCases.map(\.rawValue).joined(separator: ", ")), got '\(b)'")
-            }
-            balance = v
-        }
-        if let send = try c.decodeIfPresent(String.self, forKey: key("send_proxy_protocol")) {
-            guard send == "off" || ProxyProtocol.Version(rawValue: send) != nil else {
-                throw fail([key("send_proxy_protocol")], "expected v1, v2 or off, got '\(send)'")
-            }
-            sendProxyProtocol = ProxyProtocol.Version(rawValue: send)
-        }
-        tls = try c.decodeIfPresent(TLSClientSection.self, forKey: key("upstream_tls"))?.context
-        if c.contains(key("health_check")) {
-            let h = try c.nestedContainer(keyedBy: AnyCodingKey.self, forKey: key("health_check"))
-            let known: Set<String> = ["interval", "timeout", "rise", "fall"]
-            for k in h.allKeys where !known.contains(k.stringValue) {
-                throw fail([key("health_check"), k], "unknown key '\(k.stringValue)' (expected one of: fall, interval, rise, timeout)")
-            }
-            var check = HealthCheck()
-            for (name, path) in [("interval", \HealthCheck.intervalNanoseconds), ("timeout", \HealthCheck.timeoutNanoseconds)] {
-                guard let text = try h.decodeIfPresent(String.self, forKey: key(name)) else { continue }
-                guard let ns = DurationText.parse(text), ns > 0 else {
-                    throw fail([key("health_check"), key(name)], "expected a duration such as 500ms or 2s, got '\(text)'")
-                }
-                check[keyPath: path] = ns
-            }
-            for (name, path) in [("rise", \HealthCheck.rise), ("fall", \HealthCheck.fall)] {
-                guard let v = try h.decodeIfPresent(Int.self, forKey: key(name)) else { continue }
-                guard (1...100).contains(v) else { throw fail([key("health_check"), key(name)], "must be between 1 and 100") }
-                check[keyPath: path] = v
-            }
-            guard check.timeoutNanoseconds <= check.intervalNanoseconds else {
-                throw fail([key("health_check"), key("timeout")], "must not exceed the interval")
-            }
-            healthCheck = check
         }
     }
 }

@@ -58,6 +58,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("upstream-tls-ca"), help: "TLS toward each --upstream, verified against this CA bundle (PEM).")
     var upstreamTLSCA: String?
 
+    @Option(name: .customLong("upstream-source"),
+            help: "Connect to each --upstream from this local address, in turn with the others given (repeatable; each adds about 28,000 ports toward a server).")
+    var upstreamSource: [String] = []
+
     @Option(name: .customLong("users"), help: "Users file (YAML, argon2id hashes from `igris passwd`) for --socks5/--http-connect.")
     var usersFile: String?
 

@@ -69,6 +69,9 @@ struct CommandLineTests {
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--no-auth"], contains: "none is given")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--max-handshakes-per-source=-3"],
                                contains: "--max-handshakes-per-source must be 0 (no limit) or more")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--upstream-source", "192.0.2.1"],
+                               contains: "--upstream-source: 192.0.2.1 is not an address of this host")
+        try expectOneLineError(["--socks5", "127.0.0.1:0", "--no-auth", "--upstream-source", "127.0.0.2"], contains: "--upstream-source applies to --upstream")
         let bad = try writeTemporaryFile("users:\n  - name: alice\n    password_hash: plain\n")
         defer { unlink(bad) }
         try expectOneLineError(["--socks5", "127.0.0.1:0", "--users", bad], contains: "\(bad):3: users[0].password_hash: not an argon2id hash")

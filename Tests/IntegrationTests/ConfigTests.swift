@@ -44,12 +44,14 @@ struct ConfigTests {
                 balance: least_conn
                 health_check: {interval: 2s, timeout: 500ms, rise: 3, fall: 2}
                 send_proxy_protocol: v2
+                source: [127.0.0.2, "::1"]
             listeners:
               - {name: web, listen: "127.0.0.1:0", mode: forward, pool: app}
             """, file: "p.yaml")
         let pool = try #require(c.pools["app"])
         #expect(pool.servers.map(\.description) == ["127.0.0.1:9001", "[::1]:9002"])
         #expect(pool.balance == .leastConn && pool.sendProxyProtocol == .v2)
+        #expect(pool.sources == [try SocketAddress.resolve("127.0.0.2:0"), try SocketAddress.resolve("[::1]:0")])
         #expect(pool.healthCheck == HealthCheck(intervalNanoseconds: 2_000_000_000, timeoutNanoseconds: 500_000_000, rise: 3, fall: 2))
         let server = try c.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try c.policy(configPath: "p.yaml")))
         #expect(server.listeners[0].pool === pool)
@@ -130,6 +132,10 @@ struct ConfigTests {
             ("pools:\n  app:\n    servers: []\nlisteners: []\n", "c.yaml:3: pools.app.servers: a pool has 1 to 64 servers"),
             ("pools:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    health_check: {interval: 1s, timeout: 2s}\nlisteners: []\n", "pools.app.health_check.timeout: must not exceed the interval"),
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n    pool: nope\n", "c.yaml:4: listeners[0].pool: no pool named 'nope'"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n    upstream: 127.0.0.1:2\n    source: [127.0.0.2, 192.0.2.1]\n",
+             "c.yaml:5: listeners[0].source[1]: 192.0.2.1 is not an address of this host"),
+            ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    source: [127.0.0.2]\n", "c.yaml:4: listeners[0].source: only forward listeners with an upstream"),
+            ("pools:\n  app:\n    servers: [\"127.0.0.1:1\"]\n    source: [host]\nlisteners: []\n", "c.yaml:4: pools.app.source[0]: expected an IP address"),
         ]
         for (text, expected) in cases {
             let e = error(text)
@@ -149,7 +155,7 @@ struct ConfigTests {
         defer { unlink(bad) }
         let result = try runCommand(igris, ["check", "-c", bad])
         #expect(result.status == 1)
-        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, connect_timeout, dead_peer_timeout, handshake_timeout, idle_timeout, listen, max_connections, mode, name, pool, proxy_protocol_from, send_proxy_protocol, splice, tls, upstream, upstream_tls)\n")
+        #expect(result.stderr == "igris: \(bad):4: listeners[0].bogus: unknown key 'bogus' (expected one of: accept_proxy_protocol, auth, connect_timeout, dead_peer_timeout, handshake_timeout, idle_timeout, listen, max_connections, mode, name, pool, proxy_protocol_from, send_proxy_protocol, source, splice, tls, upstream, upstream_tls)\n")
         let needsUsers = try writeTemporaryFile("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n")
         defer { unlink(needsUsers) }
         let missing = try runCommand(igris, ["check", "-c", needsUsers])

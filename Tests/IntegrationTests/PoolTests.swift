@@ -190,4 +190,28 @@ struct ListenerSettingsTests {
         }
         first.close()
     }
+
+    @Test("source: connections to a server come from each source address in turn, on both address families", arguments: engineBackends)
+    func sourceAddresses(backend: BackendChoice) throws {
+        // The upstream answers each byte with the last byte of the address the connection came from.
+        let upstream = try TestUpstream { socket in
+            let from = (try? Syscall.peerAddress(socket.fd))?.ipAddress.description ?? "?"
+            let last = UInt8(from.split(separator: ".").last.flatMap { UInt8($0) } ?? 0)
+            var byte: UInt8 = 0
+            while withUnsafeMutableBytes(of: &byte, { socket.read(into: $0) }) == 1 { socket.write([last]) }
+            socket.close()
+        }
+        defer { upstream.stop() }
+        // An IPv6 source is skipped for an IPv4 server (the kernel can't connect from it).
+        let sources = try ["127.0.0.2", "::1", "127.0.0.3", "127.0.0.4"].map { try SocketAddress.resolve($0.contains(":") ? "[\($0)]:0" : "\($0):0") }
+        let server = try PoolTests.start(UpstreamPool(name: "src", servers: [upstream.address], sources: sources), backend: backend)
+        var open: [TestSocket] = []
+        var counts = [UInt8: Int]()
+        for _ in 0..<12 { counts[try PoolTests.ask(server.listenAddresses[0], keep: &open), default: 0] += 1 }
+        server.beginDrain(); for s in open { s.close() }; server.wait()
+        #expect(Set(counts.keys) == [2, 3, 4], "\(counts)")
+        #expect(counts.values.allSatisfy { $0 >= 3 }, "\(counts)")
+        #expect(UpstreamPool.checkSource(try SocketAddress.resolve("127.0.0.9:0")) == nil)
+        #expect(UpstreamPool.checkSource(try SocketAddress.resolve("192.0.2.1:0")) == "192.0.2.1 is not an address of this host")
+    }
 }
