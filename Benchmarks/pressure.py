@@ -37,10 +37,10 @@ def metric(port, name):
     return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + "{") or l.startswith(name + " "))
 
 
-def igris(backend, upstream, workers, splice="auto", binary=None):
+def igris(backend, upstream, workers, splice="auto", binary=None, extra=()):
     admin = free_port()
     px = Proxy(f"igris-{backend}-{ {'auto': 'auto', 'never': 'copy', 'always': 'splice'}[splice] }", upstream, workers,
-               igris=binary, extra=["--admin", f"127.0.0.1:{admin}"])
+               igris=binary, extra=["--admin", f"127.0.0.1:{admin}"] + list(extra))
     px.admin = admin
     return px
 
@@ -99,13 +99,16 @@ def stop(p):
             p.kill()
 
 
-def rate_target(target, upstream, workers, binary):
-    """A proxy for the rate section: igris on a backend, or HAProxy for reference."""
+def rate_target(target, upstream, workers, binary, sources):
+    """A proxy for the rate section: igris on a backend (BACKEND+sources: connecting from
+    `sources` loopback addresses in turn), or HAProxy for reference."""
     if target == "haproxy":
         px = Proxy("haproxy", upstream, workers, maxconn=9800)
         px.admin = None
         return px
-    return igris(target, upstream, workers, binary=binary)
+    backend, _, variant = target.partition("+")
+    extra = [a for i in range(1, sources + 1) for a in ("--upstream-source", f"127.0.0.{i}")] if variant == "sources" else []
+    return igris(backend, upstream, workers, binary=binary, extra=extra)
 
 
 def section_rate(a, echo_addr, out):
@@ -113,15 +116,17 @@ def section_rate(a, echo_addr, out):
     out.append("connect + 1-byte echo + close, 8 client threads, %.0f s each; ratio to the rate with no idle tunnel. "
                "Each step runs in a network namespace of its own, so none starts with the TIME_WAIT sockets of "
                "the one before (they fill the ephemeral ports toward the upstream, and connect()'s port search "
-               "then costs more on every backend and proxy). HAProxy is the reference.\n" % a.duration)
+               "then costs more on every backend and proxy). `+sources`: igris with `--upstream-source` 127.0.0.1 … 127.0.0.%d, "
+               "so its upstream connections spread over that many 4-tuple spaces. HAProxy is the reference.\n" % (a.duration, a.rate_sources))
     out.append("| target | " + " | ".join(f"{n:,} idle" for n in a.idle) + " |")
     out.append("|---|" + "---|" * len(a.idle))
-    for target in a.backends + a.rate_references:
+    targets = a.backends + [f"{b}+sources" for b in a.backends if a.rate_sources] + a.rate_references
+    for target in targets:
         cells, base = [], None
         for n in a.idle:
             with FreshNetwork():
                 echo, fresh = start_server(["echo", "--threads", str(a.workers)])
-                px = rate_target(target, fresh, a.workers, a.igris)
+                px = rate_target(target, fresh, a.workers, a.igris, a.rate_sources)
                 h = None
                 try:
                     if n:
@@ -265,6 +270,7 @@ def main():
     ap.add_argument("--duration", type=float, default=4)
     ap.add_argument("--idle", default="0,3000,9000")
     ap.add_argument("--rate-references", default="haproxy", help="other proxies in the rate section ('' for none)")
+    ap.add_argument("--rate-sources", type=int, default=4, help="source addresses of the +sources rows (0: no such rows)")
     ap.add_argument("--slow", type=int, help="slow readers in all (default: 1,000 per worker)")
     ap.add_argument("--slow-push", type=int, default=256 << 10,
                     help="bytes each slow reader pushes into the echo (4 MiB × 2,000 takes the kernel past tcp_mem)")
