@@ -90,6 +90,9 @@ public final class URingBackend: IOBackend {
             ring.deallocate()
             throw SyscallError("io_uring_setup", errno: -rc)
         }
+        // io_uring_enter then skips the ring descriptor's lookup in the (shared, multi-threaded)
+        // descriptor table on every call. Per thread: it is registered by the worker that uses it.
+        if io_uring_register_ring_fd(ring) == 1 { description += ", registered ring fd" }
         setupDescription = description
 
         do {
