@@ -1,6 +1,12 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
+// Release builds of the targets on the data path skip the runtime exclusivity checks: a
+// worker's state lives in classes, and checking every access to it was a fifth of igris's
+// own instructions per connection (Benchmarks/instructions.py). Debug builds, which the
+// tests run, keep the checks.
+let dataPathSettings: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+
 // Heavy, benchmark-only dependencies live in Benchmarks/Package.swift (as swift-nio does),
 // so a first `make test` on two cores builds only what the gateway needs.
 let package = Package(
@@ -35,7 +41,7 @@ let package = Package(
         ),
         // TLS through memory: contexts from certificate files, sessions the engine feeds and
         // drains with its own recv and send.
-        .target(name: "IgrisTLS", dependencies: ["COpenSSL"]),
+        .target(name: "IgrisTLS", dependencies: ["COpenSSL"], swiftSettings: dataPathSettings),
         // Pure byte-level codecs, no I/O: SOCKS5, HTTP/1.1 request heads.
         .target(name: "IgrisProtocols"),
         // Who may go where: users (argon2id via libsodium), rate limits, destination ACL.
@@ -53,7 +59,8 @@ let package = Package(
                 "IgrisPolicy",
                 "IgrisTLS",
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: dataPathSettings
         ),
         // What a SOCKS5 / HTTP CONNECT client or a balancer's PROXY header negotiates before
         // the engine connects: the negotiators, the resolver, the offload threads.
@@ -71,7 +78,8 @@ let package = Package(
                 "IgrisEngine", "IgrisNegotiation", "IgrisPolicy", "IgrisProtocols", "IgrisTLS",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
-            ]
+                        ],
+            swiftSettings: dataPathSettings
         ),
         .executableTarget(
             name: "igris",

@@ -13,6 +13,19 @@ public struct AccessRecord: Sendable {
     public var reason: String
     /// TLS connections: version/cipher (the client side's, else the upstream's).
     public var tls: String? = nil
+
+    public init(listener: String, client: String, destination: String, user: String, bytesUp: UInt64, bytesDown: UInt64,
+                duration: Double, reason: String, tls: String? = nil) {
+        self.listener = listener
+        self.client = client
+        self.destination = destination
+        self.user = user
+        self.bytesUp = bytesUp
+        self.bytesDown = bytesDown
+        self.duration = duration
+        self.reason = reason
+        self.tls = tls
+    }
 }
 
 /// Where one worker's access-log lines go. Called only on that worker's thread: `record`

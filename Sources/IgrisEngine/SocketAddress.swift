@@ -37,17 +37,28 @@ public struct SocketAddress: Sendable, CustomStringConvertible, Equatable {
         }
     }
 
-    /// Numeric host and port: `127.0.0.1:80`, `[::1]:80`.
+    /// Numeric host and port: `127.0.0.1:80`, `[::1]:80`. (inet_ntop, not getnameinfo: the
+    /// access log formats one or two of these per connection.)
     public var description: String {
-        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
-        var serv = [CChar](repeating: 0, count: Int(NI_MAXSERV))
-        let rc = withSockAddr { sa, len in
-            getnameinfo(sa, len, &host, socklen_t(host.count), &serv, socklen_t(serv.count), NI_NUMERICHOST | NI_NUMERICSERV)
+        withUnsafeBytes(of: storage) { raw -> String in
+            var host = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+            let family = self.family
+            let ok: Bool
+            switch family {
+            case AF_INET:
+                // By hand: glibc's inet_ntop formats IPv4 with sprintf.
+                let a = raw.baseAddress! + MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!
+                let b = a.assumingMemoryBound(to: UInt8.self)
+                return "\(b[0]).\(b[1]).\(b[2]).\(b[3]):\(port)"
+            case AF_INET6:
+                ok = inet_ntop(AF_INET6, raw.baseAddress! + MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!, &host, socklen_t(host.count)) != nil
+            default:
+                ok = false
+            }
+            guard ok else { return "<address family \(family)>" }
+            let h = host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            return family == AF_INET6 ? "[\(h)]:\(port)" : "\(h):\(port)"
         }
-        if rc != 0 { return "<address family \(family)>" }
-        let h = host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        let s = serv.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        return family == AF_INET6 ? "[\(h)]:\(s)" : "\(h):\(s)"
     }
 
     public static func == (a: SocketAddress, b: SocketAddress) -> Bool {

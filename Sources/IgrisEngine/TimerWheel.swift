@@ -15,12 +15,16 @@ import Glibc
     public private(set) var scheduled = 0
     /// The tick every bucket up to which has been processed.
     private var currentTick: UInt64
+    /// No bucket of the ticks after `currentTick` and before this one holds a timer: the
+    /// search for the next timer starts here instead of walking the empty buckets each turn.
+    private var searchFrom: UInt64
 
     public init(now: UInt64, tickNanoseconds: UInt64 = 10_000_000, bucketCount: Int = 1024) {
         self.tickNanoseconds = tickNanoseconds
         self.bucketCount = bucketCount
         heads = Array(repeating: Self.none, count: bucketCount)
         currentTick = now / tickNanoseconds
+        searchFrom = currentTick + 1
     }
 
     /// Links `slot` (whose `timerDeadline` is already set) into its bucket.
@@ -29,6 +33,8 @@ import Glibc
         // deadline, or the timer would wait a whole revolution.
         var tick = (deadline + tickNanoseconds - 1) / tickNanoseconds
         if tick <= currentTick { tick = currentTick + 1 }
+        // A deadline more than a revolution away shares its bucket with an earlier tick.
+        searchFrom = min(searchFrom, tick > currentTick + UInt64(bucketCount) ? currentTick + 1 : tick)
         let b = Int(tick % UInt64(bucketCount))
         let p = table.pointer(slot)
         p.pointee.timerDeadline = deadline
@@ -59,13 +65,12 @@ import Glibc
     }
 
     /// Nanoseconds until the next tick holding a timer (nil: no timers at all).
-    func nanosecondsUntilNextTimer(now: UInt64) -> UInt64? {
+    mutating func nanosecondsUntilNextTimer(now: UInt64) -> UInt64? {
         guard scheduled > 0 else { return nil }
-        var tick = currentTick + 1
-        for _ in 0..<bucketCount {
-            if heads[Int(tick % UInt64(bucketCount))] != Self.none { break }
-            tick += 1
-        }
+        var tick = max(currentTick + 1, searchFrom)
+        let end = currentTick + UInt64(bucketCount)
+        while tick < end && heads[Int(tick % UInt64(bucketCount))] == Self.none { tick += 1 }
+        searchFrom = tick
         let at = tick * tickNanoseconds
         return at > now ? at - now : 0
     }

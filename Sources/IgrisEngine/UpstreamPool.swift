@@ -71,6 +71,7 @@ public final class UpstreamPool: @unchecked Sendable {
         self.sendProxyProtocol = sendProxyProtocol
         self.tls = tls
         self.sources = sources.map { $0.withPort(0) }
+        serverDescriptions = servers.map(\.description)
         addresses = .allocate(capacity: servers.count)
         for (i, s) in servers.enumerated() { (addresses + i).initialize(to: s.storage) }
         state = servers.map { _ in ServerState() }
@@ -78,8 +79,9 @@ public final class UpstreamPool: @unchecked Sendable {
 
     deinit { addresses.deallocate() }
 
-    /// `name:address` for logs.
-    public func describe(_ server: Int) -> String { "\(servers[server])" }
+    /// A server's address for logs (formatted once, not per connection).
+    public func describe(_ server: Int) -> String { serverDescriptions[server] }
+    private let serverDescriptions: [String]
 
     public func isUp(_ server: Int) -> Bool { state[server].up.load(ordering: .relaxed) }
     func setUp(_ server: Int, _ up: Bool) { state[server].up.store(up, ordering: .relaxed) }

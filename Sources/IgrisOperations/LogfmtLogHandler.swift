@@ -57,45 +57,15 @@ public struct LogfmtLogHandler: LogHandler {
     static func timestamp() -> String {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        var t = time_t(ts.tv_sec)
+        return timestamp(seconds: ts.tv_sec, milliseconds: Int(ts.tv_nsec / 1_000_000))
+    }
+
+    static func timestamp(seconds: Int, milliseconds ms: Int) -> String {
+        var t = time_t(seconds)
         var parts = tm()
         gmtime_r(&t, &parts)
         func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        let ms = Int(ts.tv_nsec / 1_000_000)
         let msText = ms < 10 ? "00\(ms)" : ms < 100 ? "0\(ms)" : "\(ms)"
         return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec)).\(msText)Z"
-    }
-}
-
-/// `igris serve`'s access log: a worker's lines in logfmt (the same line `LogfmtLogHandler`
-/// writes for `igris.access`), gathered in a buffer of its own and written once per loop turn
-/// — one write for every connection that closed in it, not one each — or as soon as 64 KiB
-/// are waiting. The worker flushes it when it ends, so drain and SIGTERM lose no line.
-public final class LogfmtAccessLog: AccessLogSink {
-    private let fd: Int32
-    private var buffer: [UInt8] = []
-    private static let flushAt = 65536
-
-    public init(fd: Int32 = 2) {
-        self.fd = fd
-        buffer.reserveCapacity(Self.flushAt + 1024)
-    }
-
-    public func record(_ r: AccessRecord) {
-        // Keys in the order LogfmtLogHandler sorts them.
-        var line = "time=\(LogfmtLogHandler.timestamp()) level=info logger=access msg=closed"
-        line += " bytes_down=\(r.bytesDown) bytes_up=\(r.bytesUp) client=\(LogfmtLogHandler.quote(r.client))"
-        line += " destination=\(LogfmtLogHandler.quote(r.destination)) duration=\(r.duration)s listener=\(LogfmtLogHandler.quote(r.listener))"
-        line += " reason=\(r.reason)"
-        if let tls = r.tls { line += " tls=\(tls)" }
-        line += " user=\(LogfmtLogHandler.quote(r.user))\n"
-        buffer.append(contentsOf: line.utf8)
-        if buffer.count >= Self.flushAt { flush() }
-    }
-
-    public func flush() {
-        guard !buffer.isEmpty else { return }
-        LogfmtLogHandler.writeAll(fd, buffer)
-        buffer.removeAll(keepingCapacity: true)
     }
 }

@@ -121,6 +121,40 @@ import Testing
         wheel.expire(now: start + wait, table: table, into: &fired)
         #expect(fired == [s])
     }
+
+    @Test("the next wake is the earliest timer's tick whatever was searched before: earlier, later and far timers added after a search")
+    func searchRestartsWhereTimersAreAdded() {
+        let table = ConnectionTable(capacity: 4)
+        let slots = (0..<4).map { _ in table.allocate()! }
+        let start: UInt64 = 7_000_000_000_000
+        let tick: UInt64 = 10_000_000
+        var wheel = TimerWheel(now: start)
+        wheel.schedule(slots[0], deadline: start + 500 * tick, table: table)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start) == 500 * tick)
+        // Earlier than where the last search stopped.
+        wheel.schedule(slots[1], deadline: start + 20 * tick, table: table)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start) == 20 * tick)
+        wheel.cancel(slots[1], table: table)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start) == 500 * tick)
+        // Beyond a revolution: its bucket comes round at tick 1500 - 1024 = 476, before 500.
+        wheel.schedule(slots[2], deadline: start + 1500 * tick, table: table)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start) == 476 * tick)
+        var fired: [Int32] = []
+        wheel.expire(now: start + 476 * tick, table: table, into: &fired)
+        #expect(fired.isEmpty)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 476 * tick) == 24 * tick)
+        wheel.expire(now: start + 500 * tick, table: table, into: &fired)
+        #expect(fired == [slots[0]])
+        // A timer added after the far one's bucket was passed: found, and the far one after it.
+        wheel.schedule(slots[3], deadline: start + 700 * tick, table: table)
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 500 * tick) == 200 * tick)
+        wheel.expire(now: start + 700 * tick, table: table, into: &fired)
+        #expect(fired == [slots[0], slots[3]])
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 700 * tick) == 800 * tick)
+        wheel.expire(now: start + 1500 * tick, table: table, into: &fired)
+        #expect(fired == [slots[0], slots[3], slots[2]])
+        #expect(wheel.nanosecondsUntilNextTimer(now: start + 1500 * tick) == nil)
+    }
 }
 
 @Suite struct SocketAddressConversionTests {
