@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B two igris builds on the hot paths, alternating runs (the machine is noisy):
 64 B ping-pong on 1 and 100 connections, bulk over 1 connection on the copy path, with the
-proxy's CPU-seconds per GB.
+proxy's CPU-seconds per GB, and the connection rate (4 clients) with the access log on.
 
   Benchmarks/ab.py OLD_IGRIS NEW_IGRIS [--repeat 3] [--backend io_uring]
 """
@@ -21,6 +21,12 @@ def run(binary, backend, sink, echo, duration):
     px = Proxy(f"igris-{backend}-copy", echo, 2, igris=binary)
     out["rr p50 µs"] = load(["rr", "--connect", px.address, "--count", "20000"])["p50_us"]
     out["busy100 kops/s"] = load(["busy", "--connect", px.address, "--connections", "100", "--duration", str(duration)])["ops_per_s"] / 1000
+    px.stop()
+    px = Proxy(f"igris-{backend}-copy", echo, 2, igris=binary, access_log=True)
+    c0 = tree_cpu(px.p.pid)
+    r = load(["churn", "--connect", px.address, "--connections", "4", "--duration", str(duration)])
+    out["churn+log conn/s"] = r["per_s"]
+    out["churn+log CPU µs/conn"] = (tree_cpu(px.p.pid) - c0) / r["connections"] * 1e6
     px.stop()
     return out
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end comparison (see bench.py): igris on each backend and splice setting, its SOCKS5
 # listener, HAProxy, nginx stream, microsocks and dante, same machine, same run; then TLS
-# termination against HAProxy, nginx, stunnel4 and ssh -L (tls.py). Installs the
+# termination against HAProxy, nginx, stunnel4 and ssh -L (tls.py), and igris's own
+# instructions per round trip and per connection under callgrind (instructions.py). Installs the
 # peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
 # Usage: Benchmarks/bench.sh [--quick] [bench.py options]
 set -euo pipefail
@@ -15,6 +16,7 @@ command -v danted >/dev/null || need+=(dante-server)
 command -v tinyproxy >/dev/null || need+=(tinyproxy)
 command -v stunnel4 >/dev/null || need+=(stunnel4)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v valgrind >/dev/null || need+=(valgrind)
 command -v ssh >/dev/null || need+=(openssh-client)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
 if [ ${#need[@]} -gt 0 ]; then
@@ -32,5 +34,6 @@ case " $* " in
   *) /usr/bin/python3 Benchmarks/pressure.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/handoff.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/gateway_modes.py --output Benchmarks/RESULTS.md --append
-     /usr/bin/python3 Benchmarks/tls.py --output Benchmarks/RESULTS.md --append ;;
+     /usr/bin/python3 Benchmarks/tls.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/instructions.py --output Benchmarks/RESULTS.md --append ;;
 esac
