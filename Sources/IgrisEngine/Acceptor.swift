@@ -232,8 +232,6 @@ extension Worker {
                 handshakeOrder.append((s, p.pointee.generation))
             }
         }
-        // Forwarded bytes go out as they arrive; Nagle would only add latency here.
-        _ = try? Syscall.setIntOption(client, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
         if let tls = listeners[i].bound.rule.tls {
             startServerTLS(s, p, tls)
             return
@@ -242,14 +240,15 @@ extension Worker {
             startNegotiation(s, p, factory, peer: peer ?? (try? Syscall.peerAddress(client)))
             return
         }
-        connectForward(s, p)
+        connectForward(s, p, peer: peer)
     }
 
     /// A forward listener's connection (after its TLS handshake, if any): to the pool.
-    func connectForward(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+    /// `peer`: the client's address when admitting it already asked the kernel.
+    func connectForward(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, peer known: SocketAddress? = nil) {
         let l = listeners[Int(p.pointee.listener)]
         if accessLogger != nil {
-            let peer = (try? Syscall.peerAddress(p.pointee.client))?.description ?? "-"
+            let peer = (known ?? (try? Syscall.peerAddress(p.pointee.client)))?.description ?? "-"
             accessInfo[s] = (peer, l.pool?.name ?? "-")
         }
         // The connect timeout also bounds the wait for a descriptor (see `connectUpstream`).

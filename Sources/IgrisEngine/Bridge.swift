@@ -269,6 +269,16 @@ extension Worker {
     func queueShutdown(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) {
         let dir = direction(p, d)
         guard dir.pointee.writing != .shutdown && dir.pointee.writing != .finished else { return }
+        if p.pointee.state == .bridging && direction(p, 1 - d).pointee.writing == .finished && dir.pointee.writing == .idle
+            && dir.pointee.pipeBytes == 0 && p.pointee.tls & TLSSides.destination(d) == 0 {
+            // The other way is already done, and both peers have sent their FIN: closing
+            // sends this one's FIN after what is queued, one syscall instead of a shutdown,
+            // its completion and then the close.
+            dir.pointee.writing = .finished
+            statistics.add(.closedGracefully)
+            closeSlot(s, abort: false, reason: .eof)
+            return
+        }
         if p.pointee.tls & TLSSides.destination(d) != 0 { sendCloseNotify(s, p, d) }
         dir.pointee.writing = .shutdown
         p.pointee.inflight += 1

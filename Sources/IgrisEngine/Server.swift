@@ -202,6 +202,7 @@ public final class Server: Sendable {
                         fds[j % workers][k].append(fd)
                         // Accepted sockets inherit these: the new rule's, not the old process's.
                         try? Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
+                        _ = try? Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
                     }
                 }
                 if taken.isEmpty && address.port != 0 { try probeUnused(address, text: rule.listen.description) }
@@ -254,8 +255,10 @@ public final class Server: Sendable {
                 // [::]:P and 0.0.0.0:P are separate listeners, as in nginx and HAProxy.
                 try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
             }
-            // Accepted sockets inherit the keepalive settings: no syscalls per connection.
+            // Accepted sockets inherit the keepalive settings and TCP_NODELAY (forwarded bytes
+            // go out as they arrive; Nagle would only add latency): no syscalls per connection.
             try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
+            try Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
             try Syscall.bind(fd, address)
             try Syscall.listen(fd, backlog: backlog)
         } catch {
