@@ -9,15 +9,18 @@ they are dumped:
 
   rr     64 B round trips on one connection (--round-trips of them)
   churn  connect, 1-byte echo, close, one client thread (--churn-seconds)
+  idle   the same churn (access log off) while --idle tunnels are held open: igris's own
+         cost per connection must not depend on how many are open
 
   Benchmarks/instructions.py [--igris PATH] [--output FILE] [--append]
 
 valgrind can't read the release binary's debug info, so a stripped copy runs; counts need
 no symbols. Loopback only; every client is bounded in count or time.
 """
-import argparse, glob, json, os, subprocess, tempfile, time
+import argparse, glob, json, os, resource, subprocess, tempfile, time
 
 from bench import write_section, IGRIS, LOAD, free_port, log, start_server, wait_port
+from pressure import hold, stop
 
 
 def load(args, timeout=600):
@@ -71,13 +74,15 @@ def main():
     ap.add_argument("--backends", default="io_uring,epoll")
     ap.add_argument("--round-trips", type=int, default=5000)
     ap.add_argument("--churn-seconds", type=float, default=4)
+    ap.add_argument("--idle", type=int, default=9000, help="tunnels held open for the idle row (0: no such row)")
     ap.add_argument("--output")
     ap.add_argument("--append", action="store_true")
     a = ap.parse_args()
     stripped = tempfile.NamedTemporaryFile(prefix="igris-stripped-", delete=False).name
     subprocess.run(["strip", "-o", stripped, a.igris], check=True)
     echo, upstream = start_server(["echo", "--threads", "1"])
-    rows = []
+    rows, idle_rows = [], []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     try:
         for backend in a.backends.split(","):
             for access_log in (True, False):
@@ -95,6 +100,20 @@ def main():
                     rows.append(row)
                 finally:
                     cg.stop()
+        for backend in a.backends.split(",") if a.idle else []:
+            cg = Callgrind(stripped, upstream, backend, False)
+            holder = None
+            try:
+                address = f"127.0.0.1:{cg.port}"
+                load(["churn", "--connect", address, "--connections", "1", "--duration", "1"])
+                holder = hold(address, a.idle, 600)
+                ir, churn = cg.measure(lambda: load(["churn", "--connect", address, "--connections", "1",
+                                                     "--duration", str(a.churn_seconds)]))
+                idle_rows.append((backend, ir / churn["connections"]))
+                log(f"instructions {backend} with {a.idle} idle: {idle_rows[-1][1]:,.0f} per connection")
+            finally:
+                stop(holder)
+                cg.stop()
     finally:
         echo.kill()
         os.unlink(stripped)
@@ -107,6 +126,14 @@ def main():
     for backend, access_log, rr, conn, _ in rows:
         out.append(f"| {backend} | {'on' if access_log else 'off'} | {rr:,.0f} | {conn:,.0f} |")
     out.append("")
+    if idle_rows:
+        out.append(f"With {a.idle:,} idle tunnels held open (sources spread over 127.0.0.x), access log off:\n")
+        out.append("| backend | per accepted connection, none open | with %s open | ratio |" % f"{a.idle:,}")
+        out.append("|---|---|---|---|")
+        for backend, ir in idle_rows:
+            base = next(r[3] for r in rows if r[0] == backend and not r[1])
+            out.append(f"| {backend} | {base:,.0f} | {ir:,.0f} | {ir / base:.2f} |")
+        out.append("")
     if a.output:
         write_section(a.output, a.append, out)
     else:
