@@ -46,11 +46,13 @@ NO_SOURCE_LIMITS = ["--max-connections-per-source", "0", "--max-handshakes", "0"
 
 
 def write_section(path, append, lines):
-    """Writes a results section (a list of lines) to `path`, or after what is there with
-    `append`, and prints it."""
+    """Writes a results section (a list of lines) to `path` (None: nowhere), or after what is
+    there with `append`, and prints it."""
     text = "\n".join(lines) + "\n"
-    with open(path, "a" if append else "w") as f:
-        f.write(("\n" if append else "") + text)
+    if path:
+        with open(path, "a" if append else "w") as f:
+            f.write(("\n" if append else "") + text)
+        log(f"wrote {path}")
     print(text)
 
 

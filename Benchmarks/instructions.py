@@ -134,10 +134,7 @@ def main():
             base = next(r[3] for r in rows if r[0] == backend and not r[1])
             out.append(f"| {backend} | {base:,.0f} | {ir:,.0f} | {ir / base:.2f} |")
         out.append("")
-    if a.output:
-        write_section(a.output, a.append, out)
-    else:
-        print("\n".join(out))
+    write_section(a.output, a.append, out)
 
 
 if __name__ == "__main__":

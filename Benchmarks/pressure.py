@@ -293,11 +293,7 @@ def main():
             {"rate": section_rate, "slow": section_slow, "overload": section_overload, "busy": section_busy}[name](a, echo_addr, out)
     finally:
         echo.kill()
-    if a.output:
-        write_section(a.output, a.append, out)
-        log(f"wrote {a.output}")
-    else:
-        print("\n".join(out))
+    write_section(a.output, a.append, out)
 
 
 if __name__ == "__main__":

@@ -80,10 +80,7 @@ def main():
         out.append(f"| {r['backend']} | {r['workers']} | {r['bulk1']:.1f} · {r['cpu1']:.2f} | {r['bulk16']:.1f} · {r['cpu16']:.2f} | "
                    f"{r['busy']:,.0f} | {r['shares']} |")
     out.append("")
-    if a.output:
-        write_section(a.output, a.append, out)
-    else:
-        print("\n".join(out))
+    write_section(a.output, a.append, out)
 
 
 if __name__ == "__main__":
