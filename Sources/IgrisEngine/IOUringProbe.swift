@@ -16,7 +16,6 @@ public enum IOUringProbe {
         (UInt32(IORING_OP_CONNECT.rawValue), "CONNECT"),
         (UInt32(IORING_OP_RECV.rawValue), "RECV"),
         (UInt32(IORING_OP_SEND.rawValue), "SEND"),
-        (UInt32(IORING_OP_SHUTDOWN.rawValue), "SHUTDOWN"),
         (UInt32(IORING_OP_CLOSE.rawValue), "CLOSE"),
         (UInt32(IORING_OP_ASYNC_CANCEL.rawValue), "ASYNC_CANCEL"),
         (UInt32(IORING_OP_POLL_ADD.rawValue), "POLL_ADD"),
@@ -60,7 +59,6 @@ public enum IOUringProbe {
             }
             if let probe = io_uring_get_probe_ring(ring) {
                 let optional: [(UInt32, String, String)] = [
-                    (UInt32(IORING_OP_SPLICE.rawValue), "SPLICE", "--splice"),
                     (UInt32(IORING_OP_SEND_ZC.rawValue), "SEND_ZC", "--send-zc"),
                 ]
                 for (op, name) in requiredOpcodes {

@@ -197,7 +197,7 @@ struct CommandLineTests {
         #expect(out.contains("io_uring: "))
         #expect(out.contains("--backend auto would use: "))
         // Each opcode and setup flag igris uses, and the limits that bound connections.
-        for line in ["opcode ACCEPT: yes", "opcode SPLICE: ", "opcode SEND_ZC: ", "setup SINGLE_ISSUER|DEFER_TASKRUN: ", "setup COOP_TASKRUN: ",
+        for line in ["opcode ACCEPT: yes", "opcode POLL_ADD: yes", "opcode SEND_ZC: ", "setup SINGLE_ISSUER|DEFER_TASKRUN: ", "setup COOP_TASKRUN: ",
                      "feature NODROP: ", "kernel.io_uring_disabled: ", "fs.pipe-max-size: ", "fs.pipe-user-pages-soft: ",
                      "net.ipv4.ip_local_port_range: ", "RLIMIT_NOFILE: soft ", "RLIMIT_MEMLOCK: "] {
             #expect(out.contains(line), "probe lacks '\(line)'")
