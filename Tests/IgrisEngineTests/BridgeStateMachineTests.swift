@@ -57,7 +57,7 @@ struct TestError: Error {}
 
 @Suite("Bridge state machine (scripted backend)")
 struct BridgeStateMachineTests {
-    @Test("half-close: the shutdown waits for the send in flight; both EOFs close the bridge cleanly")
+    @Test("half-close: the shutdown waits for the send in flight; the second EOF closes both sockets (the close sends that FIN)")
     func halfCloseOrdering() throws {
         let w = try ScriptedWorker()
         let (client, upstream) = try w.bridge()
@@ -81,9 +81,7 @@ struct BridgeStateMachineTests {
 
         w.backend.complete(recvUpstream, 0)
         w.turn()
-        let shutdownClient = try #require(w.take(.shutdownWrite(client)))
-        w.backend.complete(shutdownClient, 0)
-        w.turn()
+        #expect(w.take(.shutdownWrite(client)) == nil, "no shutdown: both peers have sent their FIN")
         #expect(w.backend.take { if case .close(_, _, false) = $0 { return true } else { return false } }.count == 2)
         w.turn()
         #expect(w.active == 0)
