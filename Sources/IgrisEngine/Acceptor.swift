@@ -13,16 +13,23 @@ extension Worker {
     /// checks that a client and its upstream would get one.
     static var descriptorShortageNanoseconds: UInt64 { 1_000_000_000 }
 
-    /// Below this much room, accepts are armed one at a time: a multishot accept takes a
-    /// whole burst from the backlog, and what is past the capacity would only be closed.
+    /// Margin kept past a multishot accept's burst.
     static var multishotRoom: Int { 64 }
+
+    /// The most one armed multishot accept takes at once: its backend's burst, at most the
+    /// listener's backlog (io_uring takes the whole backlog in one go).
+    var acceptBurst: Int { min(backend.acceptBurst, configuration.listenBacklog) }
+
+    /// Below this much room, accepts are armed one at a time: every worker's listener may
+    /// burst at once, and what is past the capacity would only be closed.
+    var multishotMinimumRoom: Int { acceptBurst * configuration.workerCount + Self.multishotRoom }
 
     /// Within this many descriptors of RLIMIT_NOFILE (judged by the last accepted one's
     /// number: the kernel hands out the lowest free), accepts go one at a time, each client
     /// getting its upstream before the next is taken.
     static var descriptorHeadroom: Int { 4 * multishotRoom }
 
-    var nearDescriptorLimit: Bool { Int(lastAcceptedFD) + Self.descriptorHeadroom >= Syscall.descriptorLimit }
+    var nearDescriptorLimit: Bool { Int(lastAcceptedFD) + 2 * acceptBurst + Self.descriptorHeadroom >= Syscall.descriptorLimit }
 
     /// Connections listener `i` may still take: global and per-listener max_connections, slots.
     func room(_ i: Int) -> Int {
@@ -56,7 +63,7 @@ extension Worker {
         listeners[i].acceptArmed = true
         // Short of descriptors lately: one at a time, or a multishot burst from the backlog
         // would be accepted with no descriptor left to bridge it.
-        listeners[i].acceptMultishot = room > Self.multishotRoom && now >= descriptorsShortUntil && !nearDescriptorLimit
+        listeners[i].acceptMultishot = room > multishotMinimumRoom && now >= descriptorsShortUntil && !nearDescriptorLimit
         listeners[i].pausedUntil = 0
         backend.accept(listener: listeners[i].fd, multishot: listeners[i].acceptMultishot, token: acceptToken(i))
     }
@@ -211,7 +218,7 @@ extension Worker {
         }
         // A multishot accept whose room (or descriptors) ran short goes on one at a time.
         lastAcceptedFD = client
-        if room(i) <= Self.multishotRoom || nearDescriptorLimit { narrowAccept(i) }
+        if room(i) <= multishotMinimumRoom || nearDescriptorLimit { narrowAccept(i) }
         statistics.add(.acceptedTotal)
         statistics.add(.activeConnections)
         statistics.add(listener: listeners[i].bound.index, .accepted)

@@ -102,6 +102,9 @@ public final class EpollBackend: IOBackend {
         ready.append(Completion(token: OperationToken(raw: token), result: result, bufferID: buffer, more: more))
     }
 
+    /// One turn's accepts: the worker sees each before the next turn.
+    public var acceptBurst: Int { acceptsPerTurn }
+
     public func accept(listener fd: Int32, multishot: Bool, token: OperationToken) {
         let i = state(fd)
         fds[i].isListener = true

@@ -82,6 +82,9 @@ public protocol IOBackend: AnyObject {
     /// single accepts when it has room for only a few more, so that connections beyond its
     /// capacity stay in the kernel's backlog instead of being accepted only to be closed).
     func accept(listener fd: Int32, multishot: Bool, token: OperationToken)
+    /// The most connections an armed multishot accept may take before the worker sees the
+    /// first of them (and can stop it): past its room, they would only be closed.
+    var acceptBurst: Int { get }
     /// Ends the multishot accept armed with `token` (it completes -ECANCELED); the
     /// listener stays open and its backlog keeps filling.
     func stopAccepting(listener fd: Int32, token: OperationToken)

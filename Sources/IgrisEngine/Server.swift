@@ -270,8 +270,12 @@ public final class Server: Sendable {
 
     /// Descriptors the process needs at most: two per bridge, plus listeners and a few of our
     /// own per worker, and some for the admin endpoint and the rest.
+    /// Two per bridge, each worker's listeners, ring or epoll, eventfds, and 64 for what comes
+    /// and goes beside the bridges (a client held for room, admin scrapes, health checks):
+    /// with less, a full table of bridges ran out of descriptors (EMFILE) before
+    /// max_connections stopped accepting, and what accept had taken was closed.
     static func descriptorsNeeded(maxConnections: Int, workers: Int, listeners: Int) -> Int {
-        maxConnections * 2 + workers * (listeners + 4) + 16
+        maxConnections * 2 + workers * (listeners + 4) + 64
     }
 
     /// The default `max_connections`: what RLIMIT_NOFILE allows (`descriptorsNeeded`), at
@@ -314,6 +318,7 @@ public final class Server: Sendable {
                 pipeSize: configuration.pipeSize,
                 maxPipes: configuration.maxPipes,
                 workerCount: configuration.workers,
+                listenBacklog: Int(configuration.listenBacklog),
                 accounts: configuration.accounts,
                 sourceLimits: sourceLimits,
                 udpRelayPorts: configuration.udpRelayPorts)

@@ -162,6 +162,10 @@ public final class URingBackend: IOBackend {
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
+    /// Everything in the backlog: the kernel's multishot accept loops while the listener's
+    /// queue is not empty, all within one io_uring_enter.
+    public var acceptBurst: Int { .max }
+
     public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_connect(sqe, fd, address, length)

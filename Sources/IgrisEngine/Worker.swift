@@ -19,6 +19,8 @@ public struct WorkerConfiguration: Sendable {
     public var maxPipes: Int = 4096
     /// Workers in the server (health checks of pool k run on worker k % workerCount).
     public var workerCount: Int = 1
+    /// Each listening socket's backlog: what one multishot accept may take at once.
+    public var listenBacklog: Int = 4096
     /// The users file's accounts (per-user limits and counters), indexed by
     /// `Negotiation.account`.
     public var accounts: [UserAccount] = []

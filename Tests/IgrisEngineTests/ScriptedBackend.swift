@@ -73,6 +73,7 @@ final class ScriptedBackend: IOBackend {
     func send(fd: Int32, buffer: UInt16, offset: Int, length: Int, token: OperationToken) {
         record(.send(fd: fd, buffer: buffer, offset: offset, length: length), token)
     }
+    var acceptBurst: Int { 64 }
     func shutdownWrite(fd: Int32, token: OperationToken) { record(.shutdownWrite(fd), token) }
     func pollReadable(fd: Int32, token: OperationToken) { record(.pollReadable(fd), token) }
     func pollWritable(fd: Int32, token: OperationToken) { record(.pollWritable(fd), token) }
