@@ -26,7 +26,8 @@ extension Worker {
         }
         let upstream: Int32
         do {
-            upstream = try Syscall.streamSocket(family: pool.servers[server].family)
+            let family = pool.servers[server].family
+            upstream = try Syscall.streamSocket(family: family, source: pool.source(family: family))
         } catch where error.errno == EMFILE || error.errno == ENFILE {
             pauseAccepting(errno: error.errno)
             return false
@@ -35,17 +36,6 @@ extension Worker {
             logger.warning("upstream socket failed", metadata: ["listener": "\(l.name)", "error": "\(error)"])
             closeSlot(s, abort: false, reason: .connectFailed)
             return true
-        }
-        if let source = pool.source(family: pool.servers[server].family) {
-            do {
-                try Syscall.bindSource(upstream, source)
-            } catch {
-                close(upstream)
-                statistics.add(.connectFailures)
-                logger.warning("binding the upstream source failed", metadata: ["listener": "\(l.name)", "source": "\(source.ipAddress)", "error": "\(error)"])
-                closeSlot(s, abort: false, reason: .connectFailed)
-                return true
-            }
         }
         p.pointee.server = Int16(server)
         p.pointee.triedServers |= 1 << UInt64(server)
@@ -91,11 +81,12 @@ extension Worker {
         backend.connect(fd: fd, address: address, length: length, token: token(s, .connect))
     }
 
-    /// Closes an upstream socket whose connect failed (through the backend, which may hold
-    /// state for the descriptor), so another can be tried.
-    private func dropUpstream(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {
+    /// Closes an upstream socket whose connect (or upstream_tls handshake) failed, through the
+    /// backend, which may hold state for the descriptor, cancelling `pending` on it, so
+    /// another can be tried.
+    private func dropUpstream(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, pending: PendingOperations = .none, abort: Bool = false) {
         p.pointee.inflight += 1
-        backend.close(fd: p.pointee.upstream, pending: .none, abort: false, token: token(s, .close, 1))
+        backend.close(fd: p.pointee.upstream, pending: pending, abort: abort, token: token(s, .close, 1))
         p.pointee.setUpstream(-1)
     }
 
@@ -131,16 +122,34 @@ extension Worker {
         logger.warning("upstream connect failed", metadata: [
             "listener": "\(l.name)", "upstream": "\(serverName(p))", "error": "\(Errno.describe(e))",
         ])
+        if hasNextServer(p) {
+            switchToNextServer(s, p, pending: .none, abort: false)
+            return
+        }
         if p.pointee.server >= 0 {
             l.pool?.release(Int(p.pointee.server))
             p.pointee.server = -1
         }
         dropUpstream(s, p)
-        if let pool = l.pool, pool.pick(tried: p.pointee.triedServers, clientHash: 0) != nil {
-            _ = connectUpstream(s)
-            return
-        }
         closeSlot(s, abort: false, reason: .connectFailed)
+    }
+
+    /// Whether the connection's pool has a healthy server it has not tried yet.
+    func hasNextServer(_ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
+        guard let pool = listeners[Int(p.pointee.listener)].pool else { return false }
+        return pool.pick(tried: p.pointee.triedServers, clientHash: 0) != nil
+    }
+
+    /// The pool server failed this connection (its connect, or its upstream_tls handshake):
+    /// its socket is closed (cancelling `pending` on it) and the next healthy server not yet
+    /// tried gets the connection, within the same connect timeout (see `hasNextServer`).
+    func switchToNextServer(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, pending: PendingOperations, abort: Bool) {
+        if p.pointee.server >= 0 {
+            listeners[Int(p.pointee.listener)].pool?.release(Int(p.pointee.server))
+            p.pointee.server = -1
+        }
+        dropUpstream(s, p, pending: pending, abort: abort)
+        _ = connectUpstream(s)
     }
 
     func connectTimedOut(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) {

@@ -200,7 +200,8 @@ public final class Server: Sendable {
                     address = (try? Syscall.localAddress(first)) ?? address
                     for (j, fd) in taken.enumerated() {
                         fds[j % workers][k].append(fd)
-                        // Accepted sockets inherit these: the new rule's, not the old process's.
+                        // Accepted sockets inherit these (see `setInheritedOptions`): the new
+                        // rule's, not the old process's; each best effort.
                         try? Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
                         _ = try? Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
                     }
@@ -244,6 +245,14 @@ public final class Server: Sendable {
         }
     }
 
+    /// What accepted sockets inherit from their listener, so that no connection pays a
+    /// syscall for it: the keepalive settings and TCP_NODELAY (forwarded bytes go out as they
+    /// arrive; Nagle would only add latency).
+    private static func setInheritedOptions(_ fd: Int32, deadPeerTimeout: UInt64?) throws(SyscallError) {
+        try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
+        try Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+    }
+
     private static func makeListener(_ address: SocketAddress, backlog: Int32, text: String,
                                      deadPeerTimeout: UInt64?) throws(ServerError) -> Int32 {
         let fd: Int32
@@ -255,10 +264,7 @@ public final class Server: Sendable {
                 // [::]:P and 0.0.0.0:P are separate listeners, as in nginx and HAProxy.
                 try Syscall.setIntOption(fd, level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: 1, "IPV6_V6ONLY")
             }
-            // Accepted sockets inherit the keepalive settings and TCP_NODELAY (forwarded bytes
-            // go out as they arrive; Nagle would only add latency): no syscalls per connection.
-            try Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
-            try Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+            try setInheritedOptions(fd, deadPeerTimeout: deadPeerTimeout)
             try Syscall.bind(fd, address)
             try Syscall.listen(fd, backlog: backlog)
         } catch {
@@ -268,9 +274,8 @@ public final class Server: Sendable {
         return fd
     }
 
-    /// Descriptors the process needs at most: two per bridge, plus listeners and a few of our
-    /// own per worker, and some for the admin endpoint and the rest.
-    /// Two per bridge, each worker's listeners, ring or epoll, eventfds, and 64 for what comes
+    /// Descriptors the process needs at most: two per bridge, each worker's listeners, ring or
+    /// epoll and eventfds, and 64 for what comes
     /// and goes beside the bridges (a client held for room, admin scrapes, health checks):
     /// with less, a full table of bridges ran out of descriptors (EMFILE) before
     /// max_connections stopped accepting, and what accept had taken was closed.

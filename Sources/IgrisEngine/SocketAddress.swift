@@ -41,23 +41,20 @@ public struct SocketAddress: Sendable, CustomStringConvertible, Equatable {
     /// access log formats one or two of these per connection.)
     public var description: String {
         withUnsafeBytes(of: storage) { raw -> String in
-            var host = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
-            let family = self.family
-            let ok: Bool
             switch family {
             case AF_INET:
                 // By hand: glibc's inet_ntop formats IPv4 with sprintf.
-                let a = raw.baseAddress! + MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!
-                let b = a.assumingMemoryBound(to: UInt8.self)
+                let b = (raw.baseAddress! + MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!).assumingMemoryBound(to: UInt8.self)
                 return "\(b[0]).\(b[1]).\(b[2]).\(b[3]):\(port)"
             case AF_INET6:
-                ok = inet_ntop(AF_INET6, raw.baseAddress! + MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!, &host, socklen_t(host.count)) != nil
+                var host = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                let a = raw.baseAddress! + MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!
+                guard inet_ntop(AF_INET6, a, &host, socklen_t(host.count)) != nil else { break }
+                return "[\(host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })]:\(port)"
             default:
-                ok = false
+                break
             }
-            guard ok else { return "<address family \(family)>" }
-            let h = host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            return family == AF_INET6 ? "[\(h)]:\(port)" : "\(h):\(port)"
+            return "<address family \(family)>"
         }
     }
 

@@ -37,11 +37,23 @@ public enum Syscall {
 
     /// The one stream-socket constructor: TCP, close-on-exec, non-blocking unless asked
     /// (every socket a backend owns must be; test clients and blocking tools may not be).
+    /// `source`: the local address an outgoing socket connects from, its port left to
+    /// connect(), which picks one unique for the whole 4-tuple (IP_BIND_ADDRESS_NO_PORT; a
+    /// bind-time port would have to be unique for the address alone).
     @inline(never)
-    public static func streamSocket(family: Int32, nonBlocking: Bool = true) throws(SyscallError) -> Int32 {
+    public static func streamSocket(family: Int32, nonBlocking: Bool = true, source: SocketAddress? = nil) throws(SyscallError) -> Int32 {
         var type = SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue
         if nonBlocking { type |= SOCK_NONBLOCK.rawValue }
-        return try checked("socket") { Glibc.socket(family, Int32(type), 0) }
+        let fd = try checked("socket") { Glibc.socket(family, Int32(type), 0) }
+        guard let source else { return fd }
+        do throws(SyscallError) {
+            try setIntOption(fd, level: Int32(IPPROTO_IP), name: 24 /* IP_BIND_ADDRESS_NO_PORT */, value: 1, "IP_BIND_ADDRESS_NO_PORT")
+            try bind(fd, source.withPort(0))
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
     }
 
     /// A non-blocking, close-on-exec UDP socket bound to `address` (port 0: any). An IPv6
@@ -117,14 +129,6 @@ public enum Syscall {
     }
 
     @inline(never)
-    /// Binds an outgoing socket's source address, leaving the port to connect(), which picks
-    /// one unique for the whole 4-tuple (IP_BIND_ADDRESS_NO_PORT; a bind-time port would
-    /// have to be unique for the address alone).
-    public static func bindSource(_ fd: Int32, _ address: SocketAddress) throws(SyscallError) {
-        try setIntOption(fd, level: Int32(IPPROTO_IP), name: 24 /* IP_BIND_ADDRESS_NO_PORT */, value: 1, "IP_BIND_ADDRESS_NO_PORT")
-        try bind(fd, address)
-    }
-
     public static func bind(_ fd: Int32, _ address: SocketAddress) throws(SyscallError) {
         _ = try checked("bind") { address.withSockAddr { Glibc.bind(fd, $0, $1) } }
     }

@@ -198,11 +198,8 @@ extension Worker {
     /// next healthy server not yet tried gets the connection (within the same connect
     /// timeout). False when there is none.
     private func tryNextServerAfterTLSFailure(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>) -> Bool {
-        let l = listeners[Int(p.pointee.listener)]
-        guard let pool = l.pool, p.pointee.server >= 0, pool.pick(tried: p.pointee.triedServers, clientHash: 0) != nil else { return false }
+        guard p.pointee.server >= 0, hasNextServer(p) else { return false }
         statistics.add(.connectFailures)
-        pool.release(Int(p.pointee.server))
-        p.pointee.server = -1
         upstreamTLS[s] = nil
         // Whatever is still armed on the socket (a poll for its bytes, a wait for room) is
         // cancelled with it.
@@ -210,10 +207,7 @@ extension Worker {
         if p.pointee.tls & TLSSides.upstreamPollArmed != 0 { pending.read = token(s, .negotiationReadable, 1) }
         p.pointee.tls &= ~(TLSSides.upstream | TLSSides.upstreamHandshake | TLSSides.upstreamPollArmed)
         direction(p, 0).pointee.writing = .idle
-        p.pointee.inflight += 1
-        backend.close(fd: p.pointee.upstream, pending: pending, abort: true, token: token(s, .close, 1))
-        p.pointee.setUpstream(-1)
-        _ = connectUpstream(s)
+        switchToNextServer(s, p, pending: pending, abort: true)
         return true
     }
 

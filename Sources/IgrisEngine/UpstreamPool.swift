@@ -1,4 +1,5 @@
 import Glibc
+import IgrisPolicy
 import IgrisProtocols
 import IgrisTLS
 import Synchronization
@@ -103,13 +104,24 @@ public final class UpstreamPool: @unchecked Sendable {
     /// configuration is read, so a typo is a startup error, not a failed connection each time).
     public static func checkSource(_ address: SocketAddress) -> String? {
         do {
-            let fd = try Syscall.streamSocket(family: address.family)
-            defer { close(fd) }
-            try Syscall.bindSource(fd, address.withPort(0))
+            Syscall.close(try Syscall.streamSocket(family: address.family, source: address))
             return nil
         } catch {
             return error.errno == EADDRNOTAVAIL ? "\(address.ipAddress) is not an address of this host" : "\(error)"
         }
+    }
+
+    /// A `source:` address from operator text (an IP address of this host), or the one-line
+    /// reason it can't be one.
+    public static func source(_ text: String) -> Result<SocketAddress, SourceError> {
+        guard let ip = IPAddress(Substring(text)) else { return .failure(SourceError(description: "expected an IP address such as 10.0.0.2, got '\(text)'")) }
+        let address = SocketAddress(ip: ip, port: 0)
+        if let problem = checkSource(address) { return .failure(SourceError(description: problem)) }
+        return .success(address)
+    }
+
+    public struct SourceError: Error, CustomStringConvertible {
+        public let description: String
     }
 
     /// A healthy server this connection has not tried yet, or nil.

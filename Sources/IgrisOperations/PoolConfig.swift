@@ -12,15 +12,11 @@ func decodeSources(_ c: KeyedDecodingContainer<AnyCodingKey>, _ key: AnyCodingKe
     while !list.isAtEnd {
         let index = list.currentIndex
         let text = try list.decode(String.self)
-        let path = c.codingPath + [key, AnyCodingKey(intValue: index)]
-        guard let ip = IPAddress(Substring(text)) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: path, debugDescription: "expected an IP address such as 10.0.0.2, got '\(text)'"))
+        switch UpstreamPool.source(text) {
+        case .success(let address): sources.append(address)
+        case .failure(let problem):
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key, AnyCodingKey(intValue: index)], debugDescription: problem.description))
         }
-        let address = SocketAddress(ip: ip, port: 0)
-        if let problem = UpstreamPool.checkSource(address) {
-            throw DecodingError.dataCorrupted(.init(codingPath: path, debugDescription: problem))
-        }
-        sources.append(address)
     }
     guard !sources.isEmpty && sources.count <= 256 else {
         throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath + [key], debugDescription: "1 to 256 addresses"))

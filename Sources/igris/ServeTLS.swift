@@ -1,6 +1,5 @@
 import IgrisEngine
 import IgrisNegotiation
-import IgrisPolicy
 import IgrisTLS
 import ArgumentParser
 import Logging
@@ -17,8 +16,7 @@ extension Serve {
         if (upstreamTLS || upstreamTLSCA != nil) && upstream.isEmpty { throw ValidationError("--upstream-tls applies to --upstream, and none is given") }
         if !upstreamSource.isEmpty && upstream.isEmpty { throw ValidationError("--upstream-source applies to --upstream, and none is given") }
         for text in upstreamSource {
-            guard let ip = IPAddress(Substring(text)) else { throw ValidationError("--upstream-source: expected an IP address such as 10.0.0.2, got '\(text)'") }
-            if let problem = UpstreamPool.checkSource(SocketAddress(ip: ip, port: 0)) { throw ValidationError("--upstream-source: \(problem)") }
+            if case .failure(let problem) = UpstreamPool.source(text) { throw ValidationError("--upstream-source: \(problem)") }
         }
         if tlsCertificate != nil && bufferSize < 32 * 1024 { throw ValidationError("TLS needs --buffer-size of at least 32768") }
     }
@@ -39,7 +37,7 @@ extension Serve {
                 settings.ca = upstreamTLSCA
                 client = try TLSClientContext(settings)
             }
-            let sources = upstreamSource.compactMap { IPAddress(Substring($0)) }.map { SocketAddress(ip: $0, port: 0) }
+            let sources = try upstreamSource.map { try UpstreamPool.source($0).get() }
             for (l, u) in zip(listen, upstream) {
                 let address = try SocketAddress.resolve(l, passive: true)
                 var rule = ListenerRule(listen: address, pool: UpstreamPool(name: address.description, servers: [try SocketAddress.resolve(u)], tls: client,

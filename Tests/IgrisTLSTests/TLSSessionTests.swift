@@ -80,6 +80,14 @@ func send(_ bytes: [UInt8], from: TLSSession, to: TLSSession) -> [UInt8] {
     return Array(out.prefix(got))
 }
 
+/// A client session and one of `server`'s, their handshake run (its steps not checked).
+func handshakenPair(_ server: TLSServerContext) throws -> (client: TLSSession, server: TLSSession) {
+    let c = try #require(try clientContext().makeSession(host: "localhost"))
+    let s = try #require(server.makeSession())
+    _ = handshake(c, s)
+    return (c, s)
+}
+
 func clientContext(ca: String = Certificates.path("ca.pem"), certificate: String? = nil, minVersion: TLSVersion = .tls12,
                    serverName: String? = nil) throws -> TLSClientContext {
     var s = TLSClientSettings()
@@ -190,9 +198,7 @@ func clientContext(ca: String = Certificates.path("ca.pem"), certificate: String
         #expect(p.reason == .plaintext)
 
         // A flipped byte in an application record: bad_record_mac, never plaintext.
-        let c2 = try #require(try clientContext().makeSession(host: "localhost"))
-        let s2 = try #require(server.makeSession())
-        _ = handshake(c2, s2)
+        let (c2, s2) = try handshakenPair(server)
         let data = [UInt8](repeating: 7, count: 1000)
         _ = data.withUnsafeBytes { c2.write($0.baseAddress!, count: $0.count) }
         var wire = [UInt8](repeating: 0, count: 2000)
@@ -304,9 +310,7 @@ import COpenSSL
     @Test(arguments: [47 * 1024, 16_000, 5_000, 1_000, 17])
     func decryptsInTheReceivedBufferWhateverTheSplit(chunk: Int) throws {
         let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
-        let c = try #require(try clientContext().makeSession(host: "localhost"))
-        let s = try #require(server.makeSession())
-        _ = handshake(c, s)
+        let (c, s) = try handshakenPair(server)
         #expect(s.useInPlaceInput(readBufferLength: 65536 + 18 * 1024))
         let data = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 9) }
         _ = data.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) }
@@ -339,9 +343,7 @@ extension InPlaceInputTests {
     /// trimming once made it swap a memory BIO in under the in-place reader (a crash).
     @Test func releasingMemoryKeepsInPlaceInput() throws {
         let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
-        let c = try #require(try clientContext().makeSession(host: "localhost"))
-        let s = try #require(server.makeSession())
-        _ = handshake(c, s)
+        let (c, s) = try handshakenPair(server)
         // More than the trim threshold fed before the switch.
         let early = [UInt8](repeating: 3, count: 10_000)
         _ = early.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) }
