@@ -37,6 +37,10 @@ public final class EpollBackend: IOBackend {
         var sendOffset: Int32 = 0
         var sendLength: Int32 = 0
         var inRetryList = false
+        /// Accepts since the worker last took its completions (`batch` then): at most
+        /// `acceptsPerTurn` between two deliveries, however many times the listener is run.
+        var acceptBatch: UInt32 = 0
+        var acceptedInBatch = 0
         /// A listening socket: it may be shared with another process (a hand-off), so closing
         /// our descriptor does not end its epoll registration.
         var isListener = false
@@ -50,6 +54,8 @@ public final class EpollBackend: IOBackend {
     private let events: UnsafeMutablePointer<epoll_event>
     private let eventCapacity: Int32 = 256
     private let acceptsPerTurn = 64
+    /// Counts `drainCompletions` calls: what is accepted between two belongs to one batch.
+    private var batch: UInt32 = 1
 
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
@@ -116,15 +122,21 @@ public final class EpollBackend: IOBackend {
 
     private func runAccepts(_ fd: Int32) {
         let i = Int(fd)
-        var accepted = 0
+        // One listener may run several times before the worker sees what it took (armed from
+        // a completion, then readable, then retried): the bound is per delivered batch, as
+        // the worker's room check (`Worker.multishotMinimumRoom`) assumes.
+        if fds[i].acceptBatch != batch {
+            fds[i].acceptBatch = batch
+            fds[i].acceptedInBatch = 0
+        }
         while fds[i].acceptToken != 0 {
-            if accepted == acceptsPerTurn {
+            if fds[i].acceptedInBatch >= acceptsPerTurn {
                 if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
                 return
             }
             let c = Syscall.accept(fd)
             if c >= 0 {
-                accepted += 1
+                fds[i].acceptedInBatch += 1
                 if fds[i].acceptOnce {
                     let token = fds[i].acceptToken
                     fds[i].acceptToken = 0
@@ -133,10 +145,10 @@ public final class EpollBackend: IOBackend {
                 }
                 complete(fds[i].acceptToken, c, more: true)
                 // Descriptors are numbered lowest-free first, so at most `limit - c - 1` are
-                // left. Each client accepted this turn needs one more for its upstream: when
+                // left. Each client accepted in this batch needs one more for its upstream: when
                 // they would take the rest, go on next turn, once the worker has opened those
                 // (a burst from the backlog must not leave clients with no upstream possible).
-                if Syscall.descriptorLimit - Int(c) - 1 <= accepted + 1 {
+                if Syscall.descriptorLimit - Int(c) - 1 <= fds[i].acceptedInBatch + 1 {
                     if !fds[i].inRetryList { fds[i].inRetryList = true; retry.append(fd) }
                     return
                 }
@@ -415,6 +427,7 @@ public final class EpollBackend: IOBackend {
         // One batch per turn, so a flow whose syscalls keep succeeding at once cannot starve
         // timers or other fds.
         swap(&ready, &delivering)
+        batch &+= 1
         // An index loop: for-in over an array allocates an iterator frame in debug builds.
         var k = 0
         while k < delivering.count {
