@@ -112,4 +112,29 @@ static inline int igris_uring_register_region(struct io_uring *ring, void *base,
     return io_uring_register_buffers(ring, &iov, 1);
 }
 
+/// Direct descriptors: the operation names an entry of the ring's fixed-file table.
+static inline void igris_sqe_fixed_file(struct io_uring_sqe *sqe, int index) {
+    sqe->fd = index;
+    sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+/// Runs the next SQE whatever this one's result (a link that a failure does not break).
+static inline void igris_sqe_hardlink(struct io_uring_sqe *sqe) { sqe->flags |= IOSQE_IO_HARDLINK; }
+
+/// setsockopt through the ring (IORING_OP_URING_CMD with SOCKET_URING_OP_SETSOCKOPT,
+/// kernel 6.7+), for a socket that has no regular descriptor. These headers predate it:
+/// level and optname share `addr`, optlen is `file_index`'s place and optval `addr3`'s.
+static inline void igris_prep_setsockopt(struct io_uring_sqe *sqe, int fd, int level, int optname, const void *optval, int optlen) {
+    io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
+    sqe->cmd_op = 3; /* SOCKET_URING_OP_SETSOCKOPT */
+    sqe->addr = ((uint64_t)(uint32_t)optname << 32) | (uint32_t)level;
+    sqe->file_index = (uint32_t)optlen;
+    sqe->addr3 = (uint64_t)(uintptr_t)optval;
+}
+
+/// Puts `fds` (regular descriptors) into the fixed-file table from entry `offset` on.
+static inline int igris_uring_register_files_at(struct io_uring *ring, unsigned offset, const int *fds, unsigned count) {
+    return io_uring_register_files_update(ring, offset, fds, count);
+}
+
 #endif

@@ -54,7 +54,7 @@ extension Worker {
     private func reserveRead(_ s: Int32, _ p: UnsafeMutablePointer<ConnectionSlot>, _ d: Int) -> Int? {
         let dir = direction(p, d)
         dir.pointee.room = 0
-        if let (_, _, queued) = Syscall.sendRoom(dir.pointee.destination), queued > 0 {
+        if !DirectDescriptor.isDirect(dir.pointee.destination), let (_, _, queued) = Syscall.sendRoom(dir.pointee.destination), queued > 0 {
             dir.pointee.reading = .waitingForBuffer
             reserveWaiters.append((Int32(s) << 1 | Int32(d), p.pointee.generation))
             statistics.add(.reserveWaits)
@@ -90,7 +90,8 @@ extension Worker {
     /// about once per half of its send buffer.
     @inline(__always)
     func destinationRoom(_ dir: UnsafeMutablePointer<Direction>) -> Int {
-        guard let (room, size, _) = Syscall.sendRoom(dir.pointee.destination) else {
+        // A direct descriptor can't be asked (no syscall reaches it): reads are not bounded.
+        guard !DirectDescriptor.isDirect(dir.pointee.destination), let (room, size, _) = Syscall.sendRoom(dir.pointee.destination) else {
             dir.pointee.room = .max
             return .max
         }

@@ -215,12 +215,29 @@ extension Worker {
         // A rate-limited user's bytes must pass through user space to be paced, and TLS's to
         // be encrypted or decrypted.
         if p.pointee.tls & TLSSides.sessions != 0 { p.pointee.splice = .never }
+        if backend.directCapacity > 0 && p.pointee.tls == 0 { moveToDirectDescriptors(p) }
         let path: Direction.Path = p.pointee.splice == .always && !p.pointee.rateLimited ? .splice : .copy
         // A framed upload's bytes must be seen to find where its body ends.
         p.pointee.toUpstream.path = p.pointee.framedUpload ? .copy : path
         p.pointee.toClient.path = path
         armReadSide(s, p, 0)
         armReadSide(s, p, 1)
+    }
+
+    /// `direct_descriptors`: the bridge's sockets leave the process's descriptor table for the
+    /// ring's, so bridges are not bounded by RLIMIT_NOFILE. Everything that needs a syscall on
+    /// them (PROXY header, preamble, TLS, negotiation) is done by now; what is left is the ring's
+    /// own operations, on the copy path (splice(2) needs descriptors). A full table leaves the
+    /// connection as it was.
+    private func moveToDirectDescriptors(_ p: UnsafeMutablePointer<ConnectionSlot>) {
+        guard let (client, upstream) = backend.makeDirect(client: p.pointee.client, upstream: p.pointee.upstream) else {
+            statistics.add(.directDescriptorMisses)
+            return
+        }
+        p.pointee.setClient(client)
+        p.pointee.setUpstream(upstream)
+        p.pointee.splice = .never
+        statistics.add(.directBridges)
     }
 
     /// The PROXY header for an upstream: the balancer's view when one told us, else this

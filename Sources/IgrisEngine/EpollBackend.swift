@@ -422,6 +422,11 @@ public final class EpollBackend: IOBackend {
         }
     }
 
+    /// epoll has no table of its own: every socket is a regular descriptor.
+    public func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)? { nil }
+
+    public var directCapacity: Int { 0 }
+
     public func drainCompletions(_ body: (Completion) -> Void) {
         // Completions queued by operations that `body` issues go to the next turn.
         // One batch per turn, so a flow whose syscalls keep succeeding at once cannot starve

@@ -32,6 +32,9 @@ public struct BackendConfiguration: Sendable {
     public var ringEntries: UInt32
     /// io_uring: sends of at least this many bytes use IORING_OP_SEND_ZC (nil: never).
     public var zeroCopySendThreshold: Int?
+    /// io_uring: entries of the ring's fixed-file table, where bridged connections' sockets
+    /// move (`IOBackend.makeDirect`); 0: off.
+    public var directDescriptors: Int = 0
 
     public init(bufferSize: Int = 64 * 1024, bufferCount: Int = 256, ringEntries: UInt32 = 4096, zeroCopySendThreshold: Int? = nil) {
         self.bufferSize = bufferSize
@@ -54,6 +57,21 @@ public struct BackendConfiguration: Sendable {
         let share = max(2, min(32768, memory / max(1, workers) / bufferSize))
         return 1 << (Int.bitWidth - 1 - share.leadingZeroBitCount)
     }
+}
+
+/// A socket in an io_uring ring's fixed-file table (a direct descriptor) instead of the
+/// process's descriptor table, which RLIMIT_NOFILE bounds: its table entry with `flag` set.
+/// As a descriptor number it names nothing, so a plain syscall on it fails with EBADF; the
+/// worker asks none of it (no SO_MEMINFO room check, no splice) and the ring's operations
+/// name the entry with IOSQE_FIXED_FILE.
+public enum DirectDescriptor {
+    public static let flag: Int32 = 1 << 30
+
+    @inline(__always)
+    public static func isDirect(_ fd: Int32) -> Bool { fd >= 0 && fd & flag != 0 }
+
+    @inline(__always)
+    static func entry(_ fd: Int32) -> Int32 { fd & ~flag }
 }
 
 /// The completion-style interface a `Worker` drives, and the only way the engine touches a
@@ -137,6 +155,14 @@ public protocol IOBackend: AnyObject {
     func sendDatagrams(fd: Int32, from batch: DatagramBatch, bytes: inout Int) -> Int
     /// shutdown(fd, how) at once: 0 or -errno.
     func shutdown(fd: Int32, how: Int32) -> Int32
+
+    /// Moves a bridged connection's two sockets into the ring's fixed-file table and closes
+    /// their regular descriptors, so that they no longer count against RLIMIT_NOFILE: the
+    /// pair's `DirectDescriptor`s, or nil with both left as they were (off, epoll, the table
+    /// full, or the kernel refused).
+    func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)?
+    /// Sockets the fixed-file table holds at most (0: no direct descriptors).
+    var directCapacity: Int { get }
 
     /// Empties the worker's wake eventfd after its poll completed.
     func consumeWake(fd: Int32)

@@ -105,6 +105,20 @@ public enum IOUringProbe {
         return lines
     }
 
+    /// What `direct_descriptors` gives here: a ring's fixed-file table of RLIMIT_NOFILE
+    /// entries (0 when the kernel refuses one), whether aborts still send RST, and how it runs.
+    public static func directDescriptors() -> (entries: Int, resets: Bool, description: String) {
+        var configuration = BackendConfiguration(bufferSize: 4096, bufferCount: 2, ringEntries: 8)
+        configuration.initialBufferCount = 2
+        configuration.directDescriptors = Syscall.descriptorLimit
+        do {
+            let backend = try URingBackend(configuration: configuration)
+            return (backend.directCapacity, backend.directAbortsWithReset, backend.directDescription)
+        } catch {
+            return (0, false, "no ring: \(error)")
+        }
+    }
+
     public static func run() -> Result {
         let sysctl = disabledSysctl()
         if sysctl == 2 {

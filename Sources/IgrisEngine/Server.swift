@@ -46,6 +46,10 @@ public struct ServerConfiguration: Sendable {
     public var udpRelayPorts: ClosedRange<UInt16>?
     public var buffers = BackendConfiguration()
     public var listenBacklog: Int32 = 4096
+    /// io_uring: bridged connections' sockets move into each worker ring's fixed-file table
+    /// (`IOBackend.makeDirect`), so bridges are bounded by the tables (RLIMIT_NOFILE entries
+    /// each), not by the process's descriptors; such bridges take the copy path.
+    public var directDescriptors = false
     public var splice: SpliceMode = .auto
     /// auto: consecutive full-buffer reads that move a direction to splice.
     public var spliceThreshold: Int = 4
@@ -140,6 +144,9 @@ public final class Server: Sendable {
         let (kind, reason) = try Self.selectBackend(configuration.backend)
         backend = kind
         backendReason = reason
+        if configuration.directDescriptors && kind != .ioUring && configuration.backend == .epoll {
+            throw .configuration("direct descriptors need the io_uring backend, and --backend epoll was asked for")
+        }
 
         let (fds, addresses) = try Self.bindListeners(configuration.listeners.map(configuration.resolved), workers: configuration.workers,
                                                       backlog: configuration.listenBacklog, inherited: inherited)
@@ -284,10 +291,18 @@ public final class Server: Sendable {
     }
 
     /// The default `max_connections`: what RLIMIT_NOFILE allows (`descriptorsNeeded`), at
-    /// most 65,536, as HAProxy derives its maxconn.
-    public static func defaultMaxConnections(workers: Int, listeners: Int) -> Int {
+    /// most 65,536, as HAProxy derives its maxconn. With direct descriptors (on io_uring)
+    /// bridges hold table entries instead, RLIMIT_NOFILE of them per worker.
+    public static func defaultMaxConnections(workers: Int, listeners: Int, direct: Bool = false) -> Int {
         let overhead = descriptorsNeeded(maxConnections: 0, workers: workers, listeners: listeners)
-        return max(1, min(65536, (Syscall.descriptorLimit - overhead) / 2))
+        let perProcess = (Syscall.descriptorLimit - overhead) / 2
+        return max(1, min(65536, direct ? workers * perProcess : perProcess))
+    }
+
+    /// Whether `directDescriptors` takes effect: asked for, and io_uring chosen.
+    public static func usesDirectDescriptors(_ asked: Bool, backend: BackendChoice) -> Bool {
+        guard asked, let (kind, _) = try? selectBackend(backend) else { return false }
+        return kind == .ioUring
     }
 
     /// A warning for the operator when `--max-connections` can't be reached within
@@ -295,10 +310,13 @@ public final class Server: Sendable {
     public var descriptorWarning: String? {
         let needed = Self.descriptorsNeeded(maxConnections: configuration.maxConnections, workers: configuration.workers,
                                             listeners: configuration.listeners.count)
-        guard Syscall.descriptorLimit < needed else { return nil }
+        guard Syscall.descriptorLimit < needed, !usesDirectDescriptors else { return nil }
         return "max-connections \(configuration.maxConnections) needs about \(needed) descriptors but RLIMIT_NOFILE is \(Syscall.descriptorLimit): "
             + "past that, accepting pauses; raise LimitNOFILE / ulimit -n or lower --max-connections"
     }
+
+    /// Bridges move to the rings' fixed-file tables (asked for, on io_uring).
+    public var usesDirectDescriptors: Bool { configuration.directDescriptors && backend == .ioUring }
 
     /// Starts the workers; returns once each has built its backend (or throws the first
     /// worker's failure after stopping the others).
@@ -309,6 +327,8 @@ public final class Server: Sendable {
         let failures = Locked<[ServerError]>([])
         let ready = DispatchSemaphore(value: 0)
         let slotsPerWorker = configuration.maxConnections
+        var backendConfiguration = configuration.buffers
+        if usesDirectDescriptors { backendConfiguration.directDescriptors = Syscall.descriptorLimit }
         let rules = configuration.listeners.map(configuration.resolved)
         // The listeners bound at start: each one's sockets, per worker.
         let sockets = listenerTable.withLock { $0.prefix(rules.count).map(\.sockets) }
@@ -316,7 +336,7 @@ public final class Server: Sendable {
             let workerConfiguration = WorkerConfiguration(
                 index: w,
                 listeners: Self.bound(sockets.map { $0[w] }, rules: rules, budgets: listenerBudgets, firstIndex: 0),
-                backend: configuration.buffers,
+                backend: backendConfiguration,
                 drainTimeoutNanoseconds: configuration.drainTimeoutNanoseconds,
                 slotCapacity: slotsPerWorker,
                 spliceThreshold: configuration.spliceThreshold,
@@ -344,7 +364,12 @@ public final class Server: Sendable {
                         if w == 0 {
                             workerLogger.debug("io_uring ring set up", metadata: [
                                 "flags": "\(backend.setupDescription)", "zero_copy_send": "\(backend.zeroCopyDescription)",
+                                "direct_descriptors": "\(backend.directDescription)",
                             ])
+                        }
+                        if workerConfiguration.backend.directDescriptors > 0 && backend.directCapacity == 0 {
+                            workerLogger.warning("direct descriptors unavailable: bridges keep regular descriptors",
+                                                 metadata: ["why": "\(backend.directDescription)"])
                         }
                         let worker = Worker(backend: backend, configuration: workerConfiguration, control: control,
                                             statistics: stats, budget: budget, logger: workerLogger,

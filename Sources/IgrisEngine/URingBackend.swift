@@ -55,6 +55,22 @@ public final class URingBackend: IOBackend {
     private var immediate: [Completion] = []
     private var delivering: [Completion] = []
 
+    /// Direct descriptors: the fixed-file table's entries go in pairs (a bridge's client at
+    /// 2k, its upstream at 2k+1), so one register call moves both. Free pairs, sockets still
+    /// open per pair, and the entry each direct close frees once it completes (an entry is
+    /// reused only after the kernel has closed what it held).
+    public private(set) var directCapacity = 0
+    private var directFreePairs: [Int32] = []
+    private var directOpen: [UInt8] = []
+    private var directClosing: [UInt64: Int32] = [:]
+    /// setsockopt through the ring works here (6.7+): an aborted direct socket gets its RST.
+    private var socketCommands = false
+    private let lingerZero: UnsafeMutablePointer<linger>
+    /// How direct descriptors run here, or why not, for the start-up log and `igris probe`.
+    public private(set) var directDescription = "off"
+    /// An aborted direct socket is reset (setsockopt through the ring), not closed with a FIN.
+    public var directAbortsWithReset: Bool { socketCommands }
+
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         ring = .allocate(capacity: 1)
         ring.initialize(to: io_uring())
@@ -117,6 +133,8 @@ public final class URingBackend: IOBackend {
         for id in main { igris_buf_ring_recycle(mem, UInt32(configuration.bufferCount), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         for id in reserve { igris_buf_ring_recycle(reserveRing, UInt32(reserveEntries), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         batch = .allocate(capacity: Int(batchCapacity))
+        lingerZero = .allocate(capacity: 1)
+        lingerZero.initialize(to: linger(l_onoff: 1, l_linger: 0))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
         zeroCopyResults.reserveCapacity(configuration.bufferCount)
         immediate.reserveCapacity(1024)
@@ -132,6 +150,7 @@ public final class URingBackend: IOBackend {
         // can't spawn a thread per connection. Best effort (5.15+).
         var maxWorkers: [UInt32] = [2, 4]
         _ = maxWorkers.withUnsafeMutableBufferPointer { io_uring_register_iowq_max_workers(ring, $0.baseAddress) }
+        if configuration.directDescriptors >= 2 { setUpDirectDescriptors(entries: configuration.directDescriptors) }
     }
 
     deinit {
@@ -140,6 +159,69 @@ public final class URingBackend: IOBackend {
         munmap(bufferRing, bufferRingBytes)
         ring.deallocate()
         batch.deallocate()
+        lingerZero.deallocate()
+    }
+
+    /// A sparse fixed-file table of `entries` (at most RLIMIT_NOFILE, the kernel's cap per
+    /// ring), and whether setsockopt runs through the ring. Without a table every socket
+    /// stays a regular descriptor.
+    private func setUpDirectDescriptors(entries: Int) {
+        let n = min(entries, Syscall.descriptorLimit) & ~1
+        let rc = io_uring_register_files_sparse(ring, UInt32(n))
+        guard rc == 0 else {
+            directDescription = "off (fixed-file table of \(n): \(Errno.describe(-rc)))"
+            return
+        }
+        directCapacity = n
+        directOpen = [UInt8](repeating: 0, count: n / 2)
+        directFreePairs = (0..<Int32(n / 2)).reversed()
+        directClosing.reserveCapacity(1024)
+        let probe = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        if probe >= 0 {
+            defer { Syscall.close(probe) }
+            var one: Int32 = 1
+            let sqe = nextSQE()
+            igris_prep_setsockopt(sqe, probe, SOL_SOCKET, SO_KEEPALIVE, &one, Int32(MemoryLayout<Int32>.size))
+            io_uring_sqe_set_data64(sqe, Self.cancelTag)
+            var cqe: UnsafeMutablePointer<io_uring_cqe>?
+            if io_uring_submit_and_wait(ring, 1) >= 0 && io_uring_peek_cqe(ring, &cqe) == 0, let cqe {
+                socketCommands = cqe.pointee.res == 0
+                io_uring_cqe_seen(ring, cqe)
+            }
+        }
+        directDescription = "\(n) entries" + (socketCommands ? "" : " (no setsockopt through the ring: aborts close with FIN)")
+    }
+
+    public func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)? {
+        guard let pair = directFreePairs.popLast() else { return nil }
+        let fds: [Int32] = [client, upstream]
+        let rc = fds.withUnsafeBufferPointer { igris_uring_register_files_at(ring, UInt32(pair * 2), $0.baseAddress, 2) }
+        guard rc == 2 else {
+            if rc > 0 {
+                let none: [Int32] = [-1, -1]
+                _ = none.withUnsafeBufferPointer { igris_uring_register_files_at(ring, UInt32(pair * 2), $0.baseAddress, 2) }
+            }
+            directFreePairs.append(pair)
+            return nil
+        }
+        // The table holds its own references: the sockets live on without these descriptors.
+        Syscall.close(client)
+        Syscall.close(upstream)
+        directOpen[Int(pair)] = 2
+        return (pair * 2 | DirectDescriptor.flag, (pair * 2 + 1) | DirectDescriptor.flag)
+    }
+
+    /// A direct close completed: its entry may be reused once its pair's other one is closed too.
+    private func directClosed(entry: Int32) {
+        let pair = Int(entry >> 1)
+        directOpen[pair] -= 1
+        if directOpen[pair] == 0 { directFreePairs.append(Int32(pair)) }
+    }
+
+    /// Points `sqe` at a direct descriptor's table entry (a regular descriptor stays as prepared).
+    @inline(__always)
+    private func target(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ fd: Int32) {
+        if DirectDescriptor.isDirect(fd) { igris_sqe_fixed_file(sqe, DirectDescriptor.entry(fd)) }
     }
 
     /// A free SQE; when the SQ is full, what is queued is submitted first.
@@ -169,6 +251,7 @@ public final class URingBackend: IOBackend {
     public func connect(fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_connect(sqe, fd, address, length)
+        target(sqe, fd)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
@@ -177,6 +260,7 @@ public final class URingBackend: IOBackend {
         // With a selected buffer, the length caps the read (0: the whole buffer).
         io_uring_prep_recv(sqe, fd, nil, limit > 0 && limit < buffers.size ? limit : 0, 0)
         igris_sqe_select_buffer(sqe, reserve ? reserveGroup : bufferGroup)
+        target(sqe, fd)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
@@ -191,14 +275,23 @@ public final class URingBackend: IOBackend {
         } else {
             io_uring_prep_send(sqe, fd, buffers.pointer(buffer) + offset, length, Int32(MSG_NOSIGNAL))
         }
+        target(sqe, fd)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     /// Run at once, completed at the next drain: IORING_OP_SHUTDOWN is always punted to an
     /// io-wq thread (a context switch or two per half-close), while shutdown(SHUT_WR) on a TCP
     /// socket never blocks. The caller queues it only once nothing is being sent on `fd`.
+    /// A direct descriptor has no syscall to take: the ring's shutdown.
     public func shutdownWrite(fd: Int32, token: OperationToken) {
-        immediate.append(Completion(token: token, result: Syscall.shutdown(fd, Int32(SHUT_WR))))
+        guard DirectDescriptor.isDirect(fd) else {
+            immediate.append(Completion(token: token, result: Syscall.shutdown(fd, Int32(SHUT_WR))))
+            return
+        }
+        let sqe = nextSQE()
+        io_uring_prep_shutdown(sqe, 0, Int32(SHUT_WR))
+        target(sqe, fd)
+        io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func stopAccepting(listener fd: Int32, token: OperationToken) {
@@ -219,10 +312,26 @@ public final class URingBackend: IOBackend {
         // it (and the socket) alive. Cancelled first, in the same submission.
         cancel(pending.read)
         cancel(pending.write)
-        if abort { Syscall.setLingerZero(fd) }
+        guard DirectDescriptor.isDirect(fd) else {
+            if abort { Syscall.setLingerZero(fd) }
+            let sqe = nextSQE()
+            io_uring_prep_close(sqe, fd)
+            io_uring_sqe_set_data64(sqe, token.raw)
+            return
+        }
+        let entry = DirectDescriptor.entry(fd)
+        if abort && socketCommands {
+            // SO_LINGER {on, 0} first, hard-linked so the close runs whatever it returns.
+            let sqe = nextSQE(2)
+            igris_prep_setsockopt(sqe, 0, SOL_SOCKET, SO_LINGER, lingerZero, Int32(MemoryLayout<linger>.size))
+            target(sqe, fd)
+            igris_sqe_hardlink(sqe)
+            io_uring_sqe_set_data64(sqe, Self.cancelTag)
+        }
         let sqe = nextSQE()
-        io_uring_prep_close(sqe, fd)
+        io_uring_prep_close_direct(sqe, UInt32(entry))
         io_uring_sqe_set_data64(sqe, token.raw)
+        directClosing[token.raw] = entry
     }
 
     public func peek(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
@@ -261,12 +370,14 @@ public final class URingBackend: IOBackend {
     public func pollReadable(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLIN))
+        target(sqe, fd)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
     public func pollWritable(fd: Int32, token: OperationToken) {
         let sqe = nextSQE()
         io_uring_prep_poll_add(sqe, fd, UInt32(POLLOUT))
+        target(sqe, fd)
         io_uring_sqe_set_data64(sqe, token.raw)
     }
 
@@ -344,6 +455,7 @@ public final class URingBackend: IOBackend {
                 // 0: a cancellation; all ones: liburing's own timeout SQE.
                 if c.user_data == 0 || c.user_data == UInt64.max { continue }
                 if c.user_data == Self.cancelTag { continue }
+                if !directClosing.isEmpty, let entry = directClosing.removeValue(forKey: c.user_data) { directClosed(entry: entry) }
                 var result = c.res
                 if c.flags & notifFlag != 0 {
                     // SEND_ZC's second completion: the buffer is free, the send is done.

@@ -46,6 +46,8 @@ public final class WorkerStatistics: Sendable {
         case pipeFallbacks           // no pipe to be had: the direction stayed on copy
         case spliceBytesDropped      // bytes left in a pipe when its bridge was aborted
         case spliceSwitches          // auto: directions moved from copy to splice
+        case directBridges           // bridges whose sockets moved to the ring's fixed-file table
+        case directDescriptorMisses  // the table was full: the bridge kept its descriptors
         // SOCKS5 / HTTP CONNECT
         case handshakesCompleted     // reached bridging
         case handshakeFailures       // malformed, unsupported or unauthenticated: replied and closed

@@ -54,6 +54,8 @@ public struct ConfigFile: Sendable {
     /// Memory for pooled buffers, all workers together; nil: the default for max_connections.
     public var bufferMemory: Int?
     public var splice: SpliceMode = .auto
+    /// `direct_descriptors` (io_uring): see `ServerConfiguration.directDescriptors`.
+    public var directDescriptors = false
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64?
     /// Keepalive + TCP_USER_TIMEOUT bound for peers gone without FIN or RST (nil: off).
@@ -146,7 +148,9 @@ public struct ConfigFile: Sendable {
     public func serverConfiguration(gateway: Gateway) throws(GatewayError) -> ServerConfiguration {
         var c = ServerConfiguration(listeners: try listenerRules(gateway: gateway), workers: workers ?? Syscall.onlineCPUs(), backend: backend)
         c.accounts = gateway.policy.accounts
-        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: c.workers, listeners: c.listeners.count)
+        c.directDescriptors = directDescriptors
+        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
+            workers: c.workers, listeners: c.listeners.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         c.maxConnections = maxConnections
         c.maxConnectionsGiven = self.maxConnections != nil
         c.sourceLimits = SourceLimits.Settings.resolved(maxConnections: maxConnections, perSource: maxConnectionsPerSource,
@@ -171,7 +175,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
+        let top = ["workers", "backend", "direct_descriptors", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "udp_relay_ports", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -187,6 +191,7 @@ private struct Decoded: Decodable {
             guard let v = BackendChoice(rawValue: b) else { throw fail("backend", "expected auto, io_uring or epoll, got '\(b)'") }
             config.backend = v
         }
+        if let d = try c.decodeIfPresent(Bool.self, forKey: key("direct_descriptors")) { config.directDescriptors = d }
         if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
             guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
             config.maxConnections = m

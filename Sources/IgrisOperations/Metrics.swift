@@ -56,6 +56,8 @@ public struct MetricsRenderer: Sendable {
             ("igris_splice_bytes_total", .spliceBytes, "Bytes moved socket to pipe to socket without entering user space."),
             ("igris_splice_fallbacks_total", .pipeFallbacks, "Directions that stayed on copy because no pipe could be had."),
             ("igris_splice_bytes_dropped_total", .spliceBytesDropped, "Bytes left in a pipe when its bridge was aborted."),
+            ("igris_direct_bridges_total", .directBridges, "Bridges whose sockets moved to the io_uring ring's fixed-file table (direct_descriptors)."),
+            ("igris_direct_table_full_total", .directDescriptorMisses, "Bridges that kept their regular descriptors because the fixed-file table was full."),
             ("igris_handshakes_total", .handshakesCompleted, "SOCKS5 / HTTP CONNECT handshakes that reached bridging."),
             ("igris_handshake_failures_total", .handshakeFailures, "Handshakes refused as malformed or unsupported."),
             ("igris_handshake_timeouts_total", .handshakeTimeouts, "Handshakes closed at the handshake timeout."),

@@ -18,6 +18,18 @@ struct Probe: ParsableCommand {
         let ktls = KernelTLS.support
         out.write("kTLS: \(ktls.available ? "available" : "unavailable") (\(ktls.reason))\(ktls.available ? "" : "; TLS runs in user space (OpenSSL 3)")\n")
         out.write("RLIMIT_NOFILE: soft \(limit.rlim_cur), hard \(limit.rlim_max)\n")
+        let workers = Syscall.onlineCPUs()
+        out.write("bridges at most, \(workers) workers: \(Server.defaultMaxConnections(workers: workers, listeners: 1)) with regular descriptors "
+                  + "(epoll, io_uring: two each within RLIMIT_NOFILE)\n")
+        if probe.usable {
+            let direct = IOUringProbe.directDescriptors()
+            if direct.entries > 0 {
+                out.write("  io_uring --direct-descriptors: \(Server.defaultMaxConnections(workers: workers, listeners: 1, direct: true)) "
+                          + "(a fixed-file table of \(direct.description) per worker; aborts send \(direct.resets ? "RST" : "FIN: setsockopt through the ring needs 6.7+"))\n")
+            } else {
+                out.write("  io_uring --direct-descriptors: unavailable (\(direct.description))\n")
+            }
+        }
         out.write("--backend auto would use: \(probe.usable ? "io_uring" : "epoll")\n")
     }
 }

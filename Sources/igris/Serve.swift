@@ -152,6 +152,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("send-zc"), help: "io_uring: send chunks of at least this many bytes with IORING_OP_SEND_ZC (default: off; see Benchmarks/README.md).")
     var sendZeroCopy: Int?
 
+    @Flag(name: .customLong("direct-descriptors"),
+          help: "io_uring: bridged sockets move to the ring's fixed-file table, so bridges are not bounded by the descriptor limit (copy path only; see Kernel-notes).")
+    var directDescriptors = false
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -235,7 +239,9 @@ struct Serve: ParsableCommand {
         configuration.idleTimeoutNanoseconds = idleTimeout?.nanoseconds
         configuration.deadPeerTimeoutNanoseconds = deadPeerTimeout.nanoseconds == 0 ? nil : deadPeerTimeout.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
-        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(workers: workers, listeners: rules.count)
+        configuration.directDescriptors = directDescriptors
+        let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
+            workers: workers, listeners: rules.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         configuration.maxConnections = maxConnections
         configuration.maxConnectionsGiven = self.maxConnections != nil
         configuration.sourceLimits = SourceLimits.Settings.resolved(maxConnections: maxConnections, perSource: maxConnectionsPerSource,
@@ -321,6 +327,13 @@ struct Serve: ParsableCommand {
             throw fail(error.description)
         }
         logger.info("backend selected", metadata: ["backend": "\(server.backend)", "why": "\(server.backendReason)"])
+        if configuration.directDescriptors {
+            if server.usesDirectDescriptors {
+                logger.info("direct descriptors: bridges move to the rings' fixed-file tables", metadata: ["max_connections": "\(configuration.maxConnections)"])
+            } else {
+                logger.warning("direct descriptors need io_uring: off on \(server.backend)")
+            }
+        }
         // Only a limit the operator set can be too high: the default follows RLIMIT_NOFILE.
         if configuration.maxConnectionsGiven, let warning = server.descriptorWarning { logger.warning("\(warning)") }
         do { try server.start() } catch { throw fail(error.description) }

@@ -118,6 +118,8 @@ final class ScriptedBackend: IOBackend {
 
     func shutdown(fd: Int32, how: Int32) -> Int32 { 0 }
     func consumeWake(fd: Int32) { Syscall.drainEventFD(fd) }
+    func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)? { nil }
+    var directCapacity: Int { 0 }
 
     func releaseBuffer(_ id: UInt16) { buffers.returnToStack(id) }
     func adjustBuffers() { buffers.adjustTarget() }

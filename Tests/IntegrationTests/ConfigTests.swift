@@ -100,6 +100,13 @@ struct ConfigTests {
         #expect(try settings("max_connections_per_source: 0\nmax_handshakes_per_source: 8\n")
                 == SourceLimits.Settings(maxConnectionsPerSource: 0, maxHandshakes: 500, maxHandshakesPerSource: 8))
         #expect(try settings("max_handshakes: 0\n").maxHandshakes == 0)
+        // direct_descriptors (io_uring here): the default max_connections counts table entries, not descriptors.
+        let direct = try ConfigFile.parse("direct_descriptors: true\nbackend: io_uring\nworkers: 2\nlisteners:\n  - {listen: \"127.0.0.1:0\", mode: forward, upstream: \"127.0.0.1:9\"}\n",
+                                          file: "d.yaml")
+        let directConfiguration = try direct.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try direct.policy(configPath: "d.yaml")))
+        #expect(directConfiguration.directDescriptors)
+        #expect(directConfiguration.maxConnections == Server.defaultMaxConnections(workers: 2, listeners: 1, direct: true))
+        #expect(directConfiguration.maxConnections > Server.defaultMaxConnections(workers: 2, listeners: 1))
         #expect(try ConfigFile.parse("udp_relay_ports: 40000-40999\nlisteners:\n  - {listen: \"127.0.0.1:0\", mode: socks5, auth: none}\n", file: "u.yaml").udpRelayPorts == 40000...40999)
         #expect(PortRange.parse("53") == 53...53 && PortRange.parse("9-1") == nil && PortRange.parse("0-9") == nil && PortRange.parse("1-70000") == nil)
         do {
@@ -122,6 +129,7 @@ struct ConfigTests {
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: forward\n", "listeners[0].upstream: required key 'upstream' is missing"),
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    upstream: 127.0.0.1:2\n", "c.yaml:4: listeners[0].upstream: only forward listeners"),
             ("workers: 0\nlisteners: []\n", "c.yaml:1: workers: must be between 1 and 1024"),
+            ("direct_descriptors: sometimes\nlisteners: []\n", "c.yaml:1: direct_descriptors"),
             ("connect_timeout: soon\nlisteners: []\n", "c.yaml:1: connect_timeout: expected a duration"),
             ("acl:\n  allow: [\"127.0.0.1:80\"]\nlisteners: []\n", "c.yaml:2: acl.allow[0]: bad ACL rule '127.0.0.1:80'"),
             ("listeners: []\n", "c.yaml:1: listeners: at least one listener is needed"),
