@@ -2,8 +2,8 @@
 # End-to-end comparison (see bench.py): igris on each backend and splice setting, its SOCKS5
 # listener, HAProxy, nginx stream, microsocks and dante, same machine, same run; then TLS
 # termination against HAProxy, nginx, stunnel4 and ssh -L (tls.py), and igris's own
-# instructions per round trip and per connection under callgrind (instructions.py), and one
-# worker against two (workers.py). Installs the
+# instructions per round trip and per connection under callgrind (instructions.py), one
+# worker against two (workers.py), and bridges past RLIMIT_NOFILE (direct.py). Installs the
 # peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
 # Usage: Benchmarks/bench.sh [--quick] [bench.py options]
 set -euo pipefail
@@ -37,5 +37,6 @@ case " $* " in
      /usr/bin/python3 Benchmarks/gateway_modes.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/tls.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/instructions.py --output Benchmarks/RESULTS.md --append
-     /usr/bin/python3 Benchmarks/workers.py --output Benchmarks/RESULTS.md --append ;;
+     /usr/bin/python3 Benchmarks/workers.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/direct.py --output Benchmarks/RESULTS.md --append ;;
 esac
