@@ -132,9 +132,4 @@ static inline void igris_prep_setsockopt(struct io_uring_sqe *sqe, int fd, int l
     sqe->addr3 = (uint64_t)(uintptr_t)optval;
 }
 
-/// Puts `fds` (regular descriptors) into the fixed-file table from entry `offset` on.
-static inline int igris_uring_register_files_at(struct io_uring *ring, unsigned offset, const int *fds, unsigned count) {
-    return io_uring_register_files_update(ring, offset, fds, count);
-}
-
 #endif

@@ -66,6 +66,9 @@ public final class URingBackend: IOBackend {
     /// setsockopt through the ring works here (6.7+): an aborted direct socket gets its RST.
     private var socketCommands = false
     private let lingerZero: UnsafeMutablePointer<linger>
+    /// The descriptors each entry is filled from (IORING_OP_FILES_UPDATE reads them when it
+    /// runs, at the next submission): one place per entry, so it stays put until then.
+    private var directSources: UnsafeMutablePointer<Int32>?
     /// How direct descriptors run here, or why not, for the start-up log and `igris probe`.
     public private(set) var directDescription = "off"
     /// An aborted direct socket is reset (setsockopt through the ring), not closed with a FIN.
@@ -160,6 +163,7 @@ public final class URingBackend: IOBackend {
         ring.deallocate()
         batch.deallocate()
         lingerZero.deallocate()
+        directSources?.deallocate()
     }
 
     /// A sparse fixed-file table of `entries` (at most RLIMIT_NOFILE, the kernel's cap per
@@ -173,6 +177,7 @@ public final class URingBackend: IOBackend {
             return
         }
         directCapacity = n
+        directSources = .allocate(capacity: n)
         directOpen = [UInt8](repeating: 0, count: n / 2)
         directFreePairs = (0..<Int32(n / 2)).reversed()
         directClosing.reserveCapacity(1024)
@@ -192,23 +197,29 @@ public final class URingBackend: IOBackend {
         directDescription = "\(n) entries" + (socketCommands ? "" : " (no setsockopt through the ring: aborts close with FIN)")
     }
 
+    /// No syscall of its own: an IORING_OP_FILES_UPDATE fills the pair's entries, and two
+    /// closes hard-linked behind it drop the descriptors (the table holds its own references).
+    /// The update runs when it is submitted, before any operation queued after it here names
+    /// the entries; the closes run whatever it returns, so no descriptor is left behind (were
+    /// it refused, the entries stay empty and the bridge's operations fail with EBADF).
     public func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)? {
-        guard let pair = directFreePairs.popLast() else { return nil }
-        let fds: [Int32] = [client, upstream]
-        let rc = fds.withUnsafeBufferPointer { igris_uring_register_files_at(ring, UInt32(pair * 2), $0.baseAddress, 2) }
-        guard rc == 2 else {
-            if rc > 0 {
-                let none: [Int32] = [-1, -1]
-                _ = none.withUnsafeBufferPointer { igris_uring_register_files_at(ring, UInt32(pair * 2), $0.baseAddress, 2) }
-            }
-            directFreePairs.append(pair)
-            return nil
-        }
-        // The table holds its own references: the sockets live on without these descriptors.
-        Syscall.close(client)
-        Syscall.close(upstream)
+        guard let sources = directSources, let pair = directFreePairs.popLast() else { return nil }
+        let entry = Int(pair) * 2
+        sources[entry] = client
+        sources[entry + 1] = upstream
+        let update = nextSQE(3)
+        io_uring_prep_files_update(update, sources + entry, 2, Int32(entry))
+        igris_sqe_hardlink(update)
+        io_uring_sqe_set_data64(update, Self.cancelTag)
+        let closeClient = nextSQE()
+        io_uring_prep_close(closeClient, client)
+        igris_sqe_hardlink(closeClient)
+        io_uring_sqe_set_data64(closeClient, Self.cancelTag)
+        let closeUpstream = nextSQE()
+        io_uring_prep_close(closeUpstream, upstream)
+        io_uring_sqe_set_data64(closeUpstream, Self.cancelTag)
         directOpen[Int(pair)] = 2
-        return (pair * 2 | DirectDescriptor.flag, (pair * 2 + 1) | DirectDescriptor.flag)
+        return (Int32(entry) | DirectDescriptor.flag, Int32(entry + 1) | DirectDescriptor.flag)
     }
 
     /// A direct close completed: its entry may be reused once its pair's other one is closed too.
