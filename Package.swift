@@ -124,7 +124,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IgrisTLSTests",
-            dependencies: ["IgrisTLS", "COpenSSL"]
+            dependencies: ["IgrisTLS", "COpenSSL", "CMallocCounter"]
         ),
         .testTarget(
             name: "IgrisPolicyTests",

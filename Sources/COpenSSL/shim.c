@@ -348,7 +348,7 @@ int igris_ssl_ctx_capture_traffic_secrets(SSL_CTX *ctx) {
 }
 
 /// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1.
-static int expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
+int igris_expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
                         unsigned char *out, size_t length) {
     unsigned char info[2 + 1 + 255 + 1];
     size_t label_length = strlen(label);
@@ -375,6 +375,18 @@ static int expand_label(const char *digest, const unsigned char *secret, size_t 
     return ok;
 }
 
+int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], size_t *secret_length) {
+    if (SSL_version(ssl) != TLS1_3_VERSION || secrets_index < 0) return -1;
+    struct traffic_secrets *t = SSL_get_ex_data(ssl, secrets_index);
+    if (t == NULL) return -1;
+    int want_client = sending ? !SSL_is_server(ssl) : SSL_is_server(ssl);
+    size_t n = want_client ? t->client_length : t->server_length;
+    if (n == 0) return -1;
+    memcpy(secret, want_client ? t->client : t->server, n);
+    *secret_length = n;
+    return 0;
+}
+
 int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_t *key_length, unsigned char iv[12]) {
     if (SSL_version(ssl) != TLS1_3_VERSION || secrets_index < 0) return -1;
     struct traffic_secrets *t = SSL_get_ex_data(ssl, secrets_index);
@@ -393,7 +405,7 @@ int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_
     case 0x1303: cipher = TLS_CIPHER_CHACHA20_POLY1305; digest = "SHA256"; length = 32; break;
     default: return -1;
     }
-    if (!expand_label(digest, secret, secret_length, "key", key, length) || !expand_label(digest, secret, secret_length, "iv", iv, 12)) return -1;
+    if (!igris_expand_label(digest, secret, secret_length, "key", key, length) || !igris_expand_label(digest, secret, secret_length, "iv", iv, 12)) return -1;
     *key_length = length;
     return cipher;
 }

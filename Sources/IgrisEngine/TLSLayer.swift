@@ -108,6 +108,9 @@ extension Worker {
             startNegotiation(s, p, factory, peer: try? Syscall.peerAddress(p.pointee.client))
         } else {
             if l.bound.rule.tls?.offloadsToKernel == true, let ticketRecords, !offloadToKernel(s, p, session, sent: ticketRecords) { return }
+            if l.bound.rule.tls?.protectsRecordsItself == true, p.pointee.tls & TLSSides.clientInKernel == 0, let ticketRecords {
+                protectRecordsItself(session, sent: ticketRecords)
+            }
             endHandshakeCount(s, p)
             p.pointee.state = .connecting
             connectForward(s, p)
@@ -139,6 +142,15 @@ extension Worker {
             closeSlot(s, abort: true, reason: .tlsFailed)
             return false
         }
+    }
+
+    /// Without kTLS: the records go on without OpenSSL's `SSL` object, from the same point
+    /// the kernel would take them (tickets out, what the client sent behind its Finished
+    /// decrypted and kept for the upstream). Left to OpenSSL when that point isn't reached.
+    private func protectRecordsItself(_ session: TLSSession, sent: Int) {
+        guard session.pendingOutput == 0, let received = session.bufferedRecords, decryptBuffered(session),
+              session.protectRecordsItself(sent: sent, received: received) else { return }
+        statistics.add(.tlsRecordsWithoutOpenSSL)
     }
 
     /// mTLS: the verified certificate's name is a user of the users file, whose limits,

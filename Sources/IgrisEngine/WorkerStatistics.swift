@@ -76,6 +76,7 @@ public final class WorkerStatistics: Sendable {
         case tlsResumed              // of those, resumed from a session ticket
         case tlsClientIdentities     // a client certificate named the connection's user
         case tlsOffloaded            // connections whose TLS went to the kernel (kTLS) after the handshake
+        case tlsRecordsWithoutOpenSSL  // TLS 1.3 connections whose records went on without OpenSSL's SSL object
         case tlsOffloadFailures      // kTLS attempts the kernel refused
         // Handshake failures, in `TLSFailure.Reason` order (see `tlsFailureCounter`).
         case tlsFailPlaintext, tlsFailVersion, tlsFailCipher, tlsFailUnknownName, tlsFailALPN, tlsFailClientCertificate

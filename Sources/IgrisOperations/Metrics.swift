@@ -79,6 +79,7 @@ public struct MetricsRenderer: Sendable {
             ("igris_tls_resumed_total", .tlsResumed, "TLS handshakes that resumed a session from a ticket."),
             ("igris_tls_client_identities_total", .tlsClientIdentities, "Connections whose user a client certificate named."),
             ("igris_tls_offloaded_total", .tlsOffloaded, "TLS connections handed to the kernel (kTLS) after their handshake."),
+            ("igris_tls_compact_total", .tlsRecordsWithoutOpenSSL, "TLS 1.3 connections whose records went on without OpenSSL's SSL object after the handshake (user space, no kTLS)."),
             ("igris_tls_offload_failures_total", .tlsOffloadFailures, "kTLS hand-offs the kernel refused (the connection stayed in user space, or closed)."),
             ("igris_tls_record_failures_total", .tlsRecordFailures, "Bridges reset because a TLS record failed (bad MAC, malformed)."),
             ("igris_proxy_header_rejected_total", .proxyHeaderRejected, "Connections closed for a missing, malformed or untrusted (not in proxy_protocol_from) PROXY header."),

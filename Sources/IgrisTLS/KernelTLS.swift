@@ -95,6 +95,7 @@ extension TLSSession {
     /// The kernel's keys for this session's records: `sending` (ours) or received. nil: not
     /// TLS 1.3, the context did not capture traffic secrets, or a cipher the kernel lacks.
     public func kernelKeys(sending: Bool) -> KernelTLS.Keys? {
+        guard !protectsRecordsItself else { return nil }
         var key = [UInt8](repeating: 0, count: 32)
         var iv = [UInt8](repeating: 0, count: 12)
         var length = 0
@@ -105,7 +106,7 @@ extension TLSSession {
 
     /// Nothing is held inside OpenSSL: no partial record, no decrypted byte unread. Only then
     /// can the kernel take the receiving side over (it starts at the socket's next record).
-    public var holdsNoInput: Bool { SSL_has_pending(ssl) == 0 && bufferedCiphertext == 0 }
+    public var holdsNoInput: Bool { protectsRecordsItself ? !hasBufferedInput : SSL_has_pending(ssl) == 0 && bufferedCiphertext == 0 }
 
     /// The whole records in the output not yet taken, from byte `offset` of it.
     public func pendingRecords(from offset: Int) -> Int? {

@@ -38,7 +38,9 @@ public struct TLSServerSettings: Sendable, Equatable {
     /// ALPN protocols offered, in preference order (empty: no ALPN).
     public var alpn: [String] = []
     /// `auto`: a TLS 1.3 connection of a forward listener goes to the kernel after its
-    /// handshake where the kernel has kTLS (`KernelTLS.support`); `never`: always user space.
+    /// handshake where the kernel has kTLS (`KernelTLS.support`), else its records are carried
+    /// without OpenSSL's `SSL` object (`TLSSession.protectRecordsItself`); `never`: OpenSSL
+    /// carries every record.
     public var offload: Offload = .auto
     /// Capture each connection's traffic secrets so `TLSSession.kernelKeys` can derive the
     /// kernel's keys; on by itself where `offload` goes to the kernel (tests set it to check
@@ -192,6 +194,8 @@ public final class TLSServerContext: @unchecked Sendable {
     public let fingerprint: String
     /// Connections may go to the kernel after their handshake (`offload` and the kernel allow).
     public let offloadsToKernel: Bool
+    /// Connections that stay in user space drop OpenSSL's `SSL` after their handshake (`offload: auto`).
+    public let protectsRecordsItself: Bool
     /// The context handshakes start on: the default certificate's, or the first SNI one's.
     private let primary: OpaquePointer
     /// SNI: each certificate's context and its leaf (for X509_check_host).
@@ -203,6 +207,7 @@ public final class TLSServerContext: @unchecked Sendable {
         fingerprint = "\(settings.minVersion.rawValue);\(settings.alpn);\(settings.clientIdentity.rawValue);\(settings.offload.rawValue);"
             + OpenSSLContext.fingerprint(settings.files)
         offloadsToKernel = settings.offload == .auto && KernelTLS.support.available
+        protectsRecordsItself = settings.offload == .auto
         let files = (settings.defaultCertificate.map { [$0] } ?? []) + settings.sniCertificates
         guard !files.isEmpty else { throw TLSConfigurationError("tls: needs a certificate and key") }
         var wire: [UInt8] = []
@@ -224,7 +229,7 @@ public final class TLSServerContext: @unchecked Sendable {
                 contexts.append((ctx, ctx))
                 try OpenSSLContext.loadCertificate(ctx, f)
                 try Self.configure(ctx, settings, alpn: alpnWire, alpnLength: wire.count)
-                if (offloadsToKernel || settings.exposeTrafficKeys) && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
+                if (offloadsToKernel || protectsRecordsItself || settings.exposeTrafficKeys) && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
                     throw TLSConfigurationError("tls: traffic secrets for kTLS: \(OpenSSLContext.lastError())")
                 }
                 guard let leaf = SSL_CTX_get0_certificate(ctx) else { throw TLSConfigurationError("certificate \(f.certificate): no certificate") }

@@ -12,7 +12,13 @@ import COpenSSL
 /// allocation; replacing it while bulk flows would only regrow and re-zero it each time), so
 /// an idle TLS connection holds only its `SSL` object.
 public final class TLSSession {
-    let ssl: OpaquePointer
+    /// OpenSSL's state, until `protectRecordsItself` replaces it with `layer`.
+    private var handle: OpaquePointer?
+    var ssl: OpaquePointer { handle! }
+    /// After the handshake (TLS 1.3): the records without the `SSL` object.
+    private var layer: RecordLayer?
+    /// What was negotiated, kept when the `SSL` object goes.
+    private var negotiated: (version: String, cipher: String, resumed: Bool, serverName: String?, alpn: String?)?
     private(set) var inputBIO: OpaquePointer
     private var outputBIO: OpaquePointer
     public let isServer: Bool
@@ -40,14 +46,33 @@ public final class TLSSession {
         BIO_ctrl(output, BIO_C_SET_BUF_MEM_EOF_RETURN, -1, nil)
         SSL_set_bio(ssl, input, output)
         if server { SSL_set_accept_state(ssl) } else { SSL_set_connect_state(ssl) }
-        self.ssl = ssl
+        handle = ssl
         inputBIO = input
         outputBIO = output
         isServer = server
         self.owner = owner
     }
 
-    deinit { SSL_free(ssl) }  // frees both BIOs
+    deinit { if let handle { SSL_free(handle) } }  // frees both BIOs
+
+    /// Replaces OpenSSL's `SSL` object (about 15 KiB) with the records' own state (about 2
+    /// KiB), right after a TLS 1.3 handshake whose traffic secrets were captured: `sent`
+    /// records have gone out under our key (tickets), `received` came in under the peer's.
+    /// Only with nothing left inside OpenSSL (no output pending, no input unread). False when
+    /// that, the version or the cipher suite does not allow it: OpenSSL carries on.
+    public func protectRecordsItself(sent: Int, received: Int) -> Bool {
+        guard layer == nil, let handle, pendingOutput == 0, holdsNoInput,
+              let records = igris_records_new(handle, UInt64(sent), UInt64(received)) else { return false }
+        negotiated = (version, cipher, resumed, serverName, alpn)
+        SSL_free(handle)
+        self.handle = nil
+        layer = RecordLayer(records: records)
+        inPlace = false
+        return true
+    }
+
+    /// The records are carried without OpenSSL (`protectRecordsItself`).
+    public var protectsRecordsItself: Bool { layer != nil }
 
     // MARK: - Ciphertext in
 
@@ -55,6 +80,7 @@ public final class TLSSession {
     /// where it is during the next `read`, which must come before the memory is reused.
     public func feed(_ bytes: UnsafeRawPointer, count: Int) {
         guard count > 0 else { return }
+        if let layer { layer.feed(bytes, count: count); return }
         if inPlace {
             igris_input_bio_set(inputBIO, bytes, count)
             return
@@ -70,7 +96,7 @@ public final class TLSSession {
     /// Only while nothing is buffered inside (else false, and input stays copied).
     public func useInPlaceInput(readBufferLength: Int) -> Bool {
         // SSL_free_buffers: the record buffer must be allocated anew at the larger size.
-        guard !inPlace, BIO_ctrl_pending(inputBIO) == 0, SSL_has_pending(ssl) == 0, SSL_free_buffers(ssl) == 1,
+        guard layer == nil, !inPlace, BIO_ctrl_pending(inputBIO) == 0, SSL_has_pending(ssl) == 0, SSL_free_buffers(ssl) == 1,
               let bio = igris_input_bio_new() else { return false }
         SSL_set_read_ahead(ssl, 1)
         SSL_set_default_read_buffer_len(ssl, readBufferLength)
@@ -82,11 +108,14 @@ public final class TLSSession {
     }
 
     /// Ciphertext fed and not yet taken by OpenSSL.
-    public var bufferedCiphertext: Int { Int(BIO_ctrl_pending(inputBIO)) }
+    public var bufferedCiphertext: Int { layer?.bufferedCiphertext ?? Int(BIO_ctrl_pending(inputBIO)) }
 
     /// Input is waiting: ciphertext not yet processed, or plaintext of a record already
     /// decrypted. `read` must be called before waiting for more from the socket.
-    public var hasBufferedInput: Bool { BIO_ctrl_pending(inputBIO) > 0 || SSL_pending(ssl) > 0 }
+    public var hasBufferedInput: Bool {
+        if let layer { return layer.hasBufferedInput }
+        return BIO_ctrl_pending(inputBIO) > 0 || SSL_pending(ssl) > 0
+    }
 
     // MARK: - Handshake
 
@@ -98,6 +127,7 @@ public final class TLSSession {
     }
 
     public func handshake() -> HandshakeStep {
+        if layer != nil { return .done }
         ERR_clear_error()
         let rc = SSL_do_handshake(ssl)
         if rc == 1 { return .done }
@@ -106,7 +136,7 @@ public final class TLSSession {
         return .failed(TLSFailure.current(ssl: ssl, error: error))
     }
 
-    public var handshakeDone: Bool { SSL_is_init_finished(ssl) == 1 }
+    public var handshakeDone: Bool { layer != nil || SSL_is_init_finished(ssl) == 1 }
 
     // MARK: - Plaintext out
 
@@ -127,6 +157,7 @@ public final class TLSSession {
     /// land on it. The next read takes all the rest (read-ahead) before writing anything.
     public func read(into buffer: UnsafeMutableRawPointer, capacity: Int,
                      spare: UnsafeMutableRawPointer? = nil, spareCapacity: Int = 0) -> ReadResult {
+        if let layer { return layer.read(into: buffer, capacity: capacity) }
         var total = 0
         let fed = inPlace ? igris_input_bio_left(inputBIO) : 0
         // In place, bytes written up to `end` of the buffer must not reach input not yet taken.
@@ -187,16 +218,18 @@ public final class TLSSession {
     /// the connection is no longer writable (after a fatal error or a shutdown).
     public func write(_ bytes: UnsafeRawPointer, count: Int) -> Bool {
         guard count > 0 else { return true }
+        if let layer { return layer.write(bytes, count: count) }
         ERR_clear_error()
         var written = 0
         return SSL_write_ex(ssl, bytes, count, &written) == 1 && written == count
     }
 
     /// Records waiting to be sent to the peer.
-    public var pendingOutput: Int { Int(BIO_ctrl_pending(outputBIO)) }
+    public var pendingOutput: Int { layer?.pendingOutput ?? Int(BIO_ctrl_pending(outputBIO)) }
 
     /// Moves up to `capacity` bytes of pending records into `buffer`.
     public func takeOutput(into buffer: UnsafeMutableRawPointer, capacity: Int) -> Int {
+        if let layer { return layer.takeOutput(into: buffer, capacity: capacity) }
         let n = max(0, Int(BIO_read(outputBIO, buffer, Int32(min(capacity, Int(Int32.max))))))
         takenSinceTrim += n
         return n
@@ -204,12 +237,14 @@ public final class TLSSession {
 
     /// The pending records in place (for a direct send), then `discardOutput` what was sent.
     public func withPendingOutput<R>(_ body: (UnsafeRawBufferPointer) -> R) -> R {
+        if let layer { return layer.withPendingOutput(body) }
         var data: UnsafeMutablePointer<CChar>? = nil
         let n = igris_bio_mem_data(outputBIO, &data)
         return body(UnsafeRawBufferPointer(start: data.map { UnsafeRawPointer($0) }, count: n > 0 ? n : 0))
     }
 
     public func discardOutput(_ count: Int, scratch: UnsafeMutableRawPointer, scratchSize: Int) {
+        if let layer { layer.discardOutput(count); return }
         var left = count
         while left > 0 {
             let n = BIO_read(outputBIO, scratch, Int32(min(left, scratchSize)))
@@ -221,6 +256,7 @@ public final class TLSSession {
 
     /// Queues close_notify (once): the end of this side's writing.
     public func shutdown() {
+        if let layer { layer.shutdown(); return }
         guard SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN == 0, handshakeDone else { return }
         ERR_clear_error()
         _ = SSL_shutdown(ssl)
@@ -228,13 +264,15 @@ public final class TLSSession {
 
     // MARK: - What was negotiated
 
-    public var version: String { String(cString: SSL_get_version(ssl)) }
-    public var cipher: String { SSL_CIPHER_get_name(SSL_get_current_cipher(ssl)).map { String(cString: $0) } ?? "-" }
-    public var resumed: Bool { SSL_session_reused(ssl) == 1 }
+    public var version: String { negotiated?.version ?? String(cString: SSL_get_version(ssl)) }
+    public var cipher: String { negotiated?.cipher ?? SSL_CIPHER_get_name(SSL_get_current_cipher(ssl)).map { String(cString: $0) } ?? "-" }
+    public var resumed: Bool { negotiated?.resumed ?? (SSL_session_reused(ssl) == 1) }
     public var serverName: String? {
-        SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) }
+        if let negotiated { return negotiated.serverName }
+        return SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) }
     }
     public var alpn: String? {
+        if let negotiated { return negotiated.alpn }
         var data: UnsafePointer<UInt8>? = nil
         var length: UInt32 = 0
         SSL_get0_alpn_selected(ssl, &data, &length)
@@ -244,6 +282,7 @@ public final class TLSSession {
 
     /// The verified client certificate's name (its CN, or its first subjectAltName).
     public func peerName(subjectAltName: Bool) -> String? {
+        guard layer == nil else { return nil }  // asked at the handshake's end, before the `SSL` goes
         guard SSL_get_verify_result(ssl) == X509_V_OK else { return nil }
         var out = [CChar](repeating: 0, count: 256)
         let n = igris_ssl_peer_name(ssl, subjectAltName ? 1 : 0, &out, out.count)
@@ -258,6 +297,7 @@ public final class TLSSession {
     /// `threshold`: bytes that must have gone through a BIO since its last replacement (0
     /// after a handshake: whatever it holds is no longer needed).
     public func releaseMemory(threshold: Int = TLSSession.trimThreshold) {
+        if let layer { layer.releaseMemory(); return }
         trimIfDrained(threshold)
         trimOutputIfDrained(threshold)
     }

@@ -1,6 +1,7 @@
 #include "CMallocCounter.h"
 #include <stddef.h>
 #include <errno.h>
+#include <malloc.h>
 
 // glibc's own allocator entry points (exported for exactly this kind of wrapper).
 extern void *__libc_malloc(size_t);
@@ -14,6 +15,11 @@ static uint64_t allocations;
 static inline void count(void) { __atomic_fetch_add(&allocations, 1, __ATOMIC_RELAXED); }
 
 uint64_t igris_allocation_count(void) { return __atomic_load_n(&allocations, __ATOMIC_RELAXED); }
+
+uint64_t igris_heap_in_use(void) {
+    struct mallinfo2 m = mallinfo2();
+    return (uint64_t)(m.uordblks + m.hblkhd);
+}
 
 // Under ASan/TSan the sanitizer runtime must own malloc: a second interposer in the test
 // executable crashes it at start-up (`make test-asan`/`test-tsan` pass -DIGRIS_SANITIZED;

@@ -91,6 +91,35 @@ int igris_ktls_install(int fd, int transmit, int cipher, const unsigned char *ke
 /// `setsockopt(IPPROTO_TCP, TCP_ULP, "tls")`: 0, or -errno.
 int igris_ktls_attach(int fd);
 
+/// The captured application traffic secret of one direction (`sending`: this side's): 0, or
+/// -1 when there is none (not TLS 1.3, not captured).
+int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], size_t *secret_length);
+/// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1 with `digest` ("SHA256"…): 1 or 0.
+int igris_expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
+                       unsigned char *out, size_t length);
+
+// MARK: - TLS 1.3 records without OpenSSL's SSL (records.c)
+
+/// The most plaintext one record carries, and the most ciphertext one may have (RFC 8446 §5.2).
+#define IGRIS_RECORD_PLAINTEXT 16384
+#define IGRIS_RECORD_CIPHERTEXT (16384 + 256)
+
+/// Both directions' record protection, keyed from a finished TLS 1.3 handshake's captured
+/// traffic secrets: `sent` records have gone out under ours, `received` come in under the
+/// peer's. NULL: not TLS 1.3, no secret captured, or another cipher suite.
+struct igris_records;
+struct igris_records *igris_records_new(SSL *ssl, unsigned long long sent, unsigned long long received);
+void igris_records_free(struct igris_records *records);
+/// One record of inner content `type` around `length` (≤ IGRIS_RECORD_PLAINTEXT) bytes, into
+/// `out` (length + 22 bytes): its size, or -1.
+long igris_records_seal(struct igris_records *records, int type, const unsigned char *plaintext, size_t length, unsigned char *out);
+/// Opens the whole record at `record` (header included) into `out` (not overlapping it, as
+/// long as its body): the content's length with its type in `*type`; -1 when it does not
+/// authenticate (bad_record_mac), -2 when it has no content type (unexpected_message).
+long igris_records_open(struct igris_records *records, const unsigned char *record, size_t length, unsigned char *out, int *type);
+/// KeyUpdate: the next traffic secret, key and IV for one direction (`sending`: ours). 0 or -1.
+int igris_records_update(struct igris_records *records, int sending);
+
 /// Test support: decrypts one TLS 1.3 record (header included) with a direction's key, IV
 /// and sequence number, as the kernel would. The inner plaintext's length (content type
 /// stripped, in `*type`), or -1 when it does not authenticate.

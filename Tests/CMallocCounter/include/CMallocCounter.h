@@ -9,4 +9,7 @@
 /// Allocations since the process started.
 uint64_t igris_allocation_count(void);
 
+/// Bytes the heap has handed out and not had back (mallinfo2's uordblks + hblkhd).
+uint64_t igris_heap_in_use(void);
+
 #endif

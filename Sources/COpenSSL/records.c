@@ -1,0 +1,123 @@
+#include "COpenSSL.h"
+#include <openssl/evp.h>
+#include <string.h>
+#include <stdlib.h>
+#include <linux/tls.h>
+
+// TLS 1.3 record protection (RFC 8446 §5.2–5.3, §7.2) with a connection's application
+// traffic secrets, once the handshake is over and OpenSSL's SSL object is gone.
+
+struct igris_direction {
+    EVP_CIPHER_CTX *ctx;
+    unsigned char secret[64];
+    unsigned char iv[12];
+    unsigned long long sequence;
+};
+
+struct igris_records {
+    const EVP_CIPHER *cipher;
+    const char *digest;
+    size_t key_length, secret_length;
+    struct igris_direction seal, open;
+};
+
+/// Keys `d` from its current secret (a fresh key, IV and sequence 0).
+static int key_direction(struct igris_records *r, struct igris_direction *d, int encrypt) {
+    unsigned char key[32];
+    int ok = igris_expand_label(r->digest, d->secret, r->secret_length, "key", key, r->key_length)
+        && igris_expand_label(r->digest, d->secret, r->secret_length, "iv", d->iv, 12)
+        && EVP_CipherInit_ex(d->ctx, r->cipher, NULL, key, NULL, encrypt) == 1;
+    OPENSSL_cleanse(key, sizeof key);
+    d->sequence = 0;
+    return ok;
+}
+
+static int start_direction(struct igris_records *r, struct igris_direction *d, SSL *ssl, int sending,
+                           unsigned long long sequence) {
+    size_t length = 0;
+    if (igris_tls13_traffic_secret(ssl, sending, d->secret, &length) != 0 || length != r->secret_length) return 0;
+    d->ctx = EVP_CIPHER_CTX_new();
+    if (d->ctx == NULL || !key_direction(r, d, sending)) return 0;
+    d->sequence = sequence;
+    return 1;
+}
+
+void igris_records_free(struct igris_records *r) {
+    if (r == NULL) return;
+    EVP_CIPHER_CTX_free(r->seal.ctx);
+    EVP_CIPHER_CTX_free(r->open.ctx);
+    OPENSSL_clear_free(r, sizeof *r);
+}
+
+struct igris_records *igris_records_new(SSL *ssl, unsigned long long sent, unsigned long long received) {
+    const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
+    if (c == NULL || SSL_version(ssl) != TLS1_3_VERSION) return NULL;
+    struct igris_records *r = OPENSSL_zalloc(sizeof *r);
+    if (r == NULL) return NULL;
+    switch (SSL_CIPHER_get_id(c) & 0xFFFF) {
+    case 0x1301: r->cipher = EVP_aes_128_gcm(); r->digest = "SHA256"; r->key_length = 16; r->secret_length = 32; break;
+    case 0x1302: r->cipher = EVP_aes_256_gcm(); r->digest = "SHA384"; r->key_length = 32; r->secret_length = 48; break;
+    case 0x1303: r->cipher = EVP_chacha20_poly1305(); r->digest = "SHA256"; r->key_length = 32; r->secret_length = 32; break;
+    default: OPENSSL_free(r); return NULL;
+    }
+    if (!start_direction(r, &r->seal, ssl, 1, sent) || !start_direction(r, &r->open, ssl, 0, received)) {
+        igris_records_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+static void nonce(const struct igris_direction *d, unsigned char out[12]) {
+    memcpy(out, d->iv, 12);
+    for (int i = 0; i < 8; i++) out[4 + i] ^= (unsigned char)(d->sequence >> (56 - 8 * i));
+}
+
+long igris_records_seal(struct igris_records *r, int type, const unsigned char *plaintext, size_t length, unsigned char *out) {
+    if (length > IGRIS_RECORD_PLAINTEXT) return -1;
+    struct igris_direction *d = &r->seal;
+    unsigned char n[12];
+    nonce(d, n);
+    size_t body = length + 1 + 16;
+    out[0] = 23; out[1] = 3; out[2] = 3; out[3] = (unsigned char)(body >> 8); out[4] = (unsigned char)body;
+    unsigned char inner = (unsigned char)type;
+    int w = 0, w2 = 0, f = 0;
+    int ok = EVP_EncryptInit_ex(d->ctx, NULL, NULL, NULL, n) == 1
+        && EVP_EncryptUpdate(d->ctx, NULL, &w, out, 5) == 1
+        && (length == 0 || EVP_EncryptUpdate(d->ctx, out + 5, &w, plaintext, (int)length) == 1)
+        && EVP_EncryptUpdate(d->ctx, out + 5 + length, &w2, &inner, 1) == 1
+        && EVP_EncryptFinal_ex(d->ctx, out + 5 + length + 1, &f) == 1
+        && EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_AEAD_GET_TAG, 16, out + 5 + length + 1) == 1;
+    if (!ok) return -1;
+    d->sequence++;
+    return (long)(5 + body);
+}
+
+long igris_records_open(struct igris_records *r, const unsigned char *record, size_t length, unsigned char *out, int *type) {
+    if (length < 5 + 16 + 1 || length > 5 + IGRIS_RECORD_CIPHERTEXT) return -1;
+    struct igris_direction *d = &r->open;
+    unsigned char n[12];
+    nonce(d, n);
+    size_t body = length - 5 - 16;
+    int w = 0, f = 0;
+    int ok = EVP_DecryptInit_ex(d->ctx, NULL, NULL, NULL, n) == 1
+        && EVP_DecryptUpdate(d->ctx, NULL, &w, record, 5) == 1
+        && EVP_DecryptUpdate(d->ctx, out, &w, record + 5, (int)body) == 1
+        && EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)(record + 5 + body)) == 1
+        && EVP_DecryptFinal_ex(d->ctx, out + w, &f) == 1;
+    if (!ok) return -1;
+    d->sequence++;
+    long plain = (long)body;
+    while (plain > 0 && out[plain - 1] == 0) plain--;  // padding
+    if (plain == 0) return -2;  // no content type: unexpected_message
+    *type = out[plain - 1];
+    return plain - 1;
+}
+
+int igris_records_update(struct igris_records *r, int sending) {
+    struct igris_direction *d = sending ? &r->seal : &r->open;
+    unsigned char next[64];
+    if (!igris_expand_label(r->digest, d->secret, r->secret_length, "traffic upd", next, r->secret_length)) return -1;
+    memcpy(d->secret, next, r->secret_length);
+    OPENSSL_cleanse(next, sizeof next);
+    return key_direction(r, d, sending) ? 0 : -1;
+}

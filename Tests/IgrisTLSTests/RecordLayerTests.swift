@@ -1,0 +1,150 @@
+import COpenSSL
+import Foundation
+import CMallocCounter
+import Glibc
+import Testing
+@testable import IgrisTLS
+
+/// After a TLS 1.3 handshake a server session drops OpenSSL's `SSL` and carries the records
+/// itself (`TLSSession.protectRecordsItself`); its peer here is an unchanged OpenSSL client.
+@Suite struct RecordLayerTests {
+    /// A handshaken pair whose server session no longer has an `SSL` object.
+    static func compactPair(suite: String = "TLS_AES_128_GCM_SHA256") throws -> (client: TLSSession, server: TLSSession) {
+        let (c, s, tickets) = try handshakenServer(suite: suite)
+        #expect(s.protectRecordsItself(sent: tickets, received: 0))
+        #expect(s.protectsRecordsItself && s.cipher == suite && s.version == "TLSv1.3")
+        return (c, s)
+    }
+
+    /// A handshaken pair, and the tickets the server sent after its handshake.
+    static func handshakenServer(suite: String = "TLS_AES_128_GCM_SHA256") throws -> (client: TLSSession, server: TLSSession, tickets: Int) {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        #expect(server.protectsRecordsItself)
+        let c = try #require(try clientContext().makeSession(host: "localhost"))
+        _ = SSL_set_ciphersuites(c.ssl, suite)
+        let s = try #require(server.makeSession())
+        var wire = [UInt8](repeating: 0, count: 65536)
+        func move(_ from: TLSSession, _ to: TLSSession) {
+            let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+        }
+        #expect(c.handshake() == .wantInput)
+        move(c, s)
+        #expect(s.handshake() == .wantInput)
+        move(s, c)
+        #expect(c.handshake() == .done)
+        move(c, s)
+        let queued = s.pendingOutput
+        #expect(s.handshake() == .done)
+        let tickets = try #require(s.pendingRecords(from: queued))
+        move(s, c)  // the tickets reach the client, as the worker flushes them before the switch
+        return (c, s, tickets)
+    }
+
+    /// Everything `from` has pending, fed to `to`.
+    static func deliver(_ from: TLSSession, _ to: TLSSession) {
+        var wire = [UInt8](repeating: 0, count: from.pendingOutput)
+        let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+    }
+
+    /// Reads `to` dry in pieces of at most `piece` bytes.
+    static func readAll(_ s: TLSSession, piece: Int) -> (bytes: [UInt8], end: TLSSession.ReadResult) {
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: piece)
+        while true {
+            let r = buffer.withUnsafeMutableBytes { s.read(into: $0.baseAddress!, capacity: piece) }
+            guard case .bytes(let n) = r else { return (out, r) }
+            out += buffer.prefix(n)
+        }
+    }
+
+    @Test("bytes both ways through the server's own records, read whole and in small pieces", arguments: [
+        "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+    ])
+    func bytesBothWays(suite: String) throws {
+        let (c, s) = try Self.compactPair(suite: suite)
+        let up = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        #expect(up.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        let got = Self.readAll(s, piece: 1000)  // smaller than a record: the rest is held
+        #expect(got.bytes == up)
+        #expect(got.end == .wantInput)
+        let down = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 17) }
+        #expect(down.withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 65536).bytes == down)
+        // A record arriving a byte at a time.
+        #expect([UInt8](repeating: 5, count: 300).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        var wire = [UInt8](repeating: 0, count: c.pendingOutput)
+        _ = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        for (k, byte) in wire.enumerated() {
+            [byte].withUnsafeBytes { s.feed($0.baseAddress!, count: 1) }
+            let r = buffer.withUnsafeMutableBytes { s.read(into: $0.baseAddress!, capacity: $0.count) }
+            #expect(r == (k == wire.count - 1 ? .bytes(300) : .wantInput))
+        }
+        // close_notify each way.
+        c.shutdown()
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).end == .closed)
+        s.shutdown()
+        #expect(!s.write([1], count: 1))
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).end == .closed)
+    }
+
+    @Test("a KeyUpdate that asks for ours: both directions rekey and go on")
+    func keyUpdate() throws {
+        let (c, s) = try Self.compactPair()
+        #expect(SSL_key_update(c.ssl, SSL_KEY_UPDATE_REQUESTED) == 1)
+        #expect(Array("after the update".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).bytes == Array("after the update".utf8))
+        #expect(s.pendingOutput > 0)  // our KeyUpdate
+        #expect(Array("answer".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).bytes == Array("answer".utf8))
+        // The client's own next key is in use too (it rekeyed on sending its update).
+        #expect(Array("again".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).bytes == Array("again".utf8))
+    }
+
+    @Test("a flipped byte: bad_record_mac to the peer, and the session fails for good")
+    func tampering() throws {
+        let (c, s) = try Self.compactPair()
+        #expect([UInt8](repeating: 7, count: 1000).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        var wire = [UInt8](repeating: 0, count: c.pendingOutput)
+        let n = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire[n - 20] ^= 0x40
+        wire.withUnsafeBytes { s.feed($0.baseAddress!, count: n) }
+        guard case .failed(let f) = Self.readAll(s, piece: 4096).end else { Issue.record("tampered record read"); return }
+        #expect(f.reason == .badRecord)
+        #expect(!s.write([1], count: 1))
+        Self.deliver(s, c)
+        guard case .failed(let alert) = Self.readAll(c, piece: 4096).end else { Issue.record("no alert reached the client"); return }
+        #expect(alert.detail.contains("bad record mac"), "\(alert)")
+    }
+
+    @Test("switching 20 idle server sessions gives back at least 8 KiB each (malloc's own count)")
+    func switchingFreesMemory() throws {
+        var pairs: [(client: TLSSession, server: TLSSession, tickets: Int)] = []
+        for _ in 0..<20 { pairs.append(try Self.handshakenServer()) }
+        for p in pairs { p.server.releaseMemory(threshold: 0) }
+        let before = igris_heap_in_use()
+        for p in pairs {
+            #expect(p.server.protectRecordsItself(sent: p.tickets, received: 0))
+            p.server.releaseMemory(threshold: 0)
+        }
+        let after = igris_heap_in_use()
+        let freedEach = (Int(before) - Int(after)) / pairs.count
+        #expect(freedEach >= 8 * 1024, "\(freedEach) bytes given back per session")
+        for p in pairs {
+            #expect(!p.server.hasBufferedInput && p.server.pendingOutput == 0)
+            #expect(Array("still works".utf8).withUnsafeBytes { p.client.write($0.baseAddress!, count: $0.count) })
+            Self.deliver(p.client, p.server)
+            #expect(Self.readAll(p.server, piece: 4096).bytes == Array("still works".utf8))
+        }
+    }
+}
