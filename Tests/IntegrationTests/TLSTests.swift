@@ -98,6 +98,9 @@ final class TLSGateway: @unchecked Sendable {
         #expect(eventually { g.total(.activeConnections) == 0 && g.total(.closedGracefully) >= 1 })
         #expect(g.total(.tlsHandshakes) >= 4)
         #expect(g.total(.closedAborted) == 0)
+        // Only the forward's records went on without OpenSSL's SSL object (no kTLS here); the
+        // proxies' negotiations read through their sessions, which keep it.
+        #expect(g.total(.tlsRecordsWithoutOpenSSL) + g.total(.tlsOffloaded) == 1)
     }
 
     @Test("openssl s_client verifies the chain and gets TLS 1.3; a TLS 1.2-only client meets a 1.3 floor with a protocol_version alert", arguments: engineBackends)
@@ -294,6 +297,7 @@ extension TLSTests {
         let other = try TLSFixtures.client(["echo", "\(g.forward.port)", "200000"])
         #expect(other.status == 0, "\(other.line)")
         #expect(eventually { g.total(.activeConnections) == 0 })
+        #expect(g.total(.tlsRecordsWithoutOpenSSL) + g.total(.tlsOffloaded) == 2)
     }
 
     @Test("configuration errors name key path and line: missing file, key not matching, expired certificate, CA that does not parse")
