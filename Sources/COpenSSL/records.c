@@ -3,6 +3,17 @@
 #include <string.h>
 #include <stdlib.h>
 #include <linux/tls.h>
+#include <pthread.h>
+
+// The three TLS 1.3 AEADs, fetched once: naming a built-in EVP_CIPHER makes OpenSSL 3 fetch
+// its implementation again at every key set-up (a locked lookup).
+static EVP_CIPHER *aes128gcm, *aes256gcm, *chacha;
+static pthread_once_t ciphers_once = PTHREAD_ONCE_INIT;
+static void fetch_ciphers(void) {
+    aes128gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
+    aes256gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+    chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+}
 
 // TLS 1.3 record protection (RFC 8446 §5.2–5.3, §7.2) with a connection's application
 // traffic secrets, once the handshake is over and OpenSSL's SSL object is gone.
@@ -52,14 +63,16 @@ void igris_records_free(struct igris_records *r) {
 struct igris_records *igris_records_new(SSL *ssl, unsigned long long sent, unsigned long long received) {
     const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
     if (c == NULL || SSL_version(ssl) != TLS1_3_VERSION) return NULL;
+    pthread_once(&ciphers_once, fetch_ciphers);
     struct igris_records *r = OPENSSL_zalloc(sizeof *r);
     if (r == NULL) return NULL;
     switch (SSL_CIPHER_get_id(c) & 0xFFFF) {
-    case 0x1301: r->cipher = EVP_aes_128_gcm(); r->digest = "SHA256"; r->key_length = 16; r->secret_length = 32; break;
-    case 0x1302: r->cipher = EVP_aes_256_gcm(); r->digest = "SHA384"; r->key_length = 32; r->secret_length = 48; break;
-    case 0x1303: r->cipher = EVP_chacha20_poly1305(); r->digest = "SHA256"; r->key_length = 32; r->secret_length = 32; break;
+    case 0x1301: r->cipher = aes128gcm; r->digest = "SHA256"; r->key_length = 16; r->secret_length = 32; break;
+    case 0x1302: r->cipher = aes256gcm; r->digest = "SHA384"; r->key_length = 32; r->secret_length = 48; break;
+    case 0x1303: r->cipher = chacha; r->digest = "SHA256"; r->key_length = 32; r->secret_length = 32; break;
     default: OPENSSL_free(r); return NULL;
     }
+    if (r->cipher == NULL) { OPENSSL_free(r); return NULL; }
     if (!start_direction(r, &r->seal, ssl, 1, sent) || !start_direction(r, &r->open, ssl, 0, received)) {
         igris_records_free(r);
         return NULL;

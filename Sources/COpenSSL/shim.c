@@ -314,12 +314,19 @@ static void secrets_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, l
 }
 static void secrets_init(void) { secrets_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, secrets_free); }
 
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
 static int unhex(const char *text, unsigned char *out, size_t capacity) {
     size_t n = 0;
     while (text[0] && text[1] && text[0] != ' ' && n < capacity) {
-        unsigned v;
-        if (sscanf(text, "%2x", &v) != 1) return -1;
-        out[n++] = (unsigned char)v;
+        int high = hex_digit(text[0]), low = hex_digit(text[1]);
+        if (high < 0 || low < 0) return -1;
+        out[n++] = (unsigned char)(high << 4 | low);
         text += 2;
     }
     return (int)n;
@@ -347,6 +354,10 @@ int igris_ssl_ctx_capture_traffic_secrets(SSL_CTX *ctx) {
     return 0;
 }
 
+static EVP_KDF *hkdf;
+static pthread_once_t hkdf_once = PTHREAD_ONCE_INIT;
+static void fetch_hkdf(void) { hkdf = EVP_KDF_fetch(NULL, "HKDF", NULL); }
+
 /// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1.
 int igris_expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
                         unsigned char *out, size_t length) {
@@ -358,10 +369,10 @@ int igris_expand_label(const char *digest, const unsigned char *secret, size_t s
     memcpy(info + 3, "tls13 ", 6);
     memcpy(info + 9, label, label_length);
     info[9 + label_length] = 0;  // empty context
-    EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
-    if (kdf == NULL) return 0;
-    EVP_KDF_CTX *kctx = EVP_KDF_CTX_new(kdf);
-    EVP_KDF_free(kdf);
+    // Fetched once: each fetch is a locked lookup in the provider's tables.
+    pthread_once(&hkdf_once, fetch_hkdf);
+    if (hkdf == NULL) return 0;
+    EVP_KDF_CTX *kctx = EVP_KDF_CTX_new(hkdf);
     if (kctx == NULL) return 0;
     int mode = EVP_KDF_HKDF_MODE_EXPAND_ONLY;
     OSSL_PARAM params[5];
