@@ -105,6 +105,11 @@ extension Worker {
             return  // refused and closed
         }
         if let factory = l.bound.rule.negotiator {
+            // The negotiation reads and replies through OpenSSL; its records are counted so
+            // that bridging can go on without it (`protectRecordsAfterNegotiation`).
+            if l.bound.rule.tls?.protectsRecordsItself == true, let ticketRecords, let received = session.bufferedRecords {
+                session.startCountingRecords(sent: ticketRecords, received: received)
+            }
             startNegotiation(s, p, factory, peer: try? Syscall.peerAddress(p.pointee.client))
         } else {
             if l.bound.rule.tls?.offloadsToKernel == true, let ticketRecords, !offloadToKernel(s, p, session, sent: ticketRecords) { return }
@@ -150,6 +155,15 @@ extension Worker {
     private func protectRecordsItself(_ session: TLSSession, sent: Int) {
         guard session.pendingOutput == 0, let received = session.bufferedRecords, decryptBuffered(session),
               session.protectRecordsItself(sent: sent, received: received) else { return }
+        statistics.add(.tlsRecordsWithoutOpenSSL)
+    }
+
+    /// A SOCKS5 or HTTPS-proxy connection about to bridge: with its reply out and its input
+    /// read to the end of a record, the records go on without OpenSSL's `SSL` object, from
+    /// the counts kept since the handshake.
+    func protectRecordsAfterNegotiation(_ s: Int32) {
+        guard let session = clientTLS[s], !session.protectsRecordsItself, let counts = session.countedRecords,
+              session.protectRecordsItself(sent: counts.sent, received: counts.received) else { return }
         statistics.add(.tlsRecordsWithoutOpenSSL)
     }
 

@@ -225,3 +225,39 @@ struct ByteQueue {
         tail = 0
     }
 }
+
+/// Where records begin and end in a stream of ciphertext fed in pieces of any size.
+struct RecordBoundary {
+    /// Header bytes of the current record seen so far (0: between records or in a body).
+    private var headerSeen = 0
+    private var length = 0
+    /// Body bytes of the current record still to come.
+    private var remaining = 0
+
+    var atBoundary: Bool { headerSeen == 0 && remaining == 0 }
+
+    /// Follows `count` more bytes: how many records begin in them.
+    mutating func consume(_ bytes: UnsafeRawPointer, _ count: Int) -> Int {
+        let b = bytes.assumingMemoryBound(to: UInt8.self)
+        var i = 0
+        var started = 0
+        while i < count {
+            if remaining > 0 {
+                let k = min(remaining, count - i)
+                remaining -= k
+                i += k
+                continue
+            }
+            if headerSeen == 0 { started += 1 }
+            if headerSeen == 3 { length = Int(b[i]) << 8 }
+            if headerSeen == 4 { length |= Int(b[i]) }
+            headerSeen += 1
+            i += 1
+            if headerSeen == 5 {
+                headerSeen = 0
+                remaining = length
+            }
+        }
+        return started
+    }
+}

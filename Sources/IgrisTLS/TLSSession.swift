@@ -17,6 +17,11 @@ public final class TLSSession {
     var ssl: OpaquePointer { handle! }
     /// After the handshake (TLS 1.3): the records without the `SSL` object.
     private var layer: RecordLayer?
+    /// Records under the application keys, counted from `startCountingRecords` on, so the
+    /// records can leave OpenSSL after a negotiation too (nil: not counted, or the count was
+    /// lost); `inputRecords` follows the record boundaries of what is fed.
+    private var counted: (sent: Int, received: Int)?
+    private var inputRecords = RecordBoundary()
     /// What was negotiated, kept when the `SSL` object goes.
     private var negotiated: (version: String, cipher: String, resumed: Bool, serverName: String?, alpn: String?)?
     private(set) var inputBIO: OpaquePointer
@@ -74,6 +79,24 @@ public final class TLSSession {
     /// The records are carried without OpenSSL (`protectRecordsItself`).
     public var protectsRecordsItself: Bool { layer != nil }
 
+    /// From the handshake's end on, counts the records each way under the application keys:
+    /// `sent` already (the tickets), `received` fed and whole in the input.
+    public func startCountingRecords(sent: Int, received: Int) {
+        counted = (sent, received)
+        inputRecords = RecordBoundary()
+    }
+
+    /// The records sent and received since the handshake, when they were counted and the
+    /// input ends on a record boundary.
+    public var countedRecords: (sent: Int, received: Int)? { inputRecords.atBoundary ? counted : nil }
+
+    /// Counts the whole records OpenSSL put in the output from byte `offset` on.
+    private func countSent(from offset: Int) {
+        guard counted != nil else { return }
+        guard let n = pendingRecords(from: offset) else { counted = nil; return }
+        counted!.sent += n
+    }
+
     // MARK: - Ciphertext in
 
     /// Ciphertext received from the peer: copied into the input BIO, or (in place) read from
@@ -81,6 +104,7 @@ public final class TLSSession {
     public func feed(_ bytes: UnsafeRawPointer, count: Int) {
         guard count > 0 else { return }
         if let layer { layer.feed(bytes, count: count); return }
+        if counted != nil { counted!.received += inputRecords.consume(bytes, count) }
         if inPlace {
             igris_input_bio_set(inputBIO, bytes, count)
             return
@@ -158,6 +182,9 @@ public final class TLSSession {
     public func read(into buffer: UnsafeMutableRawPointer, capacity: Int,
                      spare: UnsafeMutableRawPointer? = nil, spareCapacity: Int = 0) -> ReadResult {
         if let layer { return layer.read(into: buffer, capacity: capacity) }
+        // A read may answer (a KeyUpdate, an alert): those records count too.
+        let queued = counted != nil ? pendingOutput : 0
+        defer { countSent(from: queued) }
         var total = 0
         let fed = inPlace ? igris_input_bio_left(inputBIO) : 0
         // In place, bytes written up to `end` of the buffer must not reach input not yet taken.
@@ -221,6 +248,8 @@ public final class TLSSession {
         if let layer { return layer.write(bytes, count: count) }
         ERR_clear_error()
         var written = 0
+        let queued = counted != nil ? pendingOutput : 0
+        defer { countSent(from: queued) }
         return SSL_write_ex(ssl, bytes, count, &written) == 1 && written == count
     }
 
@@ -258,6 +287,8 @@ public final class TLSSession {
     public func shutdown() {
         if let layer { layer.shutdown(); return }
         guard SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN == 0, handshakeDone else { return }
+        let queued = counted != nil ? pendingOutput : 0
+        defer { countSent(from: queued) }
         ERR_clear_error()
         _ = SSL_shutdown(ssl)
     }

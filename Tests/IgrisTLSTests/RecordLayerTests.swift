@@ -127,6 +127,63 @@ import Testing
         #expect(alert.detail.contains("bad record mac"), "\(alert)")
     }
 
+    @Test("after a negotiation through OpenSSL (records counted, fed in odd pieces), the switch carries on from the right sequence numbers")
+    func switchAfterNegotiation() throws {
+        let (c, s, tickets) = try Self.handshakenServer()
+        s.startCountingRecords(sent: tickets, received: 0)
+        // The "request": three records, fed 7 bytes at a time; the "reply": two records.
+        for k in 0..<3 {
+            #expect([UInt8](repeating: UInt8(k), count: 100 + k).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        }
+        var wire = [UInt8](repeating: 0, count: c.pendingOutput)
+        _ = wire.withUnsafeMutableBytes { c.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        var request: [UInt8] = []
+        var offset = 0
+        while offset < wire.count {
+            let n = min(7, wire.count - offset)
+            wire[offset..<offset + n].withUnsafeBytes { s.feed($0.baseAddress!, count: n) }
+            offset += n
+            request += Self.readAll(s, piece: 4096).bytes
+        }
+        #expect(request.count == 303)
+        #expect(s.countedRecords?.received == 3)
+        for text in ["reply one", "reply two"] {
+            #expect(Array(text.utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        }
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).bytes == Array("reply onereply two".utf8))
+        let counts = try #require(s.countedRecords)
+        #expect(counts.sent == tickets + 2)
+        #expect(s.protectRecordsItself(sent: counts.sent, received: counts.received))
+        #expect(Array("bridged up".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).bytes == Array("bridged up".utf8))
+        #expect(Array("bridged down".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).bytes == Array("bridged down".utf8))
+    }
+
+    @Test("record boundaries are followed through pieces of any size")
+    func recordBoundaries() {
+        // Records of 3, 0 and 300 body bytes.
+        var stream: [UInt8] = [23, 3, 3, 0, 3, 1, 2, 3, 23, 3, 3, 0, 0, 23, 3, 3, 1, 44]
+        stream += [UInt8](repeating: 9, count: 300)
+        for piece in [1, 2, 5, 7, 100, stream.count] {
+            var b = RecordBoundary()
+            var started = 0
+            var offset = 0
+            while offset < stream.count {
+                let n = min(piece, stream.count - offset)
+                started += stream[offset..<offset + n].withUnsafeBytes { b.consume($0.baseAddress!, n) }
+                offset += n
+            }
+            #expect(started == 3 && b.atBoundary, "pieces of \(piece)")
+        }
+        var partial = RecordBoundary()
+        #expect(stream.prefix(10).withUnsafeBytes { partial.consume($0.baseAddress!, 10) } == 2)
+        #expect(!partial.atBoundary)
+    }
+
     @Test("switching 20 idle server sessions gives back at least 8 KiB each (malloc's own count)")
     func switchingFreesMemory() throws {
         var pairs: [(client: TLSSession, server: TLSSession, tickets: Int)] = []
