@@ -23,21 +23,8 @@ import Testing
         let c = try #require(try clientContext().makeSession(host: "localhost"))
         _ = SSL_set_ciphersuites(c.ssl, suite)
         let s = try #require(server.makeSession())
-        var wire = [UInt8](repeating: 0, count: 65536)
-        func move(_ from: TLSSession, _ to: TLSSession) {
-            let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
-            wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
-        }
-        #expect(c.handshake() == .wantInput)
-        move(c, s)
-        #expect(s.handshake() == .wantInput)
-        move(s, c)
-        #expect(c.handshake() == .done)
-        move(c, s)
-        let queued = s.pendingOutput
-        #expect(s.handshake() == .done)
-        let tickets = try #require(s.pendingRecords(from: queued))
-        move(s, c)  // the tickets reach the client, as the worker flushes them before the switch
+        let tickets = try #require(handshakeFlightByFlight(c, s))
+        deliver(s, c)  // the tickets reach the client, as the worker flushes them before the switch
         return (c, s, tickets)
     }
 

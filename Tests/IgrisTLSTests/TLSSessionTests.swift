@@ -88,6 +88,26 @@ func handshakenPair(_ server: TLSServerContext) throws -> (client: TLSSession, s
     return (c, s)
 }
 
+/// Runs a TLS 1.3 handshake one flight at a time, to see the server's last step: the tickets
+/// it queues once the client's Finished is in (their count, nil when they end mid-record).
+/// Those tickets stay in the server's output.
+func handshakeFlightByFlight(_ c: TLSSession, _ s: TLSSession) -> Int? {
+    var wire = [UInt8](repeating: 0, count: 65536)
+    func move(_ from: TLSSession, _ to: TLSSession) {
+        let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+        wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
+    }
+    #expect(c.handshake() == .wantInput)   // ClientHello
+    move(c, s)
+    #expect(s.handshake() == .wantInput)   // ServerHello … Finished
+    move(s, c)
+    #expect(c.handshake() == .done)        // client Finished
+    move(c, s)
+    let queued = s.pendingOutput
+    #expect(s.handshake() == .done)        // the tickets
+    return s.pendingRecords(from: queued)
+}
+
 func clientContext(ca: String = Certificates.path("ca.pem"), certificate: String? = nil, minVersion: TLSVersion = .tls12,
                    serverName: String? = nil) throws -> TLSClientContext {
     var s = TLSClientSettings()
@@ -243,21 +263,8 @@ import COpenSSL
         let c = try #require(try TLSClientContext(clientSettings).makeSession(host: "localhost"))
         _ = SSL_set_ciphersuites(c.ssl, suite)
         let s = try #require(server.makeSession())
-        // Drive the handshake by hand to see the server's last step: its tickets.
+        let tickets = try #require(handshakeFlightByFlight(c, s))
         var wire = [UInt8](repeating: 0, count: 65536)
-        func move(_ from: TLSSession, _ to: TLSSession) {
-            let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
-            wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
-        }
-        #expect(c.handshake() == .wantInput)   // ClientHello
-        move(c, s)
-        #expect(s.handshake() == .wantInput)   // ServerHello … Finished
-        move(s, c)
-        #expect(c.handshake() == .done)        // client Finished
-        move(c, s)
-        let queued = s.pendingOutput
-        #expect(s.handshake() == .done)        // the tickets
-        let tickets = try #require(s.pendingRecords(from: queued))
         #expect(tickets == 1)
         #expect(s.cipher == suite)
         let transmit = try #require(s.kernelKeys(sending: true))

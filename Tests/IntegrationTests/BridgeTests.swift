@@ -28,31 +28,7 @@ struct BridgeTests {
 
     @Test("client half-close: upstream sees EOF, its reply still reaches the client", arguments: engineBackends, spliceModes)
     func halfCloseFromClient(backend: BackendChoice, splice: SpliceMode) throws {
-        let n = 300_000, m = 700_000
-        let upstreamGot = SharedBox<(Int, [UInt8])?>(nil)
-        let upstream = try TestUpstream { socket in
-            let r = receiveDigest(socket)          // to EOF: the client's shutdown arrived
-            upstreamGot.value = (r.received, r.digest)
-            _ = sendPattern(socket, seed: 2, count: m)
-            socket.close()
-        }
-        defer { upstream.stop() }
-        let gateway = try Gateway(backend: backend, splice: splice, upstream: upstream.address)
-        defer { gateway.stop() }
-
-        let client = try TestSocket.connect(gateway.address)
-        client.setReceiveTimeout(seconds: 20)
-        let sent = sendPattern(client, seed: 1, count: n)
-        client.shutdownWrite()
-        let reply = receiveDigest(client)
-        client.close()
-        #expect(reply.error == nil)
-        #expect(reply.received == m)
-        #expect(reply.digest == patternDigest(seed: 2, count: m))
-        #expect(upstreamGot.value?.0 == n)
-        #expect(upstreamGot.value?.1 == sent.digest)
-        #expect(gateway.eventually { gateway.active == 0 })
-        #expect(gateway.server.total(.closedGracefully) == 1)
+        try clientHalfClose { try Gateway(backend: backend, splice: splice, upstream: $0) }
     }
 
     @Test("upstream half-close: client sees EOF, its late bytes still reach the upstream", arguments: engineBackends, spliceModes)
@@ -280,4 +256,35 @@ func expectClosedByGateway(_ client: TestSocket, _ gateway: Gateway, counting co
     #expect(n == 0, "expected EOF, read gave \(n)", sourceLocation: sourceLocation)
     #expect(gateway.server.total(counter) == 1, sourceLocation: sourceLocation)
     #expect(gateway.eventually { gateway.active == 0 }, sourceLocation: sourceLocation)
+}
+
+/// A client half-close through the gateway `make` builds for the upstream: the upstream sees
+/// EOF, its reply still reaches the client, the bridge closes gracefully; `check` looks at the
+/// gateway before it stops.
+func clientHalfClose(_ make: (SocketAddress) throws -> Gateway, check: (Gateway) -> Void = { _ in }) throws {
+    let n = 300_000, m = 700_000
+    let upstreamGot = SharedBox<(Int, [UInt8])?>(nil)
+    let upstream = try TestUpstream { socket in
+        let r = receiveDigest(socket)          // to EOF: the client's shutdown arrived
+        upstreamGot.value = (r.received, r.digest)
+        _ = sendPattern(socket, seed: 2, count: m)
+        socket.close()
+    }
+    defer { upstream.stop() }
+    let gateway = try make(upstream.address)
+    defer { gateway.stop() }
+    let client = try TestSocket.connect(gateway.address)
+    client.setReceiveTimeout(seconds: 20)
+    let sent = sendPattern(client, seed: 1, count: n)
+    client.shutdownWrite()
+    let reply = receiveDigest(client)
+    client.close()
+    #expect(reply.error == nil)
+    #expect(reply.received == m)
+    #expect(reply.digest == patternDigest(seed: 2, count: m))
+    #expect(upstreamGot.value?.0 == n)
+    #expect(upstreamGot.value?.1 == sent.digest)
+    #expect(gateway.eventually { gateway.active == 0 })
+    #expect(gateway.server.total(.closedGracefully) == 1)
+    check(gateway)
 }

@@ -31,31 +31,7 @@ struct DirectDescriptorTests {
 
     @Test("half-close through direct descriptors: the upstream sees EOF (the ring's shutdown), its reply still arrives")
     func halfClose() throws {
-        let n = 300_000, m = 700_000
-        let upstreamGot = SharedBox<(Int, [UInt8])?>(nil)
-        let upstream = try TestUpstream { socket in
-            let r = receiveDigest(socket)
-            upstreamGot.value = (r.received, r.digest)
-            _ = sendPattern(socket, seed: 2, count: m)
-            socket.close()
-        }
-        defer { upstream.stop() }
-        let gateway = try Self.gateway(upstream.address)
-        defer { gateway.stop() }
-        let client = try TestSocket.connect(gateway.address)
-        client.setReceiveTimeout(seconds: 20)
-        let sent = sendPattern(client, seed: 1, count: n)
-        client.shutdownWrite()
-        let reply = receiveDigest(client)
-        client.close()
-        #expect(reply.error == nil)
-        #expect(reply.received == m)
-        #expect(reply.digest == patternDigest(seed: 2, count: m))
-        #expect(upstreamGot.value?.0 == n)
-        #expect(upstreamGot.value?.1 == sent.digest)
-        #expect(gateway.eventually { gateway.active == 0 })
-        #expect(gateway.server.total(.closedGracefully) == 1)
-        #expect(gateway.server.total(.directBridges) == 1)
+        try clientHalfClose(Self.gateway) { #expect($0.server.total(.directBridges) == 1) }
     }
 
     @Test("a client reset through direct descriptors resets the upstream too, and frees the slot")
