@@ -181,7 +181,7 @@ extension Worker {
             closeSlot(s, abort: true)
             return
         }
-        if p.pointee.session >= 0 && p.pointee.tls & TLSSides.client != 0 { protectRecordsAfterNegotiation(s) }
+        if let session = clientTLS[s] { protectRecords(session) }
         // Bridging: the sessions read ciphertext where it was received (no copy).
         let readBufferLength = backend.buffers.size + Self.tlsDecryptHeadroom
         _ = clientTLS[s]?.useInPlaceInput(readBufferLength: readBufferLength)

@@ -107,14 +107,15 @@ extension Worker {
         if let factory = l.bound.rule.negotiator {
             // The negotiation reads and replies through OpenSSL; its records are counted so
             // that bridging can go on without it (`protectRecordsAfterNegotiation`).
-            if l.bound.rule.tls?.protectsRecordsItself == true, let ticketRecords, let received = session.bufferedRecords {
-                session.startCountingRecords(sent: ticketRecords, received: received)
+            if l.bound.rule.tls?.protectsRecordsItself == true, let ticketRecords {
+                session.startCountingRecords(sent: ticketRecords)
             }
             startNegotiation(s, p, factory, peer: try? Syscall.peerAddress(p.pointee.client))
         } else {
             if l.bound.rule.tls?.offloadsToKernel == true, let ticketRecords, !offloadToKernel(s, p, session, sent: ticketRecords) { return }
             if l.bound.rule.tls?.protectsRecordsItself == true, p.pointee.tls & TLSSides.clientInKernel == 0, let ticketRecords {
-                protectRecordsItself(session, sent: ticketRecords)
+                session.startCountingRecords(sent: ticketRecords)
+                if decryptBuffered(session) { protectRecords(session) }
             }
             endHandshakeCount(s, p)
             p.pointee.state = .connecting
@@ -149,21 +150,14 @@ extension Worker {
         }
     }
 
-    /// Without kTLS: the records go on without OpenSSL's `SSL` object, from the same point
-    /// the kernel would take them (tickets out, what the client sent behind its Finished
-    /// decrypted and kept for the upstream). Left to OpenSSL when that point isn't reached.
-    private func protectRecordsItself(_ session: TLSSession, sent: Int) {
-        guard session.pendingOutput == 0, let received = session.bufferedRecords, decryptBuffered(session),
-              session.protectRecordsItself(sent: sent, received: received) else { return }
-        statistics.add(.tlsRecordsWithoutOpenSSL)
-    }
-
-    /// A SOCKS5 or HTTPS-proxy connection about to bridge: with its reply out and its input
-    /// read to the end of a record, the records go on without OpenSSL's `SSL` object, from
-    /// the counts kept since the handshake.
-    func protectRecordsAfterNegotiation(_ s: Int32) {
-        guard let session = clientTLS[s], !session.protectsRecordsItself, let counts = session.countedRecords,
-              session.protectRecordsItself(sent: counts.sent, received: counts.received) else { return }
+    /// Without kTLS, a client session's records go on without OpenSSL's `SSL` object, from
+    /// the records counted since the handshake (`TLSSession.startCountingRecords`), at the
+    /// first moment nothing is pending either way and the input ends on a record: at the
+    /// handshake's end (a forward's, like kTLS: tickets out, what the client sent behind its
+    /// Finished decrypted and kept for the upstream), at the start of bridging (after a
+    /// SOCKS5 or HTTPS-proxy negotiation), or after a later read.
+    func protectRecords(_ session: TLSSession) {
+        guard !session.protectsRecordsItself, session.countedRecords != nil, session.protectRecordsWhenAligned() else { return }
         statistics.add(.tlsRecordsWithoutOpenSSL)
     }
 
@@ -319,6 +313,7 @@ extension Worker {
         if n < backend.buffers.size / 4 { session.releaseMemory() }
         // A key update or alert the read produced goes out now if nothing is being sent there.
         if session.pendingOutput > 0 { flushTLS(s, p, side: d) }
+        if d == 0, case .bytes = result { protectRecords(session) }
         switch result {
         case .bytes(let plain): return plain
         case .wantInput: return 0

@@ -80,10 +80,22 @@ public final class TLSSession {
     public var protectsRecordsItself: Bool { layer != nil }
 
     /// From the handshake's end on, counts the records each way under the application keys:
-    /// `sent` already (the tickets), `received` fed and whole in the input.
-    public func startCountingRecords(sent: Int, received: Int) {
-        counted = (sent, received)
+    /// `sent` already (the tickets), and those in the input now, which begins on a record
+    /// boundary (OpenSSL reads whole records, up to the client's Finished).
+    public func startCountingRecords(sent: Int) {
+        guard layer == nil, !inPlace else { return }
         inputRecords = RecordBoundary()
+        var data: UnsafeMutablePointer<CChar>? = nil
+        let n = igris_bio_mem_data(inputBIO, &data)
+        let received = n > 0 && data != nil ? inputRecords.consume(UnsafeRawPointer(data!), n) : 0
+        counted = (sent, received)
+    }
+
+    /// Leaves OpenSSL (`protectRecordsItself`) from the counted records, if the moment allows:
+    /// nothing pending either way and the input on a record boundary. True once it has.
+    public func protectRecordsWhenAligned() -> Bool {
+        guard layer == nil, let counts = countedRecords else { return layer != nil }
+        return protectRecordsItself(sent: counts.sent, received: counts.received)
     }
 
     /// The records sent and received since the handshake, when they were counted and the

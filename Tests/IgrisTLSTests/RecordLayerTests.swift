@@ -117,7 +117,7 @@ import Testing
     @Test("after a negotiation through OpenSSL (records counted, fed in odd pieces), the switch carries on from the right sequence numbers")
     func switchAfterNegotiation() throws {
         let (c, s, tickets) = try Self.handshakenServer()
-        s.startCountingRecords(sent: tickets, received: 0)
+        s.startCountingRecords(sent: tickets)
         // The "request": three records, fed 7 bytes at a time; the "reply": two records.
         for k in 0..<3 {
             #expect([UInt8](repeating: UInt8(k), count: 100 + k).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
@@ -148,6 +148,45 @@ import Testing
         #expect(Array("bridged down".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
         Self.deliver(s, c)
         #expect(Self.readAll(c, piece: 4096).bytes == Array("bridged down".utf8))
+    }
+
+    @Test("a client whose data follows its Finished mid-record: the switch waits for the record's end, then carries on")
+    func switchWaitsForARecordBoundary() throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        let c = try #require(try clientContext().makeSession(host: "localhost"))
+        let s = try #require(server.makeSession())
+        var wire = [UInt8](repeating: 0, count: 65536)
+        func move(_ from: TLSSession, _ to: TLSSession, keep: Int = 0) -> [UInt8] {
+            let n = wire.withUnsafeMutableBytes { from.takeOutput(into: $0.baseAddress!, capacity: $0.count) }
+            wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n - keep) }
+            return Array(wire[n - keep..<n])
+        }
+        #expect(c.handshake() == .wantInput)
+        _ = move(c, s)
+        #expect(s.handshake() == .wantInput)
+        _ = move(s, c)
+        #expect(c.handshake() == .done)
+        // The client's Finished and its first record in one flight, of which the server has
+        // all but the last 100 bytes when its handshake ends.
+        let first = (0..<3000).map { UInt8(truncatingIfNeeded: $0) }
+        #expect(first.withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        let rest = move(c, s, keep: 100)
+        let queued = s.pendingOutput
+        #expect(s.handshake() == .done)
+        let tickets = try #require(s.pendingRecords(from: queued))
+        Self.deliver(s, c)
+        s.startCountingRecords(sent: tickets)
+        #expect(Self.readAll(s, piece: 65536).bytes.isEmpty)
+        #expect(!s.protectRecordsWhenAligned())  // mid-record: OpenSSL carries on
+        rest.withUnsafeBytes { s.feed($0.baseAddress!, count: $0.count) }
+        #expect(Self.readAll(s, piece: 65536).bytes == first)
+        #expect(s.protectRecordsWhenAligned())
+        #expect(Array("next".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).bytes == Array("next".utf8))
+        #expect(Array("back".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).bytes == Array("back".utf8))
     }
 
     @Test("record boundaries are followed through pieces of any size")
