@@ -45,7 +45,11 @@ public struct ServerConfiguration: Sendable {
     /// exactly them.
     public var udpRelayPorts: ClosedRange<UInt16>?
     public var buffers = BackendConfiguration()
-    public var listenBacklog: Int32 = 4096
+    /// Each listening socket's backlog (one per worker): connections accepted by the kernel
+    /// and not yet by igris. Under sustained overload a deep queue only ages its connections
+    /// past their clients' patience, and serving those is work lost; 1,024 per worker bounded
+    /// the wait where 4,096 let goodput collapse to 0.41× capacity in some runs (see Benchmarks/README.md).
+    public var listenBacklog: Int32 = 1024
     /// io_uring: bridged connections' sockets move into each worker ring's fixed-file table
     /// (`IOBackend.makeDirect`), so bridges are bounded by the tables (RLIMIT_NOFILE entries
     /// each), not by the process's descriptors; such bridges take the copy path.

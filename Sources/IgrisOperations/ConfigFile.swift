@@ -56,6 +56,8 @@ public struct ConfigFile: Sendable {
     public var splice: SpliceMode = .auto
     /// `direct_descriptors` (io_uring): see `ServerConfiguration.directDescriptors`.
     public var directDescriptors = false
+    /// `listen_backlog`: see `ServerConfiguration.listenBacklog`.
+    public var listenBacklog: Int32 = 1024
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64?
     /// Keepalive + TCP_USER_TIMEOUT bound for peers gone without FIN or RST (nil: off).
@@ -149,6 +151,7 @@ public struct ConfigFile: Sendable {
         var c = ServerConfiguration(listeners: try listenerRules(gateway: gateway), workers: workers ?? Syscall.onlineCPUs(), backend: backend)
         c.accounts = gateway.policy.accounts
         c.directDescriptors = directDescriptors
+        c.listenBacklog = listenBacklog
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
             workers: c.workers, listeners: c.listeners.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         c.maxConnections = maxConnections
@@ -175,7 +178,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "direct_descriptors", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
+        let top = ["workers", "backend", "direct_descriptors", "listen_backlog", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "udp_relay_ports", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -192,6 +195,10 @@ private struct Decoded: Decodable {
             config.backend = v
         }
         if let d = try c.decodeIfPresent(Bool.self, forKey: key("direct_descriptors")) { config.directDescriptors = d }
+        if let b = try c.decodeIfPresent(Int.self, forKey: key("listen_backlog")) {
+            guard (1...65535).contains(b) else { throw fail("listen_backlog", "must be between 1 and 65535") }
+            config.listenBacklog = Int32(b)
+        }
         if let m = try c.decodeIfPresent(Int.self, forKey: key("max_connections")) {
             guard m >= 1 else { throw fail("max_connections", "must be at least 1") }
             config.maxConnections = m

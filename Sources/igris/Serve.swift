@@ -152,6 +152,10 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("send-zc"), help: "io_uring: send chunks of at least this many bytes with IORING_OP_SEND_ZC (default: off; see Benchmarks/README.md).")
     var sendZeroCopy: Int?
 
+    @Option(name: .customLong("listen-backlog"),
+            help: "Each listening socket's backlog, one per worker (capped by net.core.somaxconn).")
+    var listenBacklog: Int32 = 1024
+
     @Flag(name: .customLong("direct-descriptors"),
           help: "io_uring: bridged sockets move to the ring's fixed-file table, so bridges are not bounded by the descriptor limit (copy path only; see Kernel-notes).")
     var directDescriptors = false
@@ -185,6 +189,7 @@ struct Serve: ParsableCommand {
                 throw ValidationError("--buffer-memory must be a size such as 64MiB or 1GiB, at least two buffers, got '\(bufferMemory)'")
             }
         }
+        if listenBacklog < 1 || listenBacklog > 65535 { throw ValidationError("--listen-backlog must be between 1 and 65535") }
         if spliceThreshold < 1 || spliceThreshold > 255 { throw ValidationError("--splice-threshold must be between 1 and 255") }
         if pipeSize < 4096 || pipeSize > 1 << 30 { throw ValidationError("--pipe-size must be between 4096 and 1073741824") }
         if maxPipes < 0 { throw ValidationError("--max-pipes must be 0 or more") }
@@ -240,6 +245,7 @@ struct Serve: ParsableCommand {
         configuration.deadPeerTimeoutNanoseconds = deadPeerTimeout.nanoseconds == 0 ? nil : deadPeerTimeout.nanoseconds
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.directDescriptors = directDescriptors
+        configuration.listenBacklog = listenBacklog
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
             workers: workers, listeners: rules.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         configuration.maxConnections = maxConnections

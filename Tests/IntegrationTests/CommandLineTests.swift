@@ -139,6 +139,9 @@ struct CommandLineTests {
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--buffers", "300"], contains: "power of two")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "kqueue"], contains: "kqueue")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--connect-timeout", "soon"], contains: "soon")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--listen-backlog", "0"], contains: "--listen-backlog must be between 1 and 65535")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "epoll", "--direct-descriptors"],
+                               contains: "direct descriptors need the io_uring backend")
     }
 
     @Test("SIGTERM: stop accepting, let the open transfer finish, exit 0", arguments: engineBackends)
@@ -199,7 +202,8 @@ struct CommandLineTests {
         // Each opcode and setup flag igris uses, and the limits that bound connections.
         for line in ["opcode ACCEPT: yes", "opcode POLL_ADD: yes", "opcode SEND_ZC: ", "setup SINGLE_ISSUER|DEFER_TASKRUN: ", "setup COOP_TASKRUN: ",
                      "feature NODROP: ", "kernel.io_uring_disabled: ", "fs.pipe-max-size: ", "fs.pipe-user-pages-soft: ",
-                     "net.ipv4.ip_local_port_range: ", "RLIMIT_NOFILE: soft ", "RLIMIT_MEMLOCK: "] {
+                     "net.ipv4.ip_local_port_range: ", "RLIMIT_NOFILE: soft ", "RLIMIT_MEMLOCK: ",
+                     "bridges at most, ", "io_uring --direct-descriptors: "] {
             #expect(out.contains(line), "probe lacks '\(line)'")
         }
     }

@@ -130,6 +130,7 @@ struct ConfigTests {
             ("listeners:\n  - listen: 127.0.0.1:1\n    mode: socks5\n    upstream: 127.0.0.1:2\n", "c.yaml:4: listeners[0].upstream: only forward listeners"),
             ("workers: 0\nlisteners: []\n", "c.yaml:1: workers: must be between 1 and 1024"),
             ("direct_descriptors: sometimes\nlisteners: []\n", "c.yaml:1: direct_descriptors"),
+            ("listen_backlog: 0\nlisteners: []\n", "c.yaml:1: listen_backlog: must be between 1 and 65535"),
             ("connect_timeout: soon\nlisteners: []\n", "c.yaml:1: connect_timeout: expected a duration"),
             ("acl:\n  allow: [\"127.0.0.1:80\"]\nlisteners: []\n", "c.yaml:2: acl.allow[0]: bad ACL rule '127.0.0.1:80'"),
             ("listeners: []\n", "c.yaml:1: listeners: at least one listener is needed"),
