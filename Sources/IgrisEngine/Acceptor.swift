@@ -17,8 +17,10 @@ extension Worker {
     static var multishotRoom: Int { 64 }
 
     /// The most one armed multishot accept takes at once: its backend's burst, at most the
-    /// listener's backlog (io_uring takes the whole backlog in one go).
-    var acceptBurst: Int { min(backend.acceptBurst, configuration.listenBacklog) }
+    /// listener's backlog and what arrives while it is taken (io_uring takes the whole backlog
+    /// in one go, and goes on while connections keep completing: 1,103–1,193 in one turn were
+    /// seen from a 1,024 backlog under a 2× overload).
+    var acceptBurst: Int { min(backend.acceptBurst, configuration.listenBacklog + configuration.listenBacklog / 2) }
 
     /// Below this much room, accepts are armed one at a time: every worker's listener may
     /// burst at once, and what is past the capacity would only be closed.
