@@ -55,24 +55,13 @@ public final class URingBackend: IOBackend {
     private var immediate: [Completion] = []
     private var delivering: [Completion] = []
 
-    /// Direct descriptors: the fixed-file table's entries go in pairs (a bridge's client at
-    /// 2k, its upstream at 2k+1), so one register call moves both. Free pairs, sockets still
-    /// open per pair, and the entry each direct close frees once it completes (an entry is
-    /// reused only after the kernel has closed what it held).
-    public private(set) var directCapacity = 0
-    private var directFreePairs: [Int32] = []
-    private var directOpen: [UInt8] = []
-    private var directClosing: [UInt64: Int32] = [:]
-    /// setsockopt through the ring works here (6.7+): an aborted direct socket gets its RST.
-    private var socketCommands = false
-    private let lingerZero: UnsafeMutablePointer<linger>
-    /// The descriptors each entry is filled from (IORING_OP_FILES_UPDATE reads them when it
-    /// runs, at the next submission): one place per entry, so it stays put until then.
-    private var directSources: UnsafeMutablePointer<Int32>?
+    /// Direct descriptors (`BackendConfiguration.directDescriptors`), when the table was had.
+    private var direct: URingDirectDescriptors?
     /// How direct descriptors run here, or why not, for the start-up log and `igris probe`.
     public private(set) var directDescription = "off"
+    public var directCapacity: Int { direct?.capacity ?? 0 }
     /// An aborted direct socket is reset (setsockopt through the ring), not closed with a FIN.
-    public var directAbortsWithReset: Bool { socketCommands }
+    public var directAbortsWithReset: Bool { direct?.abortsWithReset ?? false }
 
     public init(configuration: BackendConfiguration) throws(SyscallError) {
         ring = .allocate(capacity: 1)
@@ -136,8 +125,6 @@ public final class URingBackend: IOBackend {
         for id in main { igris_buf_ring_recycle(mem, UInt32(configuration.bufferCount), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         for id in reserve { igris_buf_ring_recycle(reserveRing, UInt32(reserveEntries), buffers.pointer(id), UInt32(configuration.bufferSize), id) }
         batch = .allocate(capacity: Int(batchCapacity))
-        lingerZero = .allocate(capacity: 1)
-        lingerZero.initialize(to: linger(l_onoff: 1, l_linger: 0))
         zeroCopyThreshold = configuration.zeroCopySendThreshold ?? .max
         zeroCopyResults.reserveCapacity(configuration.bufferCount)
         immediate.reserveCapacity(1024)
@@ -153,7 +140,15 @@ public final class URingBackend: IOBackend {
         // can't spawn a thread per connection. Best effort (5.15+).
         var maxWorkers: [UInt32] = [2, 4]
         _ = maxWorkers.withUnsafeMutableBufferPointer { io_uring_register_iowq_max_workers(ring, $0.baseAddress) }
-        if configuration.directDescriptors >= 2 { setUpDirectDescriptors(entries: configuration.directDescriptors) }
+        if configuration.directDescriptors >= 2 {
+            switch URingDirectDescriptors.make(ring: ring, entries: configuration.directDescriptors, ignoredTag: Self.cancelTag) {
+            case .success(let table):
+                direct = table
+                directDescription = table.description
+            case .failure(let error):
+                directDescription = "off (\(error))"
+            }
+        }
     }
 
     deinit {
@@ -162,71 +157,10 @@ public final class URingBackend: IOBackend {
         munmap(bufferRing, bufferRingBytes)
         ring.deallocate()
         batch.deallocate()
-        lingerZero.deallocate()
-        directSources?.deallocate()
     }
 
-    /// A sparse fixed-file table of `entries` (at most RLIMIT_NOFILE, the kernel's cap per
-    /// ring), and whether setsockopt runs through the ring. Without a table every socket
-    /// stays a regular descriptor.
-    private func setUpDirectDescriptors(entries: Int) {
-        let n = min(entries, Syscall.descriptorLimit) & ~1
-        let rc = io_uring_register_files_sparse(ring, UInt32(n))
-        guard rc == 0 else {
-            directDescription = "off (fixed-file table of \(n): \(Errno.describe(-rc)))"
-            return
-        }
-        directCapacity = n
-        directSources = .allocate(capacity: n)
-        directOpen = [UInt8](repeating: 0, count: n / 2)
-        directFreePairs = (0..<Int32(n / 2)).reversed()
-        directClosing.reserveCapacity(1024)
-        let probe = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        if probe >= 0 {
-            defer { Syscall.close(probe) }
-            var one: Int32 = 1
-            let sqe = nextSQE()
-            igris_prep_setsockopt(sqe, probe, SOL_SOCKET, SO_KEEPALIVE, &one, Int32(MemoryLayout<Int32>.size))
-            io_uring_sqe_set_data64(sqe, Self.cancelTag)
-            var cqe: UnsafeMutablePointer<io_uring_cqe>?
-            if io_uring_submit_and_wait(ring, 1) >= 0 && io_uring_peek_cqe(ring, &cqe) == 0, let cqe {
-                socketCommands = cqe.pointee.res == 0
-                io_uring_cqe_seen(ring, cqe)
-            }
-        }
-        directDescription = "\(n) entries" + (socketCommands ? "" : " (no setsockopt through the ring: aborts close with FIN)")
-    }
-
-    /// No syscall of its own: an IORING_OP_FILES_UPDATE fills the pair's entries, and two
-    /// closes hard-linked behind it drop the descriptors (the table holds its own references).
-    /// The update runs when it is submitted, before any operation queued after it here names
-    /// the entries; the closes run whatever it returns, so no descriptor is left behind (were
-    /// it refused, the entries stay empty and the bridge's operations fail with EBADF).
     public func makeDirect(client: Int32, upstream: Int32) -> (client: Int32, upstream: Int32)? {
-        guard let sources = directSources, let pair = directFreePairs.popLast() else { return nil }
-        let entry = Int(pair) * 2
-        sources[entry] = client
-        sources[entry + 1] = upstream
-        let update = nextSQE(3)
-        io_uring_prep_files_update(update, sources + entry, 2, Int32(entry))
-        igris_sqe_hardlink(update)
-        io_uring_sqe_set_data64(update, Self.cancelTag)
-        let closeClient = nextSQE()
-        io_uring_prep_close(closeClient, client)
-        igris_sqe_hardlink(closeClient)
-        io_uring_sqe_set_data64(closeClient, Self.cancelTag)
-        let closeUpstream = nextSQE()
-        io_uring_prep_close(closeUpstream, upstream)
-        io_uring_sqe_set_data64(closeUpstream, Self.cancelTag)
-        directOpen[Int(pair)] = 2
-        return (Int32(entry) | DirectDescriptor.flag, Int32(entry + 1) | DirectDescriptor.flag)
-    }
-
-    /// A direct close completed: its entry may be reused once its pair's other one is closed too.
-    private func directClosed(entry: Int32) {
-        let pair = Int(entry >> 1)
-        directOpen[pair] -= 1
-        if directOpen[pair] == 0 { directFreePairs.append(Int32(pair)) }
+        direct?.move(client: client, upstream: upstream) { nextSQE($0) }
     }
 
     /// Points `sqe` at a direct descriptor's table entry (a regular descriptor stays as prepared).
@@ -330,19 +264,7 @@ public final class URingBackend: IOBackend {
             io_uring_sqe_set_data64(sqe, token.raw)
             return
         }
-        let entry = DirectDescriptor.entry(fd)
-        if abort && socketCommands {
-            // SO_LINGER {on, 0} first, hard-linked so the close runs whatever it returns.
-            let sqe = nextSQE(2)
-            igris_prep_setsockopt(sqe, 0, SOL_SOCKET, SO_LINGER, lingerZero, Int32(MemoryLayout<linger>.size))
-            target(sqe, fd)
-            igris_sqe_hardlink(sqe)
-            io_uring_sqe_set_data64(sqe, Self.cancelTag)
-        }
-        let sqe = nextSQE()
-        io_uring_prep_close_direct(sqe, UInt32(entry))
-        io_uring_sqe_set_data64(sqe, token.raw)
-        directClosing[token.raw] = entry
+        direct?.close(fd, abort: abort, token: token.raw) { nextSQE($0) }
     }
 
     public func peek(fd: Int32, into buffer: UnsafeMutableRawPointer, length: Int) -> Int {
@@ -466,7 +388,7 @@ public final class URingBackend: IOBackend {
                 // 0: a cancellation; all ones: liburing's own timeout SQE.
                 if c.user_data == 0 || c.user_data == UInt64.max { continue }
                 if c.user_data == Self.cancelTag { continue }
-                if !directClosing.isEmpty, let entry = directClosing.removeValue(forKey: c.user_data) { directClosed(entry: entry) }
+                direct?.completed(c.user_data)
                 var result = c.res
                 if c.flags & notifFlag != 0 {
                     // SEND_ZC's second completion: the buffer is free, the send is done.
