@@ -66,8 +66,11 @@ public final class TLSSession {
     /// Only with nothing left inside OpenSSL (no output pending, no input unread). False when
     /// that, the version or the cipher suite does not allow it: OpenSSL carries on.
     public func protectRecordsItself(sent: Int, received: Int) -> Bool {
-        guard layer == nil, let handle, pendingOutput == 0, holdsNoInput,
-              let records = igris_records_new(handle, UInt64(sent), UInt64(received)) else { return false }
+        guard layer == nil, let handle, pendingOutput == 0, holdsNoInput else { return false }
+        guard let records = igris_records_new(handle, UInt64(sent), UInt64(received)) else {
+            counted = nil  // not TLS 1.3, no secrets or another suite: no later moment will do
+            return false
+        }
         negotiated = (version, cipher, resumed, serverName, alpn)
         SSL_free(handle)
         self.handle = nil
@@ -83,7 +86,7 @@ public final class TLSSession {
     /// `sent` already (the tickets), and those in the input now, which begins on a record
     /// boundary (OpenSSL reads whole records, up to the client's Finished).
     public func startCountingRecords(sent: Int) {
-        guard layer == nil, !inPlace else { return }
+        guard layer == nil, !inPlace, SSL_version(ssl) == TLS1_3_VERSION else { return }
         inputRecords = RecordBoundary()
         var data: UnsafeMutablePointer<CChar>? = nil
         let n = igris_bio_mem_data(inputBIO, &data)
