@@ -53,6 +53,11 @@ static int start_direction(struct igris_records *r, struct igris_direction *d, S
     return 1;
 }
 
+int igris_ssl_has_ticket(SSL *ssl) {
+    SSL_SESSION *session = SSL_get0_session(ssl);
+    return session != NULL && SSL_SESSION_has_ticket(session);
+}
+
 void igris_records_free(struct igris_records *r) {
     if (r == NULL) return;
     EVP_CIPHER_CTX_free(r->seal.ctx);

@@ -92,6 +92,9 @@ extension Worker {
         if side == 1 {
             p.pointee.tls &= ~TLSSides.upstreamHandshake
             session.releaseMemory(threshold: 0)
+            // Nothing has gone out under the client's traffic key yet (its Finished is the
+            // handshake's); the server's tickets come under its own and are counted as read.
+            if listeners[Int(p.pointee.listener)].pool?.tls?.settings.protectRecordsItself == true { session.startCountingRecords(sent: 0) }
             statistics.recordTLSHandshake(now &- p.pointee.lastActivity)
             startBridging(s, p)
             return
@@ -313,7 +316,10 @@ extension Worker {
         if n < backend.buffers.size / 4 { session.releaseMemory() }
         // A key update or alert the read produced goes out now if nothing is being sent there.
         if session.pendingOutput > 0 { flushTLS(s, p, side: d) }
-        if d == 0, case .bytes = result { protectRecords(session) }
+        switch result {
+        case .bytes, .wantInput: protectRecords(session)
+        case .closed, .failed: break
+        }
         switch result {
         case .bytes(let plain): return plain
         case .wantInput: return 0

@@ -88,6 +88,9 @@ public struct TLSClientSettings: Sendable, Equatable {
     public var resumeSessions = true
     /// See `TLSServerSettings.exposeTrafficKeys`.
     public var exposeTrafficKeys = false
+    /// After the handshake (TLS 1.3) and the server's session ticket, the records go on
+    /// without OpenSSL's `SSL` object (`TLSSession.protectRecordsItself`).
+    public var protectRecordsItself = true
 
     public init() {}
 }
@@ -323,7 +326,7 @@ public final class TLSClientContext: @unchecked Sendable {
                 SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
             }
             if let c = settings.certificate { try OpenSSLContext.loadCertificate(ctx, c) }
-            if settings.exposeTrafficKeys && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
+            if (settings.exposeTrafficKeys || settings.protectRecordsItself) && igris_ssl_ctx_capture_traffic_secrets(ctx) != 0 {
                 throw TLSConfigurationError("upstream_tls: traffic secrets: \(OpenSSLContext.lastError())")
             }
             if settings.resumeSessions && igris_ssl_ctx_remember_sessions(ctx) != 0 {

@@ -22,6 +22,8 @@ public final class TLSSession {
     /// lost); `inputRecords` follows the record boundaries of what is fed.
     private var counted: (sent: Int, received: Int)?
     private var inputRecords = RecordBoundary()
+    /// A client session read application data since counting began: no ticket is coming.
+    private var readSinceCounting = false
     /// What was negotiated, kept when the `SSL` object goes.
     private var negotiated: (version: String, cipher: String, resumed: Bool, serverName: String?, alpn: String?)?
     private(set) var inputBIO: OpaquePointer
@@ -96,8 +98,11 @@ public final class TLSSession {
 
     /// Leaves OpenSSL (`protectRecordsItself`) from the counted records, if the moment allows:
     /// nothing pending either way and the input on a record boundary. True once it has.
+    /// A client waits for the server's session ticket first (it resumes later connections),
+    /// or for application data, which says none is coming.
     public func protectRecordsWhenAligned() -> Bool {
         guard layer == nil, let counts = countedRecords else { return layer != nil }
+        if !isServer && !readSinceCounting && igris_ssl_has_ticket(ssl) == 0 { return false }
         return protectRecordsItself(sent: counts.sent, received: counts.received)
     }
 
@@ -230,6 +235,7 @@ public final class TLSSession {
             let rc = SSL_read_ex(ssl, buffer + total, capacity - total, &n)
             if rc == 1 {
                 total += n
+                if counted != nil { readSinceCounting = true }
                 if inPlace && overtakesInput(total) {
                     return .failed(TLSFailure(.malformed, "input not taken whole before decrypting in place (\(igris_input_bio_left(inputBIO)) bytes left)"))
                 }

@@ -189,6 +189,28 @@ import Testing
         #expect(Self.readAll(c, piece: 4096).bytes == Array("back".utf8))
     }
 
+    @Test("a client session (upstream_tls) switches once the server's ticket is in, and both ways carry on")
+    func clientSwitchesAfterTheTicket() throws {
+        let server = try TLSServerContext(TLSServerSettings(certificate: Certificates.files("server")))
+        let client = try clientContext()
+        #expect(client.settings.protectRecordsItself)
+        let c = try #require(client.makeSession(host: "localhost"))
+        let s = try #require(server.makeSession())
+        let tickets = try #require(handshakeFlightByFlight(c, s))
+        c.startCountingRecords(sent: 0)
+        #expect(!c.protectRecordsWhenAligned())  // no ticket yet: later connections resume with it
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).end == .wantInput)  // the ticket, no data
+        #expect(c.protectRecordsWhenAligned())
+        #expect(c.protectsRecordsItself && tickets >= 1)
+        #expect(Array("up".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(c, s)
+        #expect(Self.readAll(s, piece: 4096).bytes == Array("up".utf8))
+        #expect(Array("down".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
+        Self.deliver(s, c)
+        #expect(Self.readAll(c, piece: 4096).bytes == Array("down".utf8))
+    }
+
     @Test("record boundaries are followed through pieces of any size")
     func recordBoundaries() {
         // Records of 3, 0 and 300 body bytes.

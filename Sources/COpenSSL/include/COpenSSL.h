@@ -98,6 +98,9 @@ int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], 
 int igris_expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
                        unsigned char *out, size_t length);
 
+/// The connection's session holds a ticket (a TLS 1.3 client received one): 1, else 0.
+int igris_ssl_has_ticket(SSL *ssl);
+
 // MARK: - TLS 1.3 records without OpenSSL's SSL (records.c)
 
 /// The most plaintext one record carries, and the most ciphertext one may have (RFC 8446 §5.2).
