@@ -15,6 +15,17 @@ static void fetch_ciphers(void) {
     chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
 }
 
+/// The AEAD of a TLS 1.3 suite named by its kernel cipher (TLS_CIPHER_*), or NULL.
+static const EVP_CIPHER *aead(int suite) {
+    pthread_once(&ciphers_once, fetch_ciphers);
+    switch (suite) {
+    case TLS_CIPHER_AES_GCM_128: return aes128gcm;
+    case TLS_CIPHER_AES_GCM_256: return aes256gcm;
+    case TLS_CIPHER_CHACHA20_POLY1305: return chacha;
+    default: return NULL;
+    }
+}
+
 // TLS 1.3 record protection (RFC 8446 §5.2–5.3, §7.2) with a connection's application
 // traffic secrets, once the handshake is over and OpenSSL's SSL object is gone.
 
@@ -66,18 +77,16 @@ void igris_records_free(struct igris_records *r) {
 }
 
 struct igris_records *igris_records_new(SSL *ssl, unsigned long long sent, unsigned long long received) {
-    const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
-    if (c == NULL || SSL_version(ssl) != TLS1_3_VERSION) return NULL;
-    pthread_once(&ciphers_once, fetch_ciphers);
+    const char *digest;
+    size_t key_length, hash_length;
+    const EVP_CIPHER *cipher = aead(igris_tls13_suite(ssl, &digest, &key_length, &hash_length));
+    if (cipher == NULL) return NULL;
     struct igris_records *r = OPENSSL_zalloc(sizeof *r);
     if (r == NULL) return NULL;
-    switch (SSL_CIPHER_get_id(c) & 0xFFFF) {
-    case 0x1301: r->cipher = aes128gcm; r->digest = "SHA256"; r->key_length = 16; r->secret_length = 32; break;
-    case 0x1302: r->cipher = aes256gcm; r->digest = "SHA384"; r->key_length = 32; r->secret_length = 48; break;
-    case 0x1303: r->cipher = chacha; r->digest = "SHA256"; r->key_length = 32; r->secret_length = 32; break;
-    default: OPENSSL_free(r); return NULL;
-    }
-    if (r->cipher == NULL) { OPENSSL_free(r); return NULL; }
+    r->cipher = cipher;
+    r->digest = digest;
+    r->key_length = key_length;
+    r->secret_length = hash_length;
     if (!start_direction(r, &r->seal, ssl, 1, sent) || !start_direction(r, &r->open, ssl, 0, received)) {
         igris_records_free(r);
         return NULL;
@@ -85,16 +94,40 @@ struct igris_records *igris_records_new(SSL *ssl, unsigned long long sent, unsig
     return r;
 }
 
-static void nonce(const struct igris_direction *d, unsigned char out[12]) {
-    memcpy(out, d->iv, 12);
-    for (int i = 0; i < 8; i++) out[4 + i] ^= (unsigned char)(d->sequence >> (56 - 8 * i));
+/// The record nonce: the IV with the sequence number XORed into its last 8 bytes.
+static void nonce(const unsigned char iv[12], unsigned long long sequence, unsigned char out[12]) {
+    memcpy(out, iv, 12);
+    for (int i = 0; i < 8; i++) out[4 + i] ^= (unsigned char)(sequence >> (56 - 8 * i));
+}
+
+/// Opens one whole record with `ctx` (keyed for decryption) under `iv` and `sequence`: the
+/// content's length with its type in `*type`; -1 when it does not authenticate, -2 when it
+/// has no content type.
+static long open_record(EVP_CIPHER_CTX *ctx, const unsigned char iv[12], unsigned long long sequence,
+                        const unsigned char *record, size_t length, unsigned char *out, int *type) {
+    if (length < 5 + 16 + 1 || length > 5 + IGRIS_RECORD_CIPHERTEXT) return -1;
+    unsigned char n[12];
+    nonce(iv, sequence, n);
+    size_t body = length - 5 - 16;
+    int w = 0, f = 0;
+    int ok = EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, n) == 1
+        && EVP_DecryptUpdate(ctx, NULL, &w, record, 5) == 1
+        && EVP_DecryptUpdate(ctx, out, &w, record + 5, (int)body) == 1
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)(record + 5 + body)) == 1
+        && EVP_DecryptFinal_ex(ctx, out + w, &f) == 1;
+    if (!ok) return -1;
+    long plain = (long)body;
+    while (plain > 0 && out[plain - 1] == 0) plain--;  // padding
+    if (plain == 0) return -2;  // no content type: unexpected_message
+    *type = out[plain - 1];
+    return plain - 1;
 }
 
 long igris_records_seal(struct igris_records *r, int type, const unsigned char *plaintext, size_t length, unsigned char *out) {
     if (length > IGRIS_RECORD_PLAINTEXT) return -1;
     struct igris_direction *d = &r->seal;
     unsigned char n[12];
-    nonce(d, n);
+    nonce(d->iv, d->sequence, n);
     size_t body = length + 1 + 16;
     out[0] = 23; out[1] = 3; out[2] = 3; out[3] = (unsigned char)(body >> 8); out[4] = (unsigned char)body;
     unsigned char inner = (unsigned char)type;
@@ -111,24 +144,9 @@ long igris_records_seal(struct igris_records *r, int type, const unsigned char *
 }
 
 long igris_records_open(struct igris_records *r, const unsigned char *record, size_t length, unsigned char *out, int *type) {
-    if (length < 5 + 16 + 1 || length > 5 + IGRIS_RECORD_CIPHERTEXT) return -1;
-    struct igris_direction *d = &r->open;
-    unsigned char n[12];
-    nonce(d, n);
-    size_t body = length - 5 - 16;
-    int w = 0, f = 0;
-    int ok = EVP_DecryptInit_ex(d->ctx, NULL, NULL, NULL, n) == 1
-        && EVP_DecryptUpdate(d->ctx, NULL, &w, record, 5) == 1
-        && EVP_DecryptUpdate(d->ctx, out, &w, record + 5, (int)body) == 1
-        && EVP_CIPHER_CTX_ctrl(d->ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)(record + 5 + body)) == 1
-        && EVP_DecryptFinal_ex(d->ctx, out + w, &f) == 1;
-    if (!ok) return -1;
-    d->sequence++;
-    long plain = (long)body;
-    while (plain > 0 && out[plain - 1] == 0) plain--;  // padding
-    if (plain == 0) return -2;  // no content type: unexpected_message
-    *type = out[plain - 1];
-    return plain - 1;
+    long n = open_record(r->open.ctx, r->open.iv, r->open.sequence, record, length, out, type);
+    if (n != -1) r->open.sequence++;  // authenticated (even without a content type)
+    return n;
 }
 
 int igris_records_update(struct igris_records *r, int sending) {
@@ -138,4 +156,15 @@ int igris_records_update(struct igris_records *r, int sending) {
     memcpy(d->secret, next, r->secret_length);
     OPENSSL_cleanse(next, sizeof next);
     return key_direction(r, d, sending) ? 0 : -1;
+}
+
+long igris_tls13_open_record(int cipher, const unsigned char *key, size_t key_length, const unsigned char iv[12],
+                             unsigned long long sequence, const unsigned char *record, size_t length,
+                             unsigned char *out, int *type) {
+    (void)key_length;
+    const EVP_CIPHER *evp = aead(cipher);
+    EVP_CIPHER_CTX *ctx = evp ? EVP_CIPHER_CTX_new() : NULL;
+    long n = ctx && EVP_DecryptInit_ex(ctx, evp, NULL, key, NULL) == 1 ? open_record(ctx, iv, sequence, record, length, out, type) : -1;
+    EVP_CIPHER_CTX_free(ctx);
+    return n < 0 ? -1 : n;
 }

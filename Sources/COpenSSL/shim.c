@@ -398,25 +398,27 @@ int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], 
     return 0;
 }
 
-int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_t *key_length, unsigned char iv[12]) {
-    if (SSL_version(ssl) != TLS1_3_VERSION || secrets_index < 0) return -1;
-    struct traffic_secrets *t = SSL_get_ex_data(ssl, secrets_index);
-    if (t == NULL) return -1;
-    int ours_is_client = !SSL_is_server(ssl);
-    int want_client = sending ? ours_is_client : !ours_is_client;
-    const unsigned char *secret = want_client ? t->client : t->server;
-    size_t secret_length = want_client ? t->client_length : t->server_length;
-    if (secret_length == 0) return -1;
+int igris_tls13_suite(SSL *ssl, const char **digest, size_t *key_length, size_t *hash_length) {
     const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
-    if (c == NULL) return -1;
-    int cipher; const char *digest; size_t length;
+    if (c == NULL || SSL_version(ssl) != TLS1_3_VERSION) return -1;
     switch (SSL_CIPHER_get_id(c) & 0xFFFF) {
-    case 0x1301: cipher = TLS_CIPHER_AES_GCM_128; digest = "SHA256"; length = 16; break;
-    case 0x1302: cipher = TLS_CIPHER_AES_GCM_256; digest = "SHA384"; length = 32; break;
-    case 0x1303: cipher = TLS_CIPHER_CHACHA20_POLY1305; digest = "SHA256"; length = 32; break;
+    case 0x1301: *digest = "SHA256"; *key_length = 16; *hash_length = 32; return TLS_CIPHER_AES_GCM_128;
+    case 0x1302: *digest = "SHA384"; *key_length = 32; *hash_length = 48; return TLS_CIPHER_AES_GCM_256;
+    case 0x1303: *digest = "SHA256"; *key_length = 32; *hash_length = 32; return TLS_CIPHER_CHACHA20_POLY1305;
     default: return -1;
     }
-    if (!igris_expand_label(digest, secret, secret_length, "key", key, length) || !igris_expand_label(digest, secret, secret_length, "iv", iv, 12)) return -1;
+}
+
+int igris_tls13_traffic_keys(SSL *ssl, int sending, unsigned char key[32], size_t *key_length, unsigned char iv[12]) {
+    const char *digest;
+    size_t length, hash_length, secret_length;
+    unsigned char secret[64];
+    int cipher = igris_tls13_suite(ssl, &digest, &length, &hash_length);
+    if (cipher < 0 || igris_tls13_traffic_secret(ssl, sending, secret, &secret_length) != 0) return -1;
+    int ok = igris_expand_label(digest, secret, secret_length, "key", key, length)
+        && igris_expand_label(digest, secret, secret_length, "iv", iv, 12);
+    OPENSSL_cleanse(secret, sizeof secret);
+    if (!ok) return -1;
     *key_length = length;
     return cipher;
 }
@@ -461,31 +463,4 @@ int igris_ktls_install(int fd, int transmit, int cipher, const unsigned char *ke
     int rc = setsockopt(fd, SOL_TLS, transmit ? TLS_TX : TLS_RX, &info, (socklen_t)size);
     OPENSSL_cleanse(&info, sizeof info);
     return rc == 0 ? 0 : -errno;
-}
-
-long igris_tls13_open_record(int cipher, const unsigned char *key, size_t key_length, const unsigned char iv[12],
-                             unsigned long long sequence, const unsigned char *record, size_t length,
-                             unsigned char *out, int *type) {
-    if (length < 5 + 16 + 1) return -1;
-    const EVP_CIPHER *evp = cipher == TLS_CIPHER_AES_GCM_128 ? EVP_aes_128_gcm()
-        : cipher == TLS_CIPHER_AES_GCM_256 ? EVP_aes_256_gcm() : EVP_chacha20_poly1305();
-    (void)key_length;
-    unsigned char nonce[12];
-    memcpy(nonce, iv, 12);
-    for (int i = 0; i < 8; i++) nonce[4 + i] ^= (unsigned char)(sequence >> (56 - 8 * i));
-    size_t body = length - 5 - 16;
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    int n = 0, final = 0;
-    int ok = ctx && EVP_DecryptInit_ex(ctx, evp, NULL, key, nonce) == 1
-        && EVP_DecryptUpdate(ctx, NULL, &n, record, 5) == 1
-        && EVP_DecryptUpdate(ctx, out, &n, record + 5, (int)body) == 1
-        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)(record + 5 + body)) == 1
-        && EVP_DecryptFinal_ex(ctx, out + n, &final) == 1;
-    EVP_CIPHER_CTX_free(ctx);
-    if (!ok) return -1;
-    long plain = n + final;
-    while (plain > 0 && out[plain - 1] == 0) plain--;  // padding
-    if (plain == 0) return -1;
-    *type = out[plain - 1];
-    return plain - 1;
 }

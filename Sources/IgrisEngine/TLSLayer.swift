@@ -109,7 +109,7 @@ extension Worker {
         }
         if let factory = l.bound.rule.negotiator {
             // The negotiation reads and replies through OpenSSL; its records are counted so
-            // that bridging can go on without it (`protectRecordsAfterNegotiation`).
+            // that bridging can go on without it (`protectRecords`, from `startBridging`).
             if l.bound.rule.tls?.protectsRecordsItself == true, let ticketRecords {
                 session.startCountingRecords(sent: ticketRecords)
             }
@@ -160,8 +160,7 @@ extension Worker {
     /// Finished decrypted and kept for the upstream), at the start of bridging (after a
     /// SOCKS5 or HTTPS-proxy negotiation), or after a later read.
     func protectRecords(_ session: TLSSession) {
-        guard !session.protectsRecordsItself, session.countedRecords != nil, session.protectRecordsWhenAligned() else { return }
-        statistics.add(.tlsRecordsWithoutOpenSSL)
+        if session.protectRecordsWhenAligned() { statistics.add(.tlsRecordsWithoutOpenSSL) }
     }
 
     /// mTLS: the verified certificate's name is a user of the users file, whose limits,
@@ -317,12 +316,12 @@ extension Worker {
         // A key update or alert the read produced goes out now if nothing is being sent there.
         if session.pendingOutput > 0 { flushTLS(s, p, side: d) }
         switch result {
-        case .bytes, .wantInput: protectRecords(session)
-        case .closed, .failed: break
-        }
-        switch result {
-        case .bytes(let plain): return plain
-        case .wantInput: return 0
+        case .bytes(let plain):
+            protectRecords(session)
+            return plain
+        case .wantInput:
+            protectRecords(session)
+            return 0
         case .closed: return nil
         case .failed(let failure):
             statistics.add(.tlsRecordFailures)

@@ -97,11 +97,12 @@ public final class TLSSession {
     }
 
     /// Leaves OpenSSL (`protectRecordsItself`) from the counted records, if the moment allows:
-    /// nothing pending either way and the input on a record boundary. True once it has.
-    /// A client waits for the server's session ticket first (it resumes later connections),
-    /// or for application data, which says none is coming.
+    /// nothing pending either way and the input on a record boundary. True when it left now
+    /// (false when it had already, or was not counting). A client waits for the server's
+    /// session ticket first (it resumes later connections), or for application data, which
+    /// says none is coming.
     public func protectRecordsWhenAligned() -> Bool {
-        guard layer == nil, let counts = countedRecords else { return layer != nil }
+        guard layer == nil, let counts = countedRecords else { return false }
         if !isServer && !readSinceCounting && igris_ssl_has_ticket(ssl) == 0 { return false }
         return protectRecordsItself(sent: counts.sent, received: counts.received)
     }

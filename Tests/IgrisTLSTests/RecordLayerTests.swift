@@ -35,6 +35,13 @@ import Testing
         wire.withUnsafeBytes { to.feed($0.baseAddress!, count: n) }
     }
 
+    /// `text` written by one session arrives whole at the other.
+    static func expectCarried(_ text: String, from: TLSSession, to: TLSSession, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(Array(text.utf8).withUnsafeBytes { from.write($0.baseAddress!, count: $0.count) }, sourceLocation: sourceLocation)
+        deliver(from, to)
+        #expect(readAll(to, piece: 4096).bytes == Array(text.utf8), sourceLocation: sourceLocation)
+    }
+
     /// Reads `to` dry in pieces of at most `piece` bytes.
     static func readAll(_ s: TLSSession, piece: Int) -> (bytes: [UInt8], end: TLSSession.ReadResult) {
         var out: [UInt8] = []
@@ -85,17 +92,11 @@ import Testing
     func keyUpdate() throws {
         let (c, s) = try Self.compactPair()
         #expect(SSL_key_update(c.ssl, SSL_KEY_UPDATE_REQUESTED) == 1)
-        #expect(Array("after the update".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(c, s)
-        #expect(Self.readAll(s, piece: 4096).bytes == Array("after the update".utf8))
+        Self.expectCarried("after the update", from: c, to: s)
         #expect(s.pendingOutput > 0)  // our KeyUpdate
-        #expect(Array("answer".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(s, c)
-        #expect(Self.readAll(c, piece: 4096).bytes == Array("answer".utf8))
+        Self.expectCarried("answer", from: s, to: c)
         // The client's own next key is in use too (it rekeyed on sending its update).
-        #expect(Array("again".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(c, s)
-        #expect(Self.readAll(s, piece: 4096).bytes == Array("again".utf8))
+        Self.expectCarried("again", from: c, to: s)
     }
 
     @Test("a flipped byte: bad_record_mac to the peer, and the session fails for good")
@@ -142,12 +143,8 @@ import Testing
         let counts = try #require(s.countedRecords)
         #expect(counts.sent == tickets + 2)
         #expect(s.protectRecordsItself(sent: counts.sent, received: counts.received))
-        #expect(Array("bridged up".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(c, s)
-        #expect(Self.readAll(s, piece: 4096).bytes == Array("bridged up".utf8))
-        #expect(Array("bridged down".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(s, c)
-        #expect(Self.readAll(c, piece: 4096).bytes == Array("bridged down".utf8))
+        Self.expectCarried("bridged up", from: c, to: s)
+        Self.expectCarried("bridged down", from: s, to: c)
     }
 
     @Test("a client whose data follows its Finished mid-record: the switch waits for the record's end, then carries on")
@@ -181,12 +178,8 @@ import Testing
         rest.withUnsafeBytes { s.feed($0.baseAddress!, count: $0.count) }
         #expect(Self.readAll(s, piece: 65536).bytes == first)
         #expect(s.protectRecordsWhenAligned())
-        #expect(Array("next".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(c, s)
-        #expect(Self.readAll(s, piece: 4096).bytes == Array("next".utf8))
-        #expect(Array("back".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(s, c)
-        #expect(Self.readAll(c, piece: 4096).bytes == Array("back".utf8))
+        Self.expectCarried("next", from: c, to: s)
+        Self.expectCarried("back", from: s, to: c)
     }
 
     @Test("a client session (upstream_tls) switches once the server's ticket is in, and both ways carry on")
@@ -203,12 +196,8 @@ import Testing
         #expect(Self.readAll(c, piece: 4096).end == .wantInput)  // the ticket, no data
         #expect(c.protectRecordsWhenAligned())
         #expect(c.protectsRecordsItself && tickets >= 1)
-        #expect(Array("up".utf8).withUnsafeBytes { c.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(c, s)
-        #expect(Self.readAll(s, piece: 4096).bytes == Array("up".utf8))
-        #expect(Array("down".utf8).withUnsafeBytes { s.write($0.baseAddress!, count: $0.count) })
-        Self.deliver(s, c)
-        #expect(Self.readAll(c, piece: 4096).bytes == Array("down".utf8))
+        Self.expectCarried("up", from: c, to: s)
+        Self.expectCarried("down", from: s, to: c)
     }
 
     @Test("record boundaries are followed through pieces of any size")
@@ -247,9 +236,7 @@ import Testing
         #expect(freedEach >= 8 * 1024, "\(freedEach) bytes given back per session")
         for p in pairs {
             #expect(!p.server.hasBufferedInput && p.server.pendingOutput == 0)
-            #expect(Array("still works".utf8).withUnsafeBytes { p.client.write($0.baseAddress!, count: $0.count) })
-            Self.deliver(p.client, p.server)
-            #expect(Self.readAll(p.server, piece: 4096).bytes == Array("still works".utf8))
+            Self.expectCarried("still works", from: p.client, to: p.server)
         }
     }
 }

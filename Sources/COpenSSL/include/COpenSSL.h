@@ -91,6 +91,10 @@ int igris_ktls_install(int fd, int transmit, int cipher, const unsigned char *ke
 /// `setsockopt(IPPROTO_TCP, TCP_ULP, "tls")`: 0, or -errno.
 int igris_ktls_attach(int fd);
 
+/// The negotiated TLS 1.3 cipher suite: its kernel cipher (TLS_CIPHER_*) is returned, with
+/// its HKDF digest ("SHA256"…), key length and hash (secret) length; -1 for another version
+/// or suite.
+int igris_tls13_suite(SSL *ssl, const char **digest, size_t *key_length, size_t *hash_length);
 /// The captured application traffic secret of one direction (`sending`: this side's): 0, or
 /// -1 when there is none (not TLS 1.3, not captured).
 int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], size_t *secret_length);
