@@ -112,7 +112,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IgrisEngineTests",
-            dependencies: ["IgrisEngine", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["IgrisEngine", "CLinux", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "IgrisNegotiationTests",

@@ -337,10 +337,11 @@ public final class EpollBackend: IOBackend {
         let i = state(socket)
         let n = Syscall.splice(from: socket, to: pipe, length: length)
         // EAGAIN is either side: an empty socket, or a pipe whose slots are all taken (each
-        // holds a fragment, so a pipe can be full with fewer bytes than its size). Only the
-        // first means no edge-worthy input is left; clearing the flag for the second would
-        // wait for an edge that never comes (the data is already queued).
-        if n == -Int(EAGAIN) && Syscall.bytesQueued(socket) == 0 { fds[i].readable = false }
+        // holds a fragment, so a pipe can be full with fewer bytes than its size; a full pipe
+        // says EAGAIN before the socket is looked at). Only the first means no edge-worthy
+        // input is left; clearing the flag for the second would wait for an edge that never
+        // comes: the bytes, or the end of stream with none left, are already there.
+        if n == -Int(EAGAIN) && Syscall.hasNothingToRead(socket) { fds[i].readable = false }
         complete(token.raw, Int32(n))
     }
 

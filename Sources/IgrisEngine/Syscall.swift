@@ -212,11 +212,12 @@ public enum Syscall {
         retrying("splice") { igris_splice(source, destination, length) }
     }
 
-    /// Bytes queued to read on a socket or pipe (FIONREAD), 0 on error.
+    /// Whether a socket has nothing for a read to report: no bytes, no end of stream, no error
+    /// (a one-byte peek says EAGAIN).
     @inline(never)
-    public static func bytesQueued(_ fd: Int32) -> Int {
-        let n = retrying("ioctl(FIONREAD)") { igris_bytes_queued(fd) }
-        return max(0, Int(n))
+    public static func hasNothingToRead(_ fd: Int32) -> Bool {
+        var byte: UInt8 = 0
+        return peek(fd, &byte, 1) == -Int(EAGAIN)
     }
 
     /// Bytes `fd`'s send buffer takes now without blocking, at least (`igris_send_room`),

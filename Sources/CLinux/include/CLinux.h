@@ -29,12 +29,6 @@ long igris_splice(int fd_in, int fd_out, size_t len);
 /// The SPLICE_F_* flags IGRIS uses for splices (io_uring's too).
 static inline unsigned igris_splice_flags(void) { return 2u /* SPLICE_F_NONBLOCK */ | 1u /* SPLICE_F_MOVE */; }
 
-/// FIONREAD: bytes queued to read, or -1 with errno set.
-static inline int igris_bytes_queued(int fd) {
-    int n = 0;
-    return ioctl(fd, FIONREAD, &n) == 0 ? n : -1;
-}
-
 /// Bytes a socket's send buffer takes now without blocking, at least: SO_MEMINFO's send
 /// buffer size less what is queued, both as the kernel accounts them (skb overhead included),
 /// less a quarter and 4 KiB for the overhead the new bytes bring (a window that closes
