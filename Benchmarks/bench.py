@@ -30,7 +30,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FORWARD_ALL = ["direct", "igris-io_uring-auto", "igris-io_uring-copy", "igris-io_uring-splice", "igris-io_uring-auto-log",
-               "igris-epoll-auto", "igris-epoll-copy", "igris-epoll-splice", "igris-epoll-auto-log", "haproxy", "haproxy-splice", "nginx"]
+               "igris-io_uring-auto-poll", "igris-epoll-auto", "igris-epoll-copy", "igris-epoll-splice", "igris-epoll-auto-log", "haproxy", "haproxy-splice", "nginx"]
 SOCKS_ALL = ["igris-socks-io_uring", "igris-socks-epoll", "microsocks", "dante"]
 FORWARD_QUICK = ["direct", "igris-io_uring-auto", "igris-epoll-auto", "haproxy", "nginx"]
 SOCKS_QUICK = ["igris-socks-io_uring", "microsocks", "dante"]
@@ -145,8 +145,9 @@ class Proxy:
             cmd = [igris_binary, "serve", "--socks5", f"127.0.0.1:{self.port}", "--no-auth", "--allow", "127.0.0.0/8",
                    "--backend", backend, "--workers", str(workers), "--log-level", "warning"] + NO_SOURCE_LIMITS
         elif kind.startswith("igris"):
-            # igris-BACKEND[-MODE][-log]; MODE: auto (default), copy, splice, zc (copy + SEND_ZC);
-            # -log: the access log on, as deployed (one logfmt line per connection, to /dev/null)
+            # igris-BACKEND[-MODE][-log|-poll]; MODE: auto (default), copy, splice, zc (copy + SEND_ZC);
+            # -log: the access log on, as deployed (one logfmt line per connection, to /dev/null);
+            # -poll: --busy-poll 50us (README: busy polling)
             parts = kind.split("-")
             backend, mode = parts[1], (parts[2] if len(parts) > 2 else "auto")
             access_log = access_log or parts[-1] == "log"
@@ -154,7 +155,7 @@ class Proxy:
                      "splice": ["--splice", "always"], "zc": ["--splice", "never", "--send-zc", "16384"]}[mode]
             cmd = [igris_binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream,
                    "--backend", backend, "--workers", str(workers)] + (["--log-level", "info"] if access_log else ["--log-level", "warning", "--no-access-log"]) \
-                + mode_args + NO_SOURCE_LIMITS + list(extra)
+                + mode_args + (["--busy-poll", "50us"] if parts[-1] == "poll" else []) + NO_SOURCE_LIMITS + list(extra)
         elif kind in ("haproxy", "haproxy-splice"):
             # maxconn sizes HAProxy's descriptor needs (2 per connection, plus pipes with
             # splice): 7000 fits the 20,000-descriptor limit and holds the idle test's 5,000.

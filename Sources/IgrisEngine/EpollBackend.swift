@@ -428,6 +428,8 @@ public final class EpollBackend: IOBackend {
 
     public var directCapacity: Int { 0 }
 
+    public var hasCompletions: Bool { !ready.isEmpty }
+
     public func drainCompletions(_ body: (Completion) -> Void) {
         // Completions queued by operations that `body` issues go to the next turn.
         // One batch per turn, so a flow whose syscalls keep succeeding at once cannot starve

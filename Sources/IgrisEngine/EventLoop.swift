@@ -22,9 +22,17 @@ extension Worker {
 
     /// One loop turn; false once drained (nothing open, no listener left).
     func turn() throws(SyscallError) -> Bool {
-        try backend.waitForCompletions(timeoutNanoseconds: nextTimeout())
+        let timeout = nextTimeout()
+        if busy && configuration.busyPollNanoseconds > 0 && timeout != 0 {
+            busyPoll(until: Syscall.monotonicNanoseconds() + min(configuration.busyPollNanoseconds, timeout ?? .max))
+        }
+        try backend.waitForCompletions(timeoutNanoseconds: backend.hasCompletions ? 0 : timeout)
         now = Syscall.monotonicNanoseconds()
-        backend.drainCompletions { handle($0) }
+        busy = false
+        backend.drainCompletions {
+            busy = true
+            handle($0)
+        }
         if deliveredFD >= 0 { flushDeliveredDatagrams() }
         wheel.expire(now: now, table: table, into: &expired)
         if !expired.isEmpty {
@@ -51,6 +59,19 @@ extension Worker {
             if table.active == 0 && listenersOpen == 0 { return false }
         }
         return true
+    }
+
+    /// Submits and looks for completions without sleeping until one is ready or `deadline`.
+    private func busyPoll(until deadline: UInt64) {
+        statistics.add(.busyPolls)
+        repeat {
+            // A failure here is met again, and thrown, by the wait that follows.
+            do throws(SyscallError) { try backend.waitForCompletions(timeoutNanoseconds: 0) } catch { return }
+            if backend.hasCompletions {
+                statistics.add(.busyPollHits)
+                return
+            }
+        } while Syscall.monotonicNanoseconds() < deadline
     }
 
     @inline(__always)

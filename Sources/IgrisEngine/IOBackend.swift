@@ -177,6 +177,8 @@ public protocol IOBackend: AnyObject {
     func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError)
     /// Hands every ready completion to `body`. `body` may queue new operations.
     func drainCompletions(_ body: (Completion) -> Void)
+    /// A completion is ready for `drainCompletions` (looked up without a syscall).
+    var hasCompletions: Bool { get }
 
     /// Completions the kernel had to hold back because the CQ was full (0 on epoll).
     var completionOverflows: UInt64 { get }

@@ -358,6 +358,8 @@ public final class URingBackend: IOBackend {
         }
     }
 
+    public var hasCompletions: Bool { !immediate.isEmpty || io_uring_cq_ready(ring) > 0 }
+
     private static var overflowFlushesPerTurn: Int { 64 }
 
     public func drainCompletions(_ body: (Completion) -> Void) {

@@ -21,6 +21,8 @@ public struct WorkerConfiguration: Sendable {
     public var workerCount: Int = 1
     /// Each listening socket's backlog: what one multishot accept may take at once.
     public var listenBacklog: Int = 4096
+    /// `ServerConfiguration.busyPollNanoseconds`.
+    public var busyPollNanoseconds: UInt64 = 0
     /// The users file's accounts (per-user limits and counters), indexed by
     /// `Negotiation.account`.
     public var accounts: [UserAccount] = []
@@ -114,6 +116,8 @@ final class Worker<Backend: IOBackend> {
     var accountIndex: [String: Int32] = [:]
     /// When the next account expires (loop clock; .max: none does).
     var nextAccountExpiry: UInt64 = .max
+    /// The last turn handled completions: the next wait may poll first (`busyPollNanoseconds`).
+    var busy = false
     /// The source each counted slot is charged to (see `SourceLimits`).
     var sourceKeys: [Int32: IPAddress] = [:]
     /// When a refusal at a source limit was last logged (at most one line a second).

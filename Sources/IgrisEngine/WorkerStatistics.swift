@@ -39,6 +39,8 @@ public final class WorkerStatistics: Sendable {
         case completionOverflows     // io_uring CQ overflow events
         case cancellations           // operations closes cancelled (by user_data on io_uring)
         case drainAborted            // bridges still open at the drain deadline
+        case busyPolls               // waits that polled first (busy_poll)
+        case busyPollHits            // of those, polls that found a completion before sleeping
         case pipesInUse
         case pipesPeak
         case spliceBytes             // bytes moved socket → pipe → socket (both directions)

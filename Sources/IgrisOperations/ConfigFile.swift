@@ -58,6 +58,8 @@ public struct ConfigFile: Sendable {
     public var directDescriptors = false
     /// `listen_backlog`: see `ServerConfiguration.listenBacklog`.
     public var listenBacklog: Int32 = 1024
+    /// `busy_poll`: see `ServerConfiguration.busyPollNanoseconds`.
+    public var busyPollNanoseconds: UInt64 = 0
     public var connectTimeoutNanoseconds: UInt64 = 5_000_000_000
     public var idleTimeoutNanoseconds: UInt64?
     /// Keepalive + TCP_USER_TIMEOUT bound for peers gone without FIN or RST (nil: off).
@@ -152,6 +154,7 @@ public struct ConfigFile: Sendable {
         c.accounts = gateway.policy.accounts
         c.directDescriptors = directDescriptors
         c.listenBacklog = listenBacklog
+        c.busyPollNanoseconds = busyPollNanoseconds
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
             workers: c.workers, listeners: c.listeners.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         c.maxConnections = maxConnections
@@ -178,7 +181,7 @@ private struct Decoded: Decodable {
     var config = ConfigFile()
 
     init(from decoder: Decoder) throws {
-        let top = ["workers", "backend", "direct_descriptors", "listen_backlog", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
+        let top = ["workers", "backend", "direct_descriptors", "listen_backlog", "busy_poll", "max_connections", "max_connections_per_source", "max_handshakes", "max_handshakes_per_source", "buffer_size", "buffers", "buffer_memory", "splice", "connect_timeout", "idle_timeout", "dead_peer_timeout",
                    "drain_timeout", "drain_grace", "handoff_socket", "handshake_timeout", "udp_relay_ports", "users_file", "acl", "log", "pools", "listeners"]
         try decoder.rejectUnknownKeys(Set(top))
         let c = try decoder.container(keyedBy: AnyCodingKey.self)
@@ -236,6 +239,10 @@ private struct Decoded: Decodable {
             return ns
         }
         if let d = try duration("connect_timeout") { config.connectTimeoutNanoseconds = d }
+        if let d = try duration("busy_poll", allowZero: true) {
+            guard d <= ServerConfiguration.busyPollLimitNanoseconds else { throw fail("busy_poll", "must be at most 1s") }
+            config.busyPollNanoseconds = d
+        }
         config.idleTimeoutNanoseconds = try duration("idle_timeout")
         if let text = try c.decodeIfPresent(String.self, forKey: key("dead_peer_timeout")), text == "none" || text == "off" {
             config.deadPeerTimeoutNanoseconds = nil

@@ -75,6 +75,8 @@ public struct MetricsRenderer: Sendable {
             ("igris_udp_datagrams_to_client_total", .udpDatagramsToClient, "Datagrams relayed from destinations to clients."),
             ("igris_udp_bytes_to_destination_total", .udpBytesToDestination, "Payload bytes relayed from clients to destinations."),
             ("igris_udp_bytes_to_client_total", .udpBytesToClient, "Payload bytes relayed from destinations to clients."),
+            ("igris_busy_polls_total", .busyPolls, "Waits for completions that polled before sleeping (busy_poll)."),
+            ("igris_busy_poll_hits_total", .busyPollHits, "Busy polls that found a completion, and so saved a sleep and a wake-up."),
             ("igris_tls_handshakes_total", .tlsHandshakes, "TLS handshakes completed, with clients and with upstreams."),
             ("igris_tls_resumed_total", .tlsResumed, "TLS handshakes that resumed a session from a ticket."),
             ("igris_tls_client_identities_total", .tlsClientIdentities, "Connections whose user a client certificate named."),

@@ -2,7 +2,7 @@
 public enum DurationText {
     /// Nanoseconds, or nil for anything else (negative, not a number, absurdly long).
     public static func parse(_ text: String) -> UInt64? {
-        let units: [(String, Double)] = [("ms", 1e6), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
+        let units: [(String, Double)] = [("ms", 1e6), ("us", 1e3), ("µs", 1e3), ("s", 1e9), ("m", 60e9), ("h", 3600e9)]
         var number = Substring(text)
         var scale = 1e9
         for (suffix, factor) in units where text.hasSuffix(suffix) {

@@ -156,6 +156,10 @@ struct Serve: ParsableCommand {
             help: "Each listening socket's backlog, one per worker (capped by net.core.somaxconn).")
     var listenBacklog: Int32 = 1024
 
+    @Option(name: .customLong("busy-poll"),
+            help: "After handling completions, each worker polls for the next for up to this long (e.g. 50us) before sleeping: lower round-trip latency for at most that much CPU per wake-up (default: off).")
+    var busyPoll: DurationArgument?
+
     @Flag(name: .customLong("direct-descriptors"),
           help: "io_uring: bridged sockets move to the ring's fixed-file table, so bridges are not bounded by the descriptor limit (copy path only; see Kernel-notes).")
     var directDescriptors = false
@@ -190,6 +194,9 @@ struct Serve: ParsableCommand {
             }
         }
         if listenBacklog < 1 || listenBacklog > 65535 { throw ValidationError("--listen-backlog must be between 1 and 65535") }
+        if let busyPoll, busyPoll.nanoseconds > ServerConfiguration.busyPollLimitNanoseconds {
+            throw ValidationError("--busy-poll must be at most 1s")
+        }
         if spliceThreshold < 1 || spliceThreshold > 255 { throw ValidationError("--splice-threshold must be between 1 and 255") }
         if pipeSize < 4096 || pipeSize > 1 << 30 { throw ValidationError("--pipe-size must be between 4096 and 1073741824") }
         if maxPipes < 0 { throw ValidationError("--max-pipes must be 0 or more") }
@@ -246,6 +253,7 @@ struct Serve: ParsableCommand {
         configuration.drainTimeoutNanoseconds = drainTimeout.nanoseconds
         configuration.directDescriptors = directDescriptors
         configuration.listenBacklog = listenBacklog
+        configuration.busyPollNanoseconds = busyPoll?.nanoseconds ?? 0
         let maxConnections = self.maxConnections ?? Server.defaultMaxConnections(
             workers: workers, listeners: rules.count, direct: Server.usesDirectDescriptors(directDescriptors, backend: backend))
         configuration.maxConnections = maxConnections

@@ -126,6 +126,8 @@ final class ScriptedBackend: IOBackend {
 
     func waitForCompletions(timeoutNanoseconds: UInt64?) throws(SyscallError) {}
 
+    var hasCompletions: Bool { !ready.isEmpty }
+
     func drainCompletions(_ body: (Completion) -> Void) {
         let batch = ready
         ready.removeAll()

@@ -140,6 +140,8 @@ struct CommandLineTests {
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "kqueue"], contains: "kqueue")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--connect-timeout", "soon"], contains: "soon")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--listen-backlog", "0"], contains: "--listen-backlog must be between 1 and 65535")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--busy-poll", "5s"], contains: "--busy-poll must be at most 1s")
+        try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--busy-poll", "eager"], contains: "eager")
         try expectOneLineError(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--backend", "epoll", "--direct-descriptors"],
                                contains: "direct descriptors need the io_uring backend")
     }

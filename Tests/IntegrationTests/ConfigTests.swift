@@ -105,6 +105,9 @@ struct ConfigTests {
                                           file: "d.yaml")
         let directConfiguration = try direct.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try direct.policy(configPath: "d.yaml")))
         #expect(directConfiguration.directDescriptors)
+        #expect(directConfiguration.busyPollNanoseconds == 0)
+        let polling = try ConfigFile.parse("busy_poll: 50us\nlisteners:\n  - {listen: \"127.0.0.1:0\", mode: forward, upstream: \"127.0.0.1:9\"}\n", file: "b.yaml")
+        #expect(try polling.serverConfiguration(gateway: IgrisNegotiation.Gateway(policy: try polling.policy(configPath: "b.yaml"))).busyPollNanoseconds == 50_000)
         #expect(directConfiguration.maxConnections == Server.defaultMaxConnections(workers: 2, listeners: 1, direct: true))
         #expect(directConfiguration.maxConnections > Server.defaultMaxConnections(workers: 2, listeners: 1))
         #expect(try ConfigFile.parse("udp_relay_ports: 40000-40999\nlisteners:\n  - {listen: \"127.0.0.1:0\", mode: socks5, auth: none}\n", file: "u.yaml").udpRelayPorts == 40000...40999)
@@ -131,6 +134,8 @@ struct ConfigTests {
             ("workers: 0\nlisteners: []\n", "c.yaml:1: workers: must be between 1 and 1024"),
             ("direct_descriptors: sometimes\nlisteners: []\n", "c.yaml:1: direct_descriptors"),
             ("listen_backlog: 0\nlisteners: []\n", "c.yaml:1: listen_backlog: must be between 1 and 65535"),
+            ("busy_poll: 2s\nlisteners: []\n", "c.yaml:1: busy_poll: must be at most 1s"),
+            ("busy_poll: eager\nlisteners: []\n", "c.yaml:1: busy_poll: expected a duration"),
             ("connect_timeout: soon\nlisteners: []\n", "c.yaml:1: connect_timeout: expected a duration"),
             ("acl:\n  allow: [\"127.0.0.1:80\"]\nlisteners: []\n", "c.yaml:2: acl.allow[0]: bad ACL rule '127.0.0.1:80'"),
             ("listeners: []\n", "c.yaml:1: listeners: at least one listener is needed"),
