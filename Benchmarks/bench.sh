@@ -3,8 +3,8 @@
 # listener, HAProxy, nginx stream, microsocks and dante, same machine, same run; then TLS
 # termination against HAProxy, nginx, stunnel4 and ssh -L (tls.py), and igris's own
 # instructions per round trip and per connection under callgrind (instructions.py), one
-# worker against two (workers.py), and bridges past RLIMIT_NOFILE (direct.py). Installs the
-# peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
+# worker against two (workers.py), what the machine leaves a proxy (ceiling.py), and bridges
+# past RLIMIT_NOFILE (direct.py). Installs the peers from apt when missing and writes Benchmarks/RESULTS.md + results.png.
 # Usage: Benchmarks/bench.sh [--quick] [bench.py options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +38,6 @@ case " $* " in
      /usr/bin/python3 Benchmarks/tls.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/instructions.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/workers.py --output Benchmarks/RESULTS.md --append
+     /usr/bin/python3 Benchmarks/ceiling.py --output Benchmarks/RESULTS.md --append
      /usr/bin/python3 Benchmarks/direct.py --output Benchmarks/RESULTS.md --append ;;
 esac
