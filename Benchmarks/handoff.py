@@ -63,7 +63,7 @@ def run(backend, old_workers, new_workers, workdir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="Benchmarks/RESULTS.md")
+    parser.add_argument("--output", help="a results file (bench.sh: Benchmarks/RESULTS.md); default: print only")
     parser.add_argument("--append", action="store_true")
     a = parser.parse_args()
     out = [f"## Upgrade under load ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n",

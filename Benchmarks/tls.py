@@ -190,7 +190,7 @@ def measure(t, certs, workdir, sink, echo, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="Benchmarks/RESULTS.md")
+    parser.add_argument("--output", help="a results file (bench.sh: Benchmarks/RESULTS.md); default: print only")
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)

@@ -217,10 +217,9 @@ public final class Server: Sendable {
                     address = (try? Syscall.localAddress(first)) ?? address
                     for (j, fd) in taken.enumerated() {
                         fds[j % workers][k].append(fd)
-                        // Accepted sockets inherit these (see `setInheritedOptions`): the new
-                        // rule's, not the old process's; each best effort.
-                        try? Syscall.setDeadPeerTimeout(fd, nanoseconds: deadPeerTimeout)
-                        _ = try? Syscall.setIntOption(fd, level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1, "TCP_NODELAY")
+                        // Accepted sockets inherit these: the new rule's, not the old
+                        // process's; best effort (the socket already serves).
+                        try? setInheritedOptions(fd, deadPeerTimeout: deadPeerTimeout)
                     }
                 }
                 if taken.isEmpty && address.port != 0 { try probeUnused(address, text: rule.listen.description) }
