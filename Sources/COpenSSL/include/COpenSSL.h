@@ -98,7 +98,8 @@ int igris_tls13_suite(SSL *ssl, const char **digest, size_t *key_length, size_t 
 /// The captured application traffic secret of one direction (`sending`: this side's): 0, or
 /// -1 when there is none (not TLS 1.3, not captured).
 int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], size_t *secret_length);
-/// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1 with `digest` ("SHA256"…): 1 or 0.
+/// HKDF-Expand-Label(secret, label, "", length) of RFC 8446 §7.1 with `digest` ("SHA256" or "SHA384"), `length` at most the
+/// digest's size (every TLS 1.3 key, IV and next secret is): 1 or 0.
 int igris_expand_label(const char *digest, const unsigned char *secret, size_t secret_length, const char *label,
                        unsigned char *out, size_t length);
 
