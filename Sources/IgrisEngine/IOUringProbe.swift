@@ -119,6 +119,10 @@ public enum IOUringProbe {
         }
     }
 
+    /// `run()`'s answer, found once per process: choosing the backend and sizing for direct
+    /// descriptors both ask, and each run sets up a ring.
+    public static let result = run()
+
     public static func run() -> Result {
         let sysctl = disabledSysctl()
         if sysctl == 2 {

@@ -183,11 +183,11 @@ public final class Server: Sendable {
         case .epoll:
             return (.epoll, "requested with --backend epoll")
         case .ioUring:
-            let probe = IOUringProbe.run()
+            let probe = IOUringProbe.result
             guard probe.usable else { throw .backendUnavailable(.ioUring, probe.reason) }
             return (.ioUring, probe.reason)
         case .auto:
-            let probe = IOUringProbe.run()
+            let probe = IOUringProbe.result
             return probe.usable ? (.ioUring, probe.reason) : (.epoll, "io_uring unusable: \(probe.reason)")
         }
     }
