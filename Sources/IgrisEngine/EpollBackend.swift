@@ -334,14 +334,18 @@ public final class EpollBackend: IOBackend {
     }
 
     public func spliceIn(socket: Int32, pipe: Int32, length: Int, token: OperationToken) {
-        let i = state(socket)
+        _ = state(socket)  // registered, so the edge that ends a wait comes
         let n = Syscall.splice(from: socket, to: pipe, length: length)
         // EAGAIN is either side: an empty socket, or a pipe whose slots are all taken (each
         // holds a fragment, so a pipe can be full with fewer bytes than its size; a full pipe
         // says EAGAIN before the socket is looked at). Only the first means no edge-worthy
         // input is left; clearing the flag for the second would wait for an edge that never
-        // comes: the bytes, or the end of stream with none left, are already there.
-        if n == -Int(EAGAIN) && Syscall.hasNothingToRead(socket) { fds[i].readable = false }
+        // comes: the bytes, or the end of stream with none left, are already there. A one-byte
+        // `peek` tells them apart: it clears the flag only when it says EAGAIN too.
+        if n == -Int(EAGAIN) {
+            var byte: UInt8 = 0
+            _ = peek(fd: socket, into: &byte, length: 1)
+        }
         complete(token.raw, Int32(n))
     }
 

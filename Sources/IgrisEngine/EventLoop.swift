@@ -26,7 +26,7 @@ extension Worker {
         if busy && configuration.busyPollNanoseconds > 0 && timeout != 0 {
             busyPoll(until: Syscall.monotonicNanoseconds() + min(configuration.busyPollNanoseconds, timeout ?? .max))
         }
-        try backend.waitForCompletions(timeoutNanoseconds: backend.hasCompletions ? 0 : timeout)
+        try backend.waitForCompletions(timeoutNanoseconds: timeout)
         now = Syscall.monotonicNanoseconds()
         busy = false
         backend.drainCompletions {

@@ -212,14 +212,6 @@ public enum Syscall {
         retrying("splice") { igris_splice(source, destination, length) }
     }
 
-    /// Whether a socket has nothing for a read to report: no bytes, no end of stream, no error
-    /// (a one-byte peek says EAGAIN).
-    @inline(never)
-    public static func hasNothingToRead(_ fd: Int32) -> Bool {
-        var byte: UInt8 = 0
-        return peek(fd, &byte, 1) == -Int(EAGAIN)
-    }
-
     /// Bytes `fd`'s send buffer takes now without blocking, at least (`igris_send_room`),
     /// the buffer's size and what is queued in it; nil when the socket cannot say.
     @inline(__always)
