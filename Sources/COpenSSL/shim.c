@@ -381,16 +381,21 @@ int igris_expand_label(const char *digest, const unsigned char *secret, size_t s
     memcpy(info + 9, label, label_length);
     info[9 + label_length] = 0;      // empty context
     info[10 + label_length] = 1;     // HKDF-Expand's block counter
+    // HMAC: H(key ^ opad || H(key ^ ipad || message)); each round hashes the padded key, then
+    // what the round before produced (the first: the info).
     unsigned char pad[128], inner[EVP_MAX_MD_SIZE], result[EVP_MAX_MD_SIZE];
-    unsigned int n = 0;
+    static const unsigned char pads[2] = {0x36, 0x5c};
+    const unsigned char *message = info;
+    unsigned int message_length = (unsigned int)(11 + label_length);
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     int ok = ctx != NULL;
-    for (size_t i = 0; i < block; i++) pad[i] = (unsigned char)((i < secret_length ? secret[i] : 0) ^ 0x36);
-    ok = ok && EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, block) == 1
-        && EVP_DigestUpdate(ctx, info, 11 + label_length) == 1 && EVP_DigestFinal_ex(ctx, inner, &n) == 1;
-    for (size_t i = 0; i < block; i++) pad[i] = (unsigned char)((i < secret_length ? secret[i] : 0) ^ 0x5c);
-    ok = ok && EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, block) == 1
-        && EVP_DigestUpdate(ctx, inner, n) == 1 && EVP_DigestFinal_ex(ctx, result, &n) == 1;
+    for (int round = 0; ok && round < 2; round++) {
+        unsigned char *digested = round == 0 ? inner : result;
+        for (size_t i = 0; i < block; i++) pad[i] = (unsigned char)((i < secret_length ? secret[i] : 0) ^ pads[round]);
+        ok = EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, block) == 1
+            && EVP_DigestUpdate(ctx, message, message_length) == 1 && EVP_DigestFinal_ex(ctx, digested, &message_length) == 1;
+        message = digested;
+    }
     if (ok) memcpy(out, result, length);
     EVP_MD_CTX_free(ctx);
     OPENSSL_cleanse(pad, sizeof pad);
