@@ -61,7 +61,7 @@ test: build-debug build-allocation-probe $(TOOLS)/bin/promtool $(TOOLS)/venv/bin
 	ulimit -n $$(ulimit -Hn) && PATH="$(TOOLS)/bin:$$PATH" swift test --skip-build --no-parallel --disable-xctest $(SWIFT_BUILD_FLAGS)
 
 # The soak test alone, longer: each backend × copy/splice for SOAK_SECONDS (`make test` runs
-# it for 5 s each).
+# it for 3 s each).
 SOAK_SECONDS ?= 60
 soak: build-debug
 	ulimit -n $$(ulimit -Hn) && IGRIS_SOAK_SECONDS=$(SOAK_SECONDS) swift test --skip-build --no-parallel --disable-xctest --filter SoakTests

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import IgrisTLS
 
-/// Certificates made once per test process by Tests/fixtures/make-certs.sh.
+/// Certificates made once per test process by Tests/fixtures/make-certs.sh, removed when it exits.
 enum Certificates {
     static let directory: String = {
         let dir = NSTemporaryDirectory() + "igris-tls-unit-\(getpid())"
@@ -14,6 +14,7 @@ enum Certificates {
         try! p.run()
         p.waitUntilExit()
         precondition(p.terminationStatus == 0, "make-certs.sh failed")
+        atexit { try? FileManager.default.removeItem(atPath: Certificates.directory) }
         return dir
     }()
 

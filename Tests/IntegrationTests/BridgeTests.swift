@@ -7,9 +7,9 @@ import Testing
 /// The forward bridge end to end over loopback, same body on each backend.
 @Suite("Bridge", .serialized)
 struct BridgeTests {
-    @Test("32 connections × 8 MiB each way at once arrive intact (SHA-256)", arguments: engineBackends, spliceModes)
+    @Test("32 connections × 4 MiB each way at once arrive intact (SHA-256)", arguments: engineBackends, spliceModes)
     func integrityFullDuplex(backend: BackendChoice, splice: SpliceMode) throws {
-        let size = 8 << 20
+        let size = 4 << 20
         let connections = 32
         let received = SharedBox<[Int: (Int, [UInt8])]>([:])
         let upstream = try fullDuplexUpstream(size: size, results: received)

@@ -14,71 +14,72 @@ struct NegotiationStallTests {
         var testDescription: String { rawValue }
     }
 
-    @Test("a partial handshake waiting for its next byte uses < 0.1 s of worker CPU in 2 s",
-          arguments: engineBackends, Stall.allCases)
-    func stalledNegotiationIsIdle(backend: BackendChoice, stall: Stall) throws {
-        let gatewayStop: () -> Void
-        let listen: SocketAddress
-        let server: Server
-        switch stall {
-        case .socks5Greeting, .socks5Request, .httpHead:
-            // A handshake timeout well past the test: a loaded machine must not close the
-            // stalled client before it is looked at.
-            let gateway = try ProxyGateway(backend: backend, handshakeTimeout: 120_000_000_000)
-            gatewayStop = gateway.stop
-            server = gateway.server
-            listen = stall == .httpHead ? gateway.http : gateway.socks5
-        case .proxyV1, .proxyV2:
-            let gateway = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(try unusedPort())")) {
-                $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0], handshakeTimeout: 120_000_000_000)
+    @Test("partial handshakes (SOCKS5 greeting and request, HTTP head, PROXY v1 and v2) waiting for their next byte use < 0.1 s of worker CPU in 2 s",
+          arguments: engineBackends)
+    func stalledNegotiationsAreIdle(backend: BackendChoice) throws {
+        // A handshake timeout well past the test: a loaded machine must not close a stalled
+        // client before it is looked at.
+        let proxy = try ProxyGateway(backend: backend, handshakeTimeout: 120_000_000_000)
+        defer { proxy.stop() }
+        let forward = try Gateway(backend: backend, upstream: try SocketAddress.resolve("127.0.0.1:\(try unusedPort())")) {
+            $0.listeners[0] = try! acceptingProxyHeaders($0.listeners[0], handshakeTimeout: 120_000_000_000)
+        }
+        defer { forward.stop() }
+        var clients: [(Stall, TestSocket)] = []
+        defer { for (_, client) in clients { client.close() } }
+        for stall in Stall.allCases {
+            let listen = switch stall {
+            case .socks5Greeting, .socks5Request: proxy.socks5
+            case .httpHead: proxy.http
+            case .proxyV1, .proxyV2: forward.address
             }
-            gatewayStop = gateway.stop
-            server = gateway.server
-            listen = gateway.address
+            let client = try TestSocket.connect(listen)
+            clients.append((stall, client))
+            client.setReceiveTimeout(seconds: 10)
+            let partial: [UInt8]
+            switch stall {
+            case .socks5Greeting:
+                partial = [5, 1]  // version, one method to come
+            case .socks5Request:
+                client.write([5, 1, 0])
+                #expect(try client.readExactly(2) == [5, 0])
+                partial = [5, 1, 0, 1, 127]
+            case .httpHead:
+                partial = Array("CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1".utf8)
+            case .proxyV1:
+                partial = Array("PROXY TCP4 203.0.113.7".utf8)
+            case .proxyV2:
+                let header = ProxyProtocol.encode(.proxied(source: .init(address: [203, 0, 113, 7], port: 1),
+                                                           destination: .init(address: [192, 0, 2, 1], port: 2)), version: .v2)
+                partial = Array(header.prefix(14))
+            }
+            // Two drips, as a slow client sends them: the first is taken off the socket while
+            // the gateway waits for more, then the second arrives on a socket it was polling.
+            client.write(Array(partial.prefix(1)))
+            let local = try Syscall.localAddress(client.fd)
+            #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "\(stall): the first byte was consumed")
+            client.write(Array(partial.dropFirst()))
+            #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "\(stall): the second drip was consumed")
         }
-        defer { gatewayStop() }
-        let client = try TestSocket.connect(listen)
-        defer { client.close() }
-        client.setReceiveTimeout(seconds: 10)
-        let partial: [UInt8]
-        switch stall {
-        case .socks5Greeting:
-            partial = [5, 1]  // version, one method to come
-        case .socks5Request:
-            client.write([5, 1, 0])
-            #expect(try client.readExactly(2) == [5, 0])
-            partial = [5, 1, 0, 1, 127]
-        case .httpHead:
-            partial = Array("CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1".utf8)
-        case .proxyV1:
-            partial = Array("PROXY TCP4 203.0.113.7".utf8)
-        case .proxyV2:
-            let header = ProxyProtocol.encode(.proxied(source: .init(address: [203, 0, 113, 7], port: 1),
-                                                       destination: .init(address: [192, 0, 2, 1], port: 2)), version: .v2)
-            partial = Array(header.prefix(14))
-        }
-        // Two drips, as a slow client sends them: the first is taken off the socket while the
-        // gateway waits for more, then the second arrives on a socket it was polling.
-        client.write(Array(partial.prefix(1)))
-        let local = try Syscall.localAddress(client.fd)
-        #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the first byte was consumed")
-        client.write(Array(partial.dropFirst()))
-        #expect(eventually { receiveQueue(localPort: listen.port, remotePort: local.port) == 0 }, "the second drip was consumed")
-        // This gateway's workers only (other tests' may be running beside it): each worker
+        // These gateways' workers only (other tests' may be running beside them): each worker
         // has recorded its thread, which /proc knows by that id under this process.
-        #expect(server.statistics.allSatisfy { s in
+        let servers = [proxy.server, forward.server]
+        #expect(servers.allSatisfy { $0.statistics.allSatisfy { s in
             let tid = s.load(.threadID)
             return tid > 0 && FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)/stat")
-        })
-        let before = server.workerCPUSeconds().reduce(0, +)
+        } })
+        let cpu = { servers.map { $0.workerCPUSeconds().reduce(0, +) }.reduce(0, +) }
+        let before = cpu()
         usleep(2_000_000)  // the measurement window, not a synchronisation
-        let used = server.workerCPUSeconds().reduce(0, +) - before
-        #expect(used < 0.1, "worker threads used \(used) s of CPU while the client waited")
-        // Still negotiating: the connection is open, nothing was answered or closed.
-        var pending = pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)
-        var byte: UInt8 = 0
-        #expect(poll(&pending, 1, 0) == 0,
-                "the gateway neither replied nor closed (recv: \(poll(&pending, 1, 0) == 1 ? Syscall.recv(client.fd, &byte, 1) : 0))")
+        let used = cpu() - before
+        #expect(used < 0.1, "worker threads used \(used) s of CPU while \(clients.count) clients waited")
+        // Still negotiating: each connection is open, nothing was answered or closed.
+        for (stall, client) in clients {
+            var pending = pollfd(fd: client.fd, events: Int16(POLLIN), revents: 0)
+            var byte: UInt8 = 0
+            #expect(poll(&pending, 1, 0) == 0,
+                    "\(stall): the gateway neither replied nor closed (recv: \(poll(&pending, 1, 0) == 1 ? Syscall.recv(client.fd, &byte, 1) : 0))")
+        }
     }
 }
 

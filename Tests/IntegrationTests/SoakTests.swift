@@ -15,7 +15,7 @@ import Testing
 /// IGRIS_SOAK_SECONDS sets each combination's length (`make test`: 5, `make soak`: 60).
 @Suite("Soak", .serialized)
 struct SoakTests {
-    static let seconds = Double(ProcessInfo.processInfo.environment["IGRIS_SOAK_SECONDS"] ?? "") ?? 5
+    static let seconds = Double(ProcessInfo.processInfo.environment["IGRIS_SOAK_SECONDS"] ?? "") ?? 3
     /// The pool below is 2 × 64 buffers; each stalled reader once pinned up to four.
     static let stalledReaders = 100
     static let stalledPush = 512 << 10

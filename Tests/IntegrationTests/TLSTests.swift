@@ -7,13 +7,15 @@ import IgrisPolicy
 import IgrisTLS
 import Testing
 
-/// Test certificates (Tests/fixtures/make-certs.sh), made once per test process.
+/// Test certificates (Tests/fixtures/make-certs.sh), made once per test process and removed
+/// when it exits.
 enum TLSFixtures {
     static let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("fixtures").path
     static let directory: String = {
         let dir = NSTemporaryDirectory() + "igris-tls-\(getpid())"
         let (status, stderr) = try! runCommand("/bin/sh", [fixtures + "/make-certs.sh", dir])
         precondition(status == 0, "make-certs.sh: \(stderr)")
+        atexit { try? FileManager.default.removeItem(atPath: TLSFixtures.directory) }
         return dir
     }()
 
