@@ -119,7 +119,7 @@ enum OpenSSLContext {
     /// A context with IGRIS's defaults: the version floor, AEAD suites only, X25519 and P-256,
     /// no renegotiation or compression, buffers released while idle.
     static func make(server: Bool, minVersion: TLSVersion) throws(TLSConfigurationError) -> OpaquePointer {
-        guard let ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method()) else {
+        guard let ctx = igris_ssl_ctx_new(server ? 1 : 0) else {
             throw TLSConfigurationError("tls: OpenSSL could not make a context: \(lastError())")
         }
         _ = igris_ssl_ctx_set_min_version(ctx, minVersion.openSSL)

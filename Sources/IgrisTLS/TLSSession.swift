@@ -174,7 +174,7 @@ public final class TLSSession {
     public func handshake() -> HandshakeStep {
         if layer != nil { return .done }
         ERR_clear_error()
-        let rc = SSL_do_handshake(ssl)
+        let rc = igris_ssl_do_handshake(ssl)
         if rc == 1 { return .done }
         let error = SSL_get_error(ssl, rc)
         if error == SSL_ERROR_WANT_READ { return .wantInput }

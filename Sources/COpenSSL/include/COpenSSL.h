@@ -1,6 +1,7 @@
 // COpenSSL: OpenSSL 3 (libssl, libcrypto) for IgrisTLS — the headers, plus functions for what
 // Swift cannot call as is (macros, callbacks) and the few multi-step jobs done once per
-// context or handshake (ticket-key rotation, CRL loading, a peer certificate's name).
+// context or handshake (ticket-key rotation, CRL loading, a peer certificate's name), and TLS
+// 1.3's key schedule as a provider of our own (keyschedule.c).
 #ifndef IGRIS_COPENSSL_H
 #define IGRIS_COPENSSL_H
 
@@ -9,6 +10,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 #include <openssl/pem.h>
+#include <openssl/kdf.h>
+#include <openssl/provider.h>
 #include <stddef.h>
 
 static inline long igris_ssl_ctx_set_min_version(SSL_CTX *ctx, int version) { return SSL_CTX_set_min_proto_version(ctx, version); }
@@ -70,12 +73,20 @@ BIO *igris_input_bio_new(void);
 void igris_input_bio_set(BIO *bio, const void *data, size_t length);
 size_t igris_input_bio_left(BIO *bio);
 
-// MARK: - Kernel TLS hand-off (TLS 1.3)
+// MARK: - TLS 1.3's key schedule (keyschedule.c)
 
-/// Records the TLS 1.3 application traffic secrets of the context's connections (through the
-/// keylog callback, into the SSL's own ex_data, freed with it). Only contexts that may hand
-/// connections to the kernel turn this on. Returns 0 on success.
+/// A context (server or client method) whose TLS 1.3 key schedule is IGRIS's own provider's,
+/// where OpenSSL took it (else OpenSSL's). NULL when OpenSSL could not make one.
+SSL_CTX *igris_ssl_ctx_new(int server);
+/// Keeps the TLS 1.3 application traffic secrets of the context's connections (in the SSL's
+/// own ex_data, freed with it), for the record layer and kTLS. Only contexts that key either
+/// turn this on. 0 on success; without the provider, nothing is kept and OpenSSL carries
+/// the records.
 int igris_ssl_ctx_capture_traffic_secrets(SSL_CTX *ctx);
+/// SSL_do_handshake, with the connection known to the key schedule while it runs.
+int igris_ssl_do_handshake(SSL *ssl);
+
+// MARK: - Kernel TLS hand-off (TLS 1.3)
 
 /// The negotiated TLS 1.3 cipher's traffic keys for one direction (`sending`: this side's
 /// records, else the peer's), derived from the captured secret with HKDF-Expand-Label:
