@@ -59,9 +59,9 @@ static int hmac(EVP_MD_CTX *ctx, const EVP_MD *md, const unsigned char *key, siz
     for (size_t i = 0; i < block; i++) pad[i] = padded[i] ^ 0x5c;
     ok = ok && EVP_DigestInit_ex(ctx, md, NULL) == 1 && EVP_DigestUpdate(ctx, pad, block) == 1
         && EVP_DigestUpdate(ctx, inner, hash) == 1 && EVP_DigestFinal_ex(ctx, out, &n) == 1;
-    OPENSSL_cleanse(padded, sizeof padded);
-    OPENSSL_cleanse(pad, sizeof pad);
-    OPENSSL_cleanse(inner, sizeof inner);
+    OPENSSL_cleanse(padded, block);
+    OPENSSL_cleanse(pad, block);
+    OPENSSL_cleanse(inner, hash);
     return ok;
 }
 
@@ -198,13 +198,27 @@ struct schedule {
 };
 
 static void *schedule_new(void *provider) { (void)provider; return OPENSSL_zalloc(sizeof(struct schedule)); }
-static void schedule_free(void *s) { OPENSSL_clear_free(s, sizeof(struct schedule)); }
+/// Clears the secrets held (only as much as was set: the buffers are sized for the worst case).
+static int schedule_reset(void *v) {
+    struct schedule *s = v;
+    OPENSSL_cleanse(s->key, s->key_length);
+    OPENSSL_cleanse(s->salt, s->salt_length);
+    s->mode = 0;
+    s->md = NULL;
+    s->key_length = s->salt_length = s->prefix_length = s->label_length = s->data_length = 0;
+    s->has_key = s->has_salt = 0;
+    return 1;
+}
+static void schedule_free(void *s) {
+    if (s == NULL) return;
+    schedule_reset(s);
+    OPENSSL_free(s);
+}
 static void *schedule_dup(void *s) {
     struct schedule *copy = OPENSSL_malloc(sizeof *copy);
     if (copy) memcpy(copy, s, sizeof *copy);
     return copy;
 }
-static int schedule_reset(void *s) { OPENSSL_cleanse(s, sizeof(struct schedule)); return 1; }
 
 static int octets(const OSSL_PARAM *p, unsigned char *into, size_t capacity, size_t *length) {
     if (p->data_type != OSSL_PARAM_OCTET_STRING || p->data_size > capacity) return 0;

@@ -84,23 +84,30 @@ struct NegotiationStallTests {
 }
 
 /// Bytes queued to read on the IPv4 loopback socket with these ports (the gateway's side of
-/// a test connection), from /proc/net/tcp; nil when there is no such socket.
+/// a test connection), from /proc/net/tcp; nil when there is no such socket. The table holds
+/// every TIME_WAIT socket the suite left (tens of thousands after the scale tests): its line
+/// is found by a byte search, not by splitting the table into strings.
 func receiveQueue(localPort: UInt16, remotePort: UInt16) -> Int? {
-    guard let table = readProcFile("/proc/net/tcp") else { return nil }
-    let local = String(format: ":%04X", localPort)
-    let remote = String(format: ":%04X", remotePort)
-    for line in table.split(separator: "\n").dropFirst() {
-        let fields = line.split(separator: " ")
-        guard fields.count > 4, fields[1].hasSuffix(local), fields[2].hasSuffix(remote) else { continue }
-        // tx_queue:rx_queue, hexadecimal.
-        let queues = fields[4].split(separator: ":")
-        return queues.count == 2 ? Int(queues[1], radix: 16) : nil
+    guard var table = readProcFile("/proc/net/tcp") else { return nil }
+    table.append(0)
+    // local_address rem_address st tx_queue:rx_queue, addresses in hexadecimal (127.0.0.1
+    // reads 0100007F).
+    let needle = String(format: "0100007F:%04X 0100007F:%04X ", localPort, remotePort)
+    let offset: Int? = table.withUnsafeBufferPointer { t in
+        t.baseAddress!.withMemoryRebound(to: CChar.self, capacity: t.count) { text in
+            strstr(text, needle).map { UnsafePointer($0) - text }
+        }
     }
-    return nil
+    guard let offset else { return nil }
+    let rest = table[(offset + needle.utf8.count)...].prefix { $0 != UInt8(ascii: "\n") && $0 != 0 }
+    let fields = rest.split(separator: UInt8(ascii: " "))
+    guard fields.count > 1 else { return nil }
+    let queues = fields[1].split(separator: UInt8(ascii: ":"))
+    return queues.count == 2 ? Int(String(decoding: queues[1], as: UTF8.self), radix: 16) : nil
 }
 
 /// A /proc file read to its end (they report size 0, and a large one comes in several reads).
-func readProcFile(_ path: String) -> String? {
+func readProcFile(_ path: String) -> [UInt8]? {
     let fd = open(path, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { return nil }
     defer { close(fd) }
@@ -110,7 +117,7 @@ func readProcFile(_ path: String) -> String? {
         let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
         if n < 0 && errno == EINTR { continue }
         if n <= 0 { break }
-        bytes += chunk[0..<n]
+        bytes.append(contentsOf: chunk[0..<n])
     }
-    return String(decoding: bytes, as: UTF8.self)
+    return bytes
 }
