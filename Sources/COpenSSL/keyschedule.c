@@ -192,6 +192,9 @@ int igris_tls13_traffic_secret(SSL *ssl, int sending, unsigned char secret[64], 
 struct schedule {
     int mode;
     const EVP_MD *md;
+    /// A digest other than SHA-256/384 (no TLS 1.3 suite igris offers uses one), fetched for
+    /// this context.
+    EVP_MD *fetched;
     unsigned char key[1024], salt[EVP_MAX_MD_SIZE], prefix[255], label[255], data[255];
     size_t key_length, salt_length, prefix_length, label_length, data_length;
     int has_key, has_salt;
@@ -205,6 +208,8 @@ static int schedule_reset(void *v) {
     OPENSSL_cleanse(s->salt, s->salt_length);
     s->mode = 0;
     s->md = NULL;
+    EVP_MD_free(s->fetched);
+    s->fetched = NULL;
     s->key_length = s->salt_length = s->prefix_length = s->label_length = s->data_length = 0;
     s->has_key = s->has_salt = 0;
     return 1;
@@ -214,9 +219,11 @@ static void schedule_free(void *s) {
     schedule_reset(s);
     OPENSSL_free(s);
 }
-static void *schedule_dup(void *s) {
-    struct schedule *copy = OPENSSL_malloc(sizeof *copy);
-    if (copy) memcpy(copy, s, sizeof *copy);
+static void *schedule_dup(void *v) {
+    struct schedule *s = v, *copy = OPENSSL_malloc(sizeof *copy);
+    if (copy == NULL) return NULL;
+    memcpy(copy, s, sizeof *copy);
+    if (s->fetched != NULL && !EVP_MD_up_ref(s->fetched)) { copy->fetched = NULL; copy->md = NULL; }
     return copy;
 }
 
@@ -243,7 +250,12 @@ static int schedule_set(void *v, const OSSL_PARAM params[]) {
             }
             ok = ok && (s->mode == EVP_KDF_HKDF_MODE_EXTRACT_ONLY || s->mode == EVP_KDF_HKDF_MODE_EXPAND_ONLY);
         } else if (strcmp(p->key, OSSL_KDF_PARAM_DIGEST) == 0) {
-            ok = p->data_type == OSSL_PARAM_UTF8_STRING && (s->md = digest_named(p->data)) != NULL;
+            ok = p->data_type == OSSL_PARAM_UTF8_STRING;
+            if (ok && (s->md = digest_named(p->data)) == NULL) {
+                EVP_MD_free(s->fetched);
+                s->md = s->fetched = EVP_MD_fetch(NULL, p->data, NULL);
+                ok = s->md != NULL;
+            }
         } else if (strcmp(p->key, OSSL_KDF_PARAM_KEY) == 0) {
             ok = s->has_key = octets(p, s->key, sizeof s->key, &s->key_length);
         } else if (strcmp(p->key, OSSL_KDF_PARAM_SALT) == 0) {
