@@ -12,7 +12,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <linux/tls.h>
-#include <openssl/kdf.h>
 
 // MARK: - SNI
 
